@@ -1,0 +1,1 @@
+"""hwsi.features"""
