@@ -1,1 +1,25 @@
-"""hwsi.cells"""
+"""hwsi.cells — nuclei and cells (DESIGN §5 "Cells", paper §3.3 Eq. 3).
+
+Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell vectors c_ijk):
+
+* built-in CPU segmentation: :func:`segment_nuclei` (colour deconvolution, threshold, watershed) with
+  morphology/intensity/texture features (:mod:`hwsi.cells.features`);
+* ingest of a CellViT run: :func:`hwsi.cells.cellvit.load_cellvit` (``cells.json`` + token embeddings).
+
+:mod:`hwsi.cells.store` writes/reads the ``cells/*`` group of a slide store (CSR by region and patch);
+:mod:`hwsi.cells.metrics` scores an instance segmentation (F1 at IoU ≥ 0.5, AJI).
+"""
+
+from hwsi.cells.features import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS
+from hwsi.cells.segment import TYPE_NAMES, Nuclei, SegmentConfig, TypeRules, segment_nuclei
+
+__all__ = [
+    "FEATURE_DIM",
+    "FEATURE_NAMES",
+    "TABLE_COLUMNS",
+    "TYPE_NAMES",
+    "Nuclei",
+    "SegmentConfig",
+    "TypeRules",
+    "segment_nuclei",
+]

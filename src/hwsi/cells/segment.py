@@ -1,0 +1,268 @@
+"""Built-in CPU nucleus segmentation for H&E (DESIGN §5 "Cells", backend a).
+
+Pipeline of :func:`segment_nuclei` (every length is given in µm and converted with the image's µm/px, so one
+:class:`SegmentConfig` serves 0.25 and 0.5 µm/px alike):
+
+1. colour deconvolution (Ruifrok & Johnston H&E-DAB matrix, as ``skimage.color.hed_from_rgb``) of the optical
+   density to a haematoxylin (H) and an eosin (E) channel;
+2. Gaussian smoothing of H (``smooth_um``);
+3. a threshold on smoothed H: Otsu's threshold over the tile, never below the absolute floor ``min_h`` — a white
+   or eosin-only tile has no H above the floor and gives 0 nuclei, not noise; optionally lowered locally
+   (``local_offset``) where a nucleus is faint but clearly darker than its surroundings;
+4. morphological opening, hole filling;
+5. splitting of touching nuclei: a marker-controlled watershed on the smoothed distance transform, markers being
+   the distance maxima at least ``min_split_um`` apart that stand ``h_um`` above their saddle;
+6. size (``min_area_um2``/``max_area_um2``) and shape (``min_solidity``) filters;
+7. per-nucleus measurements (:mod:`hwsi.cells.features`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from hwsi.errors import HwsiError
+
+# Ruifrok & Johnston stain vectors (rows H, E, DAB), inverted: OD (·, 3) @ HED_FROM_RGB -> (H, E, DAB).
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+# Optical density of each 8-bit value, log10(255/max(v,1)) as in rgb2hed (which uses max(v, 1e-6)/255 after scaling).
+_OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0) / np.log(10.0)).astype(np.float32)
+
+
+@dataclass
+class SegmentConfig:
+    """Parameters of :func:`segment_nuclei`. Lengths in µm, areas in µm², densities in optical-density units."""
+
+    smooth_um: float = 0.5  # Gaussian sigma applied to the H channel
+    min_h: float = 0.12  # absolute floor of the H threshold (OD units of the H stain); empty tiles stay empty
+    otsu_weight: float = 1.0  # threshold = max(min_h, otsu_weight * otsu)
+    local_window_um: float = 12.0  # window of the local (adaptive) mean of H; 0 disables the local rule
+    local_offset: float = 0.04  # a pixel is also nucleus if H > local mean + offset and H > min_h
+    open_um: float = 0.5  # radius of the opening that removes specks and thin bridges
+    min_split_um: float = 3.0  # minimum distance between two watershed markers
+    h_um: float = 1.0  # a distance maximum must rise this much above its surroundings to seed a nucleus
+    min_area_um2: float = 4.0
+    max_area_um2: float = 400.0
+    min_solidity: float = 0.6
+    min_chroma: float = 12.0  # mean (R+B)/2 - G inside a nucleus (8-bit units): rejects grey/black ink and dirt
+    max_tile_px: int = 8192  # refuse larger inputs (call per patch/region)
+    type_rules: "TypeRules" = field(default_factory=lambda: TypeRules())
+
+    def validate(self) -> None:
+        if self.smooth_um < 0 or self.open_um < 0 or self.min_split_um <= 0 or self.h_um < 0:
+            raise HwsiError(f"SegmentConfig: lengths must be non-negative (min_split_um > 0): {self}")
+        if self.min_area_um2 < 0 or self.max_area_um2 <= self.min_area_um2:
+            raise HwsiError(f"SegmentConfig: need 0 ≤ min_area_um2 < max_area_um2, got {self}")
+        if not 0 <= self.min_solidity <= 1:
+            raise HwsiError(f"SegmentConfig: min_solidity must be in [0, 1], got {self.min_solidity}")
+
+
+@dataclass
+class TypeRules:
+    """Rule-based nucleus types. 0 unknown, 1 small round (lymphocyte-like), 2 large/atypical, 3 elongated (stromal).
+
+    Each rule is a product of logistic memberships (softness ``*_soft``) so that ``type_prob`` says how clearly the
+    nucleus satisfies its rule; the unknown class takes the remainder.
+    """
+
+    small_area_um2: float = 35.0  # type 1: area below this ...
+    small_max_ecc: float = 0.8  # ... and eccentricity below this
+    large_area_um2: float = 70.0  # type 2: area above this, or
+    irregular_solidity: float = 0.82  # solidity below this with area above small_area_um2
+    elongated_aspect: float = 2.3  # type 3: major/minor axis ratio above this
+    area_soft: float = 0.15  # softness of area rules, in log-area units
+    ratio_soft: float = 0.15  # softness of ratio / eccentricity / solidity rules
+
+
+TYPE_NAMES: dict[int, str] = {0: "unknown", 1: "small_round", 2: "large_atypical", 3: "elongated"}
+
+
+@dataclass
+class Nuclei:
+    """Nuclei found in one image.
+
+    ``labels``: (H, W) int32 instance image, 0 background, nucleus i has label i+1 (row i of table/features).
+    ``table``: columnar per-nucleus measurements (see :data:`hwsi.cells.features.TABLE_COLUMNS`), each (N,).
+    ``features``: (N, D) float32 standardised c_ijk vectors (see :data:`hwsi.cells.features.FEATURE_NAMES`).
+    ``mpp``: µm per pixel of the image.
+    """
+
+    labels: np.ndarray
+    table: dict[str, np.ndarray]
+    features: np.ndarray
+    mpp: float
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _odd(n: float, minimum: int = 3) -> int:
+    k = max(minimum, int(round(n)))
+    return k if k % 2 == 1 else k + 1
+
+
+def check_rgb(rgb: np.ndarray, what: str = "image") -> np.ndarray:
+    """Validate an RGB(A) uint8 image; return an (H, W, 3) contiguous uint8 view/copy."""
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise HwsiError(f"{what}: expected an (H, W, 3) RGB image, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise HwsiError(f"{what}: expected uint8 pixels, got {a.dtype}")
+    return np.ascontiguousarray(a[..., :3])
+
+
+def stain_channels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin optical densities (float32 (H, W) each) by Ruifrok colour deconvolution."""
+    rgb = check_rgb(rgb)
+    od = _OD_LUT[rgb]  # (H, W, 3)
+    h = od @ HED_FROM_RGB[:, 0]
+    e = od @ HED_FROM_RGB[:, 1]
+    return np.maximum(h, 0.0).astype(np.float32, copy=False), np.maximum(e, 0.0).astype(np.float32, copy=False)
+
+
+def _otsu(values: np.ndarray, nbins: int = 128) -> float:
+    """Otsu's threshold of a 1-D float sample (histogram over its range)."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-6:
+        return hi
+    hist, edges = np.histogram(values, bins=nbins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centers[int(np.argmax(between[:-1]))])
+
+
+def foreground_mask(h_smooth: np.ndarray, mpp: float, cfg: SegmentConfig) -> np.ndarray:
+    """Binary nucleus mask from the smoothed H channel (steps 3–4)."""
+    if h_smooth.size == 0 or float(h_smooth.max()) <= cfg.min_h:
+        return np.zeros(h_smooth.shape, dtype=bool)
+    t = max(cfg.min_h, cfg.otsu_weight * _otsu(h_smooth.ravel()))
+    mask = h_smooth > t
+    if cfg.local_window_um > 0 and cfg.local_offset > 0:
+        k = _odd(cfg.local_window_um / mpp)
+        local_mean = cv2.blur(h_smooth, (k, k), borderType=cv2.BORDER_REFLECT)
+        mask |= (h_smooth > local_mean + cfg.local_offset) & (h_smooth > cfg.min_h)
+    r = cfg.open_um / mpp
+    if r >= 0.75:
+        k = _odd(2 * r + 1)
+        se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+        mask = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_OPEN, se).astype(bool)
+    mask = ndi.binary_fill_holes(mask)
+    return mask
+
+
+def split_touching(mask: np.ndarray, mpp: float, cfg: SegmentConfig) -> np.ndarray:
+    """Instance labels from a binary mask: marker-controlled watershed on the distance transform (step 5)."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.int32)
+    m8 = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    dist = cv2.distanceTransform(np.pad(m8, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    sigma = max(0.5, 0.5 / mpp)
+    dist_s = cv2.GaussianBlur(dist, (0, 0), sigma)
+    # markers: regional maxima of dist_s within a (min_split) window that rise h above the window's minimum
+    k = _odd(2 * cfg.min_split_um / mpp + 1)
+    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    dil = cv2.dilate(dist_s, se)
+    ero = cv2.erode(dist_s, se)
+    h = cfg.h_um / mpp
+    peaks = (dist_s >= dil - 1e-6) & mask & (dist_s - ero >= min(h, 0.5 * dist_s.max()))
+    n_markers, markers = cv2.connectedComponents(peaks.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    comp_n, comp = cv2.connectedComponents(m8, connectivity=8, ltype=cv2.CV_32S)
+    # every connected component gets at least one marker (small blobs with no maximum)
+    has = np.zeros(comp_n, dtype=bool)
+    has[comp[markers > 0]] = True
+    missing = np.flatnonzero(~has[1:]) + 1
+    if len(missing):
+        # seed each marker-less component at its distance maximum
+        flat_comp = comp.ravel()
+        order = np.lexsort((-dist.ravel(), flat_comp))
+        first = np.searchsorted(flat_comp[order], missing)
+        idx = order[first]
+        mflat = markers.ravel()
+        mflat[idx] = n_markers + np.arange(len(missing), dtype=np.int32)
+    labels = watershed(-dist_s, markers, mask=mask)
+    return labels.astype(np.int32, copy=False)
+
+
+def filter_instances(
+    labels: np.ndarray, rgb: np.ndarray, mpp: float, cfg: SegmentConfig
+) -> np.ndarray:
+    """Drop instances outside the area range, below the solidity floor or not purple enough (``min_chroma``:
+    haematoxylin is blue-purple, pen ink and dust are grey); relabel 1..N in raster order (step 6)."""
+    if labels.max() == 0:
+        return labels
+    from hwsi.cells.features import convex_hull_areas
+
+    n = int(labels.max())
+    area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64) * mpp * mpp
+    keep = (area >= cfg.min_area_um2) & (area <= cfg.max_area_um2)
+    keep[0] = False
+    if cfg.min_solidity > 0 and keep.any():
+        hull = convex_hull_areas(labels, n)
+        solidity = np.divide(area / (mpp * mpp), hull, out=np.ones_like(hull), where=hull > 0)
+        keep &= solidity >= cfg.min_solidity
+    if cfg.min_chroma > 0 and keep.any():
+        c = rgb.astype(np.float32)
+        chroma = (c[..., 0] + c[..., 2]) * 0.5 - c[..., 1]
+        mean_chroma = np.bincount(labels.ravel(), weights=chroma.ravel(), minlength=n + 1) / np.maximum(
+            area / (mpp * mpp), 1
+        )
+        keep &= mean_chroma >= cfg.min_chroma
+    lut = np.zeros(n + 1, dtype=np.int32)
+    # relabel in order of first appearance (raster order) so output is deterministic
+    present = np.flatnonzero(keep)
+    if len(present) == 0:
+        return np.zeros_like(labels)
+    flat = labels.ravel()
+    first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, flat, np.arange(flat.size, dtype=np.int64))
+    ordered = present[np.argsort(first[present], kind="stable")]
+    lut[ordered] = np.arange(1, len(ordered) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def segment_labels(rgb: np.ndarray, mpp: float, cfg: SegmentConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1–6: return (labels int32, H, E) without measuring the nuclei."""
+    cfg = cfg or SegmentConfig()
+    if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+        raise HwsiError(f"segment_nuclei: mpp must be a positive number of µm per pixel, got {mpp!r}")
+    rgb = check_rgb(rgb)
+    if max(rgb.shape[:2]) > cfg.max_tile_px:
+        raise HwsiError(
+            f"segment_nuclei: image {rgb.shape[1]}×{rgb.shape[0]} exceeds max_tile_px={cfg.max_tile_px}; "
+            "segment it patch by patch"
+        )
+    h, e = stain_channels(rgb)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        return np.zeros(rgb.shape[:2], dtype=np.int32), h, e
+    s = cfg.smooth_um / mpp
+    h_s = cv2.GaussianBlur(h, (0, 0), s) if s >= 0.3 else h
+    mask = foreground_mask(h_s, mpp, cfg)
+    labels = split_touching(mask, mpp, cfg)
+    labels = filter_instances(labels, rgb, mpp, cfg)
+    return labels, h, e
+
+
+def segment_nuclei(rgb: np.ndarray, mpp: float, cfg: SegmentConfig | None = None) -> Nuclei:
+    """Segment the nuclei of an H&E RGB uint8 image at ``mpp`` µm/px and measure each one.
+
+    Returns :class:`Nuclei` (instance labels, columnar table, (N, D) standardised features).
+    Raises :class:`HwsiError` on a non-RGB / non-uint8 image, a non-positive mpp or a bad config.
+    """
+    from hwsi.cells.features import measure_nuclei
+
+    cfg = cfg or SegmentConfig()
+    cfg.validate()
+    labels, h, e = segment_labels(rgb, mpp, cfg)
+    table, feats = measure_nuclei(labels, h, e, mpp, cfg.type_rules)
+    return Nuclei(labels=labels, table=table, features=feats, mpp=float(mpp))
