@@ -1,0 +1,101 @@
+"""``hipt_vit256``: HIPT's ViT-256 (DINO ViT-S/16) patch encoder, 384-d CLS output.
+
+Architecture (HIPT ``vit_small``): patch 16, width 384, depth 12, 6 heads, MLP ratio 4, qkv bias, LayerNorm eps 1e-6,
+position table for a 14x14 grid (+CLS, DINO pre-training at 224 px) interpolated bicubically to the 16x16 grid of a
+256 px input the way DINO's ``interpolate_pos_encoding`` does; mean = std = 0.5 per channel.
+
+Weights: HIPT's ``vit256_small_dino.pth`` — the DINO checkpoint dict whose ``teacher`` entry holds keys
+``module.backbone.<vit key>`` (plus ``module.head.*`` of the DINO projection head, ignored here). Loaded with
+``torch.load(weights_only=True)`` through :func:`load_foreign_state_dict` (every ViT weight must be present).
+
+On CPU without these weights, the region (ViT-4K) input is the small patch encoder's 384-d embedding
+(``hwsi_small_patch``): a random ViT-S/16 costs ~36 s per 4096² region here and carries no morphology.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hwsi.features.encoders.base import EncoderError, ImageEncoder, is_own_checkpoint, make_config
+from hwsi.features.encoders.foreign import load_foreign_state_dict, read_state_dict
+from hwsi.features.encoders.registry import register_encoder
+from hwsi.features.encoders.vit import VisionTransformer
+
+
+@dataclass
+class HiptViT256Config:
+    """HIPT ViT-256 (DINO ViT-S/16). ``pos_grid`` is the stored table's grid (224/16 = 14)."""
+
+    input_size: int = 256
+    patch_size: int = 16
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    pos_grid: int = 14
+    ln_eps: float = 1e-6
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    seed: int = 0
+
+
+class HiptViT256(ImageEncoder):
+    """DINO ViT-S/16 returning the CLS token; the trunk's keys are DINO's (no prefix)."""
+
+    def __init__(self, config: HiptViT256Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.width
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.vit = VisionTransformer(
+                patch_size=config.patch_size,
+                width=config.width,
+                depth=config.depth,
+                heads=config.heads,
+                pos_grid=config.pos_grid,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=True,
+                eps=config.ln_eps,
+                pos_interp="dino",
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+
+def hipt_key_map(key: str) -> str | None:
+    """DINO/HIPT teacher key -> our key: strip ``module.`` and ``backbone.``; ignore the DINO ``head.*``."""
+    k = key.replace("module.", "", 1) if key.startswith("module.") else key
+    k = k.replace("backbone.", "", 1) if k.startswith("backbone.") else k
+    if k.startswith("head.") or k.startswith("head_"):
+        return None
+    return "vit." + k
+
+
+def load_hipt_checkpoint(model: HiptViT256, path: str | Path, checkpoint_key: str = "teacher") -> None:
+    """Load a HIPT/DINO ViT-256 checkpoint (``teacher`` dict, or a bare state dict) into ``model``."""
+    state = read_state_dict(path, unwrap=(checkpoint_key, "state_dict", "model"))
+    load_foreign_state_dict(model, state, hipt_key_map, strict=True, source=path)
+
+
+@register_encoder(
+    "hipt_vit256",
+    description="HIPT ViT-256 (DINO ViT-S/16, 384-d CLS, 256 px); weights: vit256_small_dino.pth",
+    tiny={"width": 48, "depth": 2, "heads": 3, "input_size": 64, "pos_grid": 3},
+)
+def build_hipt_vit256(checkpoint: Path | None = None, **overrides: Any) -> HiptViT256:
+    """HIPT ViT-256; ``checkpoint`` is HIPT's ``vit256_small_dino.pth`` (random weights, seeded, without)."""
+    cfg = make_config(HiptViT256Config, overrides, "hipt_vit256")
+    if cfg.input_size % cfg.patch_size:
+        raise EncoderError(f"hipt_vit256: input_size {cfg.input_size} is not a multiple of patch {cfg.patch_size}")
+    model = HiptViT256(cfg)
+    if checkpoint is not None:
+        if is_own_checkpoint(checkpoint):  # pragma: no cover - create_encoder handles own folders
+            raise EncoderError("own-format checkpoints are loaded by create_encoder", checkpoint)
+        load_hipt_checkpoint(model, checkpoint)
+    return model
