@@ -11,7 +11,7 @@ Pipeline of :func:`segment_nuclei` (every length is given in µm and converted w
    (``local_offset``) where a nucleus is faint but clearly darker than its surroundings;
 4. morphological opening, hole filling;
 5. splitting of touching nuclei: a marker-controlled watershed on the smoothed distance transform, markers being
-   the distance maxima at least ``min_split_um`` apart that stand ``h_um`` above their saddle;
+   the h-maxima (domes standing ``h_um`` above their saddle) of the smoothed distance transform;
 6. size (``min_area_um2``/``max_area_um2``) and shape (``min_solidity``) filters;
 7. per-nucleus measurements (:mod:`hwsi.cells.features`).
 """
@@ -45,8 +45,8 @@ class SegmentConfig:
     local_window_um: float = 12.0  # window of the local (adaptive) mean of H; 0 disables the local rule
     local_offset: float = 0.04  # a pixel is also nucleus if H > local mean + offset and H > min_h
     open_um: float = 0.5  # radius of the opening that removes specks and thin bridges
-    min_split_um: float = 3.0  # minimum distance between two watershed markers
-    h_um: float = 1.0  # a distance maximum must rise this much above its surroundings to seed a nucleus
+    dist_smooth_um: float = 0.5  # Gaussian sigma applied to the distance transform before finding markers
+    h_um: float = 0.8  # a distance-transform dome must rise this much above its saddle to seed its own nucleus
     min_area_um2: float = 4.0
     max_area_um2: float = 400.0
     min_solidity: float = 0.6
@@ -55,8 +55,8 @@ class SegmentConfig:
     type_rules: "TypeRules" = field(default_factory=lambda: TypeRules())
 
     def validate(self) -> None:
-        if self.smooth_um < 0 or self.open_um < 0 or self.min_split_um <= 0 or self.h_um < 0:
-            raise HwsiError(f"SegmentConfig: lengths must be non-negative (min_split_um > 0): {self}")
+        if self.smooth_um < 0 or self.open_um < 0 or self.dist_smooth_um < 0 or self.h_um < 0:
+            raise HwsiError(f"SegmentConfig: lengths must be non-negative : {self}")
         if self.min_area_um2 < 0 or self.max_area_um2 <= self.min_area_um2:
             raise HwsiError(f"SegmentConfig: need 0 ≤ min_area_um2 < max_area_um2, got {self}")
         if not 0 <= self.min_solidity <= 1:
@@ -71,7 +71,7 @@ class TypeRules:
     nucleus satisfies its rule; the unknown class takes the remainder.
     """
 
-    small_area_um2: float = 35.0  # type 1: area below this ...
+    small_area_um2: float = 40.0  # type 1: area below this ...
     small_max_ecc: float = 0.8  # ... and eccentricity below this
     large_area_um2: float = 70.0  # type 2: area above this, or
     irregular_solidity: float = 0.82  # solidity below this with area above small_area_um2
@@ -161,21 +161,35 @@ def foreground_mask(h_smooth: np.ndarray, mpp: float, cfg: SegmentConfig) -> np.
     return mask
 
 
+def reconstruct_by_dilation(seed: np.ndarray, limit: np.ndarray, max_iter: int = 10_000) -> np.ndarray:
+    """Greyscale morphological reconstruction by dilation of ``seed`` under ``limit`` (8-connected).
+
+    Iterated 3×3 dilation clipped by ``limit`` until stable: for nucleus-sized domes it converges in about as many
+    steps as the widest nucleus is in pixels, far faster here than the general-purpose skimage implementation.
+    """
+    cur = np.minimum(seed, limit).astype(np.float32)
+    lim = limit.astype(np.float32, copy=False)
+    kernel = np.ones((3, 3), np.uint8)
+    for _ in range(max(1, max_iter // 4)):
+        prev = cur
+        for _ in range(4):
+            cur = np.minimum(cv2.dilate(cur, kernel), lim)
+        if np.array_equal(cur, prev):
+            break
+    return cur
+
+
 def split_touching(mask: np.ndarray, mpp: float, cfg: SegmentConfig) -> np.ndarray:
     """Instance labels from a binary mask: marker-controlled watershed on the distance transform (step 5)."""
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
     m8 = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
     dist = cv2.distanceTransform(np.pad(m8, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    sigma = max(0.5, 0.5 / mpp)
-    dist_s = cv2.GaussianBlur(dist, (0, 0), sigma)
-    # markers: regional maxima of dist_s within a (min_split) window that rise h above the window's minimum
-    k = _odd(2 * cfg.min_split_um / mpp + 1)
-    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    dil = cv2.dilate(dist_s, se)
-    ero = cv2.erode(dist_s, se)
-    h = cfg.h_um / mpp
-    peaks = (dist_s >= dil - 1e-6) & mask & (dist_s - ero >= min(h, 0.5 * dist_s.max()))
+    sigma = cfg.dist_smooth_um / mpp
+    dist_s = cv2.GaussianBlur(dist, (0, 0), sigma) if sigma >= 0.3 else dist
+    # markers: the h-maxima of dist_s (domes that rise at least h above the saddle to any higher dome)
+    h = min(cfg.h_um / mpp, 0.5 * float(dist_s.max()))
+    peaks = ((dist_s - reconstruct_by_dilation(dist_s - h, dist_s)) > h - 1e-3) & mask
     n_markers, markers = cv2.connectedComponents(peaks.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     comp_n, comp = cv2.connectedComponents(m8, connectivity=8, ltype=cv2.CV_32S)
     # every connected component gets at least one marker (small blobs with no maximum)
