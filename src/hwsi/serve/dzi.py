@@ -1,0 +1,289 @@
+"""Deep Zoom (DZI) tiles cut from a slide's pyramid, with an LRU cache of encoded tiles.
+
+Geometry (the Deep Zoom convention OpenSeadragon uses): level ``L`` in ``0..max_level`` with
+``max_level = ceil(log2(max(W, H)))`` shows the slide at scale ``2**(L - max_level)``; its size is
+``ceil(W * scale) × ceil(H * scale)``; tiles are ``tile_size`` px with ``overlap`` px shared on each inner edge.
+A tile is read from the best pyramid level of the slide (downsample ≤ needed) and resized once; coarse tiles
+(scale below a cached overview's) are cut from that overview so a single-level slide never reads the whole
+level 0 for a thumbnail-sized tile. Level, column and row are validated: anything out of range is
+:class:`TileNotFound` (HTTP 404), never an exception from the reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+TILE_FORMATS = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
+
+
+class TileNotFound(LookupError):
+    """The requested tile does not exist (bad level, column, row or format)."""
+
+
+class SlideReader(Protocol):
+    """The part of :class:`hwsi.slide.Slide` the tile server uses."""
+
+    dimensions: tuple[int, int]
+    level_count: int
+    level_dimensions: Any
+    level_downsamples: Any
+
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class _OpenSlideReader:
+    """Fallback reader over openslide-python with the :class:`SlideReader` interface (RGB, level-0 origin)."""
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._s = openslide.OpenSlide(str(path))
+        self.dimensions = tuple(self._s.dimensions)
+        self.level_count = self._s.level_count
+        self.level_dimensions = tuple(self._s.level_dimensions)
+        self.level_downsamples = tuple(self._s.level_downsamples)
+
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        img = self._s.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        rgba = np.asarray(img)
+        rgb = rgba[..., :3].astype(np.float32)
+        a = rgba[..., 3:4].astype(np.float32) / 255.0
+        return (rgb * a + 255.0 * (1 - a)).round().astype(np.uint8)  # transparent padding shown as white
+
+    def close(self) -> None:
+        self._s.close()
+
+
+def open_reader(path: Path, mpp: float | None = None) -> SlideReader:
+    """Open ``path`` with :func:`hwsi.slide.open_slide` when available, otherwise directly with OpenSlide."""
+    try:
+        from hwsi.slide import open_slide  # type: ignore[attr-defined]
+    except ImportError:
+        return _OpenSlideReader(path)
+    return open_slide(path, mpp=mpp)
+
+
+@dataclass(frozen=True)
+class DziGeometry:
+    """The Deep Zoom pyramid of a ``width`` × ``height`` level-0 image."""
+
+    width: int
+    height: int
+    tile_size: int = 256
+    overlap: int = 0
+
+    @property
+    def max_level(self) -> int:
+        return max(0, math.ceil(math.log2(max(self.width, self.height, 1))))
+
+    def downsample(self, level: int) -> int:
+        return 2 ** (self.max_level - level)
+
+    def level_size(self, level: int) -> tuple[int, int]:
+        d = self.downsample(level)
+        return max(1, math.ceil(self.width / d)), max(1, math.ceil(self.height / d))
+
+    def tile_grid(self, level: int) -> tuple[int, int]:
+        w, h = self.level_size(level)
+        return math.ceil(w / self.tile_size), math.ceil(h / self.tile_size)
+
+    def tile_box(self, level: int, col: int, row: int) -> tuple[int, int, int, int]:
+        """(x, y, w, h) of a tile in level ``level`` pixels, overlap included; raises :class:`TileNotFound`."""
+        if not (isinstance(level, int) and 0 <= level <= self.max_level):
+            raise TileNotFound(f"level {level} outside 0..{self.max_level}")
+        cols, rows = self.tile_grid(level)
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise TileNotFound(f"tile ({col}, {row}) outside {cols}x{rows} at level {level}")
+        lw, lh = self.level_size(level)
+        ts, ov = self.tile_size, self.overlap
+        x = col * ts - (ov if col > 0 else 0)
+        y = row * ts - (ov if row > 0 else 0)
+        x1 = min(lw, (col + 1) * ts + ov)
+        y1 = min(lh, (row + 1) * ts + ov)
+        return x, y, x1 - x, y1 - y
+
+    def xml(self, fmt: str = "jpeg") -> str:
+        """The ``.dzi`` descriptor."""
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" '
+            f'Overlap="{self.overlap}" TileSize="{self.tile_size}">'
+            f'<Size Width="{self.width}" Height="{self.height}"/></Image>'
+        )
+
+
+class TileCache:
+    """Thread-safe LRU cache of encoded tiles, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 128 * 2**20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._d: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        with self._lock:
+            data = self._d.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key: tuple[Any, ...], data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._d[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes and self._d:
+                _, ev = self._d.popitem(last=False)
+                self._bytes -= len(ev)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._d)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def encode(img: np.ndarray, fmt: str, quality: int = 85) -> bytes:
+    """JPEG or PNG bytes of an RGB or RGBA uint8 image."""
+    buf = io.BytesIO()
+    pil = Image.fromarray(img)
+    if fmt in ("jpeg", "jpg"):
+        pil.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        pil.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class TileSource:
+    """Renders the DZI tiles, thumbnail and overview of one slide; thread-safe (reads are serialised per slide)."""
+
+    OVERVIEW_SIDE = 2048
+
+    def __init__(self, slide_id: str, reader: SlideReader, tile_size: int = 256, overlap: int = 0) -> None:
+        self.slide_id = slide_id
+        self.reader = reader
+        w, h = (int(v) for v in reader.dimensions)
+        self.geometry = DziGeometry(w, h, tile_size, overlap)
+        self._lock = threading.Lock()
+        self._overview: np.ndarray | None = None
+        self._overview_ds = 1.0
+
+    def close(self) -> None:
+        with self._lock:
+            self.reader.close()
+
+    def _best_level(self, ds: float) -> int:
+        best = 0
+        for i, d in enumerate(self.reader.level_downsamples):
+            if float(d) <= ds + 1e-6:
+                best = i
+        return best
+
+    def _read_level0_box(self, x0: int, y0: int, w0: int, h0: int, out_w: int, out_h: int) -> np.ndarray:
+        """Pixels of the level-0 box resized to (out_h, out_w) from the best level (or the overview)."""
+        ds = max(w0 / max(out_w, 1), h0 / max(out_h, 1))
+        ov = self._get_overview()
+        if ds >= self._overview_ds and ov is not None:
+            s = self._overview_ds
+            ox0, oy0 = int(x0 / s), int(y0 / s)
+            ox1 = min(ov.shape[1], max(ox0 + 1, math.ceil((x0 + w0) / s)))
+            oy1 = min(ov.shape[0], max(oy0 + 1, math.ceil((y0 + h0) / s)))
+            crop = ov[oy0:oy1, ox0:ox1]
+            return np.asarray(Image.fromarray(crop).resize((out_w, out_h), Image.BILINEAR))
+        lvl = self._best_level(ds)
+        lds = float(self.reader.level_downsamples[lvl])
+        lw, lh = (int(v) for v in self.reader.level_dimensions[lvl])
+        rw = max(1, min(math.ceil(w0 / lds), lw - int(x0 / lds)))
+        rh = max(1, min(math.ceil(h0 / lds), lh - int(y0 / lds)))
+        with self._lock:
+            img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
+        if img.shape[0] != out_h or img.shape[1] != out_w:
+            img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BOX if ds > lds else Image.BILINEAR))
+        return img
+
+    def _get_overview(self) -> np.ndarray | None:
+        """A whole-slide image of at most OVERVIEW_SIDE px a side, built once from the coarsest suitable level."""
+        if self._overview is not None:
+            return self._overview
+        g = self.geometry
+        side = max(g.width, g.height)
+        if side <= self.OVERVIEW_SIDE:
+            return None  # small slide: reading level 0 is already cheap
+        ds = side / self.OVERVIEW_SIDE
+        ow, oh = max(1, round(g.width / ds)), max(1, round(g.height / ds))
+        lvl = self._best_level(ds)
+        lw, lh = (int(v) for v in self.reader.level_dimensions[lvl])
+        with self._lock:
+            if self._overview is not None:
+                return self._overview
+            if lw * lh > 64 * 2**20:  # a level this big would take too much memory: read it in strips
+                img = self._read_strips(lvl, lw, lh, ow, oh)
+            else:
+                img = np.asarray(self.reader.read_region(0, 0, lvl, lw, lh))
+                img = np.asarray(Image.fromarray(img).resize((ow, oh), Image.BOX))
+            self._overview_ds = g.width / ow
+            self._overview = img
+        return img
+
+    def _read_strips(self, lvl: int, lw: int, lh: int, ow: int, oh: int) -> np.ndarray:
+        out = np.empty((oh, ow, 3), np.uint8)
+        lds = float(self.reader.level_downsamples[lvl])
+        rows_per = max(1, math.ceil(lh / oh))
+        strip = rows_per * max(1, (8 * 2**20) // (lw * 3 * rows_per))
+        for y in range(0, lh, strip):
+            sh = min(strip, lh - y)
+            part = np.asarray(self.reader.read_region(0, int(y * lds), lvl, lw, sh))
+            oy0, oy1 = int(y * oh / lh), min(oh, math.ceil((y + sh) * oh / lh))
+            out[oy0:oy1] = np.asarray(Image.fromarray(part).resize((ow, max(1, oy1 - oy0)), Image.BOX))
+        return out
+
+    def tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """RGB pixels of DZI tile (level, col, row); raises :class:`TileNotFound` for out-of-range requests."""
+        g = self.geometry
+        x, y, w, h = g.tile_box(level, col, row)
+        d = g.downsample(level)
+        x0, y0 = x * d, y * d
+        w0 = min(g.width - x0, w * d)
+        h0 = min(g.height - y0, h * d)
+        return self._read_level0_box(x0, y0, max(1, w0), max(1, h0), w, h)
+
+    def thumbnail(self, max_side: int = 256) -> np.ndarray:
+        """Whole-slide thumbnail whose longer side is ``max_side`` px."""
+        g = self.geometry
+        s = max(g.width, g.height) / max_side
+        ow, oh = max(1, round(g.width / s)), max(1, round(g.height / s))
+        return self._read_level0_box(0, 0, g.width, g.height, ow, oh)
+
+
+def etag_for(*parts: object) -> str:
+    """A strong ETag from the parts that identify a response."""
+    return '"' + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:20] + '"'

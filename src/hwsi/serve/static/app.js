@@ -1,0 +1,313 @@
+// hwsi viewer page: slide list, overlays, chat with streamed answers and evidence.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const api = async (url, opts) => {
+  const r = await fetch(url, opts);
+  if (!r.ok) throw new Error(`${url}: ${r.status} ${(await r.text()).slice(0, 200)}`);
+  return r;
+};
+
+const state = {
+  slide: null,        // /api/slides/{id} info
+  grid: null, spf: null, tissue: null,
+  heatmap: null,      // (R, G) scores of the latest answer
+  evidence: [],       // evidence items of the latest answer
+  highlight: null,    // evidence item clicked last
+  nuclei: null, nucleiBox: null, nucleiTimer: null,
+  session: null, busy: false,
+  tokenEvents: 0,     // streamed token events received (for tests and the status line)
+};
+window.hwsi = { state };
+
+const viewer = new DeepZoomViewer($("viewer"), { onchange: onViewChange });
+window.hwsi.viewer = viewer;
+
+const on = (id) => $(id).checked;
+for (const id of ["ov-tissue", "ov-grid", "ov-spf", "ov-heatmap", "ov-nuclei", "ov-evidence"]) {
+  $(id).addEventListener("change", () => { if (id === "ov-nuclei") scheduleNuclei(); viewer.redraw(); });
+}
+
+// ---------------------------------------------------------------------------------------------- overlays
+function rectScreen(x, y, w, h) {
+  const [sx, sy] = viewer.toScreen(x, y);
+  return [sx, sy, w * viewer.scale, h * viewer.scale];
+}
+function inView(x, y, w, h) {
+  const [x0, y0, x1, y1] = viewer.viewBox();
+  return x + w >= x0 && x <= x1 && y + h >= y0 && y <= y1;
+}
+
+viewer.overlays.push((ctx) => {   // tissue mask
+  if (!on("ov-tissue") || !state.tissue || !state.tissue.complete) return;
+  const s = state.slide;
+  const [sx, sy, sw, sh] = rectScreen(0, 0, s.width, s.height);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(state.tissue, sx, sy, sw, sh);
+});
+
+function heatColour(v) {  // 0..1 -> blue..yellow..red
+  const r = Math.round(255 * Math.min(1, 2 * v)), g = Math.round(255 * Math.min(1, 2 * (1 - v))), b = Math.round(255 * Math.max(0, 1 - 3 * v));
+  return `rgba(${r},${g},${b},0.45)`;
+}
+
+viewer.overlays.push((ctx) => {   // heatmap of the latest answer
+  if (!on("ov-heatmap") || !state.heatmap || !state.grid) return;
+  const g = state.grid, p = g.patch_size;
+  state.heatmap.forEach((row, r) => {
+    const [rx, ry] = g.regions[r];
+    if (!inView(rx, ry, g.region_size, g.region_size)) return;
+    row.forEach((v, i) => {
+      if (v === null) return;
+      const x = rx + (i % g.grid_side) * p, y = ry + Math.floor(i / g.grid_side) * p;
+      ctx.fillStyle = heatColour(v);
+      ctx.fillRect(...rectScreen(x, y, p, p));
+    });
+  });
+});
+
+viewer.overlays.push((ctx) => {   // region and patch grid
+  if (!on("ov-grid") || !state.grid) return;
+  const g = state.grid, p = g.patch_size, showPatches = p * viewer.scale >= 6;
+  g.regions.forEach(([rx, ry], r) => {
+    if (!inView(rx, ry, g.region_size, g.region_size)) return;
+    if (showPatches) {
+      ctx.strokeStyle = "rgba(255,255,255,0.35)"; ctx.lineWidth = 1;
+      const t = g.patch_tissue[r];
+      for (let i = 0; i < t.length; i++) {
+        const x = rx + (i % g.grid_side) * p, y = ry + Math.floor(i / g.grid_side) * p;
+        ctx.setLineDash(t[i] === "1" ? [] : [2, 3]);
+        ctx.strokeRect(...rectScreen(x, y, p, p));
+      }
+      ctx.setLineDash([]);
+    }
+    ctx.strokeStyle = "rgba(0,230,255,0.9)"; ctx.lineWidth = 2;
+    ctx.strokeRect(...rectScreen(rx, ry, g.region_size, g.region_size));
+  });
+});
+
+viewer.overlays.push((ctx) => {   // SPF-selected patches
+  if (!on("ov-spf") || !state.spf) return;
+  const p = state.spf.patch_size;
+  ctx.strokeStyle = "#00a0ff"; ctx.lineWidth = 2;
+  for (const s of state.spf.patches) if (inView(s.x, s.y, p, p)) ctx.strokeRect(...rectScreen(s.x + 2 / viewer.scale, s.y + 2 / viewer.scale, p - 4 / viewer.scale, p - 4 / viewer.scale));
+});
+
+viewer.overlays.push((ctx) => {   // nuclei coloured by type
+  if (!on("ov-nuclei") || !state.nuclei || !nucleiZoom()) return;
+  const n = state.nuclei, colours = {};
+  for (const t of n.types) colours[t.index] = t.colour;
+  ctx.lineWidth = 1.5;
+  for (let i = 0; i < n.x.length; i++) {
+    const [sx, sy] = viewer.toScreen(n.x[i], n.y[i]);
+    ctx.strokeStyle = colours[n.type[i]] || "#fff";
+    ctx.beginPath();
+    ctx.arc(sx, sy, Math.max(2, n.radius[i] * viewer.scale), 0, 2 * Math.PI);
+    ctx.stroke();
+  }
+});
+
+viewer.overlays.push((ctx) => {   // evidence of the latest answer
+  if (!on("ov-evidence")) return;
+  ctx.font = "12px system-ui";
+  for (const e of state.evidence) {
+    const hl = state.highlight === e;
+    ctx.strokeStyle = e.kind === "region" ? "#ff8c00" : "#ffd700";
+    ctx.lineWidth = hl ? 4 : 2;
+    const [sx, sy, sw, sh] = rectScreen(e.x, e.y, e.w, e.h);
+    ctx.strokeRect(sx, sy, sw, sh);
+    ctx.fillStyle = ctx.strokeStyle;
+    ctx.fillText(`${e.kind} r${e.region}${e.patch >= 0 ? " p" + e.patch : ""}`, sx + 3, sy - 4);
+  }
+});
+
+// nuclei are fetched only at high zoom, only for the box in view (debounced)
+function nucleiZoom() { return state.slide && viewer.umPerScreenPixel(state.slide.mpp) <= 1.0; }
+function scheduleNuclei() {
+  clearTimeout(state.nucleiTimer);
+  state.nucleiTimer = setTimeout(fetchNuclei, 150);
+}
+async function fetchNuclei() {
+  const s = state.slide;
+  if (!s || !s.overlays.nuclei || !on("ov-nuclei")) { $("nuclei-status").textContent = ""; return; }
+  if (!nucleiZoom()) { $("nuclei-status").textContent = "zoom in to see nuclei"; return; }
+  const [x0, y0, x1, y1] = viewer.viewBox().map(Math.round);
+  const b = state.nucleiBox;
+  if (b && x0 >= b[0] && y0 >= b[1] && x1 <= b[2] && y1 <= b[3]) return;   // view inside what we have
+  const w = x1 - x0, h = y1 - y0, box = [x0 - w / 2, y0 - h / 2, x1 + w / 2, y1 + h / 2].map(Math.round);
+  const sid = s.id;
+  const r = await api(`/api/slides/${encodeURIComponent(sid)}/overlays/nuclei?x0=${box[0]}&y0=${box[1]}&x1=${box[2]}&y1=${box[3]}`);
+  const data = await r.json();
+  if (!state.slide || state.slide.id !== sid) return;
+  state.nuclei = data; state.nucleiBox = box;
+  $("nuclei-status").textContent = `${data.x.length} nuclei in view${data.truncated ? " (truncated)" : ""}`;
+  document.body.dataset.nuclei = String(data.x.length);
+  viewer.redraw();
+}
+
+function onViewChange(v) {
+  const s = state.slide;
+  if (!s) return;
+  const bar = niceScaleBar(v.umPerScreenPixel(s.mpp));
+  $("scalebar-bar").style.width = `${bar.px.toFixed(1)}px`;
+  $("scalebar-label").textContent = bar.label;
+  $("status").textContent = `level ${v.level}/${s.dzi_info.max_level} · ${(s.mpp / v.scale).toFixed(2)} µm/px`;
+  document.body.dataset.level = String(v.level);
+  if (on("ov-nuclei")) scheduleNuclei();
+}
+
+// ---------------------------------------------------------------------------------------------- slides
+async function loadSlides() {
+  const data = await (await api("/api/slides")).json();
+  $("model-name").textContent = data.model ? `model: ${data.model}` : "no model loaded (chat disabled)";
+  const ul = $("slide-list");
+  ul.innerHTML = "";
+  for (const s of data.slides) {
+    const li = document.createElement("li");
+    li.dataset.slide = s.id;
+    const img = document.createElement("img");
+    img.src = s.thumbnail; img.alt = s.id; img.loading = "lazy";
+    const span = document.createElement("span");
+    span.textContent = `${s.id} (${s.mpp.toFixed(3)} µm/px)`;
+    li.append(img, span);
+    li.addEventListener("click", () => openSlide(s.id));
+    ul.append(li);
+  }
+  if (data.slides.length) await openSlide(data.slides[0].id);
+}
+
+async function openSlide(id) {
+  const enc = encodeURIComponent(id);
+  const s = await (await api(`/api/slides/${enc}`)).json();
+  Object.assign(state, { slide: s, heatmap: null, evidence: [], highlight: null, nuclei: null, nucleiBox: null, session: null });
+  for (const li of $("slide-list").children) li.classList.toggle("active", li.dataset.slide === id);
+  $("slide-title").textContent = `${s.id} — ${s.width}×${s.height} px, ${s.mpp} µm/px`;
+  $("messages").innerHTML = "";
+  $("export-link").href = `/api/slides/${enc}/export.geojson`;
+  $("legend").innerHTML = "";
+  for (const t of s.nucleus_types) {
+    const d = document.createElement("div");
+    const dot = document.createElement("span"); dot.style.background = t.colour;
+    d.append(dot, document.createTextNode(t.name));
+    $("legend").append(d);
+  }
+  $("ov-spf").disabled = !s.overlays.spf;
+  $("ov-nuclei").disabled = !s.overlays.nuclei;
+  const fmt = s.dzi_info.format;
+  viewer.open({
+    width: s.width, height: s.height, tileSize: s.dzi_info.tile_size, overlap: s.dzi_info.overlap,
+    maxLevel: s.dzi_info.max_level, tileUrl: (L, c, r) => `${s.tiles}${L}/${c}_${r}.${fmt}`,
+  });
+  const [grid, spf] = await Promise.all([
+    api(`/api/slides/${enc}/overlays/grid`).then((r) => r.json()),
+    s.overlays.spf ? api(`/api/slides/${enc}/overlays/spf`).then((r) => r.json()) : null,
+  ]);
+  state.grid = grid; state.spf = spf;
+  state.tissue = new Image();
+  state.tissue.onload = () => viewer.redraw();
+  state.tissue.src = `/api/slides/${enc}/overlays/tissue.png`;
+  document.body.dataset.slide = id;
+  viewer.redraw();
+}
+
+// ---------------------------------------------------------------------------------------------- chat
+function addMessage(cls, text) {
+  const d = document.createElement("div");
+  d.className = `msg ${cls}`;
+  d.textContent = text;
+  $("messages").append(d);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  return d;
+}
+
+function showEvidence(msg, items) {
+  const box = document.createElement("div");
+  box.className = "evidence";
+  for (const e of items) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "evidence-item";
+    b.textContent = `${e.kind} r${e.region}${e.patch >= 0 ? " p" + e.patch : ""} · ${e.score.toFixed(2)}`;
+    b.addEventListener("click", () => {
+      state.highlight = e;
+      viewer.fitBox(e.x, e.y, e.w, e.h, e.kind === "region" ? 1.3 : 3);
+    });
+    box.append(b);
+  }
+  msg.append(box);
+}
+
+async function ask(question) {
+  if (!state.slide || state.busy) return;
+  state.busy = true;
+  $("ask").disabled = true;
+  addMessage("user", question);
+  const msg = addMessage("assistant", "");
+  const text = document.createElement("div");
+  text.className = "answer-text";
+  msg.append(text);
+  document.body.dataset.chat = "streaming";
+  try {
+    if (!state.session || state.session.slide !== state.slide.id) {
+      const r = await api("/api/chat", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ slide_id: state.slide.id }) });
+      state.session = { id: (await r.json()).session_id, slide: state.slide.id };
+    }
+    const sess = state.session;
+    const r = await api(`/api/chat/${encodeURIComponent(sess.id)}/ask`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ question }),
+    });
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl); buf = buf.slice(nl + 1);
+        if (line.trim()) await handleEvent(JSON.parse(line), msg, text, sess);
+      }
+    }
+  } catch (e) {
+    msg.classList.add("error");
+    text.textContent += `\n[error] ${e.message}`;
+  } finally {
+    state.busy = false;
+    $("ask").disabled = false;
+    document.body.dataset.chat = "idle";
+  }
+}
+
+async function handleEvent(ev, msg, text, sess) {
+  if (ev.type === "token") {
+    text.textContent += ev.text;
+    state.tokenEvents++;
+    document.body.dataset.tokens = String(state.tokenEvents);
+  } else if (ev.type === "error") {
+    msg.classList.add("error");
+    text.textContent += (text.textContent ? "\n" : "") + `[error] ${ev.message}`;
+  } else if (ev.type === "evidence") {
+    state.evidence = ev.items;
+    state.highlight = null;
+    showEvidence(msg, ev.items);
+    const h = await (await api(`/api/chat/${encodeURIComponent(sess.id)}/heatmap?turn=${ev.turn}`)).json();
+    state.heatmap = h.scores;
+    $("export-link").href = `/api/slides/${encodeURIComponent(sess.slide)}/export.geojson?session=${encodeURIComponent(sess.id)}`;
+    document.body.dataset.evidence = String(ev.items.length);
+    viewer.redraw();
+  }
+}
+
+$("ask-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const q = $("question").value.trim();
+  if (q) { $("question").value = ""; ask(q); }
+});
+$("question").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask-form").requestSubmit(); }
+});
+$("zoom-in").addEventListener("click", () => viewer.zoomBy(2));
+$("zoom-out").addEventListener("click", () => viewer.zoomBy(0.5));
+$("zoom-home").addEventListener("click", () => viewer.home());
+
+loadSlides().catch((e) => { $("status").textContent = String(e); });

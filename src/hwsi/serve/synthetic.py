@@ -1,0 +1,164 @@
+"""A small, self-contained job folder for testing and benchmarking the viewer (no other stage needed).
+
+Writes a real pyramidal JPEG TIFF (OpenSlide generic-tiff, µm/px tags) with H&E-like tissue blobs and dark
+nuclei, and a store that follows ``hwsi.store``'s schema (regions, patches, tissue mask, SPF selection, cells with
+CSR offsets, random patch features), plus ``slides.json``. The nuclei in the store are the ones drawn in the image,
+so the overlay lines up with the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hwsi.store import StoreMeta, mark_stage, write_meta, write_region_dataset
+from hwsi.utils.atomic import atomic_path
+
+FEATURE_NAME = "synthetic"
+
+
+@dataclass
+class SyntheticSlide:
+    slide_id: str
+    tiff: Path
+    store: Path
+    n_cells: int
+
+
+def _tissue(width: int, height: int, seed: int) -> list[tuple[float, float, float]]:
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(4):
+        blobs.append((rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height, rng.uniform(0.18, 0.3) * min(width, height)))
+    return blobs
+
+
+def _in_tissue(x: np.ndarray, y: np.ndarray, blobs: list[tuple[float, float, float]]) -> np.ndarray:
+    inside = np.zeros(np.broadcast(x, y).shape, bool)
+    for cx, cy, r in blobs:
+        inside |= (x - cx) ** 2 + (y - cy) ** 2 < r * r
+    return inside
+
+
+def make_synthetic_job(
+    job: str | Path,
+    slide_id: str = "synth-a",
+    width: int = 3072,
+    height: int = 2304,
+    mpp: float = 0.5,
+    region_size: int = 512,
+    patch_size: int = 128,
+    k: int = 4,
+    seed: int = 0,
+) -> SyntheticSlide:
+    """Write ``JOB/slides/<id>.tiff``, ``JOB/stores/<id>.h5`` and register it in ``JOB/slides.json``."""
+    from hwsi.synth.pyramid import write_pyramid_tiff
+
+    job = Path(job)
+    rng = np.random.default_rng(seed)
+    blobs = _tissue(width, height, seed)
+    types = np.array([1, 2, 3, 0])
+    # nuclei everywhere in tissue (the store keeps those of SPF-selected patches, as hwsi.cells does)
+    n = int(width * height / 2500)
+    nx = rng.uniform(0, width, n)
+    ny = rng.uniform(0, height, n)
+    keep = _in_tissue(nx, ny, blobs)
+    nx, ny = nx[keep], ny[keep]
+    ntype = types[rng.integers(0, len(types), nx.size)]
+    nrad_um = np.where(ntype == 2, 4.5, 3.0)
+    nrad = nrad_um / mpp
+
+    def tile_fn(x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        yy, xx = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+        tis = _in_tissue(xx, yy, blobs)
+        img = np.full((h, w, 3), 242, np.uint8)
+        img[tis] = (232, 170, 200)  # eosin pink
+        sel = (nx > x0 - 10) & (nx < x0 + w + 10) & (ny > y0 - 10) & (ny < y0 + h + 10)
+        for cx, cy, r in zip(nx[sel], ny[sel], nrad[sel]):
+            d = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+            img[d] = (90, 60, 150)  # haematoxylin purple
+        return img
+
+    tiff = job / "slides" / f"{slide_id}.tiff"
+    tiff.parent.mkdir(parents=True, exist_ok=True)
+    write_pyramid_tiff(tiff, width, height, mpp, tile_fn, tile_size=256, threads=2, min_level_side=256)
+
+    # grid: regions on a lattice, kept where they hold tissue
+    gs = region_size // patch_size
+    G = gs * gs
+    regions, ptiss = [], []
+    for ry in range(0, height - region_size + 1, region_size):
+        for rx in range(0, width - region_size + 1, region_size):
+            py, px = np.mgrid[0:gs, 0:gs]
+            cx = rx + (px.ravel() + 0.5) * patch_size
+            cy = ry + (py.ravel() + 0.5) * patch_size
+            t = _in_tissue(cx, cy, blobs)
+            if t.mean() >= 0.25:
+                regions.append((rx, ry))
+                ptiss.append(t)
+    rc = np.array(regions, np.int64).reshape(-1, 2)
+    R = len(rc)
+    pt = np.array(ptiss, bool).reshape(R, G)
+    gy, gx = np.divmod(np.arange(G), gs)
+    pc = np.stack([rc[:, None, 0] + gx[None] * patch_size, rc[:, None, 1] + gy[None] * patch_size], -1).astype(np.int64)
+    feats = rng.normal(size=(R, G, 32)).astype(np.float32)
+    rel = np.where(pt, rng.uniform(0.1, 0.9, (R, G)), np.nan).astype(np.float32)
+    sel = np.full((R, k), -1, np.int32)
+    for r in range(R):
+        cand = np.nonzero(pt[r])[0]
+        order = cand[np.argsort(-rel[r, cand])][:k]
+        sel[r, : len(order)] = order
+    # cells of the selected patches, sorted by (region, patch), CSR offsets over r*G+g
+    cx_list, cy_list, ct_list, ca_list = [], [], [], []
+    counts = np.zeros(R * G, np.int64)
+    for r in range(R):
+        for g in sorted(int(v) for v in sel[r] if v >= 0):
+            x0, y0 = pc[r, g]
+            m = (nx >= x0) & (nx < x0 + patch_size) & (ny >= y0) & (ny < y0 + patch_size)
+            cx_list.append(nx[m])
+            cy_list.append(ny[m])
+            ct_list.append(ntype[m])
+            ca_list.append(math.pi * nrad_um[m] ** 2)
+            counts[r * G + g] = int(m.sum())
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cat = lambda xs, dt: (np.concatenate(xs) if xs else np.zeros(0)).astype(dt)  # noqa: E731
+    mask_ds = 16
+    my, mx = np.mgrid[0 : math.ceil(height / mask_ds), 0 : math.ceil(width / mask_ds)]
+    mask = _in_tissue((mx + 0.5) * mask_ds, (my + 0.5) * mask_ds, blobs)
+
+    meta = StoreMeta(
+        slide_path=str(tiff.resolve()), slide_id=slide_id, mpp_level0=mpp, target_mpp=mpp, effective_mpp=mpp,
+        region_size=region_size, patch_size=patch_size, region_size_level0=float(region_size),
+        patch_size_level0=float(patch_size), level0_width=width, level0_height=height, mpp_source="tiff-resolution",
+        encoders={FEATURE_NAME: 32},
+    )
+    store = job / "stores" / f"{slide_id}.h5"
+    with atomic_path(store) as tmp, h5py.File(tmp, "w") as f:
+        write_meta(f, meta)
+        f["regions/coords"] = rc
+        f["regions/tissue"] = pt.mean(1).astype(np.float32)
+        write_region_dataset(f, "patches/coords", pc)
+        f["patches/tissue"] = pt
+        write_region_dataset(f, f"patches/{FEATURE_NAME}", feats)
+        f["tissue/mask"] = mask.astype(np.uint8)
+        f["tissue/mask"].attrs["downsample"] = float(mask_ds)
+        f["spf/relevance"] = rel
+        f["spf/selected"] = sel
+        f["cells/x"] = cat(cx_list, np.float32)
+        f["cells/y"] = cat(cy_list, np.float32)
+        f["cells/type"] = cat(ct_list, np.int8)
+        f["cells/area_um2"] = cat(ca_list, np.float32)
+        f["cells/offsets"] = offsets
+        f["cells"].attrs["type_names"] = json.dumps({"0": "unknown", "1": "small_round", "2": "large_atypical", "3": "elongated"})
+        for s in ("tile", "features", "spf", "cells"):
+            mark_stage(f, s)
+    reg_path = job / "slides.json"
+    reg = json.loads(reg_path.read_text()) if reg_path.is_file() else {}
+    reg[slide_id] = {"path": str(tiff.resolve()), "mpp": mpp}
+    reg_path.write_text(json.dumps(reg, indent=2))
+    return SyntheticSlide(slide_id, tiff, store, int(offsets[-1]))
