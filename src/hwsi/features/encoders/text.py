@@ -102,7 +102,8 @@ class MiniLMTextEncoder(TextEncoder):
         except Exception as exc:  # pragma: no cover - depends on the folder's content
             raise EncoderError(f"cannot load the sentence-transformers model ({exc})", path) from exc
         self.st.max_seq_length = config.max_seq_length
-        self.embed_dim = int(self.st.get_sentence_embedding_dimension() or 384)
+        dim_fn = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
+        self.embed_dim = int(dim_fn() or 384)
 
     def tokenize(self, texts: list[str]) -> dict[str, Any]:
         prep = getattr(self.st, "preprocess", None) or self.st.tokenize
