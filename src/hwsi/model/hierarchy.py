@@ -1,0 +1,116 @@
+"""The trainable hierarchy (paper §3.3, Eq. 4–5): stored frozen inputs -> per-scale tokens.
+
+    F_WSI = {{c_ij, f_ij}_{j=1..h_i}, r_i}_{i=1..n_r}, f_WSI}                                        (Eq. 5)
+
+* c_ij  = CCAF(nuclei of patch ij)                      cell_tokens   (B, R, k, ccaf.dim)      Eq. 4
+* f_ij  = the stored frozen patch features (CONCH)      patch_tokens  (B, R, k, patch_dim)    passed through
+* r_i   = ViT-4K(ViT-256 features of the region grid)   region_tokens (B, R, vit4k.dim)
+* f_WSI = ViT_WSI({r_i})                                slide_token   (B, slide.dim)
+
+Table 1 ablation switches ``use_cells / use_patches / use_regions / use_slide`` drop a scale from the output
+(its field is None). ViT-4K still runs when ``use_regions`` is off but ``use_slide`` is on, since f_WSI is built
+from the r_i. Usage::
+
+    enc = HierarchicalEncoder(HierarchyConfig.tiny())
+    out = enc(collate_slides([load_slide_inputs(...)]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hwsi.errors import ConfigError
+from hwsi.model.ccaf import CCAF, CCAFConfig
+from hwsi.model.inputs import SlideBatch
+from hwsi.model.slide_vit import SlideViT, SlideViTConfig
+from hwsi.model.vit4k import ViT4K, ViT4KConfig
+
+SCALES = ("cells", "patches", "regions", "slide")
+
+
+@dataclass
+class HierarchyConfig:
+    patch_dim: int = 512  # f_ij width (CONCH ViT-B/16: 512)
+    ccaf: CCAFConfig = field(default_factory=CCAFConfig)
+    vit4k: ViT4KConfig = field(default_factory=ViT4KConfig)
+    slide: SlideViTConfig = field(default_factory=SlideViTConfig)
+    use_cells: bool = True
+    use_patches: bool = True
+    use_regions: bool = True
+    use_slide: bool = True
+
+    @classmethod
+    def tiny(cls, patch_dim: int = 16, region_in_dim: int = 12, cell_dim: int = 8, **switches: bool) -> "HierarchyConfig":
+        """A CPU-test-sized hierarchy with the paper's structure (widths shrunk)."""
+        return cls(
+            patch_dim=patch_dim,
+            ccaf=CCAFConfig(in_dim=cell_dim, dim=16, depth=2, n_heads=2),
+            vit4k=ViT4KConfig(in_dim=region_in_dim, dim=24, depth=2, n_heads=2, pos_grid=4),
+            slide=SlideViTConfig(in_dim=24, dim=24, depth=1, n_heads=2),
+            **switches,
+        )
+
+    def scales(self) -> tuple[str, ...]:
+        on = (self.use_cells, self.use_patches, self.use_regions, self.use_slide)
+        return tuple(s for s, u in zip(SCALES, on) if u)
+
+    def dims(self) -> dict[str, int]:
+        """Token width of each ACTIVE scale."""
+        d = {"cells": self.ccaf.dim, "patches": self.patch_dim, "regions": self.vit4k.dim, "slide": self.slide.dim}
+        return {s: d[s] for s in self.scales()}
+
+
+@dataclass
+class HierarchyOutput:
+    cell_tokens: torch.Tensor | None  # (B, R, k, Dc') c_ij
+    patch_tokens: torch.Tensor | None  # (B, R, k, Dp) f_ij
+    region_tokens: torch.Tensor | None  # (B, R, Dr) r_i
+    slide_token: torch.Tensor | None  # (B, Dw) f_WSI
+    patch_mask: torch.Tensor  # (B, R, k) bool: real selected patch (valid cell and patch tokens)
+    region_mask: torch.Tensor  # (B, R) bool: real region
+    cell_present: torch.Tensor  # (B, R, k) bool: the patch has >= 1 nucleus (else c_ij is the "no cells" token)
+
+    def get(self, scale: str) -> torch.Tensor | None:
+        return {"cells": self.cell_tokens, "patches": self.patch_tokens, "regions": self.region_tokens,
+                "slide": self.slide_token}[scale]
+
+
+class HierarchicalEncoder(nn.Module):
+    """CCAF + ViT-4K + ViT_WSI (trainable) over stored frozen features; see the module docstring."""
+
+    def __init__(self, cfg: HierarchyConfig) -> None:
+        super().__init__()
+        if cfg.slide.in_dim != cfg.vit4k.dim:
+            raise ConfigError(f"slide.in_dim ({cfg.slide.in_dim}) must equal vit4k.dim ({cfg.vit4k.dim})")
+        if not cfg.scales():
+            raise ConfigError("HierarchyConfig: every scale is switched off")
+        self.cfg = cfg
+        self.ccaf = CCAF(cfg.ccaf) if cfg.use_cells else None
+        self.vit4k = ViT4K(cfg.vit4k) if (cfg.use_regions or cfg.use_slide) else None
+        self.slide_vit = SlideViT(cfg.slide) if cfg.use_slide else None
+
+    def forward(self, batch: SlideBatch) -> HierarchyOutput:
+        cfg = self.cfg
+        patch_mask = batch.patch_mask.to(torch.bool)
+        region_mask = batch.region_mask.to(torch.bool)
+        cell_present = batch.cell_mask.any(dim=-1) & patch_mask
+        cells = patches = regions = slide = None
+        if self.ccaf is not None:
+            cells = self.ccaf(batch.cell_feats, batch.cell_mask & patch_mask[..., None])
+        if cfg.use_patches:
+            patches = batch.patch_feats
+        if self.vit4k is not None:
+            b, r, g, din = batch.region_input.shape
+            flat = torch.zeros(b * r, cfg.vit4k.dim, dtype=batch.region_input.dtype, device=batch.region_input.device)
+            valid = region_mask.reshape(-1)
+            if bool(valid.any()):
+                flat[valid] = self.vit4k(batch.region_input.reshape(b * r, g, din)[valid],
+                                         batch.grid_mask.reshape(b * r, g)[valid])
+            all_regions = flat.reshape(b, r, -1)
+            if self.slide_vit is not None:
+                slide = self.slide_vit(all_regions, region_mask, batch.region_coords, batch.region_size_level0)
+            regions = all_regions if cfg.use_regions else None
+        return HierarchyOutput(cells, patches, regions, slide, patch_mask, region_mask, cell_present)
