@@ -181,11 +181,11 @@ class ServerState:
         if src is not None:
             return src
         try:
-            reader = open_reader(e.source, e.mpp)
+            reader, thread_safe = open_reader(e.source, e.mpp)
         except Exception as exc:
             log.warning("cannot open slide %s (%s): %s", e.slide_id, e.source, exc)
             raise HTTPException(503, f"slide {e.slide_id} cannot be opened: {type(exc).__name__}") from exc
-        src = TileSource(e.slide_id, reader)
+        src = TileSource(e.slide_id, reader, thread_safe=thread_safe)
         with self._lock:
             if e.slide_id in self._sources:  # another thread won the race
                 reader.close()

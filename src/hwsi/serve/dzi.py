@@ -66,13 +66,14 @@ class _OpenSlideReader:
         self._s.close()
 
 
-def open_reader(path: Path, mpp: float | None = None) -> SlideReader:
-    """Open ``path`` with :func:`hwsi.slide.open_slide` when available, otherwise directly with OpenSlide."""
+def open_reader(path: Path, mpp: float | None = None) -> tuple[SlideReader, bool]:
+    """Open ``path`` with :func:`hwsi.slide.open_slide` (thread-safe: one backend handle per thread) when the
+    package provides it, otherwise directly with OpenSlide (reads then serialised). Returns (reader, thread_safe)."""
     try:
-        from hwsi.slide import open_slide  # type: ignore[attr-defined]
+        from hwsi.slide.open import open_slide
     except ImportError:
-        return _OpenSlideReader(path)
-    return open_slide(path, mpp=mpp)
+        return _OpenSlideReader(path), False
+    return open_slide(path, mpp=mpp), True
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,12 @@ class TileSource:
 
     OVERVIEW_SIDE = 2048
 
-    def __init__(self, slide_id: str, reader: SlideReader, tile_size: int = 256, overlap: int = 0) -> None:
+    def __init__(
+        self, slide_id: str, reader: SlideReader, tile_size: int = 256, overlap: int = 0, thread_safe: bool = False
+    ) -> None:
         self.slide_id = slide_id
         self.reader = reader
+        self.thread_safe = thread_safe
         w, h = (int(v) for v in reader.dimensions)
         self.geometry = DziGeometry(w, h, tile_size, overlap)
         self._lock = threading.Lock()
@@ -224,8 +228,11 @@ class TileSource:
         lw, lh = (int(v) for v in self.reader.level_dimensions[lvl])
         rw = max(1, min(math.ceil(w0 / lds), lw - int(x0 / lds)))
         rh = max(1, min(math.ceil(h0 / lds), lh - int(y0 / lds)))
-        with self._lock:
+        if self.thread_safe:
             img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
+        else:
+            with self._lock:
+                img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
         if img.shape[0] != out_h or img.shape[1] != out_w:
             img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BOX if ds > lds else Image.BILINEAR))
         return img
