@@ -1,0 +1,218 @@
+"""The ``cells/*`` group of a slide store (see :mod:`hwsi.store`): a columnar per-cell table sorted by
+(region, patch), a CSR index ``cells/offsets`` (R·G+1) and ``cells/embeddings`` (N, Dc).
+
+Bounded memory: :func:`write_cells` with ``append=True`` extends resizable datasets, so a caller segments and writes
+one region at a time (regions in increasing order); nothing holds more than one region's cells, and only the
+offsets vector (R·G+1 int64, ~1 MB for 500 regions) is rewritten per append.
+
+Columns written (each (N,)): ``region`` int32, ``patch`` int32, ``x``, ``y`` int64 level-0 centroid (rounded),
+then every other numeric column of the source table (e.g. area_um2, type, type_prob, ...; patch-pixel ``x``/``y``
+are replaced by the level-0 ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import h5py
+import numpy as np
+
+from hwsi.errors import StoreError
+
+GROUP = "cells"
+_CHUNK_ROWS = 16384
+
+
+class CellResult(Protocol):
+    """Anything with a columnar ``table`` (with ``x``, ``y`` in patch pixels) and ``features`` (N, D)."""
+
+    table: dict[str, np.ndarray]
+    features: np.ndarray
+
+
+def rows_to_columns(
+    table: dict[str, np.ndarray],
+    embeddings: np.ndarray,
+    region_idx: np.ndarray,
+    patch_idx: np.ndarray,
+    n_regions: int,
+    grid_size: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Sort per-cell rows by (region, patch), drop rows with region or patch −1, build CSR offsets (R·G+1).
+
+    ``table`` must already hold level-0 ``x``/``y``. Returns (columns incl. ``region``/``patch``, embeddings, offsets).
+    """
+    region_idx = np.asarray(region_idx, dtype=np.int64)
+    patch_idx = np.asarray(patch_idx, dtype=np.int64)
+    n = len(region_idx)
+    if len(patch_idx) != n or len(embeddings) != n or any(len(v) != n for v in table.values()):
+        raise ValueError(
+            f"rows_to_columns: lengths differ (region {n}, patch {len(patch_idx)}, embeddings {len(embeddings)}, "
+            f"table {sorted({len(v) for v in table.values()})})"
+        )
+    keep = (region_idx >= 0) & (patch_idx >= 0)
+    if keep.any() and (region_idx[keep].max() >= n_regions or patch_idx[keep].max() >= grid_size):
+        raise ValueError(f"rows_to_columns: region/patch index out of range (R={n_regions}, G={grid_size})")
+    key = region_idx * grid_size + patch_idx
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(key[order], kind="stable")]
+    cols: dict[str, np.ndarray] = {
+        "region": region_idx[order].astype(np.int32),
+        "patch": patch_idx[order].astype(np.int32),
+    }
+    for name, v in table.items():
+        v = np.asarray(v)
+        if name in ("x", "y"):
+            cols[name] = np.rint(v[order]).astype(np.int64)
+        elif v.dtype.kind in "biuf":
+            cols[name] = v[order]
+    counts = np.bincount(key[order], minlength=n_regions * grid_size)
+    offsets = np.zeros(n_regions * grid_size + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    emb = np.asarray(embeddings, dtype=np.float32)[order]
+    return cols, emb, offsets
+
+
+def cells_to_columns(
+    per_patch_results: Sequence[CellResult | None],
+    region_idx: np.ndarray,
+    patch_idx: np.ndarray,
+    offset_xy_level0: np.ndarray,
+    scale_to_level0: float,
+    *,
+    n_regions: int | None = None,
+    grid_size: int,
+    emb_dim: int | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Columnar ``cells/*`` data from the segmentation results of several patches.
+
+    ``per_patch_results[i]`` (a :class:`~hwsi.cells.segment.Nuclei` or ``None`` for an empty/unsegmented patch) was
+    found in patch ``patch_idx[i]`` of region ``region_idx[i]``, whose top-left is ``offset_xy_level0[i]`` (level-0
+    px); a patch pixel is ``scale_to_level0`` level-0 pixels. ``grid_size`` is G (patches per region);
+    ``n_regions`` defaults to ``max(region_idx)+1``. Returns (columns, embeddings (N, Dc) float32, offsets (R·G+1)).
+    """
+    region_idx = np.asarray(region_idx, dtype=np.int64)
+    patch_idx = np.asarray(patch_idx, dtype=np.int64)
+    offs = np.asarray(offset_xy_level0, dtype=np.float64).reshape(-1, 2)
+    if not (len(per_patch_results) == len(region_idx) == len(patch_idx) == len(offs)):
+        raise ValueError("cells_to_columns: per_patch_results, region_idx, patch_idx, offset_xy_level0 differ in length")
+    if n_regions is None:
+        n_regions = int(region_idx.max()) + 1 if len(region_idx) else 0
+    tables: list[dict[str, np.ndarray]] = []
+    embs: list[np.ndarray] = []
+    r_rows: list[np.ndarray] = []
+    p_rows: list[np.ndarray] = []
+    for i, res in enumerate(per_patch_results):
+        if res is None or len(res.features) == 0:
+            continue
+        t = dict(res.table)
+        t["x"] = offs[i, 0] + np.asarray(t["x"], dtype=np.float64) * scale_to_level0
+        t["y"] = offs[i, 1] + np.asarray(t["y"], dtype=np.float64) * scale_to_level0
+        tables.append(t)
+        embs.append(np.asarray(res.features, dtype=np.float32))
+        r_rows.append(np.full(len(res.features), region_idx[i]))
+        p_rows.append(np.full(len(res.features), patch_idx[i]))
+    if not tables:
+        from hwsi.cells.features import FEATURE_DIM, empty_table
+
+        d = emb_dim if emb_dim is not None else FEATURE_DIM
+        return rows_to_columns(empty_table(), np.zeros((0, d), np.float32), np.zeros(0), np.zeros(0),
+                               n_regions, grid_size)
+    names = list(tables[0])
+    for t in tables[1:]:
+        if list(t) != names:
+            raise ValueError("cells_to_columns: patches have different table columns")
+    table = {k: np.concatenate([t[k] for t in tables]) for k in names}
+    return rows_to_columns(table, np.concatenate(embs), np.concatenate(r_rows), np.concatenate(p_rows),
+                           n_regions, grid_size)
+
+
+def write_cells(
+    f: h5py.File,
+    columns: dict[str, np.ndarray],
+    embeddings: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    grid_size: int,
+    append: bool = False,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Write (or, with ``append``, extend) the ``cells/*`` group of an open store.
+
+    Appending requires the same columns and embedding width, the same offsets length, and rows that come after
+    the stored ones in (region, patch) order (e.g. one region at a time, in increasing order).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = int(offsets[-1]) if len(offsets) else 0
+    if len(embeddings) != n or any(len(v) != n for v in columns.values()):
+        raise StoreError(f.filename, f"write_cells: {n} cells in offsets but columns/embeddings have other lengths")
+    if (len(offsets) - 1) % grid_size:
+        raise StoreError(f.filename, f"write_cells: offsets length {len(offsets)} is not R*{grid_size}+1")
+    embeddings = np.asarray(embeddings, dtype=np.float32).reshape(n, -1)
+    if not append or GROUP not in f:
+        if GROUP in f:
+            del f[GROUP]
+        g = f.create_group(GROUP)
+        g.attrs["grid_size"] = grid_size
+        g.attrs["n_regions"] = (len(offsets) - 1) // grid_size
+        for name, v in columns.items():
+            g.create_dataset(name, data=v, maxshape=(None,), chunks=(_CHUNK_ROWS,))
+        d = max(1, embeddings.shape[1])
+        data = embeddings if embeddings.shape[1] else np.zeros((n, d), np.float32)
+        rows = max(1, min(_CHUNK_ROWS, (1 << 20) // (4 * d)))  # ~1 MB chunks
+        g.create_dataset("embeddings", data=data, maxshape=(None, d), chunks=(rows, d))
+        g.create_dataset("offsets", data=offsets)
+    else:
+        g = f[GROUP]
+        old = g["offsets"][:]
+        if len(old) != len(offsets) or int(g.attrs["grid_size"]) != grid_size:
+            raise StoreError(f.filename, "write_cells(append): offsets length or grid size differ from the stored ones")
+        if set(columns) != {k for k in g if k not in ("embeddings", "offsets")}:
+            raise StoreError(f.filename, f"write_cells(append): columns {sorted(columns)} differ from the stored ones")
+        if n and embeddings.shape[1] != g["embeddings"].shape[1]:
+            raise StoreError(f.filename, "write_cells(append): embedding width differs from the stored one")
+        if n:
+            first_new = int(np.flatnonzero(np.diff(offsets))[0])  # first (region, patch) key with new cells
+            old_keys = np.flatnonzero(np.diff(old))
+            if len(old_keys) and first_new <= int(old_keys[-1]):
+                raise StoreError(f.filename, "write_cells(append): new cells must come after the stored ones "
+                                 "in (region, patch) order")
+        m = int(old[-1])
+        for name, v in columns.items():
+            ds = g[name]
+            ds.resize((m + n,))
+            ds[m:] = v
+        ds = g["embeddings"]
+        ds.resize((m + n, ds.shape[1]))
+        if n:
+            ds[m:] = embeddings
+        g["offsets"][:] = old + offsets
+    for k, v in (attrs or {}).items():
+        g.attrs[k] = v
+
+
+def read_cells(
+    f: h5py.File, region: int, patch: int | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Cells of one patch (``patch`` given) or of a whole region: (columns, embeddings (n, Dc))."""
+    if GROUP not in f or "offsets" not in f[GROUP]:
+        raise StoreError(f.filename, "no cells (run `hwsi extract` with cells enabled)")
+    g = f[GROUP]
+    G = int(g.attrs["grid_size"])
+    R = int(g.attrs["n_regions"])
+    if not 0 <= region < R or (patch is not None and not 0 <= patch < G):
+        raise StoreError(f.filename, f"read_cells: region {region} / patch {patch} out of range (R={R}, G={G})")
+    if patch is None:
+        a, b = (int(v) for v in g["offsets"][region * G: region * G + G + 1][[0, -1]])
+    else:
+        a, b = (int(v) for v in g["offsets"][region * G + patch: region * G + patch + 2])
+    cols = {k: g[k][a:b] for k in g if k not in ("embeddings", "offsets")}
+    return cols, g["embeddings"][a:b]
+
+
+def cell_counts(f: h5py.File) -> np.ndarray:
+    """(R, G) number of cells of each patch."""
+    g = f[GROUP]
+    G = int(g.attrs["grid_size"])
+    return np.diff(g["offsets"][:]).reshape(-1, G)
