@@ -51,7 +51,9 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input (an :class:`HwsiError`) prints one clear line and exits with code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # click returns typer.Exit's code here
+            return rv
     except HwsiError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return 2
