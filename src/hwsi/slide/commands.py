@@ -2,8 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
+
+    @app.command("tile")
+    def tile(
+        source: Path = typer.Argument(..., help="A slide file, a folder of slides, or a CSV with columns slide[,mpp]."),
+        out: Path = typer.Option(..., "--out", "-o", help="Job folder (stores/, errors/, previews/, slides.json)."),
+        region_size: int = typer.Option(4096, help="Region side in pixels at --target-mpp."),
+        patch_size: int = typer.Option(256, help="Patch side in pixels at --target-mpp."),
+        target_mpp: float = typer.Option(0.5, help="Target µm per pixel (0.5 ≈ '20x')."),
+        mpp: float | None = typer.Option(None, help="Level-0 µm/px for slides without it in their metadata "
+                                                    "(overrides the metadata)."),
+        min_region_tissue: float = typer.Option(0.05, help="Drop regions with a smaller tissue fraction."),
+        min_patch_tissue: float = typer.Option(0.25, help="A patch is tissue from this tissue fraction on."),
+        mpp_tolerance: float = typer.Option(0.02, help="Use the slide's own µm/px when within this relative "
+                                                       "distance of the target (no resampling)."),
+        threads: int = typer.Option(2, help="Threads reading the slide."),
+        preview: bool = typer.Option(False, "--preview", help="Write JOB/previews/<slide_id>.png."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already tiled."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Decompose slides into tissue regions and patches: one HDF5 store per slide in OUT/stores/."""
+        from hwsi.slide.grid import GridConfig
+        from hwsi.slide.tile import TileConfig, tile_batch
+
+        grid = GridConfig(
+            target_mpp=target_mpp,
+            region_size=region_size,
+            patch_size=patch_size,
+            min_region_tissue=min_region_tissue,
+            min_patch_tissue=min_patch_tissue,
+            mpp_tolerance=mpp_tolerance,
+        )
+        grid.validate()
+        if mpp is not None and not mpp > 0:
+            from hwsi.errors import ConfigError
+
+            raise ConfigError(f"--mpp must be > 0, got {mpp}")
+        result = tile_batch(source, out, TileConfig(grid=grid, preview=preview, threads=max(1, threads)), mpp=mpp, overwrite=overwrite,
+                            show_progress=not quiet)
+        raise typer.Exit(result.exit_code)
