@@ -141,9 +141,9 @@ def test_speed_of_a_256_patch(shared_data) -> None:
     segment_nuclei(img, 0.25)
     times = []
     for _ in range(5):
-        t = time.perf_counter()
+        t = time.process_time()  # CPU time: robust to other jobs sharing the machine
         nuc = segment_nuclei(img, 0.25)
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     assert len(nuc) > 10
-    # ~20 ms measured on the 2-core dev machine; generous bound for noisy CI
+    # ~20 ms CPU measured on the 2-core dev machine; generous bound for noisy CI
     assert min(times) < 0.1, times

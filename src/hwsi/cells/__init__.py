@@ -10,10 +10,20 @@ Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell
 :mod:`hwsi.cells.metrics` scores an instance segmentation (F1 at IoU ≥ 0.5, AJI).
 """
 
+from hwsi.cells.cellvit import CellVitCells, CellVitError, attach_cells_to_grid, load_cellvit
 from hwsi.cells.features import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS
 from hwsi.cells.segment import TYPE_NAMES, Nuclei, SegmentConfig, TypeRules, segment_nuclei
+from hwsi.cells.store import cells_to_columns, read_cells, rows_to_columns, write_cells
 
 __all__ = [
+    "CellVitCells",
+    "CellVitError",
+    "attach_cells_to_grid",
+    "cells_to_columns",
+    "load_cellvit",
+    "read_cells",
+    "rows_to_columns",
+    "write_cells",
     "FEATURE_DIM",
     "FEATURE_NAMES",
     "TABLE_COLUMNS",

@@ -75,7 +75,8 @@ def convex_hull_areas(labels: np.ndarray, n: int | None = None) -> np.ndarray:
     if n == 0:
         return out
     flat = labels.ravel()
-    order = np.argsort(flat, kind="stable")
+    fg = np.flatnonzero(flat)
+    order = fg[np.argsort(flat[fg], kind="stable")]
     sorted_lab = flat[order]
     starts = np.searchsorted(sorted_lab, np.arange(1, n + 2))
     w = labels.shape[1]
@@ -166,10 +167,11 @@ def measure_nuclei(
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return empty_table(), np.zeros((0, FEATURE_DIM), dtype=np.float32)
-    flat = labels.ravel()
     hh, ww = labels.shape
-    yy, xx = np.indices((hh, ww), dtype=np.float64)
-    xf, yf = xx.ravel(), yy.ravel()
+    fg = np.flatnonzero(labels.ravel())  # only nucleus pixels take part in the per-label sums
+    flat = labels.ravel()[fg]
+    yf = (fg // ww).astype(np.float64)
+    xf = (fg % ww).astype(np.float64)
 
     def bsum(w: np.ndarray | None) -> np.ndarray:
         return np.bincount(flat, weights=w, minlength=n + 1)[1:]
@@ -198,20 +200,20 @@ def measure_nuclei(
     hull = convex_hull_areas(labels, n)[1:]
     solidity = np.clip(np.divide(area_px, hull, out=np.ones_like(hull), where=hull > 0), 0, 1)
 
-    hf = h.ravel().astype(np.float64)
-    ef = e.ravel().astype(np.float64)
+    hf = h.ravel()[fg].astype(np.float64)
+    ef = e.ravel()[fg].astype(np.float64)
     mean_h = bsum(hf) / cnt
     std_h = np.sqrt(np.maximum(bsum(hf * hf) / cnt - mean_h**2, 0))
     mean_e = bsum(ef) / cnt
     std_e = np.sqrt(np.maximum(bsum(ef * ef) / cnt - mean_e**2, 0))
     gx = cv2.Sobel(h, cv2.CV_32F, 1, 0, ksize=3) / 8.0
     gy = cv2.Sobel(h, cv2.CV_32F, 0, 1, ksize=3) / 8.0
-    grad = np.sqrt(gx * gx + gy * gy).ravel().astype(np.float64) / mpp
+    grad = np.sqrt(gx * gx + gy * gy).ravel()[fg].astype(np.float64) / mpp
     texture_grad = bsum(grad) / cnt
     k = max(3, int(round(1.0 / mpp)) | 1)
     m1 = cv2.blur(h, (k, k))
     m2 = cv2.blur(h * h, (k, k))
-    lvar = np.maximum(m2 - m1 * m1, 0).ravel().astype(np.float64)
+    lvar = np.maximum(m2 - m1 * m1, 0).ravel()[fg].astype(np.float64)
     texture_lvar = bsum(lvar) / cnt
     nn, nb = _neighbors(mx, my, mpp)
     aspect = np.divide(major, minor, out=np.full_like(major, 10.0), where=minor > 0)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from hwsi.errors import HwsiError
@@ -157,8 +156,15 @@ def foreground_mask(h_smooth: np.ndarray, mpp: float, cfg: SegmentConfig) -> np.
         k = _odd(2 * r + 1)
         se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
         mask = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_OPEN, se).astype(bool)
-    mask = ndi.binary_fill_holes(mask)
-    return mask
+    return fill_holes(mask)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions not connected to the image border (4-connected background), via one flood fill."""
+    inv = np.pad(~mask, 1, constant_values=True).astype(np.uint8)
+    ff_mask = np.zeros((inv.shape[0] + 2, inv.shape[1] + 2), np.uint8)
+    cv2.floodFill(inv, ff_mask, (0, 0), 2, flags=4)
+    return (inv != 2)[1:-1, 1:-1]
 
 
 def reconstruct_by_dilation(seed: np.ndarray, limit: np.ndarray, max_iter: int = 10_000) -> np.ndarray:
