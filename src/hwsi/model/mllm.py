@@ -1,0 +1,369 @@
+"""MLLM-HWSI assembly (paper §3.4–3.5) and cached multi-turn inference.
+
+    Z = [z_c, z_p, z_r, z_WSI, z_text],   z_c = A_c(c_ij), z_p = A_p(f_ij), z_r = A_r(r_i), z_WSI = A_WSI(f_WSI)
+
+Visual prefix of one slide (scales switched off in the hierarchy are left out)::
+
+    <cells> z_c(1,1) … z_c(n_r,k) </cells> <patches> z_p(1,1) … </patches> <regions> z_r(1) … </regions> <slide> z_WSI </slide>
+
+(region-major, then patch order; only real patches/regions) — n_r·k·2 + n_r + 1 tokens plus 8 markers. The
+markers are the learned vectors of :class:`hwsi.model.projectors.Projectors`. The prefix replaces the ``<image>``
+placeholder of the chat-templated conversation (the text is split at the placeholder string, so any tokenizer
+works — Qwen's has no ``<image>`` token) and the whole sequence goes to the LLM as ``inputs_embeds``.
+
+Training API (used by ``hwsi.train``)::
+
+    model = MLLMHWSI(hierarchy, projectors, llm, tokenizer, heads=None, cfg=MLLMConfig())
+    visual = model.visual_tokens(batch)                    # list of (n_i, H) per slide
+    x = model.build_inputs(visual, conversations)          # MLLMInputs: inputs_embeds, attention_mask, labels
+    out = model(batch, conversations)                      # HF CausalLMOutput with .loss (answer tokens only)
+    texts = model.generate(batch, questions)               # greedy, deterministic
+
+``conversations``: per slide a list of messages, either ``{"role", "content"}`` or LLaVA ``{"from", "value"}``
+(human→user, gpt→assistant). Labels keep ONLY the assistant answers of every turn (each answer's text plus the
+template's end-of-turn tokens, so the model learns to stop); prompts, template headers and visual tokens are -100.
+
+Inference::
+
+    chat = ChatSession(model, slide_inputs)                # encodes + prefills the visual prefix once (KV cache)
+    for piece in chat.stream("What is the grade?"): ...    # forwards only the new tokens; greedy
+    answer = chat.ask("And the stage?", on_token=print)    # multi-turn: continues the cache
+    chat.reset()                                           # back to the cached prefix (new conversation)
+    scores = chat.relevance(text_embedding)                # (R, k) evidence per selected patch
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hwsi.model.heads import AlignmentHeads
+from hwsi.model.hierarchy import HierarchicalEncoder, HierarchyConfig, HierarchyOutput
+from hwsi.model.inputs import SlideBatch, SlideInputs, collate_slides
+from hwsi.model.projectors import ProjectorConfig, Projectors
+
+log = logging.getLogger(__name__)
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class MLLMConfig:
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm_path: str = ""  # local HF folder (Qwen2.5-7B-Instruct, or a tiny one from build_tiny_llm)
+    text_dim: int = 0  # stage-1 alignment heads' width (text encoder space); 0 = no heads
+    max_regions: int = 64  # region cap (ranked by SPF relevance); token budget n_r·k·2 + n_r + 1
+    k: int = 16  # SPF top-k patches per region
+    max_cells: int = 64
+    image_token: str = "<image>"
+    ignore_index: int = -100
+    max_length: int = 0  # truncate sequences longer than this (0 = no limit)
+
+
+@dataclass
+class MLLMInputs:
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L) long, ignore_index outside answers
+    n_visual: list[int]  # visual tokens (incl. markers) per sample
+    n_text: list[int]  # text tokens per sample
+
+
+def normalize_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """LLaVA ``from/value`` or ``role/content`` -> ``role/content`` with roles user/assistant/system."""
+    out = []
+    for m in messages:
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role not in ROLE_MAP or content is None:
+            raise ValueError(f"message {m!r}: expected role/content or from/value with a known role")
+        out.append({"role": ROLE_MAP[role], "content": str(content)})
+    return out
+
+
+def ensure_image(messages: list[dict[str, str]], image_token: str) -> list[dict[str, str]]:
+    """Exactly one ``<image>``: kept where it is, else prepended to the first user turn."""
+    n = sum(m["content"].count(image_token) for m in messages)
+    if n > 1:
+        raise ValueError(f"conversation has {n} {image_token} placeholders; one slide = one placeholder")
+    if n == 1:
+        return messages
+    out = [dict(m) for m in messages]
+    first = next(i for i, m in enumerate(out) if m["role"] == "user")
+    out[first]["content"] = f"{image_token}\n{out[first]['content']}"
+    return out
+
+
+class MLLMHWSI(nn.Module):
+    """Hierarchy + projectors (+ optional stage-1 heads) + a Hugging Face causal LM."""
+
+    def __init__(
+        self,
+        hierarchy: HierarchicalEncoder,
+        projectors: Projectors,
+        llm: nn.Module,
+        tokenizer,
+        heads: AlignmentHeads | None = None,
+        cfg: MLLMConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg or MLLMConfig(hierarchy=hierarchy.cfg, projector=projectors.cfg)
+        self.hierarchy = hierarchy
+        self.projectors = projectors
+        self.heads = heads
+        self.llm = llm
+        self.tokenizer = tokenizer
+        width = llm.get_input_embeddings().weight.shape[1]
+        if projectors.cfg.llm_dim != width:
+            raise ValueError(f"projector llm_dim {projectors.cfg.llm_dim} != LLM embedding width {width}")
+
+    @classmethod
+    def from_config(cls, cfg: MLLMConfig, llm: nn.Module | None = None, tokenizer=None) -> "MLLMHWSI":
+        """Build every part from ``cfg``; the LLM is loaded from ``cfg.llm_path`` unless given."""
+        if llm is None:
+            from hwsi.model.llm import load_llm
+
+            llm, tokenizer = load_llm(cfg.llm_path)
+        hierarchy = HierarchicalEncoder(cfg.hierarchy)
+        projectors = Projectors(cfg.hierarchy.dims(), cfg.projector)
+        heads = AlignmentHeads(cfg.hierarchy.dims(), cfg.text_dim) if cfg.text_dim else None
+        return cls(hierarchy, projectors, llm, tokenizer, heads, cfg)
+
+    # ------------------------------------------------------------------ visual prefix
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def project(self, h: HierarchyOutput) -> list[torch.Tensor]:
+        """Projected, marker-wrapped visual tokens per slide, in paper order [z_c, z_p, z_r, z_WSI]."""
+        out = []
+        for b in range(h.patch_mask.shape[0]):
+            pm, rm = h.patch_mask[b], h.region_mask[b]
+            segs = []
+            for scale, tok in (("cells", h.cell_tokens), ("patches", h.patch_tokens),
+                               ("regions", h.region_tokens), ("slide", h.slide_token)):
+                if tok is None:
+                    continue
+                x = tok[b]
+                x = x[pm & rm[:, None]] if scale in ("cells", "patches") else x[rm] if scale == "regions" else x[None]
+                segs.append(self.projectors.wrap(scale, self.projectors(scale, x)))
+            out.append(torch.cat(segs, dim=0).to(self.embed_dtype))
+        return out
+
+    def visual_tokens(self, batch: SlideBatch) -> list[torch.Tensor]:
+        return self.project(self.hierarchy(batch))
+
+    # ------------------------------------------------------------------ text + splicing
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_answer) pieces whose concatenation is the full render."""
+        segs: list[tuple[str, bool]] = []
+        prev = ""
+        for i, m in enumerate(messages):
+            full = self._render(messages[: i + 1])
+            if m["role"] == "assistant":
+                head = self._render(messages[:i], add_generation_prompt=True)
+                if not (head.startswith(prev) and full.startswith(head)):
+                    raise ValueError("chat template is not prefix-stable; cannot locate the answer tokens")
+                segs += [(head[len(prev):], False), (full[len(head):], True)]
+            else:
+                if not full.startswith(prev):
+                    raise ValueError("chat template is not prefix-stable")
+                segs.append((full[len(prev):], False))
+            prev = full
+        if add_generation_prompt:
+            segs.append((self._render(messages, add_generation_prompt=True)[len(prev):], False))
+        return [(t, a) for t, a in segs if t]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        emb = self.llm.get_input_embeddings()
+        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))
+
+    def build_inputs(
+        self,
+        visual: list[torch.Tensor],
+        conversations: list[list[dict[str, str]]],
+        add_generation_prompt: bool = False,
+        padding_side: str = "right",
+    ) -> MLLMInputs:
+        """Splice each slide's visual tokens at its ``<image>`` and pad the batch (see module docstring)."""
+        if len(visual) != len(conversations):
+            raise ValueError(f"{len(visual)} visual prefixes for {len(conversations)} conversations")
+        img, ign = self.cfg.image_token, self.cfg.ignore_index
+        rows: list[tuple[torch.Tensor, list[int]]] = []
+        n_vis, n_txt = [], []
+        for vis, conv in zip(visual, conversations):
+            msgs = ensure_image(normalize_messages(conv), img)
+            pieces: list[torch.Tensor] = []
+            labels: list[int] = []
+            text_count = 0
+            for text, is_answer in self.segments(msgs, add_generation_prompt):
+                parts = text.split(img)
+                for j, part in enumerate(parts):
+                    ids = self._ids(part)
+                    pieces.append(self._embed_ids(ids))
+                    labels += ids if is_answer else [ign] * len(ids)
+                    text_count += len(ids)
+                    if j < len(parts) - 1:
+                        pieces.append(vis)
+                        labels += [ign] * vis.shape[0]
+            emb = torch.cat(pieces, dim=0)
+            if self.cfg.max_length and emb.shape[0] > self.cfg.max_length:
+                log.warning("sequence of %d tokens truncated to max_length %d", emb.shape[0], self.cfg.max_length)
+                emb, labels = emb[: self.cfg.max_length], labels[: self.cfg.max_length]
+            rows.append((emb, labels))
+            n_vis.append(int(vis.shape[0]))
+            n_txt.append(text_count)
+        log.debug("MLLM inputs: visual tokens %s, text tokens %s", n_vis, n_txt)
+        length = max(e.shape[0] for e, _ in rows)
+        h = rows[0][0].shape[1]
+        dev = rows[0][0].device
+        pad_vec = self._embed_ids([self.tokenizer.pad_token_id])[0]
+        embeds = pad_vec.expand(len(rows), length, h).clone()
+        attn = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
+        labs = torch.full((len(rows), length), ign, dtype=torch.long, device=dev)
+        for i, (e, lab) in enumerate(rows):
+            n = e.shape[0]
+            sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            embeds[i, sl] = e
+            attn[i, sl] = 1
+            labs[i, sl] = torch.tensor(lab, dtype=torch.long, device=dev)
+        return MLLMInputs(embeds, attn, labs, n_vis, n_txt)
+
+    def forward(self, batch: SlideBatch, conversations: list[list[dict[str, str]]]):
+        """LM loss on the answers given the visual prefix (stages 2 and 3)."""
+        x = self.build_inputs(self.visual_tokens(batch), conversations)
+        return self.llm(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask, labels=x.labels)
+
+    @torch.no_grad()
+    def generate(self, batch: SlideBatch, questions: list[str | list[dict[str, str]]], max_new_tokens: int = 128,
+                 **gen_kwargs) -> list[str]:
+        """Greedy answers (deterministic unless ``gen_kwargs`` ask for sampling) for one question per slide."""
+        convs = [[{"role": "user", "content": q}] if isinstance(q, str) else q for q in questions]
+        x = self.build_inputs(self.visual_tokens(batch), convs, add_generation_prompt=True, padding_side="left")
+        gen_kwargs.setdefault("do_sample", False)
+        out = self.llm.generate(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask,
+                                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+class ChatSession:
+    """Multi-turn chat about one slide with the visual prefix encoded and prefilled ONCE.
+
+    The LLM's KV cache (``DynamicCache``) holds the template text before ``<image>`` plus the visual tokens; each
+    question forwards only its new tokens (the rendered conversation's suffix not seen yet), then decodes greedily
+    one token per forward. ``tokens_forwarded`` counts every token position passed to the LLM.
+
+    Evidence: :meth:`relevance` returns, per selected patch, cos(t, z_p) between a question's text embedding t
+    (from the stage-1 text encoder) and the patch's stage-1 aligned embedding z_p = norm(H_p f_ij) — the space
+    Eq. 6 trains patches ↔ phrases in. It explains which patches match the question's wording; it is not an
+    attribution of the LLM's answer. Coordinates of the patches: ``inputs.patch_coords``.
+    """
+
+    def __init__(self, model: MLLMHWSI, inputs: SlideInputs, system: str | None = None,
+                 max_new_tokens: int = 256) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.inputs, self.max_new_tokens = model, inputs, max_new_tokens
+        self.tok = model.tokenizer
+        self.system = [{"role": "system", "content": system}] if system else []
+        dev = model.llm.get_input_embeddings().weight.device
+        with torch.no_grad():
+            h = model.hierarchy(collate_slides([inputs]).to(dev))
+            visual = model.project(h)[0]
+            self._z_patches = None
+            if model.heads is not None and "patches" in model.heads.heads:
+                self._z_patches = model.heads.embed("patches", inputs.patch_feats.to(dev))
+            img = model.cfg.image_token
+            probe = model._render(self.system + [{"role": "user", "content": f"{img}\nQ"}], add_generation_prompt=True)
+            before = probe[: probe.index(img)]
+            prefix = torch.cat([model._embed_ids(model._ids(before)), visual], dim=0)
+            self.cache = DynamicCache()
+            self.tokens_forwarded = 0
+            self._forward(inputs_embeds=prefix[None])
+        self.prefix_len = self.cache.get_seq_length()
+        self.n_visual = int(visual.shape[0])
+        self._prefix_text = before + img
+        self.reset()
+
+    def _forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = input_ids if input_ids is not None else inputs_embeds
+        self.tokens_forwarded += int(x.shape[1])
+        out = self.model.llm(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=self.cache, use_cache=True)
+        return out.logits[0, -1]
+
+    def reset(self) -> None:
+        """Forget the conversation; keep the cached visual prefix."""
+        extra = self.cache.get_seq_length() - self.prefix_len
+        if extra > 0:
+            self.cache.crop(-extra)
+        self.messages: list[dict[str, str]] = []
+        self._consumed = self._prefix_text
+        self._unfed: list[int] = []
+
+    @torch.no_grad()
+    def stream(self, question: str, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is decoded (greedy). The turn is recorded when the generator finishes."""
+        img = self.model.cfg.image_token
+        content = question if self.messages else f"{img}\n{question}"
+        msgs = self.system + self.messages + [{"role": "user", "content": content}]
+        full = self.model._render(msgs, add_generation_prompt=True)
+        if not full.startswith(self._consumed):
+            raise RuntimeError("chat template re-rendered the history differently; cannot continue the cache")
+        new_ids = self._unfed + self.model._ids(full[len(self._consumed):])
+        dev = self.model.llm.get_input_embeddings().weight.device
+        logits = self._forward(input_ids=torch.tensor([new_ids], device=dev))
+        answer: list[int] = []
+        shown = ""
+        self._unfed = []
+        limit = max_new_tokens or self.max_new_tokens
+        eos = self.tok.eos_token_id
+        for step in range(limit):
+            nxt = int(logits.argmax())
+            if nxt == eos:
+                break
+            answer.append(nxt)
+            text = self.tok.decode(answer, skip_special_tokens=False)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for complete UTF-8 characters
+                yield text[len(shown):]
+                shown = text
+            if step + 1 < limit:
+                logits = self._forward(input_ids=torch.tensor([[nxt]], device=dev))
+            else:
+                self._unfed = [nxt]
+        text = self.tok.decode(answer, skip_special_tokens=False)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
+        self._consumed = full + text
+
+    def ask(self, question: str, on_token: Callable[[str], None] | None = None,
+            max_new_tokens: int | None = None) -> str:
+        """The whole answer; ``on_token`` receives each streamed piece."""
+        pieces = []
+        for piece in self.stream(question, max_new_tokens):
+            pieces.append(piece)
+            if on_token is not None:
+                on_token(piece)
+        return "".join(pieces)
+
+    @torch.no_grad()
+    def relevance(self, text_embedding: torch.Tensor) -> torch.Tensor:
+        """cos(t, z_p) per selected patch: (D,) -> (R, k), (Q, D) -> (Q, R, k); NaN at padding (see class doc)."""
+        if self._z_patches is None:
+            raise RuntimeError("relevance needs the stage-1 alignment heads (MLLMConfig.text_dim > 0)")
+        t = torch.nn.functional.normalize(text_embedding.to(self._z_patches), dim=-1)
+        scores = torch.einsum("rkd,...d->...rk", self._z_patches, t)
+        mask = self.inputs.patch_mask.to(scores.device)
+        return scores.masked_fill(~mask, float("nan")).cpu()
