@@ -58,6 +58,8 @@ def test_wsi_bench_convention_known_values() -> None:
     m1 = 1 - 0.5 * (1 / 7) ** 3
     m2 = 1 - 0.5 * (1 / 3) ** 3
     assert same["METEOR"] == pytest.approx((m1 + m2) / 2, abs=1e-6)
+    quick = generation_scores([HYP], [REF], convention="wsi-bench", meteor=False)
+    assert "METEOR" not in quick and quick["BLEU-1"] == s["BLEU-1"]
     # an empty prediction scores 0 (no exception) and drags the mean down
     half = generation_scores(["", REF], [REF, REF], "wsi-bench")
     assert half["BLEU-4"] == pytest.approx(0.5) and half["METEOR"] == pytest.approx(m1 / 2, abs=1e-6)
@@ -113,6 +115,6 @@ def test_coco_convention_with_java() -> None:
     for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
         assert ptb[k] == pytest.approx(simple[k]), k  # no tokens where PTB and the simple tokenizer disagree
     assert 0.2 < ptb["METEOR"] < 0.9
-    ident = generation_scores(refs, refs, convention="coco", tokenizer="ptb")
+    ident = generation_scores(refs, refs, convention="coco", tokenizer="simple")  # reuses the METEOR process
     assert ident["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
     assert ident["ROUGE-L"] == pytest.approx(1.0) and ident["METEOR"] > 0.95 and ident["METEOR"] > ptb["METEOR"]

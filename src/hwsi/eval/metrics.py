@@ -116,7 +116,7 @@ def _normalise_inputs(preds: Sequence[str], refs: Sequence[str] | Sequence[Seque
 
 
 # ---------------------------------------------------------------------------------------------- wsi-bench
-def _wsi_bench_scores(preds: Sequence[str], refs: list[list[str]]) -> dict[str, Any]:
+def _wsi_bench_scores(preds: Sequence[str], refs: list[list[str]], meteor: bool = True) -> dict[str, Any]:
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from nltk.translate.meteor_score import meteor_score
     from rouge_score import rouge_scorer
@@ -125,7 +125,7 @@ def _wsi_bench_scores(preds: Sequence[str], refs: list[list[str]]) -> dict[str, 
     smooth = SmoothingFunction().method4
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     weights = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
-    sums = dict.fromkeys((*BLEU_KEYS, "ROUGE-L", "METEOR"), 0.0)
+    sums = dict.fromkeys((*BLEU_KEYS, "ROUGE-L", *(("METEOR",) if meteor else ())), 0.0)
     for pred, rl in zip(preds, refs, strict=True):
         hyp = wsi_bench_tokenize(pred)
         rtoks = [wsi_bench_tokenize(r) for r in rl]
@@ -135,6 +135,8 @@ def _wsi_bench_scores(preds: Sequence[str], refs: list[list[str]]) -> dict[str, 
             sums["ROUGE-L"] += scorer.score(rl[0], pred)["rougeL"].fmeasure
         else:
             sums["ROUGE-L"] += scorer.score_multi(rl, pred)["rougeL"].fmeasure
+        if not meteor:
+            continue
         try:
             sums["METEOR"] += float(meteor_score(rtoks, hyp)) if hyp else 0.0
         except LookupError as exc:  # WordNet missing
@@ -201,10 +203,17 @@ def coco_tokenize(preds: Sequence[str], refs: list[list[str]], tokenizer: str) -
 
     tok = PTBTokenizer()
     # PTB reads one caption per line: an empty caption would shift the lines, so stand in a space-free marker
-    gts_in = {i: [{"caption": r if r.strip() else "."} for r in rl] for i, rl in enumerate(refs)}
-    res_in = {i: [{"caption": p if p.strip() else "."}] for i, p in enumerate(preds)}
+    # one Java run for references and predictions together (keys ("g", i) / ("r", i))
+    both: dict[tuple[str, int], list[dict[str, str]]] = {
+        ("g", i): [{"caption": r if r.strip() else "."} for r in rl] for i, rl in enumerate(refs)
+    }
+    both.update({("r", i): [{"caption": p if p.strip() else "."}] for i, p in enumerate(preds)})
     try:
-        return tok.tokenize(gts_in), tok.tokenize(res_in)
+        out = tok.tokenize(both)
+        return (
+            {i: out[("g", i)] for i in range(len(refs))},
+            {i: out[("r", i)] for i in range(len(preds))},
+        )
     except OSError as exc:
         raise MetricError(f"the coco PTB tokenizer needs Java on PATH ({exc}); or use tokenizer='simple'") from exc
 
@@ -242,9 +251,7 @@ def generation_scores(
     """
     refs_l = _normalise_inputs(preds, refs)
     if convention == "wsi-bench":
-        if not meteor:
-            raise MetricError("meteor=False is only offered for the coco convention")
-        return _wsi_bench_scores(preds, refs_l)
+        return _wsi_bench_scores(preds, refs_l, meteor=meteor)
     if convention == "coco":
         gts, res = coco_tokenize(preds, refs_l, tokenizer)
         out: dict[str, Any] = dict(coco_scores_from_tokens(gts, res, meteor=meteor))
