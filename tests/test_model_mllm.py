@@ -158,3 +158,21 @@ def test_relevance_is_cosine_with_aligned_patches(llm_dir: Path) -> None:
         zp = model.heads.heads["patches"](slide.patch_feats[0, 1])
     assert abs(float(s[0, 1]) - float(F.cosine_similarity(zp, t, dim=0))) < 1e-5
     assert chat.relevance(torch.randn(2, 10)).shape == (2, 3, 4)
+
+
+def test_lora_wrapped_llm_trains_and_config_roundtrips(llm_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from hwsi.config import load_config, save_config
+
+    model = make_model(llm_dir)
+    model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    out = model(collate_slides([random_slide()]), [CONV])
+    out.loss.backward()
+    lora = [p for n, p in model.llm.named_parameters() if "lora_B" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    chat = ChatSession(model, random_slide(), max_new_tokens=2)
+    assert isinstance(chat.ask("Grade?"), str)
+    save_config(model.cfg, tmp_path / "m.yaml")
+    cfg = load_config(tmp_path / "m.yaml", MLLMConfig)
+    assert cfg == model.cfg
