@@ -93,3 +93,20 @@ def test_open_answer_scores() -> None:
     assert s["n"] == 3 and "open-normalised" in s["convention"]
     with pytest.raises(VQAError):
         open_answer_scores(["a"], [])
+
+
+def test_evaluate_items_on_real_wsi_bench(shared_data: Path) -> None:
+    """WSI-Bench test, three categories: references fed back score perfectly; closed/open routing by options."""
+    from hwsi.eval.vqa import evaluate_items
+
+    items = [r for r in load_records(shared_data / "text/wsi-bench/WSI-Bench-test.jsonl")
+             if isinstance(r, QAItem) and r.category in ("Prognosis", "Subtype", "Stage")]
+    preds = [r.answer for r in items]
+    s = evaluate_items(preds, items, generation_convention="coco", meteor=False)
+    # Prognosis (48) is "good or poor?" (closed); 5 of its references state neither and are left out
+    assert s["n_closed"] == 48 and s["n_open"] == 48 + 191
+    assert s["closed"]["n"] == 43 and s["closed"]["accuracy"] == 1.0 and s["closed"]["no_gold"] == 5
+    assert s["open"]["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and s["open"]["normalized_match"] == 1.0
+    assert set(s["open_by_category"]) == {"Subtype", "Stage"} and s["open_by_category"]["Stage"]["n"] == 191
+    swapped = evaluate_items(preds[::-1], items, generation_convention="coco", meteor=False)
+    assert swapped["open"]["BLEU-4"] < 0.9

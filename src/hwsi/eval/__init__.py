@@ -13,11 +13,12 @@ from hwsi.eval.classification import (
 )
 from hwsi.eval.metrics import generation_scores
 from hwsi.eval.retrieval import cross_modal_recall, slide_retrieval
-from hwsi.eval.vqa import open_answer_scores, parse_choice, vqa_accuracy
+from hwsi.eval.vqa import evaluate_items, open_answer_scores, parse_choice, vqa_accuracy
 
 __all__ = [
     "classification_scores",
     "cross_modal_recall",
+    "evaluate_items",
     "generation_scores",
     "linear_probe",
     "load_prompt_set",

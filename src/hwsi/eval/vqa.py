@@ -183,4 +183,41 @@ def open_answer_scores(preds: Sequence[str], refs: Sequence[str]) -> dict[str, A
     }
 
 
-__all__ = ["VQAError", "normalize_answer", "open_answer_scores", "parse_choice", "token_f1", "vqa_accuracy"]
+def evaluate_items(
+    preds: Sequence[str],
+    items: Sequence[QAItem],
+    generation_convention: str = "wsi-bench",
+    meteor: bool = True,
+) -> dict[str, Any]:
+    """Score model answers on a mixed benchmark (e.g. WSI-Bench test): closed items by accuracy, open ones by text.
+
+    Items with ``options`` go to :func:`vqa_accuracy`; the others get :func:`open_answer_scores` and
+    :func:`hwsi.eval.metrics.generation_scores` (``generation_convention``), overall and per category.
+    """
+    from hwsi.eval.metrics import generation_scores
+
+    if len(preds) != len(items):
+        raise VQAError(f"{len(preds)} predictions but {len(items)} items")
+    closed = [(p, it) for p, it in zip(preds, items, strict=True) if it.options]
+    open_ = [(p, it) for p, it in zip(preds, items, strict=True) if not it.options]
+    out: dict[str, Any] = {"convention": f"closed: closed-choice accuracy; open: {generation_convention}",
+                           "n_closed": len(closed), "n_open": len(open_)}
+    if closed:
+        out["closed"] = vqa_accuracy([p for p, _ in closed], [it for _, it in closed])
+    if open_:
+        by_cat: dict[str, list[tuple[str, QAItem]]] = defaultdict(list)
+        for p, it in open_:
+            by_cat[it.category].append((p, it))
+
+        def score(pairs: list[tuple[str, QAItem]]) -> dict[str, Any]:
+            ps, rs = [p for p, _ in pairs], [it.answer for _, it in pairs]
+            res = generation_scores(ps, rs, convention=generation_convention, meteor=meteor)  # type: ignore[arg-type]
+            res.update({k: v for k, v in open_answer_scores(ps, rs).items() if k != "convention"})
+            return res
+
+        out["open"] = score(open_)
+        out["open_by_category"] = {c: score(v) for c, v in sorted(by_cat.items())}
+    return out
+
+
+__all__ = ["VQAError", "evaluate_items", "normalize_answer", "open_answer_scores", "parse_choice", "token_f1", "vqa_accuracy"]
