@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hwsi.cells import SegmentConfig, segment_nuclei
+from hwsi.cells import FEATURE_NAMES, SegmentConfig, segment_nuclei
+from hwsi.cells.features import raw_features
 from hwsi.cells.metrics import match_instances, score_segmentation
 
 TILES = [("image01", 0.5), ("image08", 0.25)]  # ≈20x and ≈40x
@@ -40,15 +41,25 @@ def main() -> None:
         ratio = np.median(np.bincount(nuc.labels.ravel())[m.pairs[:, 1]] / np.bincount(true.ravel())[m.pairs[:, 0]])
         print(f"{name:8s} {mpp:5.2f} {s.n_true:6d} {s.n_pred:6d} {s.precision:6.3f} {s.recall:6.3f} {s.f1:6.3f} "
               f"{s.aji:6.3f} {ratio:5.2f} {ms:6.0f}")
+    raws = []
+    for name, mpp in TILES:
+        img = np.asarray(Image.open(args.data / "nuclei" / f"{name}.png").convert("RGB"))
+        raws.append(raw_features(segment_nuclei(img, mpp, cfg).table))
+    raw = np.concatenate(raws)
+    print(f"feature reference over {len(raw)} nuclei (FEATURE_CENTER / FEATURE_SCALE in hwsi.cells.features):")
+    for i, fname in enumerate(FEATURE_NAMES[:-4]):
+        print(f"  {fname:20s} mean {raw[:, i].mean():8.3g}  std {raw[:, i].std():8.3g}")
     for name, mpp in TILES:
         img = np.asarray(Image.open(args.data / "nuclei" / f"{name}.png").convert("RGB"))
         patches = [img[y:y + 256, x:x + 256] for y in range(0, img.shape[0] - 255, 128)
                    for x in range(0, img.shape[1] - 255, 128)]
         segment_nuclei(patches[0], mpp, cfg)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = sum(len(segment_nuclei(p, mpp, cfg)) for p in patches)
         dt = (time.perf_counter() - t) / len(patches) * 1000
-        print(f"{name}: {dt:.1f} ms per 256² patch over {len(patches)} patches ({n / len(patches):.0f} nuclei each)")
+        dc = (time.process_time() - c) / len(patches) * 1000
+        print(f"{name}: {dt:.1f} ms wall, {dc:.1f} ms CPU per 256² patch over {len(patches)} patches "
+              f"({n / len(patches):.0f} nuclei each)")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,16 @@ def test_speed_of_a_256_patch(shared_data) -> None:
     assert len(nuc) > 10
     # ~20 ms CPU measured on the 2-core dev machine; generous bound for noisy CI
     assert min(times) < 0.1, times
+
+
+def test_features_are_standardised_on_real_tiles(shared_data) -> None:
+    """FEATURE_CENTER/FEATURE_SCALE keep the continuous features near zero mean, unit spread on real H&E."""
+    from PIL import Image
+
+    feats = []
+    for name, mpp in REAL_TILES:
+        img = np.asarray(Image.open(shared_data / "nuclei" / f"{name}.png").convert("RGB"))
+        feats.append(segment_nuclei(img, mpp).features)
+    z = np.concatenate(feats)[:, : FEATURE_DIM - 4]
+    assert np.all(np.abs(z.mean(axis=0)) < 0.25), z.mean(axis=0)
+    assert np.all((z.std(axis=0) > 0.6) & (z.std(axis=0) < 1.5)), z.std(axis=0)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -22,7 +26,7 @@ def parse_region(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def load_image(path: Path):  # -> np.ndarray
+def load_image(path: Path) -> "np.ndarray":
     """Read a PNG/JPEG tile as RGB uint8; :class:`HwsiError` naming the file when unreadable."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
