@@ -82,6 +82,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _interp_dtype(t: torch.Tensor) -> torch.Tensor:
+    """Bicubic interpolation needs float32 or float64: half precision tables are upcast (and cast back after)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def interpolate_pos_dino(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """DINO's interpolate_pos_encoding of a (1, 1+N, D) table to a ``grid_h x grid_w`` patch grid."""
     n = pos_embed.shape[1] - 1
@@ -89,7 +94,7 @@ def interpolate_pos_dino(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> t
         return pos_embed
     g = int(math.sqrt(n))
     dim = pos_embed.shape[-1]
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:].float()
+    cls_pos, patch_pos = pos_embed[:, :1], _interp_dtype(pos_embed[:, 1:])
     patch_pos = F.interpolate(
         patch_pos.reshape(1, g, g, dim).permute(0, 3, 1, 2),
         scale_factor=((grid_h + 0.1) / g, (grid_w + 0.1) / g),
@@ -108,7 +113,7 @@ def interpolate_pos_timm(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> t
         return pos_embed
     g = int(math.sqrt(n))
     dim = pos_embed.shape[-1]
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:].float()
+    cls_pos, patch_pos = pos_embed[:, :1], _interp_dtype(pos_embed[:, 1:])
     patch_pos = F.interpolate(
         patch_pos.reshape(1, g, g, dim).permute(0, 3, 1, 2), size=(grid_h, grid_w), mode="bicubic", antialias=True
     )
