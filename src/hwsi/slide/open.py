@@ -255,42 +255,50 @@ def _tiff_levels(path: Path, level_dimensions: list[tuple[int, int]]) -> list[Ti
     except Exception:  # noqa: BLE001 - not a TIFF (MRXS, DICOM, ...) -> no fast path
         return None
     try:
-        pages = [p for p in tf.pages if isinstance(p, tifffile.TiffPage)]
-        out: list[TiffLevel] = []
-        for w, h in level_dimensions:
-            match = None
-            for i, p in enumerate(pages):
-                if (
-                    p.is_tiled
-                    and p.imagewidth == w
-                    and p.imagelength == h
-                    and p.samplesperpixel in (3, 4)
-                    and p.planarconfig == 1
-                    and p.imagedepth == 1
-                    and p.bitspersample == 8
-                ):
-                    match = i
-                    break
-            if match is None:
-                return None
-            p = pages[match]
-            out.append(
-                TiffLevel(
-                    page_index=match,
-                    width=w,
-                    height=h,
-                    tile_width=int(p.tilewidth),
-                    tile_height=int(p.tilelength),
-                    offsets=np.asarray(p.dataoffsets, np.int64),
-                    bytecounts=np.asarray(p.databytecounts, np.int64),
-                    jpegtables=p.jpegtables,
-                    compression=int(p.compression),
-                    decode=p.decode,
-                )
-            )
-        return out
+        return _match_levels(tf, level_dimensions)
+    except Exception:  # noqa: BLE001 - unreadable page structure -> no fast path (the backend reads it)
+        return None
     finally:
         tf.close()
+
+
+def _match_levels(tf: Any, level_dimensions: list[tuple[int, int]]) -> list[TiffLevel] | None:
+    import tifffile
+
+    pages = [p for p in tf.pages if isinstance(p, tifffile.TiffPage)]
+    out: list[TiffLevel] = []
+    for w, h in level_dimensions:
+        match = None
+        for i, p in enumerate(pages):
+            if (
+                p.is_tiled
+                and p.imagewidth == w
+                and p.imagelength == h
+                and p.samplesperpixel in (3, 4)
+                and p.planarconfig == 1
+                and p.imagedepth == 1
+                and p.bitspersample == 8
+            ):
+                match = i
+                break
+        if match is None:
+            return None
+        p = pages[match]
+        out.append(
+            TiffLevel(
+                page_index=match,
+                width=w,
+                height=h,
+                tile_width=int(p.tilewidth),
+                tile_height=int(p.tilelength),
+                offsets=np.asarray(p.dataoffsets, np.int64),
+                bytecounts=np.asarray(p.databytecounts, np.int64),
+                jpegtables=p.jpegtables,
+                compression=int(p.compression),
+                decode=p.decode,
+            )
+        )
+    return out
 
 
 def _check_rgb_tiff(path: Path) -> None:
@@ -362,13 +370,16 @@ def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None 
                 f"unsupported or corrupt slide file (OpenSlide: {os_err}; tiffslide: {exc})",
                 "convert it to a pyramidal tiled TIFF or a format OpenSlide reads",
             ) from exc
-        _check_rgb_tiff(path)
         try:
             props = {k: ("" if v is None else str(v)) for k, v in t.properties.items()}
             dims = [tuple(int(v) for v in d) for d in t.level_dimensions]
             downs = [float(d) for d in t.level_downsamples]
+        except Exception as exc:  # noqa: BLE001 - e.g. a TIFF header without pages
+            raise SlideError(path, f"unsupported or corrupt slide file (OpenSlide: {os_err}; tiffslide: {exc})",
+                             "convert it to a pyramidal tiled TIFF or a format OpenSlide reads") from exc
         finally:
             t.close()
+        _check_rgb_tiff(path)
         backend = "tiffslide"
         vendor = props.get("tiffslide.vendor", "") or "tiff"
         props.setdefault("openslide.vendor", vendor if vendor != "tiff" else "generic-tiff")

@@ -39,14 +39,14 @@ class TissueConfig:
 
     mask_mpp: float = 16.0
     max_mask_side: int = 8192
-    min_saturation: int = 20
+    min_saturation: int = 25
     max_saturation: int = 45
     min_value: int = 80
     dark_background_grey: int = 100
     pen_filter: bool = True
     close_um: float = 32.0
     open_um: float = 16.0
-    min_object_um2: float = 2_500.0
+    min_object_um2: float = 500.0
     max_hole_um2: float = 200_000.0
 
 
