@@ -12,6 +12,7 @@ nuclei are generated per patch from ``rng([seed, row, col])`` so any level-0 win
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -341,8 +342,12 @@ class Scene:
         y = np.concatenate(ys)
         typ = np.concatenate(ts).astype(np.int8)
         angles = np.concatenate(ang)
-        # drop nuclei outside the tissue outline
-        ok = self.tissue_field(x, y) > 0.002
+        # drop nuclei outside the tissue outline (only patches near the edge need the check)
+        r0, c0 = max(0, row - 1), max(0, col - 1)
+        if self.patch_tissue[r0 : row + 2, c0 : col + 2].min() >= 1.0:
+            ok = np.ones(x.size, dtype=bool)
+        else:
+            ok = self.tissue_field(x, y) > 0.002
         xi = np.round(x[ok]).astype(np.int64)
         yi = np.round(y[ok]).astype(np.int64)
         typ = typ[ok]
@@ -350,8 +355,9 @@ class Scene:
         variant = rng.integers(0, N_VARIANTS, xi.size).astype(np.int32)
         return PatchContent(xi, yi, typ, variant, abin, gland, sheet)
 
-    @property
+    @functools.cached_property
     def fibre_angle(self) -> float:
+        """Main direction of stroma fibres (radians)."""
         return float(np.random.default_rng([self.cfg.seed, 7004]).uniform(0, np.pi))
 
     # ----- whole-scene views --------------------------------------------------------------------------------

@@ -1,0 +1,352 @@
+"""Text from SynthPath ground truth: reports, captions and VQA pairs with varied wording.
+
+Every fact has several paraphrases; reports pick one per fact and shuffle the order of the findings clauses, so
+slides of the same class get different reports. Records are written in WSI-Bench format:
+
+* train (LLaVA style, JSON list): ``{"id", "image": "<slide_id>", "conversations": [{"from": "human",
+  "value": "<image>\\n<question>"}, {"from": "gpt", "value": "<answer>"}]}``
+* val/test (JSONL): ``{"question_id", "image": "<slide_id>", "question", "T-answer", "metadata"}`` with metadata
+  one of ``Morphology, Classification, Grade, Extent, Report, Caption`` (WSI-Bench's names; ``Extent`` is
+  SynthPath's slide-scale category). Closed-ended records also carry ``"options"`` (list of option texts) and
+  ``"answer_option"`` (the letter); their question ends with ``"A) ... B) ..."`` lines and ``T-answer`` is
+  ``"<letter>) <option text>"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hwsi.synth.classes import DIAGNOSES, DISPLAY
+
+CATEGORIES: tuple[str, ...] = ("Morphology", "Classification", "Grade", "Extent")
+
+_GLANDS = {
+    "yes": [
+        "The epithelium forms glands lined by columnar cells arranged around open, pale lumens.",
+        "Gland formation is present: rings of epithelial cells surround clear central lumens.",
+        "Well-formed glandular structures are seen, each a single layer of epithelium around a lumen.",
+        "The epithelial component is glandular, with tubular glands showing central lumina.",
+    ],
+    "no": [
+        "The lesional epithelium grows in solid sheets without gland formation or lumens.",
+        "No glands are formed; the tumour cells are arranged in solid, confluent sheets.",
+        "Gland formation is absent, the epithelial cells being packed in solid nests and sheets.",
+        "The lesion lacks glandular differentiation and consists of solid sheets of cells.",
+    ],
+}
+_ARCH = {
+    "regular": [
+        "The glands are evenly spaced and separated by ample intervening stroma.",
+        "Glandular architecture is orderly, with regularly distributed glands in fibrous stroma.",
+        "The glands keep a regular, well-spaced arrangement across the tissue.",
+    ],
+    "crowded": [
+        "In the lesional areas the glands are crowded and arranged back to back with little intervening stroma.",
+        "The lesional glands cluster in crowded, back-to-back groups, losing the normal regular spacing.",
+        "Architecturally the glands are disorganised, crowded together in confluent back-to-back clusters.",
+    ],
+    "solid": [
+        "The lesional areas show confluent solid growth replacing the normal glandular pattern.",
+        "Architecturally, irregular solid tumour sheets coalesce across the lesional regions.",
+        "The architecture of the lesion is solid, with confluent sheets in place of glands.",
+    ],
+}
+_ATYPIA = {
+    "no": [
+        "The nuclei are small, uniform and oval, with fine, evenly distributed chromatin.",
+        "Nuclear features are bland: uniform oval nuclei with smooth contours and fine chromatin.",
+        "There is no significant nuclear atypia; nuclei are regular in size and shape.",
+        "Cytologically the epithelial nuclei are monotonous and bland, without pleomorphism.",
+    ],
+    "yes": [
+        "The epithelial nuclei show marked atypia, with pleomorphism, irregular contours and coarse chromatin.",
+        "Significant nuclear atypia is present: nuclei vary in size, have irregular membranes and clumped chromatin "
+        "with visible nucleoli.",
+        "Cytologically the nuclei are pleomorphic and hyperchromatic, with irregular outlines and prominent nucleoli.",
+        "High-grade nuclear features are seen, including nuclear pleomorphism, coarse chromatin and nucleoli.",
+    ],
+}
+_EXTENT = {
+    "none": [
+        "No lesional area is identified in the section.",
+        "There is no focus of dysplasia or carcinoma anywhere in the tissue.",
+        "The whole section shows the same benign pattern, without a lesion.",
+    ],
+    "focal": [
+        "The lesion is focal, confined to a single region of the section.",
+        "Involvement is limited to one small focus; the remaining tissue is unremarkable.",
+        "Only a single focus is involved, the rest of the section being benign.",
+    ],
+    "extensive": [
+        "The lesion is extensive, involving {n} of {m} tissue regions (about {pct}% of the section).",
+        "Lesional tissue is widespread, occupying {n} of the {m} regions of tissue.",
+        "The process is extensive and multifocal, present in {n} of {m} tissue regions.",
+    ],
+}
+_DIAG = [
+    "Diagnosis: {dx}.",
+    "The findings are consistent with {dx}.",
+    "Overall, these features support a diagnosis of {dx}.",
+    "Final interpretation: {dx}.",
+    "Taken together, the appearances are those of {dx}.",
+]
+_GRADE_SENT = {
+    "not applicable": ["No grade is assigned to benign tissue.", "Grading does not apply."],
+    "high-grade dysplasia": [
+        "The dysplasia is high grade; no invasive growth pattern is seen.",
+        "The changes amount to high-grade dysplasia without invasive architecture.",
+    ],
+    "low grade": ["The tumour is low grade.", "Histological grade: low grade.", "It is graded as low grade."],
+    "high grade": ["The tumour is high grade.", "Histological grade: high grade.", "It is graded as high grade."],
+}
+_STROMA = [
+    "The background stroma is fibrous, with scattered spindle cells and a few lymphocytes.",
+    "Intervening stroma is collagenous and contains sparse spindle cells and lymphocytes.",
+    "",
+    "",
+]
+_REPORT_OPEN = [
+    "Microscopic examination of the whole slide shows the following.",
+    "The section shows glandular tissue in a fibrous stroma.",
+    "",
+    "",
+]
+
+_Q = {
+    "glands": [
+        "Does the lesion form glands?",
+        "Is gland formation present in this slide?",
+        "Are glandular structures with lumens seen?",
+        "Is the tissue glandular?",
+    ],
+    "atypia": [
+        "Is there nuclear atypia in the epithelial cells?",
+        "Do the epithelial nuclei show atypical features?",
+        "Are the nuclei pleomorphic or atypical?",
+        "How would you describe the nuclear features of the epithelium?",
+    ],
+    "architecture": [
+        "How are the glands arranged?",
+        "What is the architectural pattern of the lesion?",
+        "Describe the arrangement of the epithelial structures.",
+    ],
+    "diagnosis": [
+        "What is the diagnosis?",
+        "What is the most likely diagnosis for this slide?",
+        "Based on the slide, what is the histological classification?",
+        "Which diagnosis best fits the whole slide image?",
+    ],
+    "grade": [
+        "What is the grade of this lesion?",
+        "How would you grade the lesion in this slide?",
+        "What grade does the lesion have?",
+    ],
+    "extent": [
+        "How extensive is the lesion?",
+        "Is the lesion focal or extensive?",
+        "What is the extent of involvement of the tissue?",
+    ],
+}
+_REPORT_Q = [
+    "Write a pathology report for this whole slide image.",
+    "What are the main observations in the whole slide image, and what is the likely diagnosis?",
+    "Please describe the main features of the slide and give a diagnosis.",
+    "Provide a detailed report of this slide.",
+]
+_CAPTION_Q = [
+    "Can you provide an overall description of the whole slide image?",
+    "Give a short caption of this slide.",
+    "Summarise the slide in one or two sentences.",
+]
+_OPTION_SETS = {
+    "diagnosis": [DISPLAY[d] for d in DIAGNOSES],
+    "grade": ["not applicable", "low grade", "high grade", "high-grade dysplasia"],
+    "extent": ["no lesion", "focal", "extensive"],
+    "glands": ["yes", "no"],
+    "atypia": ["yes", "no"],
+    "architecture": ["regular", "crowded", "solid"],
+}
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _fmt(s: str, facts: dict[str, Any]) -> str:
+    n, m = facts.get("n_lesion_regions", 0), facts.get("n_tissue_regions", 0)
+    return s.format(n=n, m=m, pct=int(round(100 * n / max(1, m))), dx=facts["diagnosis_text"])
+
+
+def _dx_with_extent(facts: dict[str, Any]) -> str:
+    if facts["extent"] == "none":
+        return facts["diagnosis_text"]
+    return f"{facts['diagnosis_text']}, {facts['extent']}"
+
+
+def make_report(facts: dict[str, Any], rng: np.random.Generator) -> str:
+    """A pathology-style report: findings in random order, then grade and diagnosis."""
+    findings = [
+        _pick(rng, _GLANDS[facts["glands"]]),
+        _pick(rng, _ARCH[facts["architecture"]]),
+        _pick(rng, _ATYPIA[facts["atypia"]]),
+        _fmt(_pick(rng, _EXTENT[facts["extent"]]), facts),
+    ]
+    extra = _pick(rng, _STROMA)
+    if extra:
+        findings.append(extra)
+    order = rng.permutation(len(findings))
+    parts = [_pick(rng, _REPORT_OPEN)] + [findings[i] for i in order]
+    parts.append(_pick(rng, _GRADE_SENT[facts["grade"]]))
+    parts.append(_pick(rng, _DIAG).format(dx=_dx_with_extent(facts)))
+    return " ".join(p for p in parts if p)
+
+
+def make_caption(facts: dict[str, Any], rng: np.random.Generator) -> str:
+    """One or two sentences naming the diagnosis and its key evidence."""
+    dx = _dx_with_extent(facts)
+    lead = _pick(rng, ["{dx}.", "Whole slide image of {dx}.", "H&E section showing {dx}."]).format(dx=dx)
+    lead = lead[0].upper() + lead[1:]
+    detail = [_pick(rng, _GLANDS[facts["glands"]]), _pick(rng, _ATYPIA[facts["atypia"]])]
+    rng.shuffle(detail)
+    return " ".join([lead, detail[0]])
+
+
+def _open_answer(kind: str, facts: dict[str, Any], rng: np.random.Generator) -> str:
+    if kind == "glands":
+        yn = "Yes" if facts["glands"] == "yes" else "No"
+        return f"{yn}. " + _pick(rng, _GLANDS[facts["glands"]])
+    if kind == "atypia":
+        yn = "Yes" if facts["atypia"] == "yes" else "No"
+        return f"{yn}. " + _pick(rng, _ATYPIA[facts["atypia"]])
+    if kind == "architecture":
+        return _pick(rng, _ARCH[facts["architecture"]])
+    if kind == "diagnosis":
+        return _pick(rng, _DIAG).format(dx=_dx_with_extent(facts))
+    if kind == "grade":
+        g = facts["grade"]
+        lead = _pick(rng, ["The grade is {g}.", "Grade: {g}.", "This lesion is {g}."]).format(g=g)
+        if g == "not applicable":
+            lead = "Grading does not apply: the tissue is benign."
+        return lead + " " + _pick(rng, _ATYPIA[facts["atypia"]])
+    if kind == "extent":
+        return _fmt(_pick(rng, _EXTENT[facts["extent"]]), facts)
+    raise ValueError(kind)
+
+
+def _closed_truth(kind: str, facts: dict[str, Any]) -> str:
+    if kind == "diagnosis":
+        return facts["diagnosis_text"]
+    if kind == "extent":
+        return "no lesion" if facts["extent"] == "none" else facts["extent"]
+    return str(facts[kind])
+
+
+_KIND_CATEGORY = {
+    "glands": "Morphology",
+    "atypia": "Morphology",
+    "architecture": "Morphology",
+    "diagnosis": "Classification",
+    "grade": "Grade",
+    "extent": "Extent",
+}
+
+
+@dataclass
+class QA:
+    """One question–answer pair about a slide."""
+
+    category: str
+    kind: str
+    question: str
+    answer: str
+    closed: bool = False
+    options: list[str] = field(default_factory=list)
+    answer_option: str = ""
+
+
+def make_vqa(facts: dict[str, Any], rng: np.random.Generator) -> list[QA]:
+    """Open- and closed-ended QAs covering every category (morphology, diagnosis, grade, extent)."""
+    out: list[QA] = []
+    kinds = ["glands", "atypia", "architecture", "diagnosis", "grade", "extent"]
+    for kind in kinds:
+        cat = _KIND_CATEGORY[kind]
+        if kind != "architecture" or rng.random() < 0.7:
+            out.append(QA(cat, kind, _pick(rng, _Q[kind]), _open_answer(kind, facts, rng)))
+        if kind in ("glands", "atypia") and rng.random() < 0.5:
+            continue
+        opts = list(_OPTION_SETS[kind])
+        truth = _closed_truth(kind, facts)
+        if len(opts) > 4:  # keep four options, always including the truth
+            others = [o for o in opts if o != truth]
+            keep = [others[i] for i in rng.choice(len(others), 3, replace=False)]
+            opts = keep + [truth]
+        opts = [opts[i] for i in rng.permutation(len(opts))]
+        letters = "ABCD"[: len(opts)]
+        letter = letters[opts.index(truth)]
+        q = _pick(rng, _Q[kind if kind not in ("glands", "atypia") else kind][:3])
+        q = q + "\n" + "\n".join(f"{lt}) {o}" for lt, o in zip(letters, opts, strict=True))
+        out.append(QA(cat, kind, q, f"{letter}) {truth}", True, opts, letter))
+    return out
+
+
+@dataclass
+class SlideText:
+    """All text of one slide."""
+
+    slide_id: str
+    report: str
+    caption: str
+    qas: list[QA]
+    facts: dict[str, Any]
+
+
+def slide_text(slide_id: str, facts: dict[str, Any], seed: int) -> SlideText:
+    """Report, caption and VQA of one slide, deterministic in (seed, slide_id)."""
+    key = [seed, 31337] + [ord(c) for c in slide_id]
+    rng = np.random.default_rng(key)
+    return SlideText(slide_id, make_report(facts, rng), make_caption(facts, rng), make_vqa(facts, rng), facts)
+
+
+def train_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
+    """LLaVA-style records (WSI-Bench train format): one per QA, plus a report and a caption request per slide."""
+    recs: list[dict[str, Any]] = []
+    for t in texts:
+        rng = np.random.default_rng([seed, 4242] + [ord(c) for c in t.slide_id])
+        pairs = [(_pick(rng, _REPORT_Q), t.report), (_pick(rng, _CAPTION_Q), t.caption)]
+        pairs += [(qa.question, qa.answer) for qa in t.qas]
+        for k, (q, a) in enumerate(pairs):
+            recs.append({
+                "id": f"{t.slide_id}_{k}",
+                "image": t.slide_id,
+                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
+            })
+    return recs
+
+
+def test_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
+    """WSI-Bench test records (``question_id, image, question, T-answer, metadata`` [+ options, answer_option])."""
+    recs: list[dict[str, Any]] = []
+    for t in texts:
+        rng = np.random.default_rng([seed, 4243] + [ord(c) for c in t.slide_id])
+        recs.append({"question_id": f"Report_{t.slide_id}_1", "image": t.slide_id,
+                     "question": _pick(rng, _REPORT_Q), "T-answer": t.report, "metadata": "Report"})
+        recs.append({"question_id": f"Caption_{t.slide_id}_1", "image": t.slide_id,
+                     "question": _pick(rng, _CAPTION_Q), "T-answer": t.caption, "metadata": "Caption"})
+        counts: dict[str, int] = {}
+        for qa in t.qas:
+            counts[qa.category] = counts.get(qa.category, 0) + 1
+            r: dict[str, Any] = {
+                "question_id": f"{qa.category}_{t.slide_id}_{counts[qa.category]}",
+                "image": t.slide_id,
+                "question": qa.question,
+                "T-answer": qa.answer,
+                "metadata": qa.category,
+            }
+            if qa.closed:
+                r["options"] = qa.options
+                r["answer_option"] = qa.answer_option
+            recs.append(r)
+    return recs
