@@ -6,8 +6,9 @@ learnable temperature; samples that share the exact same caption count as positi
 captions repeat, and a repeated caption is not a negative). Augmentation: the 8 dihedral flips/rotations (tissue has
 no orientation) and a mild per-sample brightness/contrast jitter.
 
-Evaluation: zero-shot patch classification on a HELD-OUT split (``val_fraction``, stratified by label, never
-trained on): each label is turned into prompts (``prompt_templates``) through MiniLM, prompts are averaged per
+Evaluation: zero-shot patch classification on HELD-OUT patches never trained on — by default
+``n * val_fraction`` patches drawn from OTHER SynthPath scenes (seed + 7919), because SynthPath's patch set reuses
+each rendered patch under 8 flips/rotations and a random split would leak them; each label is turned into prompts (``prompt_templates``) through MiniLM, prompts are averaged per
 class, and each patch is assigned the class of highest cosine similarity. Accuracy, balanced accuracy and chance
 (1 / n_classes) are written to ``encoder.json["extra"]`` and ``train_metrics.json``.
 
@@ -74,6 +75,7 @@ class TrainEncoderResult:
     out_dir: str
     n_train: int
     n_val: int
+    held_out: str
     classes: list[str]
     zero_shot_accuracy: float
     zero_shot_balanced_accuracy: float
@@ -162,14 +164,30 @@ def _contrastive_loss(z: torch.Tensor, t: torch.Tensor, caption_ids: torch.Tenso
     return 0.5 * (i2t.mean() + t2i.mean())
 
 
-def _load_synth(cfg: TrainEncoderConfig) -> PatchDatasetLike:
+VAL_SEED_OFFSET = 7919
+
+
+def _load_synth(cfg: TrainEncoderConfig, n: int, seed: int) -> PatchDatasetLike:
     try:
-        from hwsi.synth import sample_patch_dataset
-    except ImportError as exc:
+        from hwsi.synth import sample_patch_dataset  # type: ignore[attr-defined]
+    except ImportError:
+        try:
+            from hwsi.synth.patches import sample_patch_dataset
+        except ImportError as exc:
+            raise EncoderError(
+                "hwsi.synth.sample_patch_dataset is not available in this installation (SynthPath patch captions)"
+            ) from exc
+    return sample_patch_dataset(n, seed=seed, patch_px=cfg.patch_px, mpp=cfg.mpp)
+
+
+def _check_dataset(data: PatchDatasetLike) -> None:
+    n = len(data.captions)
+    if data.images.ndim != 4 or data.images.shape[0] != n or len(data.labels) != n:
         raise EncoderError(
-            "hwsi.synth.sample_patch_dataset is not available in this installation (SynthPath patch captions)"
-        ) from exc
-    return sample_patch_dataset(cfg.n, seed=cfg.seed, patch_px=cfg.patch_px, mpp=cfg.mpp)
+            f"dataset sizes disagree: images {tuple(data.images.shape)}, {n} captions, {len(data.labels)} labels"
+        )
+    if n < 4:
+        raise EncoderError(f"need at least 4 patch-caption pairs, got {n}")
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -181,23 +199,38 @@ def train_small_encoder(
     cfg: TrainEncoderConfig,
     out_dir: str | Path,
     dataset: PatchDatasetLike | None = None,
+    val_dataset: PatchDatasetLike | None = None,
     text_encoder: TextEncoder | None = None,
     progress: bool = True,
 ) -> TrainEncoderResult:
     """Train ``hwsi_small_patch`` against the frozen text encoder; save to ``out_dir``; return held-out metrics.
 
-    ``dataset`` defaults to ``hwsi.synth.sample_patch_dataset(cfg.n, cfg.seed, cfg.patch_px, cfg.mpp)``;
+    ``dataset`` defaults to ``hwsi.synth.sample_patch_dataset(cfg.n, cfg.seed, cfg.patch_px, cfg.mpp)`` and the
+    held-out set then to ``n * val_fraction`` patches of another seed (other scenes). With a given ``dataset`` and no
+    ``val_dataset``, a stratified ``val_fraction`` of it is held out.
     ``text_encoder`` to ``create_text_encoder(cfg.text_encoder)`` (pass one in to reuse a loaded model).
     """
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    data = dataset if dataset is not None else _load_synth(cfg)
-    n = len(data.captions)
-    if data.images.shape[0] != n or len(data.labels) != n:
-        raise EncoderError(f"dataset sizes disagree: {data.images.shape[0]} images, {n} captions, {len(data.labels)} labels")
-    if n < 4:
-        raise EncoderError(f"need at least 4 patch-caption pairs to train, got {n}")
+    if dataset is None:
+        # held out = patches of OTHER SynthPath scenes (another seed): the train set's flipped/rotated copies
+        # of one rendered patch never leak into the evaluation
+        data = _load_synth(cfg, cfg.n, cfg.seed)
+        val_data = val_dataset or _load_synth(cfg, max(4, round(cfg.n * cfg.val_fraction)), cfg.seed + VAL_SEED_OFFSET)
+    else:
+        data, val_data = dataset, val_dataset
+    _check_dataset(data)
+    if val_data is None:
+        train_idx, val_idx = stratified_split(list(data.labels), cfg.val_fraction, cfg.seed)
+        val_images, val_labels = data.images[val_idx], [data.labels[i] for i in val_idx]
+        held_out = f"stratified {cfg.val_fraction:.0%} of the given dataset"
+    else:
+        _check_dataset(val_data)
+        train_idx = np.arange(len(data.labels))
+        val_images, val_labels = val_data.images, list(val_data.labels)
+        held_out = "a separate dataset" if dataset is not None or val_dataset is not None else (
+            f"SynthPath seed {cfg.seed + VAL_SEED_OFFSET}")
     text = text_encoder if text_encoder is not None else create_text_encoder(cfg.text_encoder)
     text.eval()
     for p in text.parameters():
@@ -209,19 +242,19 @@ def train_small_encoder(
     if encoder.embed_dim != text.embed_dim:
         raise EncoderError(f"image embed_dim {encoder.embed_dim} != text embed_dim {text.embed_dim}")
     encoder.config.text_encoder = cfg.text_encoder
-
-    train_idx, val_idx = stratified_split(list(data.labels), cfg.val_fraction, cfg.seed)
-    classes = sorted(set(data.labels))
-    label_ids = np.asarray([classes.index(lab) for lab in data.labels])
+    classes = sorted(set(data.labels) | set(val_labels))
+    val_true = np.asarray([classes.index(lab) for lab in val_labels], dtype=np.int64)
 
     # inputs: resized + normalised once (the network sees 64 px); captions: embedded once (frozen tower)
     with torch.no_grad():
-        x_all = torch.cat([encoder.preprocess(data.images[s : s + 256]) for s in range(0, n, 256)])
+        x_all = torch.cat([encoder.preprocess(data.images[s : s + 256]) for s in range(0, len(data.labels), 256)])
+        x_val = torch.cat([encoder.preprocess(val_images[s : s + 256]) for s in range(0, len(val_labels), 256)]) \
+            if len(val_labels) else torch.zeros(0, 3, encoder.input_size, encoder.input_size)
     uniq, cap_ids = np.unique(np.asarray(data.captions, dtype=object).astype(str), return_inverse=True)
     t0 = time.perf_counter()
     cap_emb = torch.from_numpy(text.encode(list(uniq), batch_size=128))
     cap_emb = F.normalize(cap_emb, dim=-1)
-    _log(progress, f"train-encoder: {n} patches ({len(train_idx)} train / {len(val_idx)} held out), "
+    _log(progress, f"train-encoder: {len(train_idx)} training patches, {len(val_labels)} held out ({held_out}); "
          f"{len(uniq)} distinct captions embedded in {time.perf_counter() - t0:.1f}s")
     cap_ids_t = torch.from_numpy(cap_ids.astype(np.int64))
 
@@ -270,14 +303,15 @@ def train_small_encoder(
     # zero-shot classification of the held-out patches with class-name prompts
     class_emb = class_text_embeddings(text, classes, cfg.prompt_templates)
     with torch.no_grad():
-        val_feats = torch.cat([encoder(x_all[val_idx[s : s + 256]]) for s in range(0, len(val_idx), 256)]).numpy() \
-            if len(val_idx) else np.zeros((0, encoder.embed_dim), np.float32)
+        val_feats = torch.cat([encoder(x_val[s : s + 256]) for s in range(0, len(x_val), 256)]).numpy() \
+            if len(x_val) else np.zeros((0, encoder.embed_dim), np.float32)
     pred = zero_shot_classify(val_feats, class_emb)
-    metrics = zero_shot_metrics(pred, label_ids[val_idx], len(classes))
+    metrics = zero_shot_metrics(pred, val_true, len(classes))
     result = TrainEncoderResult(
         out_dir=str(out_dir),
         n_train=len(train_idx),
-        n_val=len(val_idx),
+        n_val=len(val_labels),
+        held_out=held_out,
         classes=classes,
         zero_shot_accuracy=metrics["accuracy"],
         zero_shot_balanced_accuracy=metrics["balanced_accuracy"],
