@@ -65,7 +65,7 @@ def _styles() -> dict[int, NucleusStyle]:
         CELL_EPITHELIAL: NucleusStyle(epi_area, 0.10, (1.15, 1.45), 0.85, 0.02, 0.10, 0.7, 0, 0.25),
         # atypia: SAME mean area and mean density (same count per patch: same coverage and mean colour), but
         # pleomorphic sizes, irregular contours, coarse clumped chromatin, nucleoli, a heavier membrane
-        CELL_ATYPICAL: NucleusStyle(epi_area, 0.42, (1.05, 1.6), 0.85, 0.11, 0.55, 0.45, 2, 0.55),
+        CELL_ATYPICAL: NucleusStyle(epi_area, 0.12, (1.15, 1.45), 0.85, 0.11, 0.45, 0.35, 2, 0.25),
     }
 
 
@@ -91,26 +91,39 @@ def _sprite(a: float, b: float, theta: float, st: NucleusStyle, mpp: float, rng:
     rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
     phi = np.arctan2(v / b, u / a)
     bound = np.ones_like(rho)
-    for k, (amp, ph) in enumerate(harmonics, start=2):
+    for k, (amp, ph) in enumerate(harmonics, start=4):  # fine lobes (k = 4..7): invisible once downsampled
         bound += st.irregular * amp * np.cos(k * phi + ph)
     dist = (bound - rho) * b  # ~ px inside the boundary
     alpha = np.clip(dist + 0.5, 0.0, 1.0)
     dens = 1.0 + st.rim * np.exp(-((dist - 0.8) ** 2) / 1.2)
+    # chromatin: band-pass noise (fine minus coarse blur) so that it averages out over a 4x4 px block
     nrng = np.random.default_rng(noise_seed)
     sig = max(0.4, st.chroma_sigma_um / mpp)
-    tex = ndimage.gaussian_filter(nrng.normal(size=rho.shape), sig)
+    wn = nrng.normal(size=rho.shape)
+    tex = ndimage.gaussian_filter(wn, sig) - ndimage.gaussian_filter(wn, 3.0 * sig)
     tex /= tex.std() + 1e-6
     dens = dens * np.clip(1.0 + st.chroma_amp * tex, 0.25, None)
     for _ in range(st.nucleoli):
-        r0 = rng.uniform(0, 0.5)
+        # nucleolus with a pale perinucleolar halo: zero net density, so it too vanishes when averaged
+        r0 = rng.uniform(0, 0.45)
         t0 = rng.uniform(0, 2 * np.pi)
         nu, nv = r0 * a * math.cos(t0), r0 * b * math.sin(t0)
-        ru = 0.55 / mpp
-        dens = dens + 1.4 * np.exp(-((u - nu) ** 2 + (v - nv) ** 2) / (2 * ru * ru))
-    out = (alpha * dens).astype(np.float32)
-    # same integrated density for every style: mean over the nucleus area equals st.od
-    out *= st.od * alpha.sum() / max(out.sum(), 1e-6)
-    return np.minimum(out, _MAX_OD)
+        ru = 0.45 / mpp
+        d2 = (u - nu) ** 2 + (v - nv) ** 2
+        dens = dens + 0.9 * (np.exp(-d2 / (2 * ru * ru)) - 0.25 * np.exp(-d2 / (8 * ru * ru)))
+    out = np.maximum(alpha * dens, 0.0)
+    # same absorbed light for every style (what survives downsampling): scale the sprite so that
+    # sum(1 - exp(-k*out)) equals that of a flat nucleus of density st.od (k: green-channel H absorbance)
+    k = float(_H_VEC[1])
+    target = float((1.0 - np.exp(-k * st.od * alpha)).sum())
+    lo, hi = 0.2, 5.0
+    for _ in range(30):
+        c = 0.5 * (lo + hi)
+        if float((1.0 - np.exp(-k * np.minimum(c * out, _MAX_OD))).sum()) < target:
+            lo = c
+        else:
+            hi = c
+    return np.minimum(0.5 * (lo + hi) * out, _MAX_OD).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=16)

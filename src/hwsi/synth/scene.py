@@ -227,6 +227,12 @@ class Scene:
         self.layout = patterns
         self.patterns = np.where(self.patch_tissue >= 0.5, patterns, BACKGROUND).astype(np.int8)
 
+    def set_region_atypia(self, atypia: np.ndarray | bool) -> None:
+        """Override which regions have atypical epithelium (experiments, probes); drops cached patch content."""
+        self.region_atypia = np.broadcast_to(np.asarray(atypia, dtype=bool), (self.n_ry, self.n_rx)).copy()
+        with self._lock:
+            self._cache.clear()
+
     # ----- per-patch content --------------------------------------------------------------------------------
     def patch_content(self, row: int, col: int) -> PatchContent:
         """Nuclei and structures of the scene patch at global patch-grid (row, col); cached, thread-safe."""
