@@ -22,15 +22,22 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from hwsi.features.encoders import EncoderError, create_encoder, create_text_encoder, save_encoder
-from hwsi.features.encoders.small import SmallPatchEncoder
-from hwsi.features.encoders.text import TextEncoder
+from hwsi.errors import HwsiError
+
+if TYPE_CHECKING:  # torch and the encoders load lazily: `hwsi --help` must stay fast
+    import torch
+
+    from hwsi.features.encoders.text import TextEncoder
+
+
+def _encoder_error(msg: str) -> HwsiError:
+    from hwsi.features.encoders import EncoderError
+
+    return EncoderError(msg)
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "an H&E image patch of {}.",
@@ -94,7 +101,7 @@ def label_to_text(label: str) -> str:
 def class_text_embeddings(text_encoder: TextEncoder, classes: list[str], templates: tuple[str, ...]) -> np.ndarray:
     """(C, D) unit vectors: per class, the mean of its L2-normalised prompt embeddings, re-normalised."""
     if not templates:
-        raise EncoderError("at least one prompt template is needed for zero-shot classification")
+        raise _encoder_error("at least one prompt template is needed for zero-shot classification")
     prompts = [t.format(label_to_text(c)) for c in classes for t in templates]
     emb = text_encoder.encode(prompts).reshape(len(classes), len(templates), -1)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True) + 1e-12
@@ -126,7 +133,7 @@ def zero_shot_metrics(pred: np.ndarray, true: np.ndarray, n_classes: int) -> dic
 def stratified_split(labels: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train / held-out indices, stratified by label (each label with >= 2 samples has >= 1 held out)."""
     if not 0.0 < val_fraction < 1.0:
-        raise EncoderError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise _encoder_error(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     arr = np.asarray(labels)
     train, val = [], []
@@ -142,6 +149,7 @@ def stratified_split(labels: list[str], val_fraction: float, seed: int) -> tuple
 
 def _augment(x: torch.Tensor, jitter: float, gen: torch.Generator) -> torch.Tensor:
     """Random dihedral transform per sample, plus brightness/contrast jitter in normalised space."""
+    import torch
     b = x.shape[0]
     flips = torch.rand(b, 3, generator=gen) < 0.5
     x = torch.where(flips[:, 0, None, None, None], x.flip(-1), x)
@@ -156,6 +164,7 @@ def _augment(x: torch.Tensor, jitter: float, gen: torch.Generator) -> torch.Tens
 
 def _contrastive_loss(z: torch.Tensor, t: torch.Tensor, caption_ids: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric multi-positive InfoNCE between unit image vectors ``z`` and unit caption vectors ``t``."""
+    import torch
     logits = logit_scale.exp() * z @ t.T
     pos = caption_ids[:, None] == caption_ids[None, :]
     neg_inf = torch.finfo(logits.dtype).min
@@ -174,7 +183,7 @@ def _load_synth(cfg: TrainEncoderConfig, n: int, seed: int) -> PatchDatasetLike:
         try:
             from hwsi.synth.patches import sample_patch_dataset
         except ImportError as exc:
-            raise EncoderError(
+            raise _encoder_error(
                 "hwsi.synth.sample_patch_dataset is not available in this installation (SynthPath patch captions)"
             ) from exc
     return sample_patch_dataset(n, seed=seed, patch_px=cfg.patch_px, mpp=cfg.mpp)
@@ -183,11 +192,11 @@ def _load_synth(cfg: TrainEncoderConfig, n: int, seed: int) -> PatchDatasetLike:
 def _check_dataset(data: PatchDatasetLike) -> None:
     n = len(data.captions)
     if data.images.ndim != 4 or data.images.shape[0] != n or len(data.labels) != n:
-        raise EncoderError(
+        raise _encoder_error(
             f"dataset sizes disagree: images {tuple(data.images.shape)}, {n} captions, {len(data.labels)} labels"
         )
     if n < 4:
-        raise EncoderError(f"need at least 4 patch-caption pairs, got {n}")
+        raise _encoder_error(f"need at least 4 patch-caption pairs, got {n}")
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -238,9 +247,9 @@ def train_small_encoder(
 
     encoder = create_encoder("hwsi_small_patch", **{"seed": cfg.seed, **cfg.encoder_overrides})
     if not isinstance(encoder, SmallPatchEncoder):  # pragma: no cover - registry invariant
-        raise EncoderError("hwsi_small_patch did not build a SmallPatchEncoder")
+        raise _encoder_error("hwsi_small_patch did not build a SmallPatchEncoder")
     if encoder.embed_dim != text.embed_dim:
-        raise EncoderError(f"image embed_dim {encoder.embed_dim} != text embed_dim {text.embed_dim}")
+        raise _encoder_error(f"image embed_dim {encoder.embed_dim} != text embed_dim {text.embed_dim}")
     encoder.config.text_encoder = cfg.text_encoder
     classes = sorted(set(data.labels) | set(val_labels))
     val_true = np.asarray([classes.index(lab) for lab in val_labels], dtype=np.int64)
