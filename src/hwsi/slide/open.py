@@ -112,6 +112,7 @@ class TiffLevel:
     jpegtables: bytes | None
     compression: int
     decode: Any  # tifffile TiffPage.decode
+    jpeg_colorspace: tuple[Any, Any] | None = None  # (colorspace, outcolorspace) for imagecodecs.jpeg8_decode
 
     @property
     def tiles_across(self) -> int:
@@ -296,6 +297,11 @@ def _match_levels(tf: Any, level_dimensions: list[tuple[int, int]]) -> list[Tiff
                 jpegtables=p.jpegtables,
                 compression=int(p.compression),
                 decode=p.decode,
+                jpeg_colorspace=(
+                    tuple(tifffile.tifffile.jpeg_decode_colorspace(p.photometric, p.planarconfig, p.extrasamples, p.is_jfif))
+                    if int(p.compression) == 7 and p.bitspersample == 8
+                    else None
+                ),
             )
         )
     return out
