@@ -29,7 +29,7 @@ import numpy as np
 
 from hwsi.synth.classes import DIAGNOSES, SlideClasses, SynthError
 from hwsi.synth.scene import Scene, SceneConfig
-from hwsi.synth.text import SlideText, slide_text, test_records, train_records
+from hwsi.synth.text import SlideText, slide_text, bench_records, train_records
 from hwsi.synth.truth import read_truth, slide_facts, truth_path_for, write_truth
 from hwsi.utils.atomic import write_json_atomic
 
@@ -198,7 +198,7 @@ def write_cohort_text(out: Path, records: list[SlideRecord], seed: int) -> dict[
     write_json_atomic(paths["captions"], {t.slide_id: t.caption for t in all_texts})
     write_json_atomic(paths["train"], train_records(texts["train"], seed))
     for split in ("val", "test"):
-        lines = "".join(json.dumps(r) + "\n" for r in test_records(texts[split], seed))
+        lines = "".join(json.dumps(r) + "\n" for r in bench_records(texts[split], seed))
         from hwsi.utils.atomic import atomic_path
 
         with atomic_path(paths[split]) as tmp:

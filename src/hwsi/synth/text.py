@@ -326,7 +326,7 @@ def train_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
     return recs
 
 
-def test_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
+def bench_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
     """WSI-Bench test records (``question_id, image, question, T-answer, metadata`` [+ options, answer_option])."""
     recs: list[dict[str, Any]] = []
     for t in texts:
