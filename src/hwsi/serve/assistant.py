@@ -10,16 +10,21 @@ The server never touches a model directly; tests plug in small real implementati
 fails, one that echoes slowly) for the failure and concurrency cases, and the real adapter
 (:class:`ModelAssistant`, wrapping ``hwsi.model``'s chat session) for the end-to-end test and `--model DIR`.
 
-Relevance signal used for the heatmap (also stated in the README): cosine similarity between the text embedding
-of "question + answer" (frozen text encoder) and each patch's embedding in the shared image–text space
-(the frozen patch encoder's features stored as ``patches/<encoder>``), min–max normalised over the slide's
-tissue patches. It depends on the question and the answer, not on the LLM's internals.
+Relevance signal used for the heatmap (:data:`RELEVANCE_SIGNAL`, also stated in the README): cosine similarity
+between the text embedding of "question + answer" (the store's frozen text encoder, e.g. MiniLM) and each tissue
+patch's frozen embedding in the shared image–text space (``patches/<patch_encoder>``, the space SPF Eq. 2 uses),
+min–max normalised over the slide's tissue patches. It covers every tissue patch (not only the SPF-selected ones
+the LLM sees) and shows which patches match the wording of the question and answer; it is not an attribution of
+the LLM's internal computation (attention mass on visual tokens would be the alternative).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -114,3 +119,161 @@ def normalise(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
         lo, hi = s.min(), s.max()
         out[v] = ((s - lo) / (hi - lo) if hi > lo else np.ones_like(s)).astype(np.float32)
     return out
+
+
+# ---- the relevance signal: question+answer text vs each patch's frozen embedding ---------------------------
+TextEncodeFn = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class StoreEncoders:
+    """Names the store's `hwsi extract` run used: patch features, region input, and the paired text encoder."""
+
+    patch_encoder: str
+    region_input: str
+    text_encoder: str
+
+    @classmethod
+    def read(cls, store: Path) -> "StoreEncoders":
+        import h5py
+
+        from hwsi.errors import StoreError
+
+        with h5py.File(store, "r") as f:
+            settings = json.loads(f.attrs.get("extract", "{}") or "{}")
+            encoders = json.loads(f.attrs.get("encoders", "{}") or "{}")
+            patch = settings.get("patch_encoder") or next(iter(encoders), None)
+            region = f.attrs.get("region_input", settings.get("region_input", patch))
+            region = region.decode() if isinstance(region, bytes) else str(region)
+            text = settings.get("text_encoder", "minilm")
+        if not patch:
+            raise StoreError(store, "no patch features recorded (run `hwsi extract`)")
+        return cls(str(patch), region if region not in ("", "same", "None") else str(patch), str(text))
+
+
+def text_patch_relevance(store: Path, patch_encoder: str, text_emb: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """cos(text, f_ij) for every tissue patch of the store, min–max normalised to [0, 1]; (R, G), NaN elsewhere.
+
+    Reads ``patches/<patch_encoder>`` ``chunk`` regions at a time (memory bounded by the chunk, not the slide).
+    """
+    import h5py
+
+    t = np.asarray(text_emb, np.float64).reshape(-1)
+    t = t / (np.linalg.norm(t) + 1e-12)
+    with h5py.File(store, "r") as f:
+        ds = f[f"patches/{patch_encoder}"]
+        tissue = f["patches/tissue"][:].astype(bool)
+        if ds.shape[-1] != t.shape[0]:
+            raise ValueError(
+                f"text embedding is {t.shape[0]}-d but patches/{patch_encoder} is {ds.shape[-1]}-d: "
+                "they must share one image–text space"
+            )
+        scores = np.full(tissue.shape, np.nan, np.float64)
+        for r0 in range(0, ds.shape[0], chunk):
+            x = ds[r0 : r0 + chunk].astype(np.float64)
+            n = np.linalg.norm(x, axis=-1)
+            scores[r0 : r0 + chunk] = (x @ t) / np.maximum(n, 1e-12)
+    return normalise(scores, tissue)
+
+
+RELEVANCE_SIGNAL = (
+    "cosine similarity of the text embedding of question + answer (the store's text encoder) with each tissue "
+    "patch's frozen embedding (patches/<patch_encoder>, the image–text space SPF Eq. 2 uses), min–max scaled"
+)
+
+
+# ---- the real assistant: hwsi.model's cached ChatSession ---------------------------------------------------
+class ModelChat:
+    """One conversation: hwsi.model.mllm.ChatSession (visual prefix prefilled once) + the evidence of each answer."""
+
+    def __init__(self, owner: "ModelAssistant", chat: Any, store: Path, encoders: StoreEncoders) -> None:
+        self.owner = owner
+        self.chat = chat
+        self.store = store
+        self.encoders = encoders
+        import h5py
+
+        with h5py.File(store, "r") as f:
+            self.region_coords = f["regions/coords"][:]
+            self.patch_coords = f["patches/coords"][:]
+            self.region_size0 = float(f.attrs["region_size_level0"])
+            self.patch_size0 = float(f.attrs["patch_size_level0"])
+
+    def ask(self, question: str, max_new_tokens: int = 128) -> Iterator[str]:
+        """Greedy streamed answer; multi-turn (the chat session keeps the conversation in its KV cache)."""
+        return self.chat.stream(question, max_new_tokens)
+
+    def evidence(self, question: str, answer: str) -> EvidenceResult:
+        emb = self.owner.encode_text(self.encoders.text_encoder, [f"{question} {answer}".strip()])[0]
+        heat = text_patch_relevance(self.store, self.encoders.patch_encoder, emb)
+        items = evidence_from_heatmap(
+            heat, self.region_coords, self.patch_coords, self.region_size0, self.patch_size0
+        )
+        return EvidenceResult(heat, items, RELEVANCE_SIGNAL)
+
+
+class ModelAssistant:
+    """The :class:`Assistant` over a trained MLLM-HWSI (``hwsi.model.mllm.MLLMHWSI``).
+
+    ``text_encode`` maps (encoder name, texts) to embeddings; by default the registry's text encoder of that name
+    (``hwsi.features.encoders.create_text_encoder``), created once and shared by all chats.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        job: str | Path,
+        name: str = "hwsi-mllm",
+        text_encode: Callable[[str, list[str]], np.ndarray] | None = None,
+        max_new_tokens: int = 256,
+        system: str | None = None,
+    ) -> None:
+        from hwsi.serve.registry import SlideRegistry
+
+        self.model = model.eval()
+        self.registry = SlideRegistry(job)
+        self.name = name
+        self._text_encode = text_encode
+        self._text_encoders: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.max_new_tokens = max_new_tokens
+        self.system = system
+
+    @classmethod
+    def load(cls, model_dir: str | Path, job: str | Path) -> "ModelAssistant":
+        """Load a trained model folder with ``hwsi.model.mllm.load_mllm`` (written by `hwsi train`)."""
+        from hwsi.errors import HwsiError
+
+        try:
+            from hwsi.model.mllm import load_mllm  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise HwsiError(
+                f"{model_dir}: cannot load a trained model: this hwsi has no hwsi.model.mllm.load_mllm"
+            ) from exc
+        model = load_mllm(model_dir)
+        return cls(model, job, name=f"hwsi-mllm ({Path(model_dir).name})")
+
+    def encode_text(self, encoder: str, texts: list[str]) -> np.ndarray:
+        if self._text_encode is not None:
+            return np.asarray(self._text_encode(encoder, texts), np.float32)
+        with self._lock:
+            enc = self._text_encoders.get(encoder)
+            if enc is None:
+                from hwsi.features.encoders import create_text_encoder
+
+                enc = self._text_encoders[encoder] = create_text_encoder(encoder)
+        return np.asarray(enc.encode(texts), np.float32)
+
+    def start(self, slide_id: str) -> ModelChat:
+        from hwsi.errors import StoreError
+        from hwsi.model.inputs import load_slide_inputs
+        from hwsi.model.mllm import ChatSession
+
+        entry = self.registry.get(slide_id)
+        if entry is None:
+            raise StoreError(slide_id, "no store for this slide in the job")
+        enc = StoreEncoders.read(entry.store)
+        cfg = self.model.cfg
+        inputs = load_slide_inputs(entry.store, enc.patch_encoder, enc.region_input, cfg.max_regions, cfg.k, cfg.max_cells)
+        chat = ChatSession(self.model, inputs, system=self.system, max_new_tokens=self.max_new_tokens)
+        return ModelChat(self, chat, entry.store, enc)

@@ -2,7 +2,7 @@
 
 Writes a real pyramidal JPEG TIFF (OpenSlide generic-tiff, µm/px tags) with H&E-like tissue blobs and dark
 nuclei, and a store that follows ``hwsi.store``'s schema (regions, patches, tissue mask, SPF selection, cells with
-CSR offsets, random patch features), plus ``slides.json``. The nuclei in the store are the ones drawn in the image,
+CSR offsets and cell embeddings, random patch features with ``extract`` settings naming them), plus ``slides.json``. The nuclei in the store are the ones drawn in the image,
 so the overlay lines up with the pixels.
 """
 
@@ -55,6 +55,8 @@ def make_synthetic_job(
     patch_size: int = 128,
     k: int = 4,
     seed: int = 0,
+    feat_dim: int = 16,
+    cell_dim: int = 8,
 ) -> SyntheticSlide:
     """Write ``JOB/slides/<id>.tiff``, ``JOB/stores/<id>.h5`` and register it in ``JOB/slides.json``."""
     from hwsi.synth.pyramid import write_pyramid_tiff
@@ -106,7 +108,7 @@ def make_synthetic_job(
     pt = np.array(ptiss, bool).reshape(R, G)
     gy, gx = np.divmod(np.arange(G), gs)
     pc = np.stack([rc[:, None, 0] + gx[None] * patch_size, rc[:, None, 1] + gy[None] * patch_size], -1).astype(np.int64)
-    feats = rng.normal(size=(R, G, 32)).astype(np.float32)
+    feats = (rng.normal(size=(R, G, feat_dim)) * pt[..., None]).astype(np.float32)  # zeros off tissue, as extract
     rel = np.where(pt, rng.uniform(0.1, 0.9, (R, G)), np.nan).astype(np.float32)
     sel = np.full((R, k), -1, np.int32)
     for r in range(R):
@@ -135,7 +137,7 @@ def make_synthetic_job(
         slide_path=str(tiff.resolve()), slide_id=slide_id, mpp_level0=mpp, target_mpp=mpp, effective_mpp=mpp,
         region_size=region_size, patch_size=patch_size, region_size_level0=float(region_size),
         patch_size_level0=float(patch_size), level0_width=width, level0_height=height, mpp_source="tiff-resolution",
-        encoders={FEATURE_NAME: 32},
+        encoders={FEATURE_NAME: feat_dim},
     )
     store = job / "stores" / f"{slide_id}.h5"
     with atomic_path(store) as tmp, h5py.File(tmp, "w") as f:
@@ -154,6 +156,11 @@ def make_synthetic_job(
         f["cells/type"] = cat(ct_list, np.int8)
         f["cells/area_um2"] = cat(ca_list, np.float32)
         f["cells/offsets"] = offsets
+        f["cells/embeddings"] = rng.normal(size=(int(offsets[-1]), cell_dim)).astype(np.float32)
+        f.attrs["region_input"] = FEATURE_NAME
+        f.attrs["extract"] = json.dumps(
+            {"patch_encoder": FEATURE_NAME, "region_input": FEATURE_NAME, "text_encoder": "hash", "k": k}
+        )
         f["cells"].attrs["type_names"] = json.dumps({"0": "unknown", "1": "small_round", "2": "large_atypical", "3": "elongated"})
         for s in ("tile", "features", "spf", "cells"):
             mark_stage(f, s)
