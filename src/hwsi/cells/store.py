@@ -149,7 +149,8 @@ def write_cells(
         raise StoreError(f.filename, f"write_cells: {n} cells in offsets but columns/embeddings have other lengths")
     if (len(offsets) - 1) % grid_size:
         raise StoreError(f.filename, f"write_cells: offsets length {len(offsets)} is not R*{grid_size}+1")
-    embeddings = np.asarray(embeddings, dtype=np.float32).reshape(n, -1)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    embeddings = embeddings.reshape(n, embeddings.shape[-1] if embeddings.ndim == 2 else -1)  # n = 0 keeps its width
     if not append or GROUP not in f:
         if GROUP in f:
             del f[GROUP]
