@@ -168,7 +168,8 @@ def test_rerun_skips_and_changed_settings_redo(extracted: Path, models: Models) 
     res = run_extract(extracted, cfg, show_progress=False, models=m2)
     assert [o.status for o in res.outcomes] == ["done"]
     with h5py.File(store_path(extracted, "s1")) as f:
-        assert f["spf/selected"].shape == (4, 2) and "cells" not in f
+        assert f["spf/selected"].shape == (4, 2) and f["cells/embeddings"].shape[0] == 0
+        assert f["cells"].attrs["backend"] == "none" and "cells" not in json.loads(f.attrs["stages"])
         assert json.loads(f.attrs["extract"])["k"] == 2
 
 

@@ -323,6 +323,9 @@ class _CellWriter:
         g.attrs["backend"] = self.kind
         g.attrs["scope"] = "spf_selected"  # Eq. 3: only patches of R̂_i are segmented
         g.attrs["mpp"] = float(self.meta.effective_mpp)
+        from hwsi.cells import TYPE_NAMES
+
+        g.attrs["type_names"] = json.dumps({str(k): v for k, v in TYPE_NAMES.items()})
 
 
 # ------------------------------------------------------------------------------------------------ one slide
@@ -436,8 +439,9 @@ def extract_slide(
                 raise ExtractError("--cells cellvit needs a folder")
             tm.n_cells = _ingest_cellvit(f, meta, coords, f["regions/coords"][:], spf.selected, cellvit_dir)
             tm.cells += time.perf_counter() - t5
-        elif "cells" in f:  # --cells none: cells of an earlier selection would no longer match spf/selected
-            del f["cells"]
+        else:  # --cells none: an EMPTY, well-formed cells group (every patch gets CCAF's "no cells" token);
+            # cells of an earlier run would no longer match spf/selected
+            _write_empty_cells(f, meta, n_r, n_g)
             f.attrs["stages"] = json.dumps([s for s in json.loads(f.attrs.get("stages", "[]")) if s != "cells"])
         _write_spf(f, spf, models, cfg)
         if corrupt.any():
@@ -454,6 +458,14 @@ def extract_slide(
         tm.write += time.perf_counter() - t5
     tm.total = time.perf_counter() - t_start
     return tm
+
+
+def _write_empty_cells(f: h5py.File, meta: StoreMeta, n_r: int, n_g: int) -> None:
+    from hwsi.cells.store import cells_to_columns, write_cells
+
+    cols, emb, offs = cells_to_columns([], np.zeros(0), np.zeros(0), np.zeros((0, 2)), 1.0,
+                                       n_regions=n_r, grid_size=n_g)
+    write_cells(f, cols, emb, offs, grid_size=n_g, attrs={"backend": "none", "scope": "none"})
 
 
 def _write_spf(f: h5py.File, spf: SPFBatch, models: Models, cfg: ExtractConfig) -> None:
