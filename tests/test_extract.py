@@ -264,3 +264,21 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert main(["extract", str(tmp_path / "empty")]) == 2
     with pytest.raises(Exception, match="--cells must be"):
         ExtractConfig(cells="magic").validate()
+
+
+def test_separate_region_input_encoder(slide_file: Path, models: Models, tmp_path: Path) -> None:
+    from hwsi.features.encoders import create_encoder, encoder_entry
+
+    store = tiled_job(slide_file, tmp_path / "job")
+    hipt = create_encoder("hipt_vit256", **encoder_entry("hipt_vit256").tiny)
+    m = Models(**{**models.__dict__, "region_encoder": hipt, "region_name": "hipt_vit256",
+                  "settings": {**models.settings, "region_input": "hipt_vit256"}})
+    tm = extract_slide(store, m, ExtractConfig(k=4, n_div=8, cells="none"))
+    assert tm.region_input > 0
+    with h5py.File(store) as f:
+        tissue = f["patches/tissue"][:]
+        ri = f["patches/hipt_vit256"][:]
+        assert ri.shape == (4, 16, hipt.embed_dim) and f["patches/hipt_vit256"].chunks == (1, 16, hipt.embed_dim)
+        assert f.attrs["region_input"] == "hipt_vit256" and f.attrs["patch_encoder"] == "hwsi_small_patch"
+        assert json.loads(f.attrs["encoders"]) == {"hwsi_small_patch": 384, "hipt_vit256": hipt.embed_dim}
+    assert (ri[~tissue] == 0).all() and (np.abs(ri[tissue]).sum(1) > 0).all()
