@@ -4,7 +4,7 @@ peak RSS, so the bottleneck is visible.
     .venv/bin/python benchmarks/extract.py                    # 8192² SynthPath slide, 4096² regions, 256² patches
     .venv/bin/python benchmarks/extract.py --side 4096 --threads 1 --batch-size 128 --cells none
 
-The slide is a SynthPath slide (hwsi.synth) at 0.5 µm/px written once into --work (reused on later runs); it is
+The slide is a SynthPath slide (hwsi.synth) at 0.5 µm/px written once into --work (default: $TMPDIR/hwsi-bench-extract, reused on later runs); it is
 tiled with `hwsi tile` settings, then extracted with the default small patch encoder (hwsi_small_patch, random
 weights unless --patch-encoder NAME:CKPT) and the built-in nucleus segmentation on the SPF-selected patches.
 Model loading (MiniLM, encoder) is timed separately and excluded from the throughput.
@@ -16,6 +16,7 @@ import argparse
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def make_slide(work: Path, side: int, seed: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("bench_out/extract"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hwsi-bench-extract")
     ap.add_argument("--side", type=int, default=8192, help="slide side in level-0 px (0.5 µm/px)")
     ap.add_argument("--region-size", type=int, default=4096)
     ap.add_argument("--patch-size", type=int, default=256)
