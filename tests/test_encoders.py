@@ -465,6 +465,10 @@ def test_conch_text_checkpoint_and_tokenizer(tmp_path: Path) -> None:
         want = _ref_conch_text(sd, ids, layers, heads)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(enc.encode(texts, batch_size=1), want.numpy(), rtol=1e-4, atol=1e-4)
+    # our own format round-trips a text encoder too (config incl. the tokenizer path)
+    own_dir = save_encoder(enc, tmp_path / "conch_text_own")
+    again = create_text_encoder("conch_text", checkpoint=own_dir)
+    np.testing.assert_array_equal(again.encode(texts), enc.encode(texts))
     # without a tokenizer: a clear error
     bare = create_text_encoder("conch_text", **encoder_entry("conch_text", "text").tiny)
     with pytest.raises(EncoderError, match="tokenizer"):
