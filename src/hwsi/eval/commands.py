@@ -1,9 +1,66 @@
-"""CLI commands of hwsi.eval (registered by hwsi.cli)."""
+"""CLI commands of hwsi.eval (registered by hwsi.cli): ``hwsi eval``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
+
+    @app.command("eval")
+    def eval_(
+        task: list[str] = typer.Option(
+            ["all"], "--task",
+            help="Task(s): zero_shot, linear_probe, slide_retrieval, cross_modal_retrieval, vqa, report, caption, "
+            "or all (repeat --task for several).",
+        ),
+        data: Path = typer.Option(..., "--data", help="SynthPath cohort folder (cohort.json) or a record file "
+                                  "(WSI-Bench test jsonl, SlideBench csv/json, WSI-VQA, HistGen json)."),
+        model: Path = typer.Option(..., "--model", help="Training run folder (hwsi.train)."),
+        job: Path = typer.Option(None, "--job", help="Job folder with stores/<slide_id>.h5 (default: DATA/job)."),
+        out: Path = typer.Option(Path("eval_out"), "--out", help="Output folder: <task>.json, <task>.md, summary.md."),
+        convention: str = typer.Option("wsi-bench", "--convention", help="Generation metrics: wsi-bench or coco."),
+        coco_tokenizer: str = typer.Option("ptb", "--coco-tokenizer", help="coco only: ptb (Java) or simple."),
+        limit: int = typer.Option(0, "--limit", help="First N test samples per task (0 = all)."),
+        split: str = typer.Option("test", "--split", help="Evaluated split (SynthPath: test or val)."),
+        labels: Path = typer.Option(None, "--labels", help="Record-file data: CSV slide_id,label[,split] for the "
+                                    "classification / retrieval tasks."),
+        label_key: str = typer.Option("diagnosis", "--label-key", help="SynthPath label: a fact name or 'label'."),
+        prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt file (CONCH/MI-Zero json or TITAN "
+                                     "yaml); default: the packaged SynthPath prompts."),
+        prompt_set: int = typer.Option(0, "--prompt-set", help="Index of the prompt set in the file."),
+        text_encoder: str = typer.Option("minilm", "--text-encoder", help="Text encoder (registry name)."),
+        embedding: str = typer.Option("auto", "--embedding", help="Slide embedding: auto, z_wsi or slide_token."),
+        max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="0 = per task (report 256, caption 96, vqa 64)."),
+        batch_size: int = typer.Option(4, "--batch-size", help="Slides per forward / generate call."),
+        no_shuffle: bool = typer.Option(False, "--no-shuffle", help="Skip the shuffled-visual-tokens baseline."),
+        no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (the slow metric)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the shuffled-visual derangement."),
+    ) -> None:
+        """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
+        from hwsi.eval.tasks import TASKS, EvalConfig, TaskError, load_eval_data, load_model, run_all
+
+        names = list(TASKS) if "all" in task else task
+        bad = [t for t in names if t not in TASKS]
+        if bad:
+            raise TaskError(f"unknown task(s) {bad}; choose from {list(TASKS)} or all")
+        if convention not in ("wsi-bench", "coco"):
+            raise TaskError(f"unknown convention {convention!r}; use wsi-bench or coco")
+        cfg = EvalConfig(convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor, limit=limit,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle,
+                         shuffle_seed=seed, text_encoder=text_encoder, prompt_file=str(prompts or ""),
+                         prompt_set=prompt_set, label_key=label_key, embedding=embedding)
+        ev = load_eval_data(data, job, split=split, label_key=label_key, labels_csv=labels)
+        typer.echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
+        if ev.missing_stores:
+            typer.echo(f"warning: {len(ev.missing_stores)} slides have no store: {ev.missing_stores[:10]}")
+        mdl = load_model(model)
+        results = run_all(mdl, ev, cfg, tasks=names, out=out)
+        for name, r in results.items():
+            typer.echo(f"{name}: " + (f"skipped ({r.skipped})" if r.skipped else f"written {out / (name + '.json')}"))
+        typer.echo(f"summary: {out / 'summary.md'}")
+        if all(r.skipped for r in results.values()):
+            raise typer.Exit(1)
