@@ -219,6 +219,8 @@ def train_small_encoder(
     ``val_dataset``, a stratified ``val_fraction`` of it is held out.
     ``text_encoder`` to ``create_text_encoder(cfg.text_encoder)`` (pass one in to reuse a loaded model).
     """
+    import torch
+
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
