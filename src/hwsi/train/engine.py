@@ -1,0 +1,397 @@
+"""The training loop shared by every stage: accelerate from one CPU process to many GPUs, exact resumption.
+
+``Engine(stage_dir, optim_cfg, seed, precision).fit(model, items, step_fn, resume=...)`` runs AdamW with a warmup +
+cosine/linear/constant schedule over ``items`` (anything indexable: slides, conversations), calling
+``step_fn(model, micro_batch_items) -> (loss, {term: value})`` for each micro-batch.
+
+Data order. Epoch ``e`` visits ``items`` in the permutation drawn from ``torch.Generator`` seeded with
+``(seed, e)`` — independent of every other random stream — so the data-order position is just the optimizer step
+(epoch = step // steps_per_epoch, offset = step % steps_per_epoch). Each global batch of ``batch_size`` indices is
+split across processes and then into micro-batches of ``micro_batch_size`` (gradient accumulation via
+``Accelerator.accumulate``). A last partial batch of an epoch is dropped, so every optimizer step sees the same
+number of items. Fewer items than ``batch_size``: the batch shrinks to the largest multiple of
+``micro_batch_size × processes`` that fits (logged).
+
+Checkpoints (``stage_dir/checkpoints/step_NNNNNNN/``, written to ``*.tmp`` then renamed; ``checkpoints/last``
+names the newest; the oldest beyond ``keep_checkpoints`` are deleted) hold the TRAINABLE weights only
+(``requires_grad``), optimizer and scheduler state, the RNG states (python, numpy, torch, CUDA) of every process
+and the step. ``fit(resume=True)`` restores all of it and truncates ``metrics.csv`` to the checkpoint's step, so a
+stopped and resumed CPU run logs exactly the losses of an uninterrupted one. Under DeepSpeed the model/optimizer
+state goes through ``Accelerator.save_state`` (sharded ZeRO-3 files) instead.
+
+Metrics: ``stage_dir/metrics.csv`` (step, epoch, loss, lr, the step function's terms, seconds; losses written
+with ``repr`` so they round-trip exactly), TensorBoard events in ``stage_dir/tb`` when ``tensorboard`` is
+installed, and a tqdm progress bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hwsi.errors import HwsiError
+from hwsi.train.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[nn.Module, list[Any]], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainError(HwsiError):
+    """A training run cannot start or continue (missing checkpoint, mismatched weights, no data)."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The permutation of ``range(n)`` visited in ``epoch`` (its own generator: resumable from the step alone)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at scheduler step ``s``: linear warmup, then cosine/linear decay to 0 or constant."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        p = min(1.0, (s - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
+
+    return f
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require grad, detached on CPU (what checkpoints and stage outputs hold)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "") -> None:
+    """Copy ``state`` into ``model``'s parameters; every trainable parameter must be present, nothing unknown."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+    if unknown or missing:
+        raise TrainError(f"{where}: weights do not match the model (unknown {unknown[:5]}, missing {missing[:5]})")
+    with torch.no_grad():
+        for n, v in state.items():
+            if params[n].shape != v.shape:
+                raise TrainError(f"{where}: {n} has shape {tuple(v.shape)}, the model {tuple(params[n].shape)}")
+            params[n].copy_(v.to(params[n].dtype))
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per logged optimizer step; header fixed by the first row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fields: list[str] | None = None
+        if path.is_file():
+            with path.open(newline="") as f:
+                self._fields = next(csv.reader(f), None)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate(self, step: int) -> None:
+        """Drop rows after ``step`` (logged past the checkpoint a run resumes from); atomic rewrite."""
+        if not self.path.is_file() or not self._fields:
+            return
+        keep = [r for r in self.rows() if int(r["step"]) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, self._fields)
+            w.writeheader()
+            w.writerows(keep)
+        tmp.replace(self.path)
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._fields = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = self._fields is None
+        if new:
+            self._fields = list(row)
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, self._fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Engine.fit` did."""
+
+    steps: int  # optimizer steps done in total (including before a resume)
+    total_steps: int
+    finished: bool
+    losses: list[float]  # loss of every logged step from metrics.csv (all sessions of the run)
+    last_checkpoint: Path | None
+    seconds: float
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+
+def _open_tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))
+
+
+class Engine:
+    """One stage's optimisation loop (see the module docstring)."""
+
+    def __init__(self, stage_dir: str | Path, cfg: OptimConfig, seed: int, precision: str = "no",
+                 progress: bool = True, name: str = "train") -> None:
+        from accelerate import Accelerator
+
+        self.dir = Path(stage_dir)
+        self.cfg = cfg
+        self.seed = seed
+        self.name = name
+        self.progress = progress
+        from accelerate import PartialState
+
+        self.accum = cfg.accumulation(PartialState().num_processes)
+        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.dir / "checkpoints"
+        self.metrics = MetricsLog(self.dir / "metrics.csv")
+
+    # ------------------------------------------------------------------ plan
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def batch_plan(self, n: int) -> tuple[int, int]:
+        """(global batch size actually used, optimizer steps per epoch) for ``n`` items."""
+        if n < 1:
+            raise TrainError(f"{self.name}: no training items")
+        unit = self.cfg.micro_batch_size * self.accelerator.num_processes
+        b = self.cfg.batch_size
+        if n < b:
+            b = max(unit, (n // unit) * unit)
+            if n < unit:
+                raise TrainError(f"{self.name}: {n} items, fewer than one micro-batch per process ({unit})")
+            log.warning("%s: %d items < batch_size %d; using batches of %d", self.name, n, self.cfg.batch_size, b)
+        return b, n // b
+
+    def total_steps(self, n: int) -> int:
+        _, per_epoch = self.batch_plan(n)
+        return self.cfg.max_steps or self.cfg.epochs * per_epoch
+
+    def _micro_batches(self, idx: list[int]) -> list[list[int]]:
+        """This process's share of a global batch, cut into micro-batches."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        share = len(idx) // world
+        mine = idx[rank * share:(rank + 1) * share]
+        m = max(1, len(mine) // self.accum)
+        return [mine[i * m:(i + 1) * m] for i in range(self.accum)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def last_checkpoint(self) -> Path | None:
+        ptr = self.ckpt_root / "last"
+        if not ptr.is_file():
+            return None
+        path = self.ckpt_root / ptr.read_text().strip()
+        return path if (path / "state.json").is_file() else None
+
+    def _save(self, model: nn.Module, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        name = f"step_{step:07d}"
+        final = self.ckpt_root / name
+        tmp = self.ckpt_root / (name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            acc.save_state(str(tmp / "accelerate"))
+        elif self.is_main:
+            torch.save(trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if self.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": step, "seed": self.seed, "processes": acc.num_processes, **extra}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ptr_tmp = self.ckpt_root / "last.tmp"
+            ptr_tmp.write_text(name)
+            os.replace(ptr_tmp, self.ckpt_root / "last")
+            done = sorted(p for p in self.ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in done[: max(0, len(done) - max(1, self.cfg.keep_checkpoints))]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _load(self, path: Path, model: nn.Module, optimizer, scheduler) -> int:
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        state = json.loads((path / "state.json").read_text())
+        if state.get("processes", 1) != acc.num_processes:
+            log.warning("%s: checkpoint written by %d processes, resuming with %d: data order per process changes",
+                        self.name, state.get("processes"), acc.num_processes)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            acc.load_state(str(path / "accelerate"))
+        else:
+            load_trainable_state(acc.unwrap_model(model), torch.load(path / "trainable.pt", weights_only=True),
+                                 str(path))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng = path / f"rng_{acc.process_index}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ optimiser
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and self.cfg.weight_decay else no_decay).append(p)
+        if not decay and not no_decay:
+            raise TrainError(f"{self.name}: the model has no trainable parameters")
+        groups = [{"params": g, "weight_decay": wd} for g, wd in ((decay, self.cfg.weight_decay), (no_decay, 0.0)) if g]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, model: nn.Module, items: Sequence[Any], step_fn: StepFn, resume: bool = False,
+            stop_after: int | None = None, extra_state: dict[str, Any] | None = None) -> FitResult:
+        """Train ``model`` (its ``requires_grad`` parameters) on ``items``; see the module docstring.
+
+        ``stop_after``: stop (with a checkpoint) once this many optimizer steps are done in total — an
+        interruption, the schedule is still the full run's.
+        """
+        t0 = time.perf_counter()
+        acc = self.accelerator
+        batch, per_epoch = self.batch_plan(len(items))
+        total = self.cfg.max_steps or self.cfg.epochs * per_epoch
+        warmup = int(self.cfg.warmup_ratio * total)
+        optimizer = self._optimizer(model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.scheduler, warmup, total))
+        model, optimizer = acc.prepare(model, optimizer)
+        step = 0
+        ckpt = self.last_checkpoint() if resume else None
+        if resume and ckpt is None:
+            log.info("%s: --resume but no checkpoint in %s; starting from step 0", self.name, self.ckpt_root)
+        if ckpt is not None:
+            step = self._load(ckpt, model, optimizer, scheduler)
+            if self.is_main:
+                self.metrics.truncate(step)
+            log.info("%s: resumed from %s (step %d/%d)", self.name, ckpt, step, total)
+        elif self.is_main:
+            self.metrics.reset()
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        acc.wait_for_everyone()
+        self.metrics = MetricsLog(self.metrics.path)
+        tb = _open_tensorboard(self.dir / "tb") if self.is_main else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=self.name, unit="step",
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        every = self.cfg.checkpoint_every or per_epoch
+        last_ckpt = ckpt
+        model.train()
+        while step < total:
+            epoch, pos = divmod(step, per_epoch)
+            order = epoch_order(self.seed, epoch, len(items))
+            idx = order[pos * batch:(pos + 1) * batch]
+            losses: list[float] = []
+            terms: dict[str, list[float]] = {}
+            for micro in self._micro_batches(idx):
+                with acc.accumulate(model):
+                    loss, parts = step_fn(model, [items[i] for i in micro])
+                    if not torch.isfinite(loss):
+                        raise TrainError(f"{self.name}: non-finite loss {loss.item()} at step {step + 1}")
+                    acc.backward(loss)
+                    if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                for k, v in parts.items():
+                    terms.setdefault(k, []).append(float(v))
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            mean_loss = self._reduce(sum(losses) / len(losses))
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if self.is_main and (step % self.cfg.log_every == 0 or step == total):
+                row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr)}
+                row.update({k: self._reduce(sum(v) / len(v)) for k, v in sorted(terms.items())})
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                self.metrics.append(row)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k not in ("step", "epoch", "seconds"):
+                            tb.add_scalar(f"{self.name}/{k}", v, step)
+            stopping = stop_after is not None and step >= stop_after
+            if step % every == 0 or step == total or stopping:
+                last_ckpt = self._save(model, optimizer, scheduler, step, extra_state or {})
+            if stopping:
+                break
+        bar.close()
+        if tb is not None:
+            tb.close()
+        rows = self.metrics.rows() if self.is_main else []
+        return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
+                         time.perf_counter() - t0, rows)
+
+    def _reduce(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="mean")[0])
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+

@@ -1,0 +1,148 @@
+"""hwsi.train: every stage on a tiny synthetic job (h5py stores + WSI-Bench records + facts), CPU, seconds.
+
+``make_job`` / ``tiny_config`` are imported by the other test_train*.py files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hwsi.train.config import TrainConfig, load_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+DP, DIN, DC = 384, 8, 5  # patch features in MiniLM's 384-d space (positives need the shared space)
+DIAG = ["benign", "carcinoma", "dysplasia"]
+GRADE = ["low", "high", "none"]
+
+
+def write_store(path: Path, seed: int, n_regions: int = 3, side: int = 2, k_store: int = 3) -> None:
+    """A store with hwsi.store's layout (the datasets hwsi.model.inputs reads)."""
+    rng = np.random.default_rng(seed)
+    g = side * side
+    counts = rng.integers(0, 4, size=n_regions * g)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    coords = np.stack([np.arange(n_regions) * 1000, np.zeros(n_regions)], 1).astype(np.int64)
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(g, 2)[None] * 250
+    sel = np.stack([rng.permutation(g)[:k_store] for _ in range(n_regions)]).astype(np.int32)
+    with h5py.File(path, "w") as f:
+        f.attrs["schema_version"] = 1
+        f.attrs["slide_id"] = path.stem
+        f.attrs["region_size_level0"] = 1000.0
+        f["regions/coords"] = coords
+        f["regions/tissue"] = np.ones(n_regions, np.float32)
+        f["patches/coords"] = (coords[:, None, :] + grid).astype(np.int64)
+        f["patches/tissue"] = np.ones((n_regions, g), bool)
+        f["patches/hwsi_small_patch"] = rng.normal(size=(n_regions, g, DP)).astype(np.float32)
+        f["patches/rin"] = rng.normal(size=(n_regions, g, DIN)).astype(np.float32)
+        f["spf/relevance"] = rng.uniform(size=(n_regions, g)).astype(np.float32)
+        f["spf/selected"] = sel
+        f["cells/offsets"] = offsets
+        f["cells/embeddings"] = rng.normal(size=(int(offsets[-1]), DC)).astype(np.float32)
+
+
+def make_job(root: Path, n: int = 6, missing: int = 1) -> Path:
+    """JOB/stores/*.h5 for ``n`` slides, JOB/text/train.json (+ records of ``missing`` slides without a store),
+    JOB/facts.json. Each slide: a report request, a closed question and a two-turn conversation."""
+    job = root / "job"
+    (job / "stores").mkdir(parents=True)
+    (job / "text").mkdir()
+    records, facts = [], {}
+    for i in range(n + missing):
+        sid = f"s{i:02d}"
+        d, g = DIAG[i % 3], GRADE[i % 3]
+        facts[sid] = {"diagnosis": d, "grade": g, "glands": "yes" if i % 2 else "no", "n_lesion_regions": i % 3}
+        report = (f"The slide shows {d}, {g} grade. Glands are {'present' if i % 2 else 'absent'}, with "
+                  f"atypical nuclei in {i % 3} regions. Final diagnosis: {d}.")
+        records += [
+            {"id": f"{sid}_0", "image": f"{sid}.pt", "conversations": [
+                {"from": "human", "value": "<image>\nWrite the report."}, {"from": "gpt", "value": report}]},
+            {"id": f"{sid}_1", "image": f"{sid}.pt", "conversations": [
+                {"from": "human", "value": "<image>\nWhat is the grade?"}, {"from": "gpt", "value": f"{g} grade."},
+                {"from": "human", "value": "And the diagnosis?"}, {"from": "gpt", "value": f"{d}."}]},
+        ]
+        if i < n:
+            write_store(job / "stores" / f"{sid}.h5", seed=i)
+    (job / "text" / "train.json").write_text(json.dumps(records))
+    (job / "facts.json").write_text(json.dumps(facts))
+    return job
+
+
+def tiny_config(**stage_steps: int) -> TrainConfig:
+    """configs/tiny.yaml shrunk to a few optimizer steps per stage (``stage1=3`` etc.)."""
+    cfg = load_train_config(REPO / "configs" / "tiny.yaml")
+    cfg.data.region_input = "rin"
+    cfg.model.max_regions, cfg.model.k = 3, 2
+    cfg.tiny_llm.vocab_size, cfg.tiny_llm.hidden = 300, 32
+    cfg.model.projector.hidden = 16
+    for s in range(4):
+        st = cfg.stage(s)
+        st.max_steps = stage_steps.get(f"stage{s}", 2)
+        st.batch_size = st.micro_batch_size = 2
+        st.log_every = 1
+    cfg.stage3.lora_rank, cfg.stage3.lora_alpha = 4, 8
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Path, Path]:
+    """A job and a run folder where stages 0-3 ran a few steps each (shared by the tests of this module)."""
+    from hwsi.train.stages import run_stage
+
+    root = tmp_path_factory.mktemp("train")
+    job = make_job(root)
+    out = root / "run"
+    cfg = tiny_config()
+    results = [run_stage(s, cfg, job, out, progress=False) for s in range(4)]
+    for r in results:
+        assert r.finished and r.output is not None and r.output.exists()
+        assert len(r.losses) == 2 and all(np.isfinite(r.losses)), r.losses
+    return cfg, job, out
+
+
+def test_every_stage_writes_its_outputs(run: tuple[TrainConfig, Path, Path]) -> None:
+    cfg, job, out = run
+    assert (out / "stage0" / "llm" / "config.json").is_file()
+    assert (out / "stage1" / "final" / "alignment.safetensors").is_file()
+    assert (out / "stage2" / "final" / "projectors.safetensors").is_file()
+    assert (out / "stage3" / "final" / "lora" / "adapter_config.json").is_file()
+    saved = load_train_config(out / "config.yaml")
+    assert saved.model.hierarchy.patch_dim == DP and saved.model.hierarchy.vit4k.in_dim == DIN
+    assert saved.model.hierarchy.ccaf.in_dim == DC and saved.model.projector.llm_dim == 32
+    header = (out / "stage1" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for term in ("loss", "lr", "L_cells", "L_patches", "L_regions", "L_c", "L_wsi"):
+        assert term in header
+
+
+def test_resume_of_a_finished_stage_does_nothing(run: tuple[TrainConfig, Path, Path]) -> None:
+    from hwsi.train.stages import run_stage
+
+    cfg, job, out = run
+    before = (out / "stage2" / "final" / "projectors.safetensors").stat().st_mtime_ns
+    r = run_stage(2, cfg, job, out, resume=True, progress=False)
+    assert r.finished and len(r.losses) == 2
+    assert (out / "stage2" / "final" / "projectors.safetensors").stat().st_mtime_ns == before
+
+
+def test_load_trained_model_answers_deterministically(run: tuple[TrainConfig, Path, Path]) -> None:
+    from hwsi.model.inputs import collate_slides
+    from hwsi.train.inference import load_trained_model, slide_inputs_for
+
+    cfg, job, out = run
+    model = load_trained_model(out)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # merged into the base weights
+    x = slide_inputs_for(job / "stores" / "s01.h5", out)
+    batch = collate_slides([x])
+    a = model.generate(batch, ["What is the grade?"], max_new_tokens=6)
+    b = model.generate(batch, ["What is the grade?"], max_new_tokens=6)
+    assert a == b and isinstance(a[0], str)
+    wrapped = load_trained_model(out, merge=False)
+    assert any("lora_" in n for n, _ in wrapped.named_parameters())
+    torch.testing.assert_close(wrapped.llm(inputs_embeds=torch.ones(1, 3, 32) * 0.01).logits,
+                               model.llm(inputs_embeds=torch.ones(1, 3, 32) * 0.01).logits, atol=1e-4, rtol=1e-4)
