@@ -79,6 +79,7 @@ def tiny_assistant(job: Path, llm_root: Path, train_steps: int = 0) -> ModelAssi
         projector=ProjectorConfig(hidden=24, llm_dim=32),
         k=4,
         max_cells=32,
+        max_regions=4,  # 45 visual tokens: keeps the fixture's training steps short
     )
     model = MLLMHWSI.from_config(cfg, llm, tok)
     if train_steps:

@@ -17,6 +17,7 @@ const state = {
   nuclei: null, nucleiBox: null, nucleiTimer: null,
   session: null, busy: false,
   tokenEvents: 0,     // streamed token events received (for tests and the status line)
+  shown: [],          // length of the displayed answer after each token event of the current answer
 };
 window.hwsi = { state };
 
@@ -247,6 +248,7 @@ async function ask(question) {
   text.className = "answer-text";
   msg.append(text);
   document.body.dataset.chat = "streaming";
+  state.shown = [];
   try {
     if (!state.session || state.session.slide !== state.slide.id) {
       const r = await api("/api/chat", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ slide_id: state.slide.id }) });
@@ -281,6 +283,7 @@ async function ask(question) {
 async function handleEvent(ev, msg, text, sess) {
   if (ev.type === "token") {
     text.textContent += ev.text;
+    state.shown.push(text.textContent.length);
     state.tokenEvents++;
     document.body.dataset.tokens = String(state.tokenEvents);
   } else if (ev.type === "error") {
