@@ -185,6 +185,8 @@ def test_each_task_end_to_end(task: str, cohort: Path, model: MLLMHWSI, tmp_path
         m = res.metrics
         assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["weighted_f1"] <= 1.0
         assert np.asarray(m["confusion_matrix"]).sum() == m["n"] == 5
+        assert ("CONCH/MI-Zero" if task == "zero_shot" else "LogisticRegression") in res.markdown
+        assert "balanced_accuracy" in res.metrics["convention"]
         png = Path(res.figures["confusion_matrix"])
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     if task in ("vqa", "report", "caption"):

@@ -396,7 +396,8 @@ def task_zero_shot(model: Any, data: EvalData, cfg: EvalConfig, text_encoder: Te
     metrics = {"convention": "zero-shot: CONCH/MI-Zero prompt ensembling (templates x class names, mean of unit "
                "text embeddings), cosine vs z_WSI; " + sc["convention"],
                "prompt_source": ps.source, "n_prompts": {c: len(p) for c, p in prompts.items()},
-               "text_encoder": getattr(enc, "name", "") or cfg.text_encoder, **sc}
+               "text_encoder": getattr(enc, "name", "") or cfg.text_encoder,
+               **{k: v for k, v in sc.items() if k != "convention"}}
     preds = [{"slide_id": s, "label": t, "prediction": p, "similarities": dict(zip(classes, map(float, row)))}
              for s, t, p, row in zip(ids, y, pred, sims, strict=True)]
     md = "\n\n".join([
@@ -426,7 +427,7 @@ def task_linear_probe(model: Any, data: EvalData, cfg: EvalConfig, text_encoder:
     sc = res.test
     metrics = {"convention": f"{res.convention}; embedding {kind}; {sc['convention']}", "embedding": kind,
                "best_C": res.best_C, "val_balanced_accuracy": res.val_balanced_accuracy,
-               "n_train": len(tr), "n_val": len(va), **sc}
+               "n_train": len(tr), "n_val": len(va), **{k: v for k, v in sc.items() if k != "convention"}}
     preds = [{"slide_id": s, "label": t, "prediction": str(p)} for s, t, p in zip(te, lab(te), res.test_pred, strict=True)]
     md = "\n\n".join([
         f"## Linear probe ({data.source}, train {len(tr)} / val {len(va)} / {data.split} {len(te)} slides)",
@@ -681,16 +682,20 @@ def write_task(result: TaskResult, out: str | Path, figures: bool = True) -> dic
 
 
 def load_model(run_dir: str | Path) -> Any:
-    """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder (``hwsi.train.load_trained_model``)."""
-    try:
-        import hwsi.train as train
+    """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder.
 
-        loader = getattr(train, "load_trained_model", None)
-        if loader is None:
-            from hwsi.train.run import load_trained_model as loader  # type: ignore[no-redef]
-    except ImportError as exc:
-        raise TaskError(f"{run_dir}: this hwsi has no hwsi.train.load_trained_model to read a training run") from exc
-    return loader(run_dir)
+    Uses ``load_trained_model(run_dir)`` of hwsi.train (looked up in ``hwsi.train``, then ``hwsi.train.stages``).
+    """
+    import importlib
+
+    for mod in ("hwsi.train", "hwsi.train.stages"):
+        try:
+            loader = getattr(importlib.import_module(mod), "load_trained_model", None)
+        except ImportError:
+            loader = None
+        if loader is not None:
+            return loader(run_dir)
+    raise TaskError(f"{run_dir}: this hwsi has no hwsi.train load_trained_model to read a training run")
 
 
 __all__ = [
