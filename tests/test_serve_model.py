@@ -147,15 +147,12 @@ def test_model_chat_over_http(setup: tuple[Path, ModelAssistant]) -> None:
         assert hm["signal"] == RELEVANCE_SIGNAL and len(hm["scores"][0]) == 16
 
 
-def test_model_load_without_loader_is_clear(setup: tuple[Path, ModelAssistant], tmp_path: Path) -> None:
+def test_model_load_names_a_bad_run_folder(setup: tuple[Path, ModelAssistant], tmp_path: Path) -> None:
+    from hwsi.cli import main
     from hwsi.errors import HwsiError
 
     job, _ = setup
-    try:
-        from hwsi.model.mllm import load_mllm  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        with pytest.raises(HwsiError, match="load_mllm"):
-            ModelAssistant.load(tmp_path, job)
-    else:
-        with pytest.raises(Exception):
-            ModelAssistant.load(tmp_path / "missing", job)
+    with pytest.raises(HwsiError, match="config.yaml"):
+        ModelAssistant.load(tmp_path, job)
+    # `hwsi serve --model` with a folder that is not a run: one clear error line, exit code 2, no server
+    assert main(["serve", str(job), "--model", str(tmp_path), "--port", "0"]) == 2

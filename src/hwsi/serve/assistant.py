@@ -216,7 +216,9 @@ class ModelAssistant:
     """The :class:`Assistant` over a trained MLLM-HWSI (``hwsi.model.mllm.MLLMHWSI``).
 
     ``text_encode`` maps (encoder name, texts) to embeddings; by default the registry's text encoder of that name
-    (``hwsi.features.encoders.create_text_encoder``), created once and shared by all chats.
+    (``hwsi.features.encoders.create_text_encoder``), created once and shared by all chats. ``inputs_fn`` reads a
+    store into ``SlideInputs`` (default: the store's recorded encoders and the model config's selection sizes).
+    Sessions share the model (inference only, no grad); each holds its own KV cache.
     """
 
     def __init__(
@@ -227,6 +229,7 @@ class ModelAssistant:
         text_encode: Callable[[str, list[str]], np.ndarray] | None = None,
         max_new_tokens: int = 256,
         system: str | None = None,
+        inputs_fn: Callable[[Path], Any] | None = None,
     ) -> None:
         from hwsi.serve.registry import SlideRegistry
 
@@ -238,20 +241,22 @@ class ModelAssistant:
         self._lock = threading.Lock()
         self.max_new_tokens = max_new_tokens
         self.system = system
+        self._inputs_fn = inputs_fn
 
     @classmethod
     def load(cls, model_dir: str | Path, job: str | Path) -> "ModelAssistant":
-        """Load a trained model folder with ``hwsi.model.mllm.load_mllm`` (written by `hwsi train`)."""
-        from hwsi.errors import HwsiError
+        """A trained run folder of `hwsi train` (hwsi.train.inference.load_trained_model; LoRA merged); slide inputs
+        are selected with the run's settings (encoders, max_regions, k, max_cells)."""
+        from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
 
-        try:
-            from hwsi.model.mllm import load_mllm  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise HwsiError(
-                f"{model_dir}: cannot load a trained model: this hwsi has no hwsi.model.mllm.load_mllm"
-            ) from exc
-        model = load_mllm(model_dir)
-        return cls(model, job, name=f"hwsi-mllm ({Path(model_dir).name})")
+        cfg = run_config(model_dir)
+        model = load_trained_model(model_dir)
+        return cls(
+            model,
+            job,
+            name=f"hwsi-mllm ({Path(model_dir).name})",
+            inputs_fn=lambda store: slide_inputs_for(store, cfg=cfg),
+        )
 
     def encode_text(self, encoder: str, texts: list[str]) -> np.ndarray:
         if self._text_encode is not None:
@@ -273,7 +278,12 @@ class ModelAssistant:
         if entry is None:
             raise StoreError(slide_id, "no store for this slide in the job")
         enc = StoreEncoders.read(entry.store)
-        cfg = self.model.cfg
-        inputs = load_slide_inputs(entry.store, enc.patch_encoder, enc.region_input, cfg.max_regions, cfg.k, cfg.max_cells)
+        if self._inputs_fn is not None:
+            inputs = self._inputs_fn(entry.store)
+        else:
+            cfg = self.model.cfg
+            inputs = load_slide_inputs(
+                entry.store, enc.patch_encoder, enc.region_input, cfg.max_regions, cfg.k, cfg.max_cells
+            )
         chat = ChatSession(self.model, inputs, system=self.system, max_new_tokens=self.max_new_tokens)
         return ModelChat(self, chat, entry.store, enc)
