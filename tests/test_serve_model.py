@@ -156,3 +156,30 @@ def test_model_load_names_a_bad_run_folder(setup: tuple[Path, ModelAssistant], t
         ModelAssistant.load(tmp_path, job)
     # `hwsi serve --model` with a folder that is not a run: one clear error line, exit code 2, no server
     assert main(["serve", str(job), "--model", str(tmp_path), "--port", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_model_assistant_loads_a_train_run(tmp_path: Path) -> None:
+    """`hwsi serve --model RUN` path: a run folder written by hwsi.train (a few steps per stage) loads, answers and
+    gives evidence with the store's real text encoder (MiniLM, 384-d like the stores' patch features)."""
+    import h5py
+
+    from hwsi.store import StoreMeta, write_meta
+    from hwsi.train.stages import run_stage
+    from test_train import make_job, tiny_config
+
+    job = make_job(tmp_path)
+    out, cfg = tmp_path / "run", tiny_config()
+    for s in range(4):
+        run_stage(s, cfg, job, out, progress=False)
+    for p in (job / "stores").glob("*.h5"):  # the training fixture's stores lack the file attributes serve reads
+        with h5py.File(p, "a") as f:
+            write_meta(f, StoreMeta(str(p), p.stem, 0.5, 0.5, 0.5, 1000, 500, 1000.0, 500.0, 3000, 1000,
+                                    encoders={"hwsi_small_patch": 384}))
+            f.attrs["extract"] = json.dumps({"patch_encoder": "hwsi_small_patch", "text_encoder": "minilm"})
+    assistant = ModelAssistant.load(out, job)
+    chat = assistant.start("s00")
+    pieces = list(chat.ask("What is the grade?", 6))
+    assert len(pieces) >= 1
+    ev = chat.evidence("What is the grade?", "".join(pieces))
+    assert ev.heatmap.shape == (3, 4) and [e.kind for e in ev.items][:3] == ["region"] * 3
