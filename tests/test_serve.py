@@ -450,3 +450,17 @@ def test_parallel_tiles_and_chats_do_not_mix(job: Path) -> None:
         assert answers == [f"echo 1: {q}" for q in questions]
         assert second.result() == 409  # one question at a time per chat
         assert http.get("/api/health").json()["ok"]
+
+
+def test_missing_slide_file_is_503_and_server_keeps_serving(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    make_synthetic_job(job, "gone", width=1024, height=768, region_size=256, patch_size=64)
+    make_synthetic_job(job, "kept", width=1024, height=768, region_size=256, patch_size=64, seed=1)
+    (job / "slides" / "gone.tiff").unlink()
+    with TestClient(create_app(job, None)) as c:
+        assert [s["id"] for s in c.get("/api/slides").json()["slides"]] == ["gone", "kept"]
+        r = c.get("/api/slides/gone/image_files/10/0_0.jpeg")
+        assert r.status_code == 503 and "cannot be opened" in r.json()["detail"]
+        assert str(job) not in r.text  # no filesystem path in the reply
+        assert c.get("/api/slides/gone/overlays/grid").status_code == 200  # the store is still there
+        assert c.get("/api/slides/kept/image_files/10/0_0.jpeg").status_code == 200
