@@ -1,9 +1,136 @@
-"""CLI commands of hwsi.train (registered by hwsi.cli)."""
+"""CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train`` and ``hwsi ask``.
+
+    hwsi train --stage {0,1,2,3} --config configs/tiny.yaml --job JOB [--out RUN] [--resume] [--stop-after N]
+    hwsi ask JOB/stores/SLIDE.h5 --run RUN --question "What is the grade?" [--question "And the stage?"]
+
+Multi-GPU / DeepSpeed ZeRO-3 (same code, same flags)::
+
+    accelerate launch --use_deepspeed --deepspeed_config_file configs/deepspeed_zero3.json \\
+        -m hwsi.cli train --stage 3 --config configs/paper.yaml --job JOB --out RUN
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: dict) -> list[str]:
+    """Lines naming the top regions and patches for ``question`` (level-0 coordinates)."""
+    import torch
+
+    from hwsi.features.encoders import create_text_encoder
+    from hwsi.train.inference import run_config
+
+    if "enc" not in encoder_cache:
+        cfg = run_config(run)
+        enc = create_text_encoder(cfg.data.text_encoder)
+        align = run / "stage1" / "final" / "alignment.safetensors"
+        if align.is_file():
+            from safetensors.torch import load_file
+
+            text_state = {k[5:]: v for k, v in load_file(str(align)).items() if k.startswith("text.")}
+            if text_state:
+                enc.load_state_dict(text_state, strict=False)
+        encoder_cache["enc"] = enc
+    t = torch.from_numpy(encoder_cache["enc"].encode([question]))[0]
+    scores = chat.relevance(t)  # (R, k), NaN at padding
+    valid = ~torch.isnan(scores)
+    lines = []
+    region_score = torch.where(valid, scores, torch.zeros_like(scores)).sum(1) / valid.sum(1).clamp_min(1)
+    region_score = torch.where(valid.any(1), region_score, torch.full_like(region_score, float("-inf")))
+    for r in region_score.argsort(descending=True)[:top].tolist():
+        if not torch.isfinite(region_score[r]):
+            continue
+        x, y = inputs.region_coords[r].tolist()
+        lines.append(f"  region {int(inputs.region_index[r])} at level-0 ({x}, {y}): {float(region_score[r]):.3f}")
+    flat = torch.where(valid, scores, torch.full_like(scores, float("-inf"))).reshape(-1)
+    k = scores.shape[1]
+    for i in flat.argsort(descending=True)[:top].tolist():
+        if not torch.isfinite(flat[i]):
+            continue
+        r, j = divmod(i, k)
+        x, y = inputs.patch_coords[r, j].tolist()
+        lines.append(f"  patch {int(inputs.selected[r, j])} of region {int(inputs.region_index[r])} "
+                     f"at level-0 ({x}, {y}): {float(flat[i]):.3f}")
+    return lines
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
+
+    @app.command("train")
+    def train(
+        stage: int = typer.Option(..., "--stage", min=0, max=3, help="0 (tiny LLM pretraining, tiny runs only), "
+                                  "1 (hierarchical alignment), 2 (projectors), 3 (LoRA instruction tuning)."),
+        config: Path = typer.Option(..., "--config", help="YAML preset, e.g. configs/tiny.yaml or configs/paper.yaml."),
+        job: Path = typer.Option(Path("."), "--job", help="Job folder (stores/, text paths in the config are relative to it)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: JOB/runs/<config name>)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the stage's last checkpoint."),
+        stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
+                                                 help="Stop (checkpointed) after this many optimizer steps in total."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    ) -> None:
+        """Run one training stage of MLLM-HWSI (paper §3.6); metrics in RUN/stageN/metrics.csv."""
+        import logging
+
+        from hwsi.train.config import load_train_config
+        from hwsi.train.stages import run_stage
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        cfg = load_train_config(config)
+        run = out or job / "runs" / config.stem
+        res = run_stage(stage, cfg, job, run, resume=resume, stop_after=stop_after, progress=progress)
+        m = res.metrics
+        state = "finished" if res.finished else "stopped"
+        typer.echo(f"stage {stage} {state}: step {m['steps']}/{m['total_steps']} on {m['n_items']} items, "
+                   f"loss {m['first_loss']} -> {m['final_loss']} in {m['seconds']} s")
+        typer.echo(f"run folder: {run}" + (f"; output: {res.output}" if res.output else
+                                          f"; resume with --resume (checkpoint {res.checkpoint})"))
+
+    @app.command("ask")
+    def ask(
+        store: Path = typer.Argument(..., help="The slide's feature store (JOB/stores/<slide>.h5)."),
+        run: Path = typer.Option(..., "--run", help="Trained run folder (hwsi train)."),
+        question: list[str] = typer.Option([], "--question", "-q",
+                                           help="Question; repeat for a multi-turn chat. None: read stdin lines."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+        top: int = typer.Option(3, "--top", min=0, help="Top regions and patches to print per question (0: none)."),
+    ) -> None:
+        """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence."""
+        from hwsi.model.mllm import ChatSession
+        from hwsi.train.inference import load_trained_model, slide_inputs_for
+
+        model = load_trained_model(run)
+        inputs = slide_inputs_for(store, run)
+        chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens)
+        typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix)",
+                   err=True)
+        questions = iter(question) if question else _stdin_questions()
+        cache: dict = {}
+        for q in questions:
+            if len(question) > 1 or not question:
+                typer.echo(f"Q: {q}")
+            for piece in chat.stream(q):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if top and model.heads is not None:
+                typer.echo("evidence (cosine of the question with the stage-1 patch embeddings):")
+                for line in _evidence(chat, inputs, run, q, top, cache):
+                    typer.echo(line)
+
+
+def _stdin_questions():
+    """Questions typed one per line (prompt on stderr when interactive); an empty line or EOF ends."""
+    while True:
+        if sys.stdin.isatty():
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        yield line.strip()

@@ -65,7 +65,7 @@ from hwsi.train.data import (
     report_units,
     store_ids,
 )
-from hwsi.train.engine import Engine, FitResult, TrainError, load_trainable_state, seed_everything
+from hwsi.train.engine import Engine, FitResult, TrainError, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,7 @@ def build_model(cfg: TrainConfig, out: Path, stage: int):
     from hwsi.model.llm import load_llm
     from hwsi.model.mllm import MLLMHWSI
 
+    cfg = _dims_from_run(cfg, out)
     llm, tok = load_llm(llm_folder(cfg, out), dtype=DTYPES[cfg.llm_dtype])
     cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])
     seed_everything(cfg.seed)
@@ -366,6 +367,20 @@ def build_model(cfg: TrainConfig, out: Path, stage: int):
     if stage >= 3:
         model.projectors.load_state_dict(_load_safetensors(out / "stage2" / "final" / PROJECTORS_FILE))
     return model, cfg
+
+
+def _dims_from_run(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """Dims left at 0 in ``cfg`` taken from the run's saved config (written by the stage that resolved them)."""
+    saved = _saved_config(out)
+    if saved is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    h, hs = cfg.model.hierarchy, saved.model.hierarchy
+    for obj, ref, key in ((h, hs, "patch_dim"), (h.ccaf, hs.ccaf, "in_dim"), (h.vit4k, hs.vit4k, "in_dim"),
+                          (h.slide, hs.slide, "in_dim"), (cfg.model, saved.model, "text_dim")):
+        if getattr(obj, key) == 0:
+            setattr(obj, key, getattr(ref, key))
+    return cfg
 
 
 def _stage_cfg_from_run(cfg: TrainConfig, out: Path, cache: SlideCache, slides: list[str]) -> TrainConfig:
@@ -398,6 +413,25 @@ def report_samples(text, use_captions: bool = True) -> list[ChatSample]:
     return out
 
 
+def stage_model(stage: int, cfg: TrainConfig, out: Path):
+    """The model of stage 2 or 3 with exactly its trainable parameters requiring grad.
+
+    Stage 2: projectors only. Stage 3: LoRA on the LLM (+ projectors when ``stage3.train_projectors``); the base
+    LLM, the hierarchy and the heads stay frozen in both.
+    """
+    model, cfg = build_model(cfg, out, stage)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if stage == 3:
+        seed_everything(cfg.seed + 3)
+        add_lora(model, cfg.stage3)
+        for n, p in model.llm.named_parameters():
+            p.requires_grad_("lora_" in n)
+    for p in model.projectors.parameters():
+        p.requires_grad_(stage == 2 or cfg.stage3.train_projectors)
+    return model, cfg
+
+
 def _stage2(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: int | None,
             progress: bool) -> StageResult:
     cache, stores = _slide_cache(cfg, job, out)
@@ -407,12 +441,8 @@ def _stage2(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
         raise TrainError("stage 2: no train record answers with a slide's report/caption")
     cache.prepare([s.slide_id for s in samples], progress)
     cfg = _stage_cfg_from_run(cfg, out, cache, [samples[0].slide_id])
-    model, cfg = build_model(cfg, out, 2)
+    model, cfg = stage_model(2, cfg, out)
     save_train_config(cfg, out / "config.yaml")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.projectors.parameters():
-        p.requires_grad_(True)
     engine = Engine(out / "stage2", cfg.stage2, cfg.seed, cfg.precision, progress, "stage2")
     fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device), resume=resume,
                      stop_after=stop_after)
@@ -444,16 +474,8 @@ def _stage3(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
         raise TrainError("stage 3: no train records with a store")
     cache.prepare(text.slide_ids, progress)
     cfg = _stage_cfg_from_run(cfg, out, cache, [samples[0].slide_id])
-    model, cfg = build_model(cfg, out, 3)
+    model, cfg = stage_model(3, cfg, out)
     save_train_config(cfg, out / "config.yaml")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    seed_everything(cfg.seed + 3)
-    add_lora(model, cfg.stage3)
-    for n, p in model.llm.named_parameters():
-        p.requires_grad_("lora_" in n)
-    for p in model.projectors.parameters():
-        p.requires_grad_(cfg.stage3.train_projectors)
     engine = Engine(out / "stage3", cfg.stage3, cfg.seed, cfg.precision, progress, "stage3")
     fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device), resume=resume,
                      stop_after=stop_after)
@@ -479,11 +501,33 @@ class FindingsLM(nn.Module):
         super().__init__()
         self.mllm = mllm
 
+    def build_inputs(self, findings: list[str], conversations: list[list[dict[str, str]]]):
+        """MLLMInputs with each findings text's token embeddings spliced at ``<image>``."""
+        m = self.mllm
+        return m.build_inputs([m._embed_ids(m._ids(f)) for f in findings], conversations)
+
     def forward(self, findings: list[str], conversations: list[list[dict[str, str]]]):
         m = self.mllm
-        visual = [m._embed_ids(m._ids(f)) for f in findings]
-        x = m.build_inputs(visual, conversations)
+        x = self.build_inputs(findings, conversations)
         return m.llm(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask, labels=x.labels)
+
+
+def findings_model(llm: nn.Module, tokenizer, max_length: int = 0) -> FindingsLM:
+    """Stage 0's module around ``llm``: every LLM weight trains, nothing else exists to train."""
+    from hwsi.model.hierarchy import HierarchyConfig
+    from hwsi.model.mllm import MLLMConfig, MLLMHWSI
+    from hwsi.model.projectors import ProjectorConfig, Projectors
+
+    width = llm.get_input_embeddings().weight.shape[1]
+    text_only = MLLMHWSI(HierarchicalEncoder(HierarchyConfig.tiny()),
+                         Projectors({}, ProjectorConfig(hidden=1, llm_dim=width, markers=False)), llm, tokenizer,
+                         cfg=MLLMConfig(max_length=max_length))
+    model = FindingsLM(text_only)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in llm.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def stage0_corpus(samples: list[ChatSample], findings: dict[str, str]) -> list[str]:
@@ -495,10 +539,7 @@ def stage0_corpus(samples: list[ChatSample], findings: dict[str, str]) -> list[s
 
 def _stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: int | None,
             progress: bool) -> StageResult:
-    from hwsi.model.hierarchy import HierarchyConfig
     from hwsi.model.llm import build_tiny_llm, load_llm
-    from hwsi.model.mllm import MLLMConfig, MLLMHWSI
-    from hwsi.model.projectors import ProjectorConfig, Projectors
 
     if cfg.model.llm_path:
         raise ConfigError("stage 0 pretrains the tiny stand-in LLM; this config names a real LLM "
@@ -524,14 +565,7 @@ def _stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
     llm, tok = load_llm(init_dir)
     cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])
     seed_everything(cfg.seed)
-    text_only = MLLMHWSI(HierarchicalEncoder(HierarchyConfig.tiny()), Projectors({}, ProjectorConfig(
-        hidden=1, llm_dim=cfg.model.projector.llm_dim, markers=False)), llm, tok,
-        cfg=MLLMConfig(max_length=cfg.model.max_length))
-    model = FindingsLM(text_only)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in llm.parameters():
-        p.requires_grad_(True)
+    model = findings_model(llm, tok, cfg.model.max_length)
     engine = Engine(stage_dir, cfg.stage0, cfg.seed, cfg.precision, progress, "stage0")
 
     def step(m: nn.Module, batch: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
