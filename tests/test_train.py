@@ -146,3 +146,28 @@ def test_load_trained_model_answers_deterministically(run: tuple[TrainConfig, Pa
     assert any("lora_" in n for n, _ in wrapped.named_parameters())
     torch.testing.assert_close(wrapped.llm(inputs_embeds=torch.ones(1, 3, 32) * 0.01).logits,
                                model.llm(inputs_embeds=torch.ones(1, 3, 32) * 0.01).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_paper_preset_has_the_papers_hyper_parameters() -> None:
+    cfg = load_train_config(REPO / "configs" / "paper.yaml")
+    s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
+    assert (s1.epochs, s1.lr, s1.batch_size, s1.loss.tau) == (50, 1e-3, 64, 0.02)
+    c = cfg.model.hierarchy.ccaf
+    assert (c.depth, c.n_heads, c.dim) == (2, 2, 784)
+    assert s2.batch_size == 256 and (s3.lr, s3.batch_size, s3.lora_rank, s3.lora_alpha) == (2e-5, 128, 128, 256)
+    assert cfg.precision == "bf16" and cfg.model.llm_path and cfg.model.projector.llm_dim == 3584
+    assert [st.accumulation(4) for st in (s1, s2, s3)] == [1, 8, 8]
+    ds = json.loads((REPO / "configs" / "deepspeed_zero3.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+
+
+def test_config_rejects_bad_values(tmp_path: Path) -> None:
+    from hwsi.errors import ConfigError
+
+    p = tmp_path / "c.yaml"
+    p.write_text("stage1: {batch_size: 6, micro_batch_size: 4}\n")
+    with pytest.raises(ConfigError, match="multiple"):
+        load_train_config(p)
+    p.write_text("stage2: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_train_config(p)
