@@ -1,13 +1,15 @@
 """Benchmark of `hwsi serve`: DZI tile latency (cold / warm LRU cache / HTTP revalidation) and time to first
 streamed token of an answer, over real HTTP (uvicorn in a background thread).
 
-    .venv/bin/python benchmarks/serve.py                      # synthetic 8192×6144 slide, no model
-    .venv/bin/python benchmarks/serve.py --job JOB --slide ID --model DIR
+    .venv/bin/python benchmarks/serve.py                      # synthetic 8192×6144 slide + tiny MLLM
+    .venv/bin/python benchmarks/serve.py --job JOB --slide ID --model RUN_DIR
 
 Cold = first request of a tile in a fresh server (read from the slide + JPEG encode); warm = same tile again
 (LRU cache hit); 304 = a browser revalidating with If-None-Match. Time to first token is measured from sending the
-question to receiving the first token event; without --model it measures the server's streaming path with an
-assistant that answers instantly (labelled as such). Results print as a table and are written as JSON to
+question to receiving the first token event (a new chat: slide inputs loaded, visual prefix encoded and prefilled,
+first greedy token). On the synthetic job it uses the real adapter over a tiny untrained MLLM-HWSI (the timing does
+not depend on the weights); with --job and no --model, an assistant that answers instantly (server overhead
+only). Results print as a table and are written as JSON to
 benchmarks/out/serve.json.
 """
 
@@ -71,9 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     if job is None:
         job = Path(tmp.name)
         t0 = time.perf_counter()
-        make_synthetic_job(job, "bench", width=args.width, height=args.width * 3 // 4, region_size=1024, patch_size=256)
+        make_synthetic_job(job, "bench", width=args.width, height=args.width * 3 // 4, region_size=512, patch_size=128)
         print(f"synthetic slide {args.width}x{args.width * 3 // 4} written in {time.perf_counter() - t0:.1f} s")
-    assistant = load_assistant(args.model, job) if args.model else InstantAssistant()
+    if args.model:
+        assistant = load_assistant(args.model, job)
+    elif args.job is None:  # the real adapter + hwsi.model ChatSession over a tiny MLLM sized for the synthetic store
+        from hwsi.serve.synthetic import tiny_model_assistant
+
+        assistant = tiny_model_assistant(job, Path(tmp.name) / "llm")
+    else:
+        assistant = InstantAssistant()
     app = create_app(job, assistant)
     state = app.state.hwsi
     slide = args.slide or state.registry.ids()[0]

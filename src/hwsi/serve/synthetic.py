@@ -2,22 +2,28 @@
 
 Writes a real pyramidal JPEG TIFF (OpenSlide generic-tiff, µm/px tags) with H&E-like tissue blobs and dark
 nuclei, and a store that follows ``hwsi.store``'s schema (regions, patches, tissue mask, SPF selection, cells with
-CSR offsets and cell embeddings, random patch features with ``extract`` settings naming them), plus ``slides.json``. The nuclei in the store are the ones drawn in the image,
+CSR offsets and cell embeddings, random patch features with ``extract`` settings naming them), plus
+``slides.json``. The nuclei in the store are the ones drawn in the image,
 so the overlay lines up with the pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from hwsi.store import StoreMeta, mark_stage, write_meta, write_region_dataset
 from hwsi.utils.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from hwsi.serve.assistant import ModelAssistant
 
 FEATURE_NAME = "synthetic"
 
@@ -169,3 +175,75 @@ def make_synthetic_job(
     reg[slide_id] = {"path": str(tiff.resolve()), "mpp": mpp}
     reg_path.write_text(json.dumps(reg, indent=2))
     return SyntheticSlide(slide_id, tiff, store, int(offsets[-1]))
+
+
+# ---- a tiny MLLM-HWSI matching the synthetic store (tests, e2e, benchmarks) --------------------------------
+CORPUS = [
+    "The tumour shows high grade nuclei and gland formation.",
+    "What is the diagnosis? Adenocarcinoma, moderately differentiated.",
+    "Necrosis is present in several regions; lymphocytes infiltrate the stroma.",
+] * 4
+
+
+def hash_text_encode(encoder: str, texts: list[str], dim: int = 16) -> np.ndarray:
+    """A deterministic bag-of-words text embedding (stand-in for the frozen text encoder in the patch space)."""
+    out = np.zeros((len(texts), dim), np.float32)
+    for i, t in enumerate(texts):
+        for w in t.lower().split():
+            h = int(hashlib.sha1(w.encode()).hexdigest(), 16)
+            out[i, h % dim] += 1.0 if (h >> 8) % 2 else -1.0
+    return out
+
+
+QA = [("Where is the tumour and what grade is it?", "The tumour shows high grade nuclei and gland formation."),
+      ("What is the diagnosis?", "Adenocarcinoma, moderately differentiated.")]
+
+
+def _train(model: Any, job: Path, steps: int) -> None:
+    """A few LM steps on QA about the synthetic slide (through the model's own forward/loss) so it answers in words."""
+    import torch
+
+    from hwsi.model.inputs import collate_slides, load_slide_inputs
+
+    cfg = model.cfg
+    store = next((Path(job) / "stores").glob("*.h5"))
+    inputs = load_slide_inputs(store, FEATURE_NAME, FEATURE_NAME, cfg.max_regions, cfg.k, cfg.max_cells)
+    batch = collate_slides([inputs] * len(QA))
+    convs = [[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}] for q, a in QA]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(batch, convs).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def tiny_model_assistant(job: Path, llm_root: Path, train_steps: int = 0) -> "ModelAssistant":
+    """ModelAssistant over a tiny MLLM-HWSI whose widths match the synthetic store (16/16/8); ``train_steps`` > 0
+    trains it briefly on :data:`QA` (otherwise its weights are random)."""
+    import torch
+
+    from hwsi.model.hierarchy import HierarchyConfig
+    from hwsi.model.llm import build_tiny_llm, load_llm
+    from hwsi.model.mllm import MLLMConfig, MLLMHWSI
+    from hwsi.model.projectors import ProjectorConfig
+
+    llm_dir = build_tiny_llm(Path(llm_root) / "tiny", CORPUS, vocab_size=300, hidden=32, layers=2, heads=4, kv_heads=2)
+    torch.manual_seed(0)
+    llm, tok = load_llm(llm_dir)
+    cfg = MLLMConfig(
+        hierarchy=HierarchyConfig.tiny(patch_dim=16, region_in_dim=16, cell_dim=8),
+        projector=ProjectorConfig(hidden=24, llm_dim=32),
+        k=4,
+        max_cells=32,
+        max_regions=4,  # 45 visual tokens: keeps the fixture's training steps short
+    )
+    model = MLLMHWSI.from_config(cfg, llm, tok)
+    if train_steps:
+        _train(model, job, train_steps)
+    name = f"tiny-mllm ({train_steps} steps)" if train_steps else "tiny-mllm (untrained)"
+    from hwsi.serve.assistant import ModelAssistant
+
+    return ModelAssistant(model, job, name=name, text_encode=hash_text_encode, max_new_tokens=24)
