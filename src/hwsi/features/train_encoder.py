@@ -216,10 +216,14 @@ def train_small_encoder(
 
     ``dataset`` defaults to ``hwsi.synth.sample_patch_dataset(cfg.n, cfg.seed, cfg.patch_px, cfg.mpp)`` and the
     held-out set then to ``n * val_fraction`` patches of another seed (other scenes). With a given ``dataset`` and no
-    ``val_dataset``, a stratified ``val_fraction`` of it is held out.
-    ``text_encoder`` to ``create_text_encoder(cfg.text_encoder)`` (pass one in to reuse a loaded model).
+    ``val_dataset``, a stratified ``val_fraction`` of it is held out. ``text_encoder`` defaults to
+    ``create_text_encoder(cfg.text_encoder)`` (pass one in to reuse a loaded model).
     """
     import torch
+    import torch.nn.functional as F
+
+    from hwsi.features.encoders import create_encoder, create_text_encoder, save_encoder
+    from hwsi.features.encoders.small import SmallPatchEncoder
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -190,6 +190,7 @@ def save_encoder(module: nn.Module, out_dir: str | Path, extra: dict[str, Any] |
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     tmp = out / (OWN_WEIGHTS + ".tmp")
     save_file(state, str(tmp))
+    tmp.chmod(0o644)
     tmp.replace(out / OWN_WEIGHTS)
     meta = {
         "format": OWN_FORMAT,
