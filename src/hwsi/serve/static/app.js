@@ -141,7 +141,7 @@ async function fetchNuclei() {
   const data = await r.json();
   if (!state.slide || state.slide.id !== sid) return;
   state.nuclei = data; state.nucleiBox = box;
-  $("nuclei-status").textContent = `${data.x.length} nuclei in view${data.truncated ? " (truncated)" : ""}`;
+  $("nuclei-status").textContent = `${data.x.length} nuclei loaded around the view${data.truncated ? " (truncated)" : ""}`;
   document.body.dataset.nuclei = String(data.x.length);
   viewer.redraw();
 }
