@@ -1,9 +1,43 @@
-"""CLI commands of hwsi.demo (registered by hwsi.cli)."""
+"""`hwsi demo`: the whole pipeline on SynthPath with tiny models (hwsi.demo.pipeline)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the hwsi app."""
+    """Add `hwsi demo` to the hwsi app."""
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (a rerun resumes where it stopped)."),
+        preset: str = typer.Option("demo", "--preset", help="Pipeline size: demo (default) or test (smaller)."),
+        slides: int = typer.Option(0, "--slides", min=0, help="Cohort size (0: the preset's)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the cohort, encoders and training."),
+        until: str = typer.Option("", "--until", help="Stop after this step: synth, tile, encoder, extract, "
+                                  "train, eval, report."),
+    ) -> None:
+        """SynthPath cohort -> tile -> patch encoder -> extract -> train stages 0-3 -> evaluate -> OUT/report.md."""
+        from dataclasses import replace
+
+        from hwsi.demo.pipeline import STEPS, Pipeline, PipelineConfig
+        from hwsi.errors import ConfigError
+
+        if preset not in ("demo", "test"):
+            raise ConfigError(f"--preset must be demo or test, got {preset!r}")
+        if until and until not in STEPS:
+            raise ConfigError(f"--until must be one of {', '.join(STEPS)}, got {until!r}")
+        cfg = PipelineConfig.demo() if preset == "demo" else PipelineConfig.test()
+        cfg = replace(cfg, seed=seed, **({"n_slides": slides} if slides else {}))
+        p = Pipeline(out, cfg).run(until=until or None)
+        secs = p.step_seconds()
+        typer.echo("")
+        typer.echo("hwsi demo: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items())
+                   + f" (total {sum(secs.values()):.0f}s)")
+        if p.paths.report.is_file():
+            typer.echo(f"report: {p.paths.report}")
+        if (p.paths.runs / "config.yaml").is_file():
+            typer.echo(f"ask:    hwsi ask {p.paths.job}/stores/<slide>.h5 --run {p.paths.runs} -q 'What is the diagnosis?'")
+            typer.echo(f"view:   hwsi serve {p.paths.job} --model {p.paths.runs}   (then open http://127.0.0.1:8000)")

@@ -91,6 +91,9 @@ class PipelinePaths:
         return self.out / "pipeline.json"
 
 
+STEPS = ("synth", "tile", "encoder", "extract", "train", "eval", "report")
+
+
 def _log(msg: str) -> None:
     from rich.console import Console
 
