@@ -202,16 +202,25 @@ class AlignmentModel(nn.Module):
         return hca_loss(self.heads(self.hierarchy(batch)), targets, self.loss_cfg)
 
     def _live_text(self, t: AlignmentTargets, strings: list[str]) -> AlignmentTargets:
-        """Replace the cached text embeddings by the trainable tower's (ids index ``strings``)."""
-        live = nn.functional.normalize(self.text.encode_tensor(strings), dim=-1)
+        """Replace the cached text embeddings by the trainable tower's (ids index ``strings``).
+
+        Only the batch's own units are encoded (one forward of the tower over the unique strings)."""
+        scales = [x for x in (t.cells, t.patches, t.regions) if x is not None and x.text_ids is not None]
+        used = [x.text_ids[x.text_mask] for x in scales] + ([t.report_ids] if t.report_ids is not None else [])
+        if not used:
+            return t
+        uniq = torch.unique(torch.cat(used))
+        emb = nn.functional.normalize(self.text.encode_tensor([strings[i] for i in uniq.tolist()]), dim=-1)
+        row = torch.full((len(strings),), 0, dtype=torch.long, device=emb.device)
+        row[uniq.to(emb.device)] = torch.arange(len(uniq), device=emb.device)
 
         def swap(s: ScaleTargets | None) -> ScaleTargets | None:
             if s is None or s.text_ids is None:
                 return s
-            emb = live[s.text_ids.clamp_min(0)] * s.text_mask[..., None]
-            return ScaleTargets(emb, s.text_mask, s.positives, s.text_ids)
+            live = emb[row[s.text_ids.clamp_min(0)]] * s.text_mask[..., None]
+            return ScaleTargets(live, s.text_mask, s.positives, s.text_ids)
 
-        report = live[t.report_ids] if t.report_ids is not None else t.report
+        report = emb[row[t.report_ids]] if t.report_ids is not None else t.report
         return AlignmentTargets(swap(t.cells), swap(t.patches), swap(t.regions), report, t.report_ids)
 
 
