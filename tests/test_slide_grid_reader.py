@@ -213,3 +213,133 @@ def test_corrupt_tile_recorded_black_and_fails_past_threshold(tmp_path: Path) ->
         assert sum(len(r.corrupt_tiles) for r in regions) >= 1
         good = [r for r in regions if not r.corrupt_tiles]
         assert len(good) == 3 and all(r.image.mean() < 250 for r in good)
+
+
+# ---- direct patch path (tiles decoded straight into a (G, P, P, 3) buffer) vs the previous path / OpenSlide ------
+
+
+def _tissue_grid(s, cfg: GridConfig = CFG):
+    w, h = s.dimensions
+    return build_grid(s, np.ones((-(-h // 16), -(-w // 16)), bool), 16.0, cfg)
+
+
+def _check_against_openslide(p: Path, rp, size: tuple[int, int], r: int = 512) -> None:
+    x, y = rp.coords
+    ref = os_read(p, x, y, 0, r, r)
+    inside = ref[: max(0, size[1] - y), : max(0, size[0] - x)]
+    np.testing.assert_array_equal(rp.image[: inside.shape[0], : inside.shape[1]], inside)
+    assert (rp.image[inside.shape[0] :] == 255).all() and (rp.image[:, inside.shape[1] :] == 255).all()
+
+
+@pytest.mark.parametrize("tile", [64, 128, 80, 240])  # = patch (decoded in place), 2x patch, unaligned (SVS-like)
+def test_direct_patches_equal_previous_path_and_openslide(tmp_path: Path, tile: int) -> None:
+    p = tmp_path / f"t{tile}.tiff"
+    size = (1100, 700)  # not a multiple of the region, patch or tile side: edge regions and border tiles
+    write_pyramid_tiff(p, *size, 0.5, tissue_fn(), tile_size=tile, n_levels=1)
+    with open_slide(p) as s:
+        g = _tissue_grid(s)
+        assert g.resample_free and g.n_regions == 6
+        new = list(iter_regions(s, g, threads=2))
+        old = list(iter_regions(s, g, ReaderConfig(direct_patches=False), threads=2))
+        assert [r.index for r in new] == [r.index for r in old] == list(range(6))
+        for a, b in zip(new, old):
+            assert a._patches is not None and a._image is None  # produced in patch layout, no image assembled
+            assert a.patches.shape == (64, 64, 64, 3) and a.patches.flags.c_contiguous
+            np.testing.assert_array_equal(a.patches, b.patches)
+            np.testing.assert_array_equal(a.patch_grid, b.patch_grid)
+            for k in (0, 9, 63):
+                np.testing.assert_array_equal(a.patch(k), b.patch(k))
+            np.testing.assert_array_equal(a.image, b.image)
+            assert a.corrupt_tiles == [] and a.corrupt_patches is None
+            _check_against_openslide(p, a, size)
+        # the public single-region read (no pool) gives the same pixels
+        from hwsi.slide import read_region_pixels
+
+        np.testing.assert_array_equal(read_region_pixels(s, g, 5).patches, old[5].patches)
+
+
+def test_direct_patches_non_jpeg_tiles(tmp_path: Path) -> None:
+    import tifffile
+
+    p = tmp_path / "zlib.tiff"
+    img = tissue_fn()(0, 0, 700, 600)
+    tifffile.imwrite(p, img, tile=(64, 64), compression="zlib", photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(p) as s:
+        assert s.tiff_levels is not None and s.tiff_levels[0].jpeg_colorspace is None
+        g = _tissue_grid(s)
+        for rp in iter_regions(s, g, threads=2):
+            x, y = rp.coords
+            ref = np.full((512, 512, 3), 255, np.uint8)
+            part = img[y : y + 512, x : x + 512]
+            ref[: part.shape[0], : part.shape[1]] = part
+            np.testing.assert_array_equal(rp.image, ref)  # lossless: the stored pixels exactly
+
+
+@pytest.mark.parametrize("tile", [64, 256])  # corrupt tile = one patch decoded in place / a tile of 16 patches
+def test_direct_patches_corrupt_tile_black_and_recorded(tmp_path: Path, tile: int) -> None:
+    import tifffile
+
+    p = tmp_path / "c.tiff"
+    write_pyramid_tiff(p, 1024, 1024, 0.5, tissue_fn(), tile_size=tile, n_levels=2)
+    col, row = 320 // tile, 192 // tile
+    with tifffile.TiffFile(p) as tf:
+        off = tf.pages[0].dataoffsets[row * (1024 // tile) + col]
+    with open(p, "r+b") as fh:
+        fh.seek(off)
+        fh.write(b"\x00" * 64)
+    with open_slide(p) as s:
+        g = build_grid(s, np.ones((64, 64), bool), 16.0, CFG)
+        new = list(iter_regions(s, g, ReaderConfig(max_corrupt_tiles=4)))
+        old = list(iter_regions(s, g, ReaderConfig(max_corrupt_tiles=4, direct_patches=False)))
+        bad = [r for r in new if r.corrupt_tiles]
+        assert len(bad) == 1 and bad[0].index == 0 and bad[0].corrupt_tiles == [(0, col, row)]
+        rp = bad[0]
+        assert (rp.image[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile] == 0).all()  # black
+        assert rp.corrupt_patches is not None and rp.corrupt_patches.sum() == (tile // 64) ** 2
+        for a, b in zip(new, old):
+            assert a.corrupt_tiles == b.corrupt_tiles
+            np.testing.assert_array_equal(a.patches, b.patches)
+            if b.corrupt_patches is not None:
+                np.testing.assert_array_equal(a.corrupt_patches, b.corrupt_patches)
+        with pytest.raises(SlideError, match="corrupt tiles"):
+            list(iter_regions(s, g, ReaderConfig(max_corrupt_tiles=0)))
+
+
+def test_buffer_lifetime_contract(tmp_path: Path) -> None:
+    """Buffers are recycled only when unreferenced: a plain loop reuses a few; kept regions/views stay intact."""
+    p = tmp_path / "many.tiff"
+    write_pyramid_tiff(p, 2048, 2048, 0.5, tissue_fn(), tile_size=64, n_levels=1)
+    with open_slide(p) as s:
+        g = _tissue_grid(s)
+        assert g.n_regions == 16
+        ref = {rp.index: rp.patches.copy() for rp in iter_regions(s, g, ReaderConfig(direct_patches=False))}
+
+        def ptr(a: np.ndarray) -> int:
+            return a.__array_interface__["data"][0]
+
+        # 1. a consumer that drops each region before the next: the pool's buffers circulate (≤ queue + 2)
+        seen = set()
+        for rp in iter_regions(s, g, threads=2):  # queue_size = 4 -> pool of 6
+            np.testing.assert_array_equal(rp.patches, ref[rp.index])
+            seen.add(ptr(rp.patches))
+        assert len(seen) <= 6
+        # 2. a consumer that keeps every region: each has its own buffer, none overwritten
+        kept = list(iter_regions(s, g, threads=2))
+        assert len({ptr(rp.patches) for rp in kept}) == 16
+        for rp in kept:
+            np.testing.assert_array_equal(rp.patches, ref[rp.index])
+        del kept
+        # 3. a consumer that keeps only views (one patch, the patch grid) and drops the regions: views stay valid
+        views = []
+        for rp in iter_regions(s, g, threads=2):
+            views.append((rp.index, rp.patch(3), rp.patch_grid[7, 1]))
+        for i, v, w in views:
+            np.testing.assert_array_equal(v, ref[i][3])
+            np.testing.assert_array_equal(w, ref[i][7 * 8 + 1])
+        # 4. a kept region's pixels survive later iterations that recycle the other buffers
+        it = iter_regions(s, g, threads=1)
+        first = next(it)
+        for _ in it:
+            pass
+        np.testing.assert_array_equal(first.patches, ref[first.index])

@@ -10,6 +10,12 @@ Reading a region (see ../shared/MACHINE-FACTS.md for the costs measured here):
 * **Fast path** for slides whose every level is a tiled TIFF page (generic TIFF, Aperio SVS, tiffslide-opened tiled
   TIFFs): the tiles covering the box are read with ``os.pread`` and decoded directly (tifffile's page decoder:
   imagecodecs JPEG with the page's JPEG tables, or deflate/LZW/...), then assembled — no ARGB conversion.
+* **Direct patch path** (fast path, no resampling): each region is produced straight in patch layout, a
+  ``(G, P, P, 3)`` buffer: a JPEG tile that is exactly one patch (tile side = patch side, tile grid aligned with the
+  patch grid, tile inside the level) is decoded by libjpeg-turbo *into its patch's slot*; other tiles (240-px SVS
+  tiles, 512-px tiles, border tiles, non-JPEG) are decoded to a small temporary and copied into the patches they
+  cover. No region image is assembled and :attr:`RegionPixels.patches` is that buffer (no copy); the row-major
+  :attr:`RegionPixels.image` is assembled only when asked for. Pixels equal the assembled-image path exactly.
 * **Fallback** (other formats, strip TIFFs): the backend's ``read_region`` with one handle per thread.
 * Outside the slide is white (background), as OpenSlide's transparent pixels composited on white.
 * **Corrupt tiles** (decode error, truncated data; in the fallback a failed read, localised to 512-px blocks) are
@@ -20,6 +26,16 @@ Reading a region (see ../shared/MACHINE-FACTS.md for the costs measured here):
 
 :func:`iter_regions` reads regions on ``threads`` worker threads and yields them in grid order, with at most
 ``queue_size`` (default ``2 × threads``) regions decoded but not yet consumed, so memory does not grow with the slide.
+
+**Buffer lifetime.** :func:`iter_regions` recycles the patch buffers of the direct path through a small pool
+(``queue_size + 2`` buffers), so a slide does not allocate (and page-fault) ~50 MB per region. The consumer owns
+what it is given: a buffer is reused only once *nothing* refers to it any more — not the :class:`RegionPixels`,
+not ``rp.patches`` / ``rp.patch(g)`` / ``rp.patch_grid`` or any numpy view or ``torch.from_numpy`` of them. Keeping
+regions or patch arrays (e.g. ``list(iter_regions(...))``) is therefore always safe; it only means new buffers are
+allocated for the regions that follow. Dropping each region before asking for the next one (a plain ``for`` loop)
+keeps the pool's buffers in circulation. To keep pixels beyond that, nothing special is needed; a ``.copy()`` is
+only useful to let the pool reuse the buffer sooner. Arrays handed out are writable: writing into ``rp.patches``
+changes that region's pixels (and its not-yet-assembled ``image``), never another region's.
 """
 
 from __future__ import annotations
@@ -27,9 +43,11 @@ from __future__ import annotations
 import collections
 import math
 import os
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,39 +66,121 @@ class ReaderConfig:
     max_corrupt_tiles: int = 4  # per slide; one more fails the slide with a SlideError
     queue_size: int | None = None  # regions decoded ahead of the consumer (default 2 × threads)
     fast_path: bool = True  # decode TIFF tiles directly when possible
+    direct_patches: bool = True  # fast path without resampling: decode tiles straight into a (G, P, P, 3) buffer
 
 
-@dataclass
 class RegionPixels:
-    """One region at the target µm/px and its patches (row-major grid)."""
+    """One region at the target µm/px and its patches (row-major grid).
 
-    index: int
-    coords: tuple[int, int]  # level-0 x, y
-    image: np.ndarray  # (S, S, 3) uint8
-    patch_size: int
-    corrupt_tiles: list[CorruptTile] = field(default_factory=list)
-    corrupt_patches: np.ndarray | None = None  # (G,) bool, patches touching a corrupt tile
+    Holds the pixels either as the row-major region ``image`` (S, S, 3) or as the ``patches`` (G, P, P, 3) buffer
+    of the direct path (or both); the other layout is built on first access (one copy) and kept. See the module
+    docstring for how long the arrays stay valid (as long as they are referenced).
+    """
+
+    __slots__ = ("index", "coords", "patch_size", "corrupt_tiles", "corrupt_patches", "_image", "_patches")
+
+    def __init__(self, index: int, coords: tuple[int, int], image: np.ndarray | None, patch_size: int,
+                 corrupt_tiles: list[CorruptTile] | None = None, corrupt_patches: np.ndarray | None = None,
+                 *, patches: np.ndarray | None = None) -> None:
+        if image is None and patches is None:
+            raise ValueError("RegionPixels needs image or patches")
+        self.index = index
+        self.coords = coords  # level-0 x, y
+        self.patch_size = patch_size
+        self.corrupt_tiles: list[CorruptTile] = [] if corrupt_tiles is None else corrupt_tiles
+        self.corrupt_patches = corrupt_patches  # (G,) bool, patches touching a corrupt tile
+        self._image = image
+        self._patches = patches
+
+    def __repr__(self) -> str:
+        return (f"RegionPixels(index={self.index}, coords={self.coords}, side={self.region_size}, "
+                f"patch_size={self.patch_size}, corrupt_tiles={self.corrupt_tiles})")
+
+    @property
+    def region_size(self) -> int:
+        if self._image is not None:
+            return int(self._image.shape[0])
+        return self.grid_side * self.patch_size
 
     @property
     def grid_side(self) -> int:
-        return self.image.shape[0] // self.patch_size
+        if self._image is not None:
+            return self._image.shape[0] // self.patch_size
+        return math.isqrt(self._patches.shape[0])  # type: ignore[union-attr]
+
+    @property
+    def image(self) -> np.ndarray:
+        """``(S, S, 3)`` uint8 region, row-major (assembled from the patches on first access in the direct path)."""
+        if self._image is None:
+            g, p = self.grid_side, self.patch_size
+            grid = self._patches.reshape(g, g, p, p, 3)  # type: ignore[union-attr]
+            self._image = np.ascontiguousarray(grid.swapaxes(1, 2)).reshape(g * p, g * p, 3)
+        return self._image
 
     @property
     def patch_grid(self) -> np.ndarray:
         """View ``(g, g, P, P, 3)``: ``patch_grid[row, col]`` is a patch (no copy)."""
         g, p = self.grid_side, self.patch_size
-        return self.image.reshape(g, p, g, p, 3).swapaxes(1, 2)
+        if self._patches is not None:
+            return self._patches.reshape(g, g, p, p, 3)
+        return self._image.reshape(g, p, g, p, 3).swapaxes(1, 2)  # type: ignore[union-attr]
 
     @property
     def patches(self) -> np.ndarray:
-        """``(G, P, P, 3)`` patches, row-major (one contiguous copy of the region)."""
-        g, p = self.grid_side, self.patch_size
-        return np.ascontiguousarray(self.patch_grid).reshape(g * g, p, p, 3)
+        """``(G, P, P, 3)`` contiguous patches, row-major: the region's own buffer in the direct path (no copy),
+        else one contiguous copy of the image made on first access and kept."""
+        if self._patches is None:
+            g, p = self.grid_side, self.patch_size
+            self._patches = np.ascontiguousarray(self.patch_grid).reshape(g * g, p, p, 3)
+        return self._patches
 
     def patch(self, g: int) -> np.ndarray:
         """Patch ``g`` (row-major) as a view."""
+        if self._patches is not None:
+            return self._patches[g]
         r, c = divmod(g, self.grid_side)
         return self.patch_grid[r, c]
+
+
+class _BufferPool:
+    """Recycles ``(G, P, P, 3)`` patch buffers once nothing refers to them (see "Buffer lifetime").
+
+    Each buffer's memory is a ``bytearray`` owned by the pool; consumers get a numpy array over it. numpy bases every
+    view (reshape, slice, ``torch.from_numpy``, ...) of that array on the array itself (the chain of bases stops at
+    the first non-ndarray), so the array lives exactly as long as anything derived from it; a ``weakref.finalize`` on it returns the memory to the pool. At most
+    ``cap`` memories are kept; past that, buffers are plain allocations freed as usual.
+    """
+
+    def __init__(self, shape: tuple[int, ...], cap: int) -> None:
+        self.shape = shape
+        self.nbytes = int(np.prod(shape))
+        self.cap = cap
+        self._free: list[bytearray] = []
+        self._owned = 0
+        self._lock = threading.Lock()
+        self.reused = 0
+        self.allocated = 0
+
+    def get(self) -> np.ndarray:
+        with self._lock:
+            if self._free:
+                mem = self._free.pop()
+                self.reused += 1
+            elif self._owned < self.cap:
+                mem = bytearray(self.nbytes)
+                self._owned += 1
+                self.allocated += 1
+            else:
+                mem = None
+        if mem is None:
+            return np.empty(self.shape, np.uint8)
+        arr = np.ndarray(self.shape, np.uint8, buffer=mem)  # base = the bytearray: views are based on ``arr``
+        weakref.finalize(arr, self._put, mem)
+        return arr
+
+    def _put(self, mem: bytearray) -> None:
+        with self._lock:
+            self._free.append(mem)
 
 
 # ---- low level: a box of one level ------------------------------------------------------------------------------
@@ -123,6 +223,83 @@ def _read_tiff_box(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int, lw
                 dst[...] = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw, :3]
             except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
                 dst[...] = 0
+                bad.append((level, tx, ty))
+    return bad
+
+
+def _put_rect(grid5: np.ndarray, p: int, y0: int, x0: int, h: int, w: int, src: np.ndarray | int) -> None:
+    """Write ``src`` (an ``(h, w, ≥3)`` array or a grey value) at region pixel ``(y0, x0)`` of the patch-layout grid
+    ``grid5`` ``(g, g, P, P, 3)``, split along patch borders."""
+    y1, x1 = y0 + h, x0 + w
+    for r in range(y0 // p, (y1 - 1) // p + 1):
+        py0, py1 = max(y0, r * p), min(y1, (r + 1) * p)
+        for c in range(x0 // p, (x1 - 1) // p + 1):
+            px0, px1 = max(x0, c * p), min(x1, (c + 1) * p)
+            dst = grid5[r, c, py0 - r * p : py1 - r * p, px0 - c * p : px1 - c * p]
+            if isinstance(src, np.ndarray):
+                dst[...] = src[py0 - y0 : py1 - y0, px0 - x0 : px1 - x0, :3]
+            else:
+                dst[...] = src
+
+
+def _read_tiff_patches(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int, s: int, p: int,
+                       out: np.ndarray) -> list[CorruptTile]:
+    """Fill ``out`` ``(G, P, P, 3)`` with the patches of the ``s`` × ``s`` box at ``(lx, ly)`` of ``level``.
+
+    Same pixels as :func:`_read_tiff_box` + slicing: outside the level white, sparse tiles white, corrupt tiles
+    black. A JPEG tile that is exactly one patch (side ``p``, aligned, inside the level) is decoded into its slot.
+    """
+    from imagecodecs import jpeg8_decode
+
+    g = s // p
+    grid5 = out.reshape(g, g, p, p, 3)
+    fd = slide.raw_fd()
+    jpeg = tl.jpeg_colorspace
+    tw, th = tl.tile_width, tl.tile_height
+    ntx = tl.tiles_across
+    x_beg, y_beg = max(lx, 0), max(ly, 0)
+    x_end, y_end = min(lx + s, tl.width), min(ly + s, tl.height)
+    if lx < 0 or ly < 0 or lx + s > tl.width or ly + s > tl.height:
+        out.fill(255)  # edge region: outside the level is white (only the inside is written below)
+    bad: list[CorruptTile] = []
+    if x_end <= x_beg or y_end <= y_beg:
+        return bad
+    direct = jpeg is not None and tw == p and th == p
+    for ty in range(y_beg // th, (y_end - 1) // th + 1):
+        for tx in range(x_beg // tw, (x_end - 1) // tw + 1):
+            idx = ty * ntx + tx
+            ix0, iy0 = max(x_beg, tx * tw), max(y_beg, ty * th)  # tile ∩ inside of the box, level px
+            ix1, iy1 = min(x_end, (tx + 1) * tw), min(y_end, (ty + 1) * th)
+            ry, rx, h, w = iy0 - ly, ix0 - lx, iy1 - iy0, ix1 - ix0  # in region px
+            off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
+            if n == 0 or off == 0:
+                _put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
+                continue
+            slot = None
+            if direct and h == th and w == tw and ry % p == 0 and rx % p == 0:
+                slot = out[(ry // p) * g + rx // p]  # whole tile = one whole patch: decode in place
+            try:
+                data = os.pread(fd, n, off)
+                if len(data) != n:
+                    raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
+                if slot is not None:
+                    try:
+                        jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1], out=slot)
+                        continue
+                    except Exception:  # noqa: BLE001 - corrupt, or not a 3-sample decode: retry below to tell
+                        pass
+                if jpeg is not None:
+                    seg = jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1])
+                else:
+                    seg = tl.decode(data, idx, jpegtables=tl.jpegtables)[0]
+                if seg is None:
+                    raise ValueError("tile decoded to nothing")
+                seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
+                if slot is not None:
+                    direct = False  # decodes, but not into a (P, P, 3) slot (e.g. 4 samples): copy from now on
+                _put_rect(grid5, p, ry, rx, h, w, seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw])
+            except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
+                _put_rect(grid5, p, ry, rx, h, w, 0)
                 bad.append((level, tx, ty))
     return bad
 
@@ -196,21 +373,34 @@ def region_level_box(slide: Slide, grid: Grid, x: int, y: int) -> tuple[int, int
     return lx, ly, lw, lh
 
 
-def read_region_pixels(slide: Slide, grid: Grid, index: int, fast_path: bool = True) -> RegionPixels:
-    """Read region ``index`` of ``grid`` once and return it at the target µm/px."""
+def read_region_pixels(slide: Slide, grid: Grid, index: int, fast_path: bool = True, *,
+                       direct_patches: bool = True, pool: _BufferPool | None = None) -> RegionPixels:
+    """Read region ``index`` of ``grid`` once and return it at the target µm/px.
+
+    With ``fast_path`` and ``direct_patches``, a TIFF-tiled slide read without resampling is decoded straight into
+    a ``(G, P, P, 3)`` patch buffer (taken from ``pool`` when given); otherwise the region image is assembled (and
+    resized when needed).
+    """
     import cv2
 
     x, y = (int(v) for v in grid.region_coords[index])
     lx, ly, lw, lh = region_level_box(slide, grid, x, y)
+    s, p = grid.region_size, grid.patch_size
+    if fast_path and direct_patches and slide.tiff_levels is not None and lw == lh == s and s % p == 0:
+        g = s // p
+        out = pool.get() if pool is not None else np.empty((g * g, p, p, 3), np.uint8)
+        level = grid.read_level
+        bad = _read_tiff_patches(slide, slide.tiff_levels[level], level, lx, ly, s, p, out)
+        mask = _corrupt_patch_mask(slide, grid, bad, lx, ly, lw, lh) if bad else None
+        return RegionPixels(index, (x, y), None, p, bad, mask, patches=out)
     img, bad = read_level_box(slide, grid.read_level, lx, ly, lw, lh, fast_path)
-    s = grid.region_size
     if img.shape[:2] != (s, s):
         interp = cv2.INTER_AREA if lw > s else cv2.INTER_LINEAR
         img = cv2.resize(img, (s, s), interpolation=interp)
     corrupt_patches = None
     if bad:
         corrupt_patches = _corrupt_patch_mask(slide, grid, bad, lx, ly, lw, lh)
-    return RegionPixels(index, (x, y), img, grid.patch_size, bad, corrupt_patches)
+    return RegionPixels(index, (x, y), img, p, bad, corrupt_patches)
 
 
 def _corrupt_patch_mask(slide: Slide, grid: Grid, bad: list[CorruptTile], lx: int, ly: int, lw: int,
@@ -244,26 +434,37 @@ def iter_regions(
     """Yield the regions of ``grid`` (all, or ``indices``) in order, read on ``threads`` threads.
 
     At most ``cfg.queue_size`` (default ``2 × threads``) regions are in flight. Raises SlideError once the slide's
-    corrupt tiles exceed ``cfg.max_corrupt_tiles``.
+    corrupt tiles exceed ``cfg.max_corrupt_tiles``. Patch buffers are recycled once unreferenced (module docstring,
+    "Buffer lifetime"): the consumer may keep any region or array it was given.
     """
     cfg = cfg or ReaderConfig()
     order = list(range(grid.n_regions)) if indices is None else [int(i) for i in indices]
     threads = max(1, int(threads))
     depth = max(1, cfg.queue_size or 2 * threads)
+    pool = None
+    s, p = grid.region_size, grid.patch_size
+    if cfg.fast_path and cfg.direct_patches and slide.tiff_levels is not None and s % p == 0:
+        # in flight + the one the consumer holds + the one its loop variable still holds while asking for the next
+        pool = _BufferPool(((s // p) ** 2, p, p, 3), depth + 2)
+
+    def submit(i: int) -> Future[RegionPixels]:
+        return executor.submit(read_region_pixels, slide, grid, i, cfg.fast_path,
+                               direct_patches=cfg.direct_patches, pool=pool)
+
     seen_bad: list[CorruptTile] = []
     pending: collections.deque[Future[RegionPixels]] = collections.deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="hwsi-read") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="hwsi-read") as executor:
         it = iter(order)
         try:
             for i in it:
-                pending.append(pool.submit(read_region_pixels, slide, grid, i, cfg.fast_path))
+                pending.append(submit(i))
                 if len(pending) >= depth:
                     break
             while pending:
                 rp = pending.popleft().result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(pool.submit(read_region_pixels, slide, grid, nxt, cfg.fast_path))
+                    pending.append(submit(nxt))
                 if rp.corrupt_tiles:
                     seen_bad.extend(rp.corrupt_tiles)
                     if len(seen_bad) > cfg.max_corrupt_tiles:
@@ -274,6 +475,7 @@ def iter_regions(
                             "the file is damaged; re-export or re-copy it",
                         )
                 yield rp
+                del rp  # do not pin the consumer's buffer while it asks for the next region
         finally:
             for f in pending:
                 f.cancel()
