@@ -1,17 +1,25 @@
 """Benchmark of slide decomposition: hwsi vs the decode floor vs per-patch OpenSlide reads, and peak RSS.
 
-    .venv/bin/python benchmarks/decompose.py [--side 40960] [--threads 1 2] [--rss-sides 20480 81920]
+    .venv/bin/python benchmarks/decompose.py [--side 40960] [--threads 1 2] [--repeats 3] [--rss-sides 20480 81920]
 
 Writes synthetic slides at 0.5 µm/px once into benchmarks/out/ (git-ignored) with hwsi.synth.pyramid and a fast
 tile_fn (a few pre-rendered textured tiles inside an elliptical tissue area, white glass outside), then measures,
 with the same thread counts:
 
-(a) hwsi: tissue mask + grid (4096-px regions, 256-px patches) + reading every tissue region once and slicing all
-    its patches (``RegionPixels.patches``, a contiguous (G, P, P, 3) copy) — patches/s;
-(b) the decode floor: decoding the same level-0 JPEG tiles of the same regions with imagecodecs, nothing else;
+(a) hwsi: tissue mask + grid (4096-px regions, 256-px patches) + reading every tissue region once into its
+    contiguous (G, P, P, 3) ``RegionPixels.patches`` (direct path: JPEG tiles decoded into their patch slots,
+    pooled buffers) — patches/s;
+(a0) the same with ``ReaderConfig(direct_patches=False)``, the previous path (assemble the region image, then copy
+    it into patches), for a side-by-side comparison;
+(b) the decode floor: decoding the same level-0 JPEG tiles of the same regions with imagecodecs, nothing else
+    (one task per region, into a reused tile buffer);
 (c) the CLAM/TRIDENT way: one OpenSlide ``read_region`` per tissue patch (shared handle, RGBA -> RGB), on a
     subset of patches (rate extrapolated);
 and the peak RSS of (a) run in a fresh subprocess for a small and a large slide.
+(a), (a0), (b), (c) are interleaved within each of ``--repeats`` rounds and the table shows medians (the machine
+is shared: compare within a run). ``cpu/wall`` is the process CPU time over the wall time of the read phase of (a):
+about 2x the 1-thread value with 2 threads means the threads decode concurrently (imagecodecs releases the GIL),
+whatever the machine's load.
 Targets: (a) within 1.3x of (b); (a) >= 3x faster than (c); RSS(large) <= 1.2x RSS(small).
 """
 
@@ -21,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -72,9 +81,9 @@ def ensure_slide(side: int, threads: int) -> Path:
     return p
 
 
-def run_hwsi(path: Path, threads: int) -> dict[str, float]:
-    """(a): tissue + grid + every tissue region read once + all patches sliced."""
-    from hwsi.slide import GridConfig, build_grid, compute_tissue, iter_regions, open_slide
+def run_hwsi(path: Path, threads: int, direct: bool = True) -> dict[str, float]:
+    """(a): tissue + grid + every tissue region read once into its (G, P, P, 3) patches ((a0) with direct=False)."""
+    from hwsi.slide import GridConfig, ReaderConfig, build_grid, compute_tissue, iter_regions, open_slide
 
     t0 = time.perf_counter()
     with open_slide(path) as s:
@@ -82,43 +91,63 @@ def run_hwsi(path: Path, threads: int) -> dict[str, float]:
         tissue = compute_tissue(s, patch_size_level0=cfg.patch_size, threads=threads)
         grid = build_grid(s, tissue.mask, tissue.downsample, cfg)
         t1 = time.perf_counter()
+        c1 = time.process_time()
         n = 0
-        for rp in iter_regions(s, grid, threads=threads):
+        for rp in iter_regions(s, grid, ReaderConfig(direct_patches=direct), threads=threads):
             n += rp.patches.shape[0]
+        c2 = time.process_time()
     t2 = time.perf_counter()
     return {"patches": n, "regions": grid.n_regions, "seconds": t2 - t0, "read_seconds": t2 - t1,
-            "tissue_grid_seconds": t1 - t0, "tissue_patches": int(grid.patch_tissue.sum())}
+            "tissue_grid_seconds": t1 - t0, "tissue_patches": int(grid.patch_tissue.sum()),
+            "cpu_per_wall": (c2 - c1) / (t2 - t1)}
 
 
 def run_floor(path: Path, threads: int, region_coords: np.ndarray, region_l0: int) -> dict[str, float]:
-    """(b): decode the level-0 JPEG tiles covering the same regions with imagecodecs (no assembly)."""
+    """(b): decode the level-0 JPEG tiles covering the same regions with imagecodecs (no assembly).
+
+    One task per region (its tiles decoded in a plain loop, like hwsi's one task per region), the page's JPEG
+    colour spaces (as hwsi.slide.open passes them), each thread decoding into one reused tile buffer: the least work
+    that decodes these tiles. (A task per tile costs ~0.4–1 s of executor overhead on this slide, which once made
+    this "floor" slower than hwsi.)
+    """
+    import threading
+
     import imagecodecs
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
         page = tf.pages[0]
         offsets, counts = np.asarray(page.dataoffsets), np.asarray(page.databytecounts)
-        tw, ntx = page.tilewidth, -(-page.imagewidth // page.tilewidth)
+        tw, th, ntx = page.tilewidth, page.tilelength, -(-page.imagewidth // page.tilewidth)
         tables = page.jpegtables
-    idx: list[int] = []
+        cs = tifffile.tifffile.jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples,
+                                                     page.is_jfif)
+    per_region: list[list[int]] = []
     for x, y in region_coords:
-        for ty in range(y // tw, (y + region_l0) // tw):
+        idx = []
+        for ty in range(y // th, (y + region_l0) // th):
             for tx in range(x // tw, (x + region_l0) // tw):
                 if tx < ntx and ty * ntx + tx < len(offsets):
                     idx.append(ty * ntx + tx)
+        per_region.append(idx)
     fd = os.open(path, os.O_RDONLY)
+    local = threading.local()
 
-    def dec(i: int) -> int:
-        data = os.pread(fd, int(counts[i]), int(offsets[i]))
-        return imagecodecs.jpeg8_decode(data, tables=tables).shape[0]
+    def dec(idx: list[int]) -> int:
+        out = getattr(local, "out", None)
+        if out is None:
+            out = local.out = np.empty((th, tw, 3), np.uint8)
+        for i in idx:
+            data = os.pread(fd, int(counts[i]), int(offsets[i]))
+            imagecodecs.jpeg8_decode(data, tables=tables, colorspace=cs[0], outcolorspace=cs[1], out=out)
+        return len(idx)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(dec, idx, chunksize=64):
-            pass
+        n = sum(pool.map(dec, per_region))
     dt = time.perf_counter() - t0
     os.close(fd)
-    return {"tiles": len(idx), "seconds": dt}
+    return {"tiles": n, "seconds": dt}
 
 
 def run_read_region(path: Path, threads: int, patch_coords: np.ndarray, limit: int) -> dict[str, float]:
@@ -152,6 +181,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rss-sides", type=int, nargs="*", default=[20480, 81920])
     ap.add_argument("--baseline-patches", type=int, default=3000)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows medians")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -169,24 +199,39 @@ def main() -> None:
     sub = tissue_patch_coords[rng.permutation(len(tissue_patch_coords))]
     print(f"slide {args.side}² @0.5 µm/px: {g.n_regions} tissue regions, {g.n_regions * 256} patches sliced, "
           f"{len(tissue_patch_coords)} tissue patches", flush=True)
-    rows = []
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for rep in range(args.repeats):
+        for th in args.threads:
+            a = run_hwsi(path, th)
+            a0 = run_hwsi(path, th, direct=False)
+            b = run_floor(path, th, g.region_coords, 4096)
+            c = run_read_region(path, th, sub, args.baseline_patches)
+            for k, v in (("a", a), ("a0", a0), ("b", b), ("c", c)):
+                runs.setdefault((k, th), []).append(v)
+            print(f"round {rep + 1} threads={th}: hwsi {a['seconds']:.2f}s (tissue+grid {a['tissue_grid_seconds']:.2f}s, "
+                  f"cpu/wall {a['cpu_per_wall']:.2f}), previous path {a0['seconds']:.2f}s, floor {b['seconds']:.2f}s, "
+                  f"read_region {c['patches']} patches {c['seconds']:.2f}s", flush=True)
+
+    def med(k: str, th: int, key: str) -> float:
+        return statistics.median(r[key] for r in runs[(k, th)])
+
+    print(f"\nmedians of {args.repeats} rounds (load average at the end: "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})")
+    print("\n| threads | (a) hwsi patches/s | (a) s | of which tissue+grid s | (a) cpu/wall | (a0) previous s "
+          "| (b) floor patches/s | (b) s | (c) read_region patches/s | (a)/(b) time | (a0)/(b) time | (a)/(c) speed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    n_patches = runs[("a", args.threads[0])][0]["patches"]
     for th in args.threads:
-        a = run_hwsi(path, th)
-        b = run_floor(path, th, g.region_coords, 4096)
-        c = run_read_region(path, th, sub, args.baseline_patches)
-        a_rate = a["patches"] / a["seconds"]
-        b_rate = a["patches"] / b["seconds"]  # same patches, floor time
-        c_rate = c["patches"] / c["seconds"]
-        rows.append((th, a_rate, a["seconds"], a["tissue_grid_seconds"], b_rate, b["seconds"], c_rate,
-                     a["seconds"] / b["seconds"], a_rate / c_rate))
-        print(f"threads={th}: hwsi {a['seconds']:.2f}s (tissue+grid {a['tissue_grid_seconds']:.2f}s), "
-              f"floor {b['seconds']:.2f}s, read_region {c['patches']} patches {c['seconds']:.2f}s", flush=True)
-    print("\n| threads | (a) hwsi patches/s | (a) s | of which tissue+grid s | (b) floor patches/s | (b) s "
-          "| (c) read_region patches/s | (a)/(b) time | (a)/(c) speed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.0f} | {r[5]:.2f} | {r[6]:.0f} "
-              f"| {r[7]:.2f}x | {r[8]:.2f}x |")
+        a_s, a0_s, b_s = med("a", th, "seconds"), med("a0", th, "seconds"), med("b", th, "seconds")
+        c_rate = statistics.median(r["patches"] / r["seconds"] for r in runs[("c", th)])
+        ratios_ab = [x["seconds"] / y["seconds"] for x, y in zip(runs[("a", th)], runs[("b", th)])]
+        ratios_a0b = [x["seconds"] / y["seconds"] for x, y in zip(runs[("a0", th)], runs[("b", th)])]
+        ratios_ac = [(x["patches"] / x["seconds"]) / (y["patches"] / y["seconds"])
+                     for x, y in zip(runs[("a", th)], runs[("c", th)])]
+        print(f"| {th} | {n_patches / a_s:.0f} | {a_s:.2f} | {med('a', th, 'tissue_grid_seconds'):.2f} "
+              f"| {med('a', th, 'cpu_per_wall'):.2f} | {a0_s:.2f} | {n_patches / b_s:.0f} | {b_s:.2f} | {c_rate:.0f} "
+              f"| {statistics.median(ratios_ab):.2f}x | {statistics.median(ratios_a0b):.2f}x "
+              f"| {statistics.median(ratios_ac):.2f}x |")
     if args.rss_sides:
         print("\n| slide | regions | peak RSS MB | seconds |")
         print("|---|---|---|---|")
