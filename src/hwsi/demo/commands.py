@@ -8,7 +8,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add `hwsi demo` to the hwsi app."""
+    """Add `hwsi demo` and `hwsi ablate` to the hwsi app."""
+    _register_ablate(app)
 
     @app.command("demo")
     def demo(
@@ -41,3 +42,26 @@ def register(app: typer.Typer) -> None:
         if (p.paths.runs / "config.yaml").is_file():
             typer.echo(f"ask:    hwsi ask {p.paths.job}/stores/<slide>.h5 --run {p.paths.runs} -q 'What is the diagnosis?'")
             typer.echo(f"view:   hwsi serve {p.paths.job} --model {p.paths.runs}   (then open http://127.0.0.1:8000)")
+
+
+def _register_ablate(app: typer.Typer) -> None:
+    @app.command("ablate")
+    def ablate(
+        table: int = typer.Option(..., "--table", help="1: scales fed to the LLM (paper Table 1); "
+                                  "2: terms of L_HCA (paper Table 2)."),
+        out: Path = typer.Option(Path("ablation_out"), "--out", help="Output folder (resumable)."),
+        seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds (at least 3 for a CI)."),
+        preset: str = typer.Option("test", "--preset", help="SynthPath pipeline size: test (default) or demo."),
+    ) -> None:
+        """Train and score every ablation row on SynthPath over several seeds; print mean ± 95% CI."""
+        from hwsi.demo.ablate import run_ablation
+        from hwsi.errors import ConfigError
+
+        try:
+            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        except ValueError as exc:
+            raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
+        if preset not in ("test", "demo"):
+            raise ConfigError(f"--preset must be test or demo, got {preset!r}")
+        md = run_ablation(table, out, seed_list, preset)
+        typer.echo(md.read_text())

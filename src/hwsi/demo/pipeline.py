@@ -44,7 +44,7 @@ class PipelineConfig:
     encoder_epochs: int = 6
     k: int = 16
     n_div: int = 32
-    train_config: str = "tiny"  # configs/<name>.yaml preset of hwsi.train (or a path)
+    train_config: str = "demo"  # configs/<name>.yaml preset of hwsi.train (or a path)
     workers: int = 2
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -194,8 +194,9 @@ class Pipeline:
             raise HwsiError(f"{self.paths.job}: {len(res.failed)} slide(s) failed to extract (see errors/)")
         return res.counts()
 
-    def train_config(self) -> Any:
-        """The hwsi.train config of this run: the preset with the cohort's TRAIN-split text (absolute paths)."""
+    def train_config(self, extra: dict[str, Any] | None = None) -> Any:
+        """The hwsi.train config of this run: the preset with the cohort's TRAIN-split text (absolute paths),
+        then ``PipelineConfig.train_overrides``, then ``extra`` (nested dicts of TrainConfig fields)."""
         import copy
 
         from hwsi.config import from_dict
@@ -208,10 +209,11 @@ class Pipeline:
         cfg.data.facts = str(self.paths.cohort / "facts.json")
         cfg.data.reports = str(text / "reports.json")
         cfg.data.captions = str(text / "captions.json")
-        if self.cfg.train_overrides:
-            merged = _deep_merge(asdict(cfg), copy.deepcopy(self.cfg.train_overrides))
-            cfg = from_dict(TrainConfig, merged, "train_overrides")
-            cfg.validate()
+        for over in (self.cfg.train_overrides, extra):
+            if over:
+                merged = _deep_merge(asdict(cfg), copy.deepcopy(over))
+                cfg = from_dict(TrainConfig, merged, "train overrides")
+                cfg.validate()
         return cfg
 
     def train(self) -> dict[str, Any]:

@@ -1,0 +1,172 @@
+"""The paper's ablations on SynthPath, one command each: Table 1 (which scales feed the LLM) and Table 2 (which
+terms of L_HCA, Eq. 9, train stage 1).
+
+``hwsi ablate --table 1|2 --out DIR [--seeds 0,1,2] [--preset test|demo]``
+
+Shared by every row (built once, resumable): the SynthPath cohort, its stores and extracted features, and the
+stage-0 tiny LLM (DESIGN §5: it stands in for Qwen's pretraining) — a ``Pipeline`` run up to ``extract`` in
+``DIR/base`` plus ``run_stage(0)``. Per row and seed, stages 1–3 train from scratch into ``DIR/rows/<row>/seed<S>``
+with the row's switches and that seed, then the row is scored on the HELD-OUT slides (val + test pooled):
+
+* closed-ended VQA accuracy (greedy) and the same model's accuracy with visual tokens shuffled across slides,
+* diagnosis fact accuracy parsed from the open answers (hwsi.eval.facts),
+* linear-probe balanced accuracy of the slide embedding z_WSI (diagnosis; C on val) — rows without the slide scale
+  still have z_WSI because f_WSI is computed from the regions whenever a slide token exists.
+
+Tables print mean ± 95 % confidence half-width (Student t over seeds). Everything is deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwsi.errors import ConfigError
+from hwsi.utils.atomic import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    overrides: dict[str, Any]
+
+
+def _scales(cells: bool, patches: bool, regions: bool, slide: bool) -> dict[str, Any]:
+    return {"model": {"hierarchy": {"use_cells": cells, "use_patches": patches, "use_regions": regions,
+                                    "use_slide": slide}}}
+
+
+def _losses(ls: bool, lc: bool, lwsi: bool) -> dict[str, Any]:
+    return {"stage1": {"loss": {"use_Ls": ls, "use_Lc": lc, "use_Lwsi": lwsi}}}
+
+
+# Table 1 of the paper (our model's rows, MLLM-HWSI1..7 and the full model): cell / patch / region / WSI features
+TABLE1: tuple[Row, ...] = (
+    Row("WSI", _scales(False, False, False, True)),
+    Row("region+WSI", _scales(False, False, True, True)),
+    Row("patch+region+WSI", _scales(False, True, True, True)),
+    Row("cell+WSI", _scales(True, False, False, True)),
+    Row("patch+WSI", _scales(False, True, False, True)),
+    Row("cell+patch+WSI", _scales(True, True, False, True)),
+    Row("cell+region+WSI", _scales(True, False, True, True)),
+    Row("cell+patch+region+WSI (full)", _scales(True, True, True, True)),
+)
+# Table 2 of the paper: L_s (Eq. 6), L_c (Eq. 8), L_WSI (Eq. 7)
+TABLE2: tuple[Row, ...] = (
+    Row("Ls+Lc+Lwsi (full)", _losses(True, True, True)),
+    Row("Ls+Lc", _losses(True, True, False)),
+    Row("Ls", _losses(True, False, False)),
+    Row("Lwsi", _losses(False, False, True)),
+    Row("Lc+Lwsi", _losses(False, True, True)),
+    Row("Ls+Lwsi", _losses(True, False, True)),
+)
+TABLES = {1: TABLE1, 2: TABLE2}
+METRICS = ("closed_acc", "shuffled_acc", "diagnosis_fact_acc", "probe_bal_acc")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval (0 for a single value)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    n = len(vals)
+    m = sum(vals) / n
+    if n < 2:
+        return m, 0.0
+    from scipy import stats
+
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
+    return m, float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+
+
+def score_run(run: Path, cohort: Path, job: Path) -> dict[str, float]:
+    """Held-out scores of one trained run (val + test pooled for VQA; linear probe on test with C from val)."""
+    from hwsi.eval.tasks import EvalConfig, load_eval_data, run_task
+    from hwsi.train.inference import load_trained_model
+
+    model = load_trained_model(run)
+    cfg = EvalConfig(meteor=False)
+    correct = shuffled = n = 0
+    dx_correct = dx_n = 0
+    for split in ("val", "test"):
+        data = load_eval_data(cohort, job, split=split)
+        res = run_task("vqa", model, data, cfg)
+        for key in ("model", "shuffled"):
+            closed = res.metrics[key]["closed"]
+            if key == "model":
+                correct += closed["n_correct"]
+                n += closed["n"]
+                dx = res.metrics[key].get("facts", {}).get("facts", {}).get("diagnosis", {})
+                dx_correct += dx.get("correct", 0)
+                dx_n += dx.get("n", 0)
+            else:
+                shuffled += closed["n_correct"]
+    probe = float("nan")
+    data = load_eval_data(cohort, job, split="test")
+    res = run_task("linear_probe", model, data, cfg)
+    if not res.skipped:
+        probe = float(res.metrics.get("balanced_accuracy", float("nan")))
+    return {"closed_acc": correct / max(n, 1), "shuffled_acc": shuffled / max(n, 1), "n_closed": n,
+            "diagnosis_fact_acc": dx_correct / max(dx_n, 1), "probe_bal_acc": probe}
+
+
+def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "test") -> Path:
+    """Train and score every row of ``table`` for every seed; write ``OUT/table<N>.json`` and ``.md``."""
+    from hwsi.demo.pipeline import Pipeline, PipelineConfig
+    from hwsi.train.stages import run_stage
+
+    if table not in TABLES:
+        raise ConfigError(f"--table must be 1 or 2, got {table}")
+    if not seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    out = Path(out)
+    base_cfg = PipelineConfig.test() if preset == "test" else PipelineConfig.demo()
+    base = Pipeline(out / "base", base_cfg).run(until="extract")
+    shared_runs = base.paths.runs
+    run_stage(0, base.train_config(), base.paths.job, shared_runs, resume=True)
+    llm = shared_runs / "stage0" / "llm"
+    results_path = out / f"table{table}.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for row in TABLES[table]:
+        for seed in seeds:
+            key = f"{row.name}|{seed}"
+            if key in results:
+                continue
+            over = json.loads(json.dumps(row.overrides))
+            over.setdefault("model", {})["llm_path"] = str(llm)
+            over["seed"] = seed
+            cfg = base.train_config(over)
+            run_dir = out / "rows" / _slug(row.name) / f"seed{seed}"
+            for stage in (1, 2, 3):
+                run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
+            results[key] = {"row": row.name, "seed": seed, **score_run(run_dir, base.paths.cohort, base.paths.job)}
+            write_json_atomic(results_path, results)
+    md = format_table(table, results, seeds)
+    (out / f"table{table}.md").write_text(md, encoding="utf-8")
+    return out / f"table{table}.md"
+
+
+def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> str:
+    head = {1: "Table 1 (scales fed to the LLM)", 2: "Table 2 (terms of L_HCA in stage 1)"}[table]
+    lines = [f"## SynthPath ablation — {head}", "",
+             f"Held-out slides (val + test), seeds {list(seeds)}; mean ± 95% CI (Student t). closed acc: "
+             "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; dx facts: "
+             "diagnosis parsed from the answers; probe: linear-probe balanced accuracy of z_WSI (diagnosis).", "",
+             "| row | closed acc | shuffled | dx facts | probe BA | n closed |", "|---|---|---|---|---|---|"]
+    for row in TABLES[table]:
+        rs = [results[f"{row.name}|{s}"] for s in seeds if f"{row.name}|{s}" in results]
+        if not rs:
+            continue
+        cells = []
+        for m in METRICS:
+            mu, hw = mean_ci([r[m] for r in rs])
+            cells.append(f"{mu:.3f} ± {hw:.3f}")
+        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {rs[0].get('n_closed', '')} |")
+    return "\n".join(lines) + "\n"
