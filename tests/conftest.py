@@ -29,3 +29,33 @@ def shared_data() -> Path:
     if SHARED_DATA is None:
         pytest.skip("../shared/data (real slides, tiles, text) is not present next to this checkout")
     return SHARED_DATA
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The test preset of the whole SynthPath pipeline (hwsi.demo.pipeline), built ONCE and cached across sessions.
+def pipeline_test_key() -> str:
+    """Hash of what decides the cached pipeline: PipelineConfig.test() and the training preset's YAML text."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from hwsi.demo.pipeline import PipelineConfig, preset_path
+
+    cfg = PipelineConfig.test()
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    h.update(preset_path(cfg.train_config).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def test_pipeline():
+    """The finished test-preset Pipeline (synth → … → train; eval/report steps are left to the tests).
+
+    Lives in ``REPO/.cache/pipeline-test-<key>`` (``HWSI_PIPELINE_CACHE`` overrides the parent folder); a matching
+    folder from an earlier session is reused, an interrupted one resumes (every step is resumable). ~6 min on 2 cores
+    the first time.
+    """
+    from hwsi.demo.pipeline import Pipeline, PipelineConfig
+
+    root = Path(os.environ.get("HWSI_PIPELINE_CACHE", REPO / ".cache"))
+    return Pipeline(root / f"pipeline-test-{pipeline_test_key()}", PipelineConfig.test()).run(until="train")

@@ -39,6 +39,12 @@ class DataConfig:
     region_input: str = "hwsi_small_patch"  # patches/<name>: the ViT-4K input
     text_encoder: str = "minilm"  # stage-1 text tower (hwsi.features.encoders.create_text_encoder)
     memory_cache: int = 512  # slides kept in RAM (LRU) on top of the .pt cache on disk
+    # stages 0 and 3: each closed-ended train record (lettered options) is also seen N times with its options
+    # re-ordered (hwsi.train.data.permute_options), so the LM picks options by text, not by a letter prior
+    option_permutations: int = 0
+    # stages 0 and 3: closed-ended answers trained as the option text alone ("focal", not "C) focal"); the scorer
+    # accepts either (hwsi.eval.vqa.parse_choice)
+    closed_text_answers: bool = False
 
 
 @dataclass

@@ -255,3 +255,78 @@ def findings_text(facts: dict[str, Any]) -> str:
         if isinstance(v, (str, int, float, bool)) and str(v) != "":
             parts.append(f"{k.replace('_', ' ')}: {v}")
     return "; ".join(parts)
+
+
+_OPTION_LINE = re.compile(r"^([A-Z])\) (.+)$")
+
+
+def _split_options(question: str) -> tuple[str, list[str]] | None:
+    """``"stem\\nA) x\\nB) y"`` -> (stem, [x, y]) when the question ends with lettered options A), B), ..."""
+    lines = question.rstrip().split("\n")
+    opts: list[str] = []
+    while lines:
+        m = _OPTION_LINE.match(lines[-1].strip())
+        if not m:
+            break
+        opts.insert(0, m.group(2))
+        lines.pop()
+    if len(opts) < 2 or [chr(ord("A") + i) for i in range(len(opts))] != [
+            _OPTION_LINE.match(x.strip()).group(1) for x in question.rstrip().split("\n")[-len(opts):]]:
+        return None
+    return "\n".join(lines), opts
+
+
+def permute_options(samples: list[ChatSample], n: int, seed: int = 0, text_answers: bool = False) -> list[ChatSample]:
+    """``samples`` plus, for every closed-ended one, ``n`` copies with the options re-ordered (answer letter follows).
+
+    A closed-ended turn is a user message ending with lettered option lines (``A) ...``) answered by an assistant
+    message ``"<letter>) <option text>"``. The text is the same train record's; only the order of its options and
+    the letter change, so the LM learns to pick the option by its TEXT rather than by a letter prior (the eval's
+    options come in random order too). Other samples are kept once.
+
+    ``text_answers``: closed-ended answers (originals and copies) become the option text alone (``"focal"`` for
+    ``"C) focal"``); the closed-choice scorer accepts an option's letter or its text (hwsi.eval.vqa.parse_choice).
+    A tiny LM can learn to name the right option long before it learns to copy the letter printed before it.
+    """
+    import random
+
+    if n <= 0 and not text_answers:
+        return list(samples)
+    rng = random.Random(seed)
+    out = []
+    for s in samples:
+        turns = []
+        for i in range(len(s.messages) - 1):
+            u, a = s.messages[i], s.messages[i + 1]
+            if u["role"] != "user" or a["role"] != "assistant":
+                continue
+            split = _split_options(u["content"])
+            m = _OPTION_LINE.match(a["content"].strip())
+            if split is None or m is None:
+                continue
+            stem, opts = split
+            gold = ord(m.group(1)) - ord("A")
+            if not 0 <= gold < len(opts) or opts[gold].strip() != m.group(2).strip():
+                continue
+            turns.append((i, stem, opts, gold))
+        if not turns:
+            out.append(s)
+            continue
+        if text_answers:
+            msgs = [dict(m) for m in s.messages]
+            for i, _stem, opts, gold in turns:
+                msgs[i + 1]["content"] = opts[gold]
+            out.append(ChatSample(s.slide_id, msgs, s.record_id))
+        else:
+            out.append(s)
+        for _ in range(n):
+            msgs = [dict(m) for m in s.messages]
+            for i, stem, opts, gold in turns:
+                order = list(range(len(opts)))
+                rng.shuffle(order)
+                lines = [f"{chr(ord('A') + j)}) {opts[o]}" for j, o in enumerate(order)]
+                msgs[i]["content"] = stem + "\n" + "\n".join(lines)
+                new = order.index(gold)
+                msgs[i + 1]["content"] = opts[gold] if text_answers else f"{chr(ord('A') + new)}) {opts[gold]}"
+            out.append(ChatSample(s.slide_id, msgs, s.record_id))
+    return out

@@ -62,6 +62,7 @@ from hwsi.train.data import (
     TextBank,
     findings_text,
     load_train_text,
+    permute_options,
     report_units,
     store_ids,
 )
@@ -478,7 +479,7 @@ def _stage3(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
             progress: bool) -> StageResult:
     cache, stores = _slide_cache(cfg, job, out)
     text = load_train_text(job, cfg.data, stores)
-    samples = text.samples
+    samples = permute_options(text.samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
     if not samples:
         raise TrainError("stage 3: no train records with a store")
     cache.prepare(text.slide_ids, progress)
@@ -561,9 +562,11 @@ def _stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
     samples = [s for s in text.samples if findings.get(s.slide_id)]
     if not samples:
         raise TrainError("stage 0: no train record has findings in data.facts")
-    if len(samples) < len(text.samples):
+    n_records = len(samples)
+    samples = permute_options(samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
+    if n_records < len(text.samples):
         log.warning("stage 0: %d of %d records have no findings and are skipped",
-                    len(text.samples) - len(samples), len(text.samples))
+                    len(text.samples) - n_records, len(text.samples))
     stage_dir = out / "stage0"
     init_dir = stage_dir / "llm_init"
     if not (resume and (init_dir / "config.json").is_file()):
