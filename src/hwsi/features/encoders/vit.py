@@ -12,6 +12,11 @@ Position embeddings are stored for the pre-training grid ``g = pos_grid`` and re
   antialias on.
 
 Both leave the table untouched when the grid matches.
+
+:class:`Block` (with :class:`Attention` / :class:`Mlp`) is also the transformer block of :mod:`hwsi.model` (CCAF,
+ViT-4K, ViT_WSI, via :mod:`hwsi.model.blocks`), whose HIPT ``vit4k_xs_dino.pth`` keys are the same layout. Masking:
+``key_mask`` (B, N) bool, True = a real token; False tokens are excluded as attention KEYS (they still produce
+outputs, which callers ignore). ``key_mask=None`` is plain unmasked attention.
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); ``key_mask`` (B, N) bool, True = a valid attention key."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -70,15 +77,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
 
 
