@@ -14,9 +14,11 @@ read by the builders through :func:`hwsi.features.encoders.foreign.load_foreign_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +65,21 @@ def make_config(cls: type[C], overrides: dict[str, Any], where: str = "") -> C:
             v = tuple(v)
         kw[k] = v
     return cls(**kw)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Run the body (an encoder's module construction) under ``torch.manual_seed(seed)``, leaving the caller's CPU
+    RNG state untouched afterwards (random-weight encoders are reproducible per config ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_patch_grid(cfg: Any, where: str) -> None:
+    """A ViT config's ``input_size`` must be a whole number of ``patch_size`` patches (:class:`EncoderError`)."""
+    if cfg.input_size % cfg.patch_size:
+        raise EncoderError(f"{where}: input_size {cfg.input_size} is not a multiple of patch {cfg.patch_size}")
 
 
 def _to_float_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:

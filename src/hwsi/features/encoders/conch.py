@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwsi.features.encoders.base import CLIP_MEAN, CLIP_STD, EncoderError, ImageEncoder, make_config
+from hwsi.features.encoders.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EncoderError,
+    ImageEncoder,
+    check_patch_grid,
+    make_config,
+    seeded_init,
+)
 from hwsi.features.encoders.foreign import load_foreign_state_dict, read_state_dict
 from hwsi.features.encoders.registry import register_encoder, register_text_encoder
 from hwsi.features.encoders.text import TextEncoder
@@ -122,19 +130,8 @@ class ConchImageEncoder(ImageEncoder):
         super().__init__()
         self.config = config
         self.embed_dim = config.embed_dim
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.trunk = VisionTransformer(
-                patch_size=config.patch_size,
-                width=config.width,
-                depth=config.depth,
-                heads=config.heads,
-                pos_grid=config.pos_grid,
-                mlp_ratio=config.mlp_ratio,
-                qkv_bias=True,
-                eps=config.ln_eps,
-                pos_interp="timm",
-            )
+        with seeded_init(config.seed):
+            self.trunk = VisionTransformer.from_config(config, pos_interp="timm")
             self.attn_pool_contrast = AttentionalPooler(config.embed_dim, config.width, config.pool_heads, config.n_queries)
             self.ln_contrast = nn.LayerNorm(config.embed_dim)
             self.proj_contrast = nn.Parameter(config.width**-0.5 * torch.randn(config.embed_dim, config.embed_dim))
@@ -181,8 +178,7 @@ def load_conch_image_checkpoint(model: ConchImageEncoder, path: str | Path) -> N
 def build_conch_vit_b16(checkpoint: Path | None = None, **overrides: Any) -> ConchImageEncoder:
     """CONCH image tower; ``checkpoint`` is the local CONCH ``pytorch_model.bin`` (random weights without)."""
     cfg = make_config(ConchImageConfig, overrides, "conch_vit_b16")
-    if cfg.input_size % cfg.patch_size:
-        raise EncoderError(f"conch_vit_b16: input_size {cfg.input_size} is not a multiple of patch {cfg.patch_size}")
+    check_patch_grid(cfg, "conch_vit_b16")
     if cfg.embed_dim == cfg.width:
         # CONCH's pooler stores separate q/k/v weights because 512 != 768; equal sizes would change the layout
         raise EncoderError("conch_vit_b16: embed_dim must differ from width (CONCH's pooler key layout)")
@@ -273,8 +269,7 @@ class ConchTextEncoder(TextEncoder):
         self.config = config
         self.embed_dim = config.embed_dim
         w = config.width
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+        with seeded_init(config.seed):
             self.token_embedding = nn.Embedding(config.vocab_size, w)
             self.positional_embedding = nn.Parameter(torch.randn(config.context_length, w) * 0.01)
             self.cls_emb = nn.Parameter(torch.randn(w) * 0.01)

@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from hwsi.features.encoders.base import EncoderError, ImageEncoder, is_own_checkpoint, make_config
+from hwsi.features.encoders.base import (
+    EncoderError,
+    ImageEncoder,
+    check_patch_grid,
+    is_own_checkpoint,
+    make_config,
+    seeded_init,
+)
 from hwsi.features.encoders.foreign import load_foreign_state_dict, read_state_dict
 from hwsi.features.encoders.registry import register_encoder
 from hwsi.features.encoders.vit import VisionTransformer
@@ -50,19 +57,8 @@ class HiptViT256(ImageEncoder):
         super().__init__()
         self.config = config
         self.embed_dim = config.width
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.vit = VisionTransformer(
-                patch_size=config.patch_size,
-                width=config.width,
-                depth=config.depth,
-                heads=config.heads,
-                pos_grid=config.pos_grid,
-                mlp_ratio=config.mlp_ratio,
-                qkv_bias=True,
-                eps=config.ln_eps,
-                pos_interp="dino",
-            )
+        with seeded_init(config.seed):
+            self.vit = VisionTransformer.from_config(config, pos_interp="dino")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(x)
@@ -91,8 +87,7 @@ def load_hipt_checkpoint(model: HiptViT256, path: str | Path, checkpoint_key: st
 def build_hipt_vit256(checkpoint: Path | None = None, **overrides: Any) -> HiptViT256:
     """HIPT ViT-256; ``checkpoint`` is HIPT's ``vit256_small_dino.pth`` (random weights, seeded, without)."""
     cfg = make_config(HiptViT256Config, overrides, "hipt_vit256")
-    if cfg.input_size % cfg.patch_size:
-        raise EncoderError(f"hipt_vit256: input_size {cfg.input_size} is not a multiple of patch {cfg.patch_size}")
+    check_patch_grid(cfg, "hipt_vit256")
     model = HiptViT256(cfg)
     if checkpoint is not None:
         if is_own_checkpoint(checkpoint):  # pragma: no cover - create_encoder handles own folders

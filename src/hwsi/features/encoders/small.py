@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwsi.features.encoders.base import EncoderError, ImageEncoder, make_config
+from hwsi.features.encoders.base import EncoderError, ImageEncoder, make_config, seeded_init
 from hwsi.features.encoders.registry import register_encoder
 
 
@@ -62,8 +62,7 @@ class SmallPatchEncoder(ImageEncoder):
         super().__init__()
         self.config = config
         self.embed_dim = config.embed_dim
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+        with seeded_init(config.seed):
             chans = (3, *config.channels)
             self.stages = nn.Sequential(*[_Stage(chans[i], chans[i + 1], config.groups) for i in range(len(config.channels))])
             self.head = nn.Sequential(

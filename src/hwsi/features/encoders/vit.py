@@ -22,6 +22,8 @@ outputs, which callers ignore). ``key_mask=None`` is plain unmasked attention.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,38 +96,41 @@ def _interp_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def interpolate_pos_dino(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """DINO's interpolate_pos_encoding of a (1, 1+N, D) table to a ``grid_h x grid_w`` patch grid."""
+def _resample_pos(
+    pos_embed: torch.Tensor, grid_h: int, grid_w: int, resize: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """Split a (1, 1+N, D) table into CLS + a g x g patch grid, ``resize((1, D, g, g), g)`` the grid (float32/64),
+    and put it back together in the table's dtype; the table itself when the grid already matches."""
     n = pos_embed.shape[1] - 1
     if n == grid_h * grid_w and grid_h == grid_w:
         return pos_embed
     g = int(math.sqrt(n))
     dim = pos_embed.shape[-1]
     cls_pos, patch_pos = pos_embed[:, :1], _interp_dtype(pos_embed[:, 1:])
-    patch_pos = F.interpolate(
-        patch_pos.reshape(1, g, g, dim).permute(0, 3, 1, 2),
-        scale_factor=((grid_h + 0.1) / g, (grid_w + 0.1) / g),
-        mode="bicubic",
-    )
-    if patch_pos.shape[-2:] != (grid_h, grid_w):  # pragma: no cover - guarded by the +0.1
-        raise RuntimeError(f"pos-embed interpolation gave {tuple(patch_pos.shape[-2:])}, wanted {(grid_h, grid_w)}")
+    patch_pos = resize(patch_pos.reshape(1, g, g, dim).permute(0, 3, 1, 2), g)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat((cls_pos, patch_pos), dim=1)
+
+
+def interpolate_pos_dino(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """DINO's interpolate_pos_encoding of a (1, 1+N, D) table to a ``grid_h x grid_w`` patch grid."""
+
+    def resize(grid: torch.Tensor, g: int) -> torch.Tensor:
+        out = F.interpolate(grid, scale_factor=((grid_h + 0.1) / g, (grid_w + 0.1) / g), mode="bicubic")
+        if out.shape[-2:] != (grid_h, grid_w):  # pragma: no cover - guarded by the +0.1
+            raise RuntimeError(f"pos-embed interpolation gave {tuple(out.shape[-2:])}, wanted {(grid_h, grid_w)}")
+        return out
+
+    return _resample_pos(pos_embed, grid_h, grid_w, resize)
 
 
 def interpolate_pos_timm(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """timm's resample_abs_pos_embed (bicubic, antialias) of a (1, 1+N, D) table to ``grid_h x grid_w``."""
-    n = pos_embed.shape[1] - 1
-    if n == grid_h * grid_w and grid_h == grid_w:
-        return pos_embed
-    g = int(math.sqrt(n))
-    dim = pos_embed.shape[-1]
-    cls_pos, patch_pos = pos_embed[:, :1], _interp_dtype(pos_embed[:, 1:])
-    patch_pos = F.interpolate(
-        patch_pos.reshape(1, g, g, dim).permute(0, 3, 1, 2), size=(grid_h, grid_w), mode="bicubic", antialias=True
-    )
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
-    return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def resize(grid: torch.Tensor, g: int) -> torch.Tensor:
+        return F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", antialias=True)
+
+    return _resample_pos(pos_embed, grid_h, grid_w, resize)
 
 
 class VisionTransformer(nn.Module):
@@ -153,6 +158,22 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, qkv_bias, eps) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=eps)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: Any, pos_interp: str) -> VisionTransformer:
+        """Trunk from an encoder config with ``patch_size, width, depth, heads, pos_grid, mlp_ratio, ln_eps``
+        (qkv bias on, as in DINO/HIPT and CONCH)."""
+        return cls(
+            patch_size=config.patch_size,
+            width=config.width,
+            depth=config.depth,
+            heads=config.heads,
+            pos_grid=config.pos_grid,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=True,
+            eps=config.ln_eps,
+            pos_interp=pos_interp,
+        )
 
     def reset_parameters(self) -> None:
         """timm/DINO-style init: trunc-normal 0.02 for tokens and Linear weights, zero biases."""
