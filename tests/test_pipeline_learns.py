@@ -70,7 +70,8 @@ def test_pipeline_learns(test_pipeline) -> None:
         assert (pipe.paths.runs / f"stage{stage}" / "result.json").is_file(), f"stage {stage} did not finish"
     r = heldout_evidence(pipe)
     print("\npipeline step seconds:", pipe.step_seconds())
-    print("train:", {k: {m: v.get(m) for m in ("steps", "seconds", "final_loss")} for k, v in train.items()})
+    print("train:", {k: {m: v.get(m) for m in ("steps", "seconds", "final_loss")} for k, v in train.items()
+                     if isinstance(v, dict)})
     print("held-out evidence (val+test):", r)
     assert r["n_closed"] >= N_MIN_CLOSED
     assert r["closed_acc"] >= r["chance"] + 0.2, r  # (2)
