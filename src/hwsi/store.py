@@ -38,8 +38,24 @@ SCHEMA_VERSION = 1
 STORE_SUFFIX = ".h5"
 
 
+class RegionGridShape:
+    """``grid_side`` / ``patches_per_region`` of a class with ``region_size`` and ``patch_size`` (pixels at the
+    target µm/px): shared by :class:`StoreMeta` and :class:`hwsi.slide.grid.Grid`."""
+
+    region_size: int
+    patch_size: int
+
+    @property
+    def grid_side(self) -> int:
+        return self.region_size // self.patch_size
+
+    @property
+    def patches_per_region(self) -> int:
+        return self.grid_side**2
+
+
 @dataclass
-class StoreMeta:
+class StoreMeta(RegionGridShape):
     """File attributes of a store. Resolution is µm per pixel; sizes are pixels."""
 
     slide_path: str
@@ -59,14 +75,6 @@ class StoreMeta:
     stages: list[str] = field(default_factory=list)
     encoders: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def grid_side(self) -> int:
-        return self.region_size // self.patch_size
-
-    @property
-    def patches_per_region(self) -> int:
-        return self.grid_side**2
 
 
 _JSON_ATTRS = ("stages", "encoders", "extra")

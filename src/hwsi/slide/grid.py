@@ -26,6 +26,7 @@ import numpy as np
 
 from hwsi.errors import ConfigError, SlideError
 from hwsi.slide.open import Slide
+from hwsi.store import RegionGridShape
 
 
 @dataclass
@@ -57,7 +58,7 @@ class GridConfig:
 
 
 @dataclass
-class Grid:
+class Grid(RegionGridShape):
     """Regions and patches of one slide (level-0 int64 coordinates) and how to read them."""
 
     region_coords: np.ndarray  # (R, 2) int64
@@ -82,14 +83,6 @@ class Grid:
     @property
     def n_regions(self) -> int:
         return int(self.region_coords.shape[0])
-
-    @property
-    def grid_side(self) -> int:
-        return self.region_size // self.patch_size
-
-    @property
-    def patches_per_region(self) -> int:
-        return self.grid_side**2
 
     @property
     def resample_free(self) -> bool:
