@@ -9,7 +9,6 @@ stage-0 tiny LLM (DESIGN §5: it stands in for Qwen's pretraining) — a ``Pipel
 with the row's switches and that seed, then the row is scored on the HELD-OUT slides (val + test pooled):
 
 * closed-ended VQA accuracy (greedy) and the same model's accuracy with visual tokens shuffled across slides,
-* diagnosis fact accuracy parsed from the open answers (hwsi.eval.facts),
 * linear-probe balanced accuracy of the slide embedding z_WSI (diagnosis; C on val) — rows without the slide scale
   still have z_WSI because f_WSI is computed from the regions whenever a slide token exists.
 
@@ -64,7 +63,7 @@ TABLE2: tuple[Row, ...] = (
     Row("Ls+Lwsi", _losses(True, False, True)),
 )
 TABLES = {1: TABLE1, 2: TABLE2}
-METRICS = ("closed_acc", "shuffled_acc", "diagnosis_fact_acc", "probe_bal_acc")
+METRICS = ("closed_acc", "shuffled_acc", "chance", "probe_bal_acc")
 
 
 def _slug(name: str) -> str:
@@ -87,34 +86,21 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
 
 
 def score_run(run: Path, cohort: Path, job: Path) -> dict[str, float]:
-    """Held-out scores of one trained run (val + test pooled for VQA; linear probe on test with C from val)."""
-    from hwsi.eval.tasks import EvalConfig, load_eval_data, run_task
+    """Held-out scores of one trained run: closed VQA on val + test pooled (and its shuffled baseline), and the
+    linear probe of z_WSI on test with C chosen on val."""
+    from hwsi.eval.tasks import EvalConfig, heldout_closed_vqa, load_eval_data, run_task
     from hwsi.train.inference import load_trained_model
 
     model = load_trained_model(run)
     cfg = EvalConfig(meteor=False)
-    correct = shuffled = n = 0
-    dx_correct = dx_n = 0
-    for split in ("val", "test"):
-        data = load_eval_data(cohort, job, split=split)
-        res = run_task("vqa", model, data, cfg)
-        for key in ("model", "shuffled"):
-            closed = res.metrics[key]["closed"]
-            if key == "model":
-                correct += closed["n_correct"]
-                n += closed["n"]
-                dx = res.metrics[key].get("facts", {}).get("facts", {}).get("diagnosis", {})
-                dx_correct += dx.get("correct", 0)
-                dx_n += dx.get("n", 0)
-            else:
-                shuffled += closed["n_correct"]
+    datas = [load_eval_data(cohort, job, split=s) for s in ("val", "test")]
+    vqa = heldout_closed_vqa(model, datas, cfg)
     probe = float("nan")
-    data = load_eval_data(cohort, job, split="test")
-    res = run_task("linear_probe", model, data, cfg)
+    res = run_task("linear_probe", model, datas[1], cfg)
     if not res.skipped:
         probe = float(res.metrics.get("balanced_accuracy", float("nan")))
-    return {"closed_acc": correct / max(n, 1), "shuffled_acc": shuffled / max(n, 1), "n_closed": n,
-            "diagnosis_fact_acc": dx_correct / max(dx_n, 1), "probe_bal_acc": probe}
+    return {"closed_acc": vqa["closed_acc"], "shuffled_acc": vqa["shuffled_acc"], "chance": vqa["chance"],
+            "n_closed": vqa["n_closed"], "probe_bal_acc": probe}
 
 
 def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "test") -> Path:
@@ -157,9 +143,9 @@ def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...]) ->
     head = {1: "Table 1 (scales fed to the LLM)", 2: "Table 2 (terms of L_HCA in stage 1)"}[table]
     lines = [f"## SynthPath ablation — {head}", "",
              f"Held-out slides (val + test), seeds {list(seeds)}; mean ± 95% CI (Student t). closed acc: "
-             "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; dx facts: "
-             "diagnosis parsed from the answers; probe: linear-probe balanced accuracy of z_WSI (diagnosis).", "",
-             "| row | closed acc | shuffled | dx facts | probe BA | n closed |", "|---|---|---|---|---|---|"]
+             "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; chance: mean "
+             "1/len(options); probe: linear-probe balanced accuracy of z_WSI (diagnosis).", "",
+             "| row | closed acc | shuffled | chance | probe BA | n closed |", "|---|---|---|---|---|---|"]
     for row in TABLES[table]:
         rs = [results[f"{row.name}|{s}"] for s in seeds if f"{row.name}|{s}" in results]
         if not rs:

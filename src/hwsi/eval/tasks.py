@@ -34,6 +34,7 @@ deterministic (no sampling, fixed derangement seed, fixed sample order).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -718,3 +719,34 @@ __all__ = [
     "store_encoders",
     "write_task",
 ]
+
+
+def heldout_closed_vqa(model: Any, datas: Sequence[EvalData], cfg: EvalConfig | None = None,
+                       max_new_tokens: int = 24, batch_size: int = 8) -> dict[str, Any]:
+    """Closed-ended VQA over several held-out splits pooled (e.g. val + test), beside the shuffled baseline.
+
+    Every closed item is answered greedily with its own slide's visual inputs and, for the baseline, with those of
+    another slide (a :func:`derangement` of the pooled slides, seed ``cfg.shuffle_seed``). Chance is the mean of
+    1/len(options). Used by the pipeline's learning test and by ``hwsi ablate``.
+    """
+    from hwsi.eval.vqa import vqa_accuracy
+
+    cfg = cfg or EvalConfig()
+    if not datas:
+        raise TaskError("heldout_closed_vqa needs at least one data split")
+    merged = copy.copy(datas[0])
+    merged.slides = {k: v for d in datas for k, v in d.slides.items()}
+    closed = [it for d in datas for it in d.items if it.options]
+    if not closed:
+        raise TaskError("no closed-ended items in the held-out splits")
+    perm = derangement(sorted({it.slide_id for it in closed}), cfg.shuffle_seed)
+    slides = _Slides(model, merged, cfg)
+    res: dict[str, Any] = {"n_slides": len(perm), "convention": "closed-choice accuracy (hwsi.eval.vqa.parse_choice);"
+                           " shuffled: derangement of the pooled held-out slides; chance: mean 1/len(options)",
+                           "chance": sum(1 / len(it.options) for it in closed) / len(closed)}
+    for name, vis in (("closed_acc", [it.slide_id for it in closed]),
+                      ("shuffled_acc", [perm[it.slide_id] for it in closed])):
+        acc = vqa_accuracy(generate_answers(model, slides, closed, vis, max_new_tokens, batch_size), closed)
+        res[name], res["n_closed"] = acc["accuracy"], acc["n"]
+        res[name + "_by_category"] = {k: round(v["accuracy"], 3) for k, v in acc["by_category"].items()}
+    return res
