@@ -9,8 +9,8 @@ stage-0 tiny LLM (DESIGN §5: it stands in for Qwen's pretraining) — a ``Pipel
 with the row's switches and that seed, then the row is scored on the HELD-OUT slides (val + test pooled):
 
 * closed-ended VQA accuracy (greedy) and the same model's accuracy with visual tokens shuffled across slides,
-* linear-probe balanced accuracy of the slide embedding z_WSI (diagnosis; C on val) — rows without the slide scale
-  still have z_WSI because f_WSI is computed from the regions whenever a slide token exists.
+* linear-probe balanced accuracy of the slide embedding z_WSI (diagnosis; test split, C chosen on val). Every
+  Table 1 row keeps the WSI scale, as in the paper.
 
 Tables print mean ± 95 % confidence half-width (Student t over seeds). Everything is deterministic by seed.
 """
