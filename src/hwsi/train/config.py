@@ -45,6 +45,10 @@ class DataConfig:
     # stages 0 and 3: closed-ended answers trained as the option text alone ("focal", not "C) focal"); the scorer
     # accepts either (hwsi.eval.vqa.parse_choice)
     closed_text_answers: bool = False
+    # stage 2's data: "reports" = the records answered by a slide's report/caption (the paper); "all" = every train
+    # record (short open answers and closed answers too, with option_permutations / closed_text_answers), so the
+    # projectors learn to carry each finding the questions ask about
+    stage2_records: str = "reports"
 
 
 @dataclass

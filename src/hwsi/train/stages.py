@@ -446,7 +446,12 @@ def _stage2(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
             progress: bool) -> StageResult:
     cache, stores = _slide_cache(cfg, job, out)
     text = load_train_text(job, cfg.data, stores)
-    samples = report_samples(text)
+    if cfg.data.stage2_records == "all":
+        samples = permute_options(text.samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
+    elif cfg.data.stage2_records == "reports":
+        samples = report_samples(text)
+    else:
+        raise ConfigError(f"data.stage2_records must be reports or all, got {cfg.data.stage2_records!r}")
     if not samples:
         raise TrainError("stage 2: no train record answers with a slide's report/caption")
     cache.prepare([s.slide_id for s in samples], progress)
