@@ -171,3 +171,6 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
     p.write_text("stage2: {learning_rate: 1}\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         load_train_config(p)
+    p.write_text("data: {stage2_records: captions}\n")
+    with pytest.raises(ConfigError, match="stage2_records"):
+        load_train_config(p)

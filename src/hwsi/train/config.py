@@ -151,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.llm_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"llm_dtype must be float32, bfloat16 or float16, got {self.llm_dtype!r}")
+        if self.data.stage2_records not in ("reports", "all"):
+            raise ConfigError(f"data.stage2_records must be reports or all, got {self.data.stage2_records!r}")
         for n in range(4):
             self.stage(n).validate(f"stage{n}")
 

@@ -31,7 +31,8 @@ encoder's space when the patch encoder is ``hwsi_small_patch`` with ``minilm`` (
 switchable (``stage1.loss``: use_Ls, use_Lc, use_Lwsi, scales — the Table 2 ablation).
 
 Stage 2: projectors only (hierarchy from stage 1 frozen, LLM frozen); LM loss on the reports (and captions, when
-``data.captions`` is set) of the train records, i.e. the records whose answer is the slide's report/caption.
+``data.captions`` is set) of the train records, i.e. the records whose answer is the slide's report/caption; with
+``data.stage2_records: all`` on every train record (as stage 3 sees them), so the projectors learn each finding.
 
 Stage 3: projectors + LoRA (peft, ``stage3.lora_rank/alpha``) on the LLM; LM loss on the answers of every turn of
 every train record (prompt tokens masked by :meth:`hwsi.model.mllm.MLLMHWSI.build_inputs`).
