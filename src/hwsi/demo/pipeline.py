@@ -105,7 +105,7 @@ class Pipeline:
 
     def __init__(self, out: str | Path, cfg: PipelineConfig | None = None) -> None:
         self.cfg = cfg or PipelineConfig.demo()
-        self.paths = PipelinePaths(Path(out))
+        self.paths = PipelinePaths(Path(out).resolve())  # absolute: train configs resolve paths from the job
         self.paths.out.mkdir(parents=True, exist_ok=True)
         self.state = self._load_state()
 
