@@ -37,15 +37,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def read_yaml(path: str | Path, error: type[Exception] = ConfigError) -> Any:
+    """Parse a YAML file; a missing file or bad YAML raises ``error`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from exc
+
+
 def load_config(path: str | Path, cls: type[C], section: str | None = None) -> C:
     """Read YAML ``path`` (optionally one top-level ``section``) into dataclass ``cls``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path) or {}
     if section is not None:
         data = data.get(section, {})
     if not isinstance(data, dict):

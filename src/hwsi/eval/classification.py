@@ -148,12 +148,9 @@ def load_prompt_sets(path: str | Path) -> list[PromptSet]:
         raise ClassificationError(f"{path}: prompt file not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from hwsi.config import read_yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ClassificationError(f"{path}: not valid YAML ({exc})") from exc
+        data = read_yaml(path, ClassificationError)
         if not isinstance(data, dict) or not isinstance(data.get("prompts"), dict):
             raise ClassificationError(f"{path}: expected a 'prompts' mapping {{class: [names]}} (TITAN task yaml)")
         prompts = data["prompts"]

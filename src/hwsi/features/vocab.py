@@ -123,12 +123,9 @@ def load_vocabulary(path: str | Path | None = None) -> tuple[str, ...]:
         raise ConfigError(f"{p}: vocabulary file not found")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from hwsi.config import read_yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        data = read_yaml(p)
         if isinstance(data, dict):
             if "terms" not in data:
                 raise ConfigError(f"{p}: a YAML vocabulary mapping needs a 'terms' list")
