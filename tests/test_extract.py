@@ -282,3 +282,16 @@ def test_separate_region_input_encoder(slide_file: Path, models: Models, tmp_pat
         assert f.attrs["region_input"] == "hipt_vit256" and f.attrs["patch_encoder"] == "hwsi_small_patch"
         assert json.loads(f.attrs["encoders"]) == {"hwsi_small_patch": 384, "hipt_vit256": hipt.embed_dim}
     assert (ri[~tissue] == 0).all() and (np.abs(ri[tissue]).sum(1) > 0).all()
+
+
+def test_spf_candidates_min_tissue_with_fallback() -> None:
+    from hwsi.features.extract import spf_candidates
+
+    tissue = np.array([True, True, True, False])
+    frac = np.array([0.3, 0.6, 1.0, 0.9], np.float32)
+    assert spf_candidates(tissue, frac, 0.5).tolist() == [False, True, True, False]  # glass-edge patch out
+    assert spf_candidates(tissue, frac, 0.0).tolist() == tissue.tolist()
+    # a region of thin tissue only: every tissue patch stays a candidate (never a region without patch tokens)
+    assert spf_candidates(tissue, np.full(4, 0.3, np.float32), 0.5).tolist() == tissue.tolist()
+    with pytest.raises(Exception, match="min-tissue"):
+        ExtractConfig(min_tissue=1.5).validate()

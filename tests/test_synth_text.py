@@ -100,6 +100,11 @@ def test_cohort_cli_deterministic(tmp_path: Path) -> None:
     assert not np.array_equal(ta["cells/x"], tc["cells/x"]) or ta["cells/x"].size != tc["cells/x"].size
     test_ids = {json.loads(line)["image"] for line in (tmp_path / "a" / "text/test.jsonl").read_text().splitlines()}
     assert test_ids == {s["slide_id"] for s in meta["slides"] if s["split"] == "test"}
+    # the cohort's SPF vocabulary file reads back through hwsi extract's loader
+    from hwsi.features.vocab import load_vocabulary
+    from hwsi.synth.text import SYNTHPATH_VOCABULARY
+
+    assert load_vocabulary(tmp_path / "a" / "vocab.txt") == SYNTHPATH_VOCABULARY
 
 
 def test_single_slide_cli(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ class PipelineConfig:
     encoder_epochs: int = 6
     k: int = 16
     n_div: int = 32
+    min_tissue: float = 0.5  # SPF candidates' minimum tissue fraction (hwsi extract --min-tissue)
+    vocab: str = "cohort"  # SPF vocabulary: "cohort" = COHORT/vocab.txt (SynthPath's), "builtin", or a file
     train_config: str = "demo"  # configs/<name>.yaml preset of hwsi.train (or a path)
     workers: int = 2
     train_overrides: dict[str, Any] = field(default_factory=dict)
@@ -188,11 +190,19 @@ class Pipeline:
 
         c = self.cfg
         cfg = ExtractConfig(patch_encoder=f"hwsi_small_patch:{self.paths.encoder}", region_input="same",
-                            cells="builtin", k=c.k, n_div=c.n_div, batch_size=256)
+                            cells="builtin", k=c.k, n_div=c.n_div, min_tissue=c.min_tissue, batch_size=256,
+                            vocab=self.vocab_path())
         res = run_extract(self.paths.job, cfg)
         if res.failed:
             raise HwsiError(f"{self.paths.job}: {len(res.failed)} slide(s) failed to extract (see errors/)")
         return res.counts()
+
+    def vocab_path(self) -> str | None:
+        """The SPF vocabulary file of ``PipelineConfig.vocab`` (None = hwsi's built-in vocabulary)."""
+        v = self.cfg.vocab
+        if v == "builtin":
+            return None
+        return str(self.paths.cohort / "vocab.txt") if v == "cohort" else v
 
     def train_config(self, extra: dict[str, Any] | None = None) -> Any:
         """The hwsi.train config of this run: the preset with the cohort's TRAIN-split text (absolute paths),

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(2, "--threads", help="Threads reading regions (overlaps reading with encoding)."),
         k: int = typer.Option(16, "--k", help="SPF: patches kept per region (top-k by text relevance, Eq. 2)."),
         n_div: int = typer.Option(32, "--n-div", help="SPF: diverse survivors of Eq. 1 kept before top-k (0 = off)."),
+        min_tissue: float = typer.Option(0.5, "--min-tissue", help="SPF: candidates are tissue patches with at least "
+                                                                    "this tissue fraction (0-1)."),
         vocab: Path | None = typer.Option(None, "--vocab", help="SPF vocabulary file (.txt one term per line, or "
                                                                  ".yaml list); default: the built-in vocabulary."),
         slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = ExtractConfig(
             patch_encoder=patch_encoder, region_input=region_input, text_encoder=text_encoder, cells=cells,
-            batch_size=batch_size, threads=threads, k=k, n_div=n_div, vocab=str(vocab) if vocab else None,
+            batch_size=batch_size, threads=threads, k=k, n_div=n_div, min_tissue=min_tissue, vocab=str(vocab) if vocab else None,
             overwrite=overwrite, slide_ids=list(slide),
         )
         result = run_extract(job, cfg, show_progress=not quiet)

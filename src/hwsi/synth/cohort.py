@@ -29,9 +29,9 @@ import numpy as np
 
 from hwsi.synth.classes import DIAGNOSES, SlideClasses, SynthError
 from hwsi.synth.scene import Scene, SceneConfig
-from hwsi.synth.text import SlideText, slide_text, bench_records, train_records
+from hwsi.synth.text import SYNTHPATH_VOCABULARY, SlideText, bench_records, slide_text, train_records
 from hwsi.synth.truth import read_truth, slide_facts, truth_path_for, write_truth
-from hwsi.utils.atomic import write_json_atomic
+from hwsi.utils.atomic import atomic_path, write_json_atomic
 
 
 @dataclass
@@ -193,14 +193,16 @@ def write_cohort_text(out: Path, records: list[SlideRecord], seed: int) -> dict[
         "train": tdir / "train.json",
         "val": tdir / "val.jsonl",
         "test": tdir / "test.jsonl",
+        "vocab": out / "vocab.txt",
     }
+    with atomic_path(paths["vocab"]) as tmp:
+        tmp.write_text("# SynthPath SPF vocabulary (hwsi extract --vocab): one term per line\n"
+                       + "".join(t + "\n" for t in SYNTHPATH_VOCABULARY))
     write_json_atomic(paths["reports"], {t.slide_id: t.report for t in all_texts})
     write_json_atomic(paths["captions"], {t.slide_id: t.caption for t in all_texts})
     write_json_atomic(paths["train"], train_records(texts["train"], seed))
     for split in ("val", "test"):
         lines = "".join(json.dumps(r) + "\n" for r in bench_records(texts[split], seed))
-        from hwsi.utils.atomic import atomic_path
-
         with atomic_path(paths[split]) as tmp:
             tmp.write_text(lines)
     return paths
