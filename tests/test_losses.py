@@ -188,3 +188,12 @@ def test_assign_positives_uses_frozen_similarity_and_masks() -> None:
     assert assign_positives(v, t, torch.tensor([True, True, False])).tolist() == [1, 0, 1]
     assert assign_positives(v, t, torch.zeros(3, dtype=torch.bool)).tolist() == [-1, -1, -1]
     assert assign_positives(v, torch.zeros(0, 2)).tolist() == [-1, -1, -1]
+
+
+def test_hca_with_only_the_slide_scale_is_l_wsi() -> None:
+    """Table 1's "WSI" row: no cell/patch/region tokens; Eq. 8 and Eq. 6 have nothing to compare (no crash)."""
+    z, t = _aligned()
+    only_slide = AlignedTokens(None, None, None, z.slide, z.patch_mask, z.region_mask, z.cell_present)
+    out = hca_loss(only_slide, t, HCALossConfig(tau=TAU))
+    torch.testing.assert_close(out.total, slide_report_loss(z.slide, t.report, t.report_ids, TAU))
+    assert "L_c" not in out.terms and out.terms["L_s"] == 0

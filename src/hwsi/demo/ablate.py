@@ -1,7 +1,7 @@
 """The paper's ablations on SynthPath, one command each: Table 1 (which scales feed the LLM) and Table 2 (which
 terms of L_HCA, Eq. 9, train stage 1).
 
-``hwsi ablate --table 1|2 --out DIR [--seeds 0,1,2] [--preset test|demo]``
+``hwsi ablate --table 1|2 --out DIR [--seeds 0,1,2] [--preset small|test|demo]``
 
 Shared by every row (built once, resumable): the SynthPath cohort, its stores and extracted features, and the
 stage-0 tiny LLM (DESIGN §5: it stands in for Qwen's pretraining) — a ``Pipeline`` run up to ``extract`` in
@@ -103,7 +103,7 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, float]:
             "n_closed": vqa["n_closed"], "probe_bal_acc": probe}
 
 
-def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "test") -> Path:
+def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "small") -> Path:
     """Train and score every row of ``table`` for every seed; write ``OUT/table<N>.json`` and ``.md``."""
     from hwsi.demo.pipeline import Pipeline, PipelineConfig
     from hwsi.train.stages import run_stage
@@ -113,7 +113,7 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
     out = Path(out)
-    base_cfg = PipelineConfig.test() if preset == "test" else PipelineConfig.demo()
+    base_cfg = PipelineConfig.preset(preset)
     base = Pipeline(out / "base", base_cfg).run(until="extract")
     shared_runs = base.paths.runs
     run_stage(0, base.train_config(), base.paths.job, shared_runs, resume=True)

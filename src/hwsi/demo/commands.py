@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (a rerun resumes where it stopped)."),
-        preset: str = typer.Option("demo", "--preset", help="Pipeline size: demo (default) or test (smaller)."),
+        preset: str = typer.Option("demo", "--preset", help="Pipeline size: demo (default), test or small."),
         slides: int = typer.Option(0, "--slides", min=0, help="Cohort size (0: the preset's)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the cohort, encoders and training."),
         until: str = typer.Option("", "--until", help="Stop after this step: synth, tile, encoder, extract, "
@@ -26,11 +26,9 @@ def register(app: typer.Typer) -> None:
         from hwsi.demo.pipeline import STEPS, Pipeline, PipelineConfig
         from hwsi.errors import ConfigError
 
-        if preset not in ("demo", "test"):
-            raise ConfigError(f"--preset must be demo or test, got {preset!r}")
         if until and until not in STEPS:
             raise ConfigError(f"--until must be one of {', '.join(STEPS)}, got {until!r}")
-        cfg = PipelineConfig.demo() if preset == "demo" else PipelineConfig.test()
+        cfg = PipelineConfig.preset(preset)
         cfg = replace(cfg, seed=seed, **({"n_slides": slides} if slides else {}))
         p = Pipeline(out, cfg).run(until=until or None)
         secs = p.step_seconds()
@@ -51,7 +49,8 @@ def _register_ablate(app: typer.Typer) -> None:
                                   "2: terms of L_HCA (paper Table 2)."),
         out: Path = typer.Option(Path("ablation_out"), "--out", help="Output folder (resumable)."),
         seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds (at least 3 for a CI)."),
-        preset: str = typer.Option("test", "--preset", help="SynthPath pipeline size: test (default) or demo."),
+        preset: str = typer.Option("small", "--preset", help="SynthPath pipeline size: small (default, 40 "
+                                   "slides), test (80) or demo."),
     ) -> None:
         """Train and score every ablation row on SynthPath over several seeds; print mean ± 95% CI."""
         from hwsi.demo.ablate import run_ablation
@@ -61,7 +60,5 @@ def _register_ablate(app: typer.Typer) -> None:
             seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         except ValueError as exc:
             raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
-        if preset not in ("test", "demo"):
-            raise ConfigError(f"--preset must be test or demo, got {preset!r}")
         md = run_ablation(table, out, seed_list, preset)
         typer.echo(md.read_text())

@@ -201,7 +201,7 @@ def hca_loss(z: AlignedTokens, targets: AlignmentTargets, cfg: HCALossConfig | N
             l_s = l_s + loss
         terms["L_s"] = l_s.mean()
         per_slide = per_slide + l_s
-    if cfg.use_Lc:
+    if cfg.use_Lc and any(x is not None for x in (z.regions, z.cells, z.patches)):  # only z_WSI: no Eq. 8 term
         l_c = cross_scale_consistency(z.regions, z.cells, z.patches, z.patch_mask, z.region_mask)
         terms["L_c"] = l_c.mean()
         per_slide = per_slide + l_c
