@@ -222,12 +222,19 @@ def _slide_path_for(job: Path, meta: StoreMeta, store: Path) -> Path:
 RegionStream = Callable[[Path, StoreMeta, Path, int], Iterator[tuple[int, np.ndarray, np.ndarray | None]]]
 
 
+def read_tissue(f: h5py.File) -> tuple[np.ndarray, np.ndarray]:
+    """``patches/tissue`` (R, G) bool and ``patches/tissue_fraction`` (R, G) float32 (0/1 from the mask in stores
+    written before the fraction was stored)."""
+    tissue = f["patches/tissue"][:].astype(bool)
+    frac = f["patches/tissue_fraction"][:] if "patches/tissue_fraction" in f else tissue.astype(np.float32)
+    return tissue, frac
+
+
 def grid_from_store(f: h5py.File, meta: StoreMeta) -> Any:
     """Rebuild the :class:`hwsi.slide.Grid` that `hwsi tile` laid out from an open store (no re-tiling)."""
     from hwsi.slide import Grid
 
-    tissue = f["patches/tissue"][:].astype(bool)
-    frac = f["patches/tissue_fraction"][:] if "patches/tissue_fraction" in f else tissue.astype(np.float32)
+    tissue, frac = read_tissue(f)
     return Grid(
         region_coords=f["regions/coords"][:],
         region_tissue=f["regions/tissue"][:],
@@ -370,8 +377,7 @@ def extract_slide(
         if "tile" not in meta.stages:
             raise StoreError(store, "the store is not tiled yet (run `hwsi tile`)")
         coords = f["patches/coords"][:]
-        tissue = f["patches/tissue"][:].astype(bool)
-        frac = f["patches/tissue_fraction"][:] if "patches/tissue_fraction" in f else tissue.astype(np.float32)
+        tissue, frac = read_tissue(f)
     n_r, n_g = tissue.shape
     if models.region_encoder is None and models.region_name != models.patch_name:  # pragma: no cover - guarded
         raise ExtractError("region encoder missing")
