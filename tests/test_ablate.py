@@ -57,3 +57,20 @@ def test_format_table_lists_each_row_with_mean_and_ci() -> None:
     for row in TABLE2:
         assert f"| {row.name} |" in md
     assert "0.105 ± " in md  # row 1: mean of 0.10 and 0.11
+
+
+@pytest.mark.parametrize("preset", ["small", "test", "demo"])
+def test_rows_sharing_a_run_folder_train_the_same_config(preset: str) -> None:
+    """The two tables' full rows train once per seed in rows/full: that is only right if their configs agree."""
+    from dataclasses import asdict
+
+    from hwsi.demo.pipeline import PipelineConfig, preset_path
+    from hwsi.train.config import TrainConfig, load_train_config
+
+    base = asdict(load_train_config(preset_path(PipelineConfig.preset(preset).train_config)))
+    by_run: dict[str, list[TrainConfig]] = {}
+    for row in TABLE1 + TABLE2:
+        by_run.setdefault(row.run_name, []).append(from_dict(TrainConfig, _deep_merge(base, row.overrides)))
+    shared = {k: v for k, v in by_run.items() if len(v) > 1}
+    assert set(shared) == {"full"}
+    assert all(cfg == shared["full"][0] for cfg in shared["full"])

@@ -29,8 +29,16 @@ from hwsi.utils.atomic import write_json_atomic
 
 @dataclass(frozen=True)
 class Row:
+    """One ablation row: its printed name, its config overrides and the folder its runs train in (``run``; rows
+    of both tables with the same configuration share it, so the full model trains once per seed)."""
+
     name: str
     overrides: dict[str, Any]
+    run: str = ""
+
+    @property
+    def run_name(self) -> str:
+        return self.run or _slug(self.name)
 
 
 def _scales(cells: bool, patches: bool, regions: bool, slide: bool) -> dict[str, Any]:
@@ -51,11 +59,11 @@ TABLE1: tuple[Row, ...] = (
     Row("patch+WSI", _scales(False, True, False, True)),
     Row("cell+patch+WSI", _scales(True, True, False, True)),
     Row("cell+region+WSI", _scales(True, False, True, True)),
-    Row("cell+patch+region+WSI (full)", _scales(True, True, True, True)),
+    Row("cell+patch+region+WSI (full)", _scales(True, True, True, True), run="full"),
 )
 # Table 2 of the paper: L_s (Eq. 6), L_c (Eq. 8), L_WSI (Eq. 7)
 TABLE2: tuple[Row, ...] = (
-    Row("Ls+Lc+Lwsi (full)", _losses(True, True, True)),
+    Row("Ls+Lc+Lwsi (full)", _losses(True, True, True), run="full"),
     Row("Ls+Lc", _losses(True, True, False)),
     Row("Ls", _losses(True, False, False)),
     Row("Lwsi", _losses(False, False, True)),
@@ -129,10 +137,16 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
             over.setdefault("model", {})["llm_path"] = str(llm)
             over["seed"] = seed
             cfg = base.train_config(over)
-            run_dir = out / "rows" / _slug(row.name) / f"seed{seed}"
-            for stage in (1, 2, 3):
-                run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
-            results[key] = {"row": row.name, "seed": seed, **score_run(run_dir, base.paths.cohort, base.paths.job)}
+            run_dir = out / "rows" / row.run_name / f"seed{seed}"
+            scores_path = run_dir / "scores.json"
+            if scores_path.is_file():  # trained and scored by the other table (the shared full row)
+                scores = json.loads(scores_path.read_text())
+            else:
+                for stage in (1, 2, 3):
+                    run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
+                scores = score_run(run_dir, base.paths.cohort, base.paths.job)
+                write_json_atomic(scores_path, scores)
+            results[key] = {"row": row.name, "seed": seed, **scores}
             write_json_atomic(results_path, results)
     md = format_table(table, results, seeds)
     (out / f"table{table}.md").write_text(md, encoding="utf-8")
