@@ -74,3 +74,24 @@ def test_rows_sharing_a_run_folder_train_the_same_config(preset: str) -> None:
     shared = {k: v for k, v in by_run.items() if len(v) > 1}
     assert set(shared) == {"full"}
     assert all(cfg == shared["full"][0] for cfg in shared["full"])
+
+
+def test_select_rows_keeps_table_order_and_names_unknown_rows() -> None:
+    from hwsi.demo.ablate import select_rows
+    from hwsi.errors import ConfigError
+
+    assert select_rows(1) == TABLE1
+    picked = select_rows(1, ("cell+patch+region+WSI (full)", "WSI"))
+    assert [r.name for r in picked] == ["WSI", "cell+patch+region+WSI (full)"]
+    with pytest.raises(ConfigError, match="no row \\['Ls'\\] in Table 1"):
+        select_rows(1, ("Ls",))
+    with pytest.raises(ConfigError, match="--table must be 1 or 2"):
+        select_rows(3)
+
+
+def test_cli_ablate_rejects_an_unknown_row_before_any_work(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from hwsi.cli import main
+
+    assert main(["ablate", "--table", "2", "--out", str(tmp_path / "a"), "--rows", "Ls;Lx"]) == 2
+    assert "no row ['Lx'] in Table 2" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -111,13 +111,26 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, float]:
             "n_closed": vqa["n_closed"], "probe_bal_acc": probe}
 
 
-def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "small") -> Path:
-    """Train and score every row of ``table`` for every seed; write ``OUT/table<N>.json`` and ``.md``."""
+def select_rows(table: int, names: tuple[str, ...] = ()) -> tuple[Row, ...]:
+    """The rows of ``table`` named in ``names`` (all rows when empty), in the table's order; an unknown name is a
+    ConfigError listing the table's rows."""
+    if table not in TABLES:
+        raise ConfigError(f"--table must be 1 or 2, got {table}")
+    rows = TABLES[table]
+    unknown = [n for n in names if n not in {r.name for r in rows}]
+    if unknown:
+        raise ConfigError(f"--rows: no row {unknown} in Table {table}; its rows are {[r.name for r in rows]}")
+    return tuple(r for r in rows if not names or r.name in names)
+
+
+def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "small",
+                 rows: tuple[str, ...] = ()) -> Path:
+    """Train and score the rows of ``table`` (all, or those named in ``rows``) for every seed; write
+    ``OUT/table<N>.json`` and ``.md`` (the table lists every row scored so far in OUT)."""
     from hwsi.demo.pipeline import Pipeline, PipelineConfig
     from hwsi.train.stages import run_stage
 
-    if table not in TABLES:
-        raise ConfigError(f"--table must be 1 or 2, got {table}")
+    selected = select_rows(table, rows)
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
     out = Path(out)
@@ -128,7 +141,7 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     llm = shared_runs / "stage0" / "llm"
     results_path = out / f"table{table}.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for row in TABLES[table]:
+    for row in selected:
         for seed in seeds:
             key = f"{row.name}|{seed}"
             if key in results:

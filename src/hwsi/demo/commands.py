@@ -51,6 +51,8 @@ def _register_ablate(app: typer.Typer) -> None:
         seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds (at least 3 for a CI)."),
         preset: str = typer.Option("small", "--preset", help="SynthPath pipeline size: small (default, 40 "
                                    "slides), test (80) or demo."),
+        rows: str = typer.Option("", "--rows", help="Only these rows, by their printed names separated by ';' "
+                                 "(default: every row of the table)."),
     ) -> None:
         """Train and score every ablation row on SynthPath over several seeds; print mean ± 95% CI."""
         from hwsi.demo.ablate import run_ablation
@@ -60,5 +62,6 @@ def _register_ablate(app: typer.Typer) -> None:
             seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         except ValueError as exc:
             raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
-        md = run_ablation(table, out, seed_list, preset)
+        row_names = tuple(r.strip() for r in rows.split(";") if r.strip())
+        md = run_ablation(table, out, seed_list, preset, row_names)
         typer.echo(md.read_text())
