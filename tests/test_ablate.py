@@ -95,3 +95,26 @@ def test_cli_ablate_rejects_an_unknown_row_before_any_work(tmp_path, capsys: pyt
     assert main(["ablate", "--table", "2", "--out", str(tmp_path / "a"), "--rows", "Ls;Lx"]) == 2
     assert "no row ['Lx'] in Table 2" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_collect_merges_run_scores_into_each_table(tmp_path) -> None:
+    """Per-run scores.json are the source of truth: the shared full row lands in both tables, a score only in the
+    table JSON (an older run) is kept, and processes scoring different rows of one table cannot drop each other's."""
+    import json
+
+    from hwsi.demo.ablate import _collect
+
+    def scores(acc: float) -> dict[str, float]:
+        return {"closed_acc": acc, "shuffled_acc": 0.4, "chance": 0.38, "n_closed": 81, "probe_bal_acc": 0.5}
+
+    for run, seed, acc in [("full", 0, 0.6), ("wsi", 0, 0.55), ("ls", 1, 0.5)]:
+        d = tmp_path / "rows" / run / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "scores.json").write_text(json.dumps(scores(acc)))
+    (tmp_path / "table1.json").write_text(json.dumps({"region+WSI|0": {"row": "region+WSI", "seed": 0, **scores(0.7)}}))
+    t1 = _collect(tmp_path, 1, (0, 1))
+    assert set(t1) == {"region+WSI|0", "WSI|0", "cell+patch+region+WSI (full)|0"}
+    assert t1["WSI|0"]["closed_acc"] == 0.55 and t1["cell+patch+region+WSI (full)|0"]["closed_acc"] == 0.6
+    t2 = _collect(tmp_path, 2, (0, 1))
+    assert set(t2) == {"Ls+Lc+Lwsi (full)|0", "Ls|1"}
+    assert json.loads((tmp_path / "table2.json").read_text()) == t2

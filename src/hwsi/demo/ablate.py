@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hwsi.errors import ConfigError
-from hwsi.utils.atomic import write_json_atomic
+from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -139,31 +139,42 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     shared_runs = base.paths.runs
     run_stage(0, base.train_config(), base.paths.job, shared_runs, resume=True)
     llm = shared_runs / "stage0" / "llm"
-    results_path = out / f"table{table}.json"
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for row in selected:
         for seed in seeds:
-            key = f"{row.name}|{seed}"
-            if key in results:
-                continue
+            run_dir = out / "rows" / row.run_name / f"seed{seed}"
+            if (run_dir / "scores.json").is_file() or f"{row.name}|{seed}" in _read_results(out, table):
+                continue  # scored before, by this table or by the other (the shared full row)
             over = json.loads(json.dumps(row.overrides))
             over.setdefault("model", {})["llm_path"] = str(llm)
             over["seed"] = seed
             cfg = base.train_config(over)
-            run_dir = out / "rows" / row.run_name / f"seed{seed}"
-            scores_path = run_dir / "scores.json"
-            if scores_path.is_file():  # trained and scored by the other table (the shared full row)
-                scores = json.loads(scores_path.read_text())
-            else:
-                for stage in (1, 2, 3):
-                    run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
-                scores = score_run(run_dir, base.paths.cohort, base.paths.job)
-                write_json_atomic(scores_path, scores)
-            results[key] = {"row": row.name, "seed": seed, **scores}
-            write_json_atomic(results_path, results)
+            for stage in (1, 2, 3):
+                run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
+            write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
+            _collect(out, table, seeds)
+    results = _collect(out, table, seeds)
     md = format_table(table, results, seeds)
-    (out / f"table{table}.md").write_text(md, encoding="utf-8")
+    write_bytes_atomic(out / f"table{table}.md", md.encode("utf-8"))
     return out / f"table{table}.md"
+
+
+def _read_results(out: Path, table: int) -> dict[str, Any]:
+    path = out / f"table{table}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _collect(out: Path, table: int, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """Every score of ``table`` found in OUT — the runs' own ``scores.json`` (the source of truth, so several
+    ``hwsi ablate`` processes with different ``--rows`` can share OUT) over the table's JSON — written back to
+    ``OUT/table<N>.json`` atomically."""
+    results = _read_results(out, table)
+    for row in TABLES[table]:
+        for seed in seeds:
+            path = out / "rows" / row.run_name / f"seed{seed}" / "scores.json"
+            if path.is_file():
+                results[f"{row.name}|{seed}"] = {"row": row.name, "seed": seed, **json.loads(path.read_text())}
+    write_json_atomic(out / f"table{table}.json", results)
+    return results
 
 
 def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> str:
