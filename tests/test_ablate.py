@@ -118,3 +118,25 @@ def test_collect_merges_run_scores_into_each_table(tmp_path) -> None:
     t2 = _collect(tmp_path, 2, (0, 1))
     assert set(t2) == {"Ls+Lc+Lwsi (full)|0", "Ls|1"}
     assert json.loads((tmp_path / "table2.json").read_text()) == t2
+
+
+def test_format_table_adds_the_by_category_table_when_runs_have_it(tmp_path) -> None:
+    import json
+
+    from hwsi.demo.ablate import SCORES_VERSION, _scored
+
+    results = {}
+    for i, row in enumerate(TABLE1[:2]):
+        for s in (0, 1, 2):
+            results[f"{row.name}|{s}"] = {m: 0.5 for m in METRICS} | {
+                "n_closed": 81, "closed_by_category": {"Extent": 0.4 + 0.1 * i, "Grade": 0.6},
+                "shuffled_by_category": {"Extent": 0.3, "Grade": 0.5}}
+    md = format_table(1, results, (0, 1, 2))
+    assert "| row | Extent | Grade |" in md
+    assert "| region+WSI | 0.500 ± 0.000 / 0.300 ± 0.000 | 0.600 ± 0.000 / 0.500 ± 0.000 |" in md
+    # an old-format score (no version) is re-scored on resume; a current one is kept
+    (tmp_path / "scores.json").write_text(json.dumps({"closed_acc": 0.5}))
+    assert not _scored(tmp_path)
+    (tmp_path / "scores.json").write_text(json.dumps({"closed_acc": 0.5, "version": SCORES_VERSION}))
+    assert _scored(tmp_path)
+    assert not _scored(tmp_path / "missing")

@@ -72,6 +72,8 @@ TABLE2: tuple[Row, ...] = (
 )
 TABLES = {1: TABLE1, 2: TABLE2}
 METRICS = ("closed_acc", "shuffled_acc", "chance", "probe_bal_acc")
+# Bumped when score_run adds a metric: a run scored by an older version is re-scored (not retrained) on resume.
+SCORES_VERSION = 2
 
 
 def _slug(name: str) -> str:
@@ -93,9 +95,10 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
     return m, float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
 
 
-def score_run(run: Path, cohort: Path, job: Path) -> dict[str, float]:
-    """Held-out scores of one trained run: closed VQA on val + test pooled (and its shuffled baseline), and the
-    linear probe of z_WSI on test with C chosen on val."""
+def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
+    """Held-out scores of one trained run: closed VQA on val + test pooled (and its shuffled baseline), overall and
+    by question category (morphology, classification, grade, extent: the scales' own evidence, docs/synthpath.md),
+    and the linear probe of z_WSI on test with C chosen on val."""
     from hwsi.eval.tasks import EvalConfig, heldout_closed_vqa, load_eval_data, run_task
     from hwsi.train.inference import load_trained_model
 
@@ -108,7 +111,14 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, float]:
     if not res.skipped:
         probe = float(res.metrics.get("balanced_accuracy", float("nan")))
     return {"closed_acc": vqa["closed_acc"], "shuffled_acc": vqa["shuffled_acc"], "chance": vqa["chance"],
-            "n_closed": vqa["n_closed"], "probe_bal_acc": probe}
+            "n_closed": vqa["n_closed"], "probe_bal_acc": probe,
+            "closed_by_category": vqa["closed_acc_by_category"],
+            "shuffled_by_category": vqa["shuffled_acc_by_category"], "version": SCORES_VERSION}
+
+
+def _scored(run_dir: Path) -> bool:
+    path = run_dir / "scores.json"
+    return path.is_file() and json.loads(path.read_text()).get("version", 1) >= SCORES_VERSION
 
 
 def select_rows(table: int, names: tuple[str, ...] = ()) -> tuple[Row, ...]:
@@ -142,13 +152,13 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     for row in selected:
         for seed in seeds:
             run_dir = out / "rows" / row.run_name / f"seed{seed}"
-            if (run_dir / "scores.json").is_file() or f"{row.name}|{seed}" in _read_results(out, table):
+            if _scored(run_dir):
                 continue  # scored before, by this table or by the other (the shared full row)
             over = json.loads(json.dumps(row.overrides))
             over.setdefault("model", {})["llm_path"] = str(llm)
             over["seed"] = seed
             cfg = base.train_config(over)
-            for stage in (1, 2, 3):
+            for stage in (1, 2, 3):  # a finished stage is not retrained: an old-version score only re-scores
                 run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
             write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
             _collect(out, table, seeds)
@@ -184,13 +194,27 @@ def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...]) ->
              "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; chance: mean "
              "1/len(options); probe: linear-probe balanced accuracy of z_WSI (diagnosis).", "",
              "| row | closed acc | shuffled | chance | probe BA | n closed |", "|---|---|---|---|---|---|"]
-    for row in TABLES[table]:
-        rs = [results[f"{row.name}|{s}"] for s in seeds if f"{row.name}|{s}" in results]
-        if not rs:
-            continue
-        cells = []
-        for m in METRICS:
-            mu, hw = mean_ci([r[m] for r in rs])
-            cells.append(f"{mu:.3f} ± {hw:.3f}")
-        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {rs[0].get('n_closed', '')} |")
+    by_row = {row.name: [results[f"{row.name}|{s}"] for s in seeds if f"{row.name}|{s}" in results]
+              for row in TABLES[table]}
+    by_row = {k: v for k, v in by_row.items() if v}
+    for name, rs in by_row.items():
+        cells = [_cell([r[m] for r in rs]) for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rs[0].get('n_closed', '')} |")
+    cats = sorted({c for rs in by_row.values() for r in rs for c in r.get("closed_by_category", {})})
+    if cats:
+        lines += ["", "Closed-VQA accuracy by question category (true visual tokens / shuffled), same runs:", "",
+                  "| row | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for name, rs in by_row.items():
+            cells = [_cell([r["closed_by_category"].get(c) for r in rs if "closed_by_category" in r]) + " / "
+                     + _cell([r["shuffled_by_category"].get(c) for r in rs if "shuffled_by_category" in r])
+                     for c in cats]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    mu, hw = mean_ci(vals)
+    return f"{mu:.3f} ± {hw:.3f}"
