@@ -140,3 +140,26 @@ def test_format_table_adds_the_by_category_table_when_runs_have_it(tmp_path) -> 
     (tmp_path / "scores.json").write_text(json.dumps({"closed_acc": 0.5, "version": SCORES_VERSION}))
     assert _scored(tmp_path)
     assert not _scored(tmp_path / "missing")
+
+
+def test_claim_lets_one_process_train_a_run(tmp_path) -> None:
+    """Two processes sharing OUT: the second sees the run claimed and skips it; once released it can be claimed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from hwsi.demo.ablate import _claim
+
+    run = tmp_path / "rows" / "full" / "seed0"
+    probe = textwrap.dedent(f"""
+        from pathlib import Path
+        from hwsi.demo.ablate import _claim
+        with _claim(Path({str(run)!r})) as mine:
+            print(mine)
+    """)
+    with _claim(run) as mine:
+        assert mine
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        assert other.stdout.strip() == "False"
+    other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "True"

@@ -17,8 +17,11 @@ Tables print mean ± 95 % confidence half-width (Student t over seeds). Everythi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,24 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
             "shuffled_by_category": vqa["shuffled_acc_by_category"], "version": SCORES_VERSION}
 
 
+@contextmanager
+def _claim(run_dir: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on ``run_dir/train.lock``: yields False when another process holds it (that
+    process is training this run), so processes sharing OUT never train one run twice. Released on exit, also
+    when the process dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _scored(run_dir: Path) -> bool:
     path = run_dir / "scores.json"
     return path.is_file() and json.loads(path.read_text()).get("version", 1) >= SCORES_VERSION
@@ -154,13 +175,17 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
             run_dir = out / "rows" / row.run_name / f"seed{seed}"
             if _scored(run_dir):
                 continue  # scored before, by this table or by the other (the shared full row)
-            over = json.loads(json.dumps(row.overrides))
-            over.setdefault("model", {})["llm_path"] = str(llm)
-            over["seed"] = seed
-            cfg = base.train_config(over)
-            for stage in (1, 2, 3):  # a finished stage is not retrained: an old-version score only re-scores
-                run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
-            write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
+            with _claim(run_dir) as mine:
+                if not mine or _scored(run_dir):
+                    print(f"ablate: {run_dir} is being trained by another process; skipped (rerun to collect it)")
+                    continue
+                over = json.loads(json.dumps(row.overrides))
+                over.setdefault("model", {})["llm_path"] = str(llm)
+                over["seed"] = seed
+                cfg = base.train_config(over)
+                for stage in (1, 2, 3):  # a finished stage is not retrained: an old-version score only re-scores
+                    run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
+                write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
             _collect(out, table, seeds)
     results = _collect(out, table, seeds)
     md = format_table(table, results, seeds)
