@@ -163,3 +163,23 @@ def test_claim_lets_one_process_train_a_run(tmp_path) -> None:
         assert other.stdout.strip() == "False"
     other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == "True"
+
+
+def test_marginal_effects_compare_row_seeds_with_a_switch_on_and_off() -> None:
+    from scipy import stats
+
+    from hwsi.demo.ablate import marginal_effects
+
+    results = {}
+    for row in TABLE1:
+        cells_on = row.overrides["model"]["hierarchy"]["use_cells"]
+        for s in (0, 1, 2):
+            results[f"{row.name}|{s}"] = {"closed_acc": (0.7 if cells_on else 0.5) + 0.01 * s}
+    lines = marginal_effects(1, results, (0, 1, 2))
+    on = [0.7, 0.71, 0.72] * 4
+    off = [0.5, 0.51, 0.52] * 4
+    p = stats.ttest_ind(on, off, equal_var=False).pvalue
+    assert f"| use_cells | 0.710 (n=12) | 0.510 (n=12) | +0.200 | {p:.3f} |" in lines
+    assert "| use_patches | 0.610 (n=12) | 0.610 (n=12) | +0.000 |" in "\n".join(lines)
+    assert not any("use_slide" in line for line in lines)  # on in every Table 1 row: nothing to compare
+    assert marginal_effects(1, {}, (0,)) == []

@@ -234,7 +234,51 @@ def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...]) ->
                      + _cell([r["shuffled_by_category"].get(c) for r in rs if "shuffled_by_category" in r])
                      for c in cats]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += marginal_effects(table, results, seeds)
     return "\n".join(lines) + "\n"
+
+
+def _switches(row: Row) -> dict[str, bool]:
+    """The row's on/off switches, e.g. {'use_cells': True, ...} (Table 1) or {'use_Ls': False, ...} (Table 2)."""
+    flat: dict[str, bool] = {}
+
+    def walk(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, bool):
+                flat[k] = v
+    walk(row.overrides)
+    return flat
+
+
+def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
+    """Markdown lines: for each switch that varies across the table's rows (a scale in Table 1, a loss term in
+    Table 2), the closed-VQA accuracy of all row-seeds with it on vs off, their difference and Welch's t-test p.
+    Row-seeds share the cohort, stage 0 and the held-out questions, so p is a guide, not an exact test."""
+    from scipy import stats
+
+    keys = sorted({k for r in TABLES[table] for k in _switches(r)})
+    out = []
+    for key in keys:
+        on, off = [], []
+        for row in TABLES[table]:
+            sw = _switches(row)
+            for seed in seeds:
+                res = results.get(f"{row.name}|{seed}")
+                if res is not None and key in sw:
+                    (on if sw[key] else off).append(res["closed_acc"])
+        if len(on) < 2 or len(off) < 2:
+            continue
+        m_on, m_off = sum(on) / len(on), sum(off) / len(off)
+        spread = max(on) - min(on) + max(off) - min(off)
+        p = f"{float(stats.ttest_ind(on, off, equal_var=False).pvalue):.3f}" if spread > 1e-12 else "–"
+        out.append(f"| {key} | {m_on:.3f} (n={len(on)}) | {m_off:.3f} (n={len(off)}) | {m_on - m_off:+.3f} | {p} |")
+    if not out:
+        return []
+    return ["", "Marginal effect of each switch on closed-VQA accuracy (all row-seeds with it on vs off; Welch's t; "
+            "runs share the cohort and held-out questions, so p is a guide):", "",
+            "| switch | on | off | on − off | p |", "|---|---|---|---|---|", *out]
 
 
 def _cell(values: list[float | None]) -> str:
