@@ -311,7 +311,7 @@ def train_small_encoder(
             step += 1
         losses.append(tot / max(cnt, 1))
         _log(progress, f"  epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}  "
-             f"temperature {math.exp(-float(logit_scale)):.4f}  ({time.perf_counter() - t_start:.0f}s)")
+             f"temperature {math.exp(-logit_scale.item()):.4f}  ({time.perf_counter() - t_start:.0f}s)")
     encoder.eval()
     train_seconds = time.perf_counter() - t_start
 
