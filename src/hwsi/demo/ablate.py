@@ -12,7 +12,10 @@ with the row's switches and that seed, then the row is scored on the HELD-OUT sl
 * linear-probe balanced accuracy of the slide embedding z_WSI (diagnosis; test split, C chosen on val). Every
   Table 1 row keeps the WSI scale, as in the paper.
 
-Tables print mean ± 95 % confidence half-width (Student t over seeds). Everything is deterministic by seed.
+Tables print mean ± 95 % confidence half-width (Student t over seeds), the closed accuracy by question category
+(true / shuffled), and each switch's marginal effect (all row-seeds with it on vs off). Everything is deterministic
+by seed. Each run keeps its ``scores.json`` and is claimed with a file lock while it trains, so several processes
+(e.g. different ``--rows``) can share OUT; docs/ablations.md has the measured tables.
 """
 
 from __future__ import annotations
@@ -128,13 +131,14 @@ def _claim(run_dir: Path) -> Iterator[bool]:
     with open(run_dir / "train.lock", "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine = True
         except BlockingIOError:
-            yield False
-            return
+            mine = False
         try:
-            yield True
+            yield mine
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if mine:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _scored(run_dir: Path) -> bool:
@@ -193,22 +197,18 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     return out / f"table{table}.md"
 
 
-def _read_results(out: Path, table: int) -> dict[str, Any]:
-    path = out / f"table{table}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _collect(out: Path, table: int, seeds: tuple[int, ...]) -> dict[str, Any]:
     """Every score of ``table`` found in OUT — the runs' own ``scores.json`` (the source of truth, so several
     ``hwsi ablate`` processes with different ``--rows`` can share OUT) over the table's JSON — written back to
     ``OUT/table<N>.json`` atomically."""
-    results = _read_results(out, table)
+    table_json = out / f"table{table}.json"
+    results: dict[str, Any] = json.loads(table_json.read_text()) if table_json.is_file() else {}
     for row in TABLES[table]:
         for seed in seeds:
             path = out / "rows" / row.run_name / f"seed{seed}" / "scores.json"
             if path.is_file():
                 results[f"{row.name}|{seed}"] = {"row": row.name, "seed": seed, **json.loads(path.read_text())}
-    write_json_atomic(out / f"table{table}.json", results)
+    write_json_atomic(table_json, results)
     return results
 
 
