@@ -1,4 +1,4 @@
-"""SPF (paper Eq. 1–2 + the diversity step of DESIGN §5) against hand-computed values, and its degenerate cases."""
+"""SPF (paper Eq. 1–2 + the diversity step of docs/design.md §5) against hand-computed values, and its degenerate cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fixed SPF vocabulary (DESIGN §5) and report-entity extraction (paper Eq. 2 variant)."""
+"""The fixed SPF vocabulary (docs/design.md §5) and report-entity extraction (paper Eq. 2 variant)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The per-slide HDF5 feature store (DESIGN §4). Lowest layer: imports nothing else from hwsi but errors/utils.
+"""The per-slide HDF5 feature store (docs/design.md §4). Lowest layer: imports nothing else from hwsi but errors/utils.
 
 Layout (schema version :data:`SCHEMA_VERSION`; all coordinates are level-0 pixels, (x, y), int64)::
 

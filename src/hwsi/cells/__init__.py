@@ -1,4 +1,4 @@
-"""hwsi.cells — nuclei and cells (DESIGN §5 "Cells", paper §3.3 Eq. 3).
+"""hwsi.cells — nuclei and cells (docs/design.md §5 "Cells", paper §3.3 Eq. 3).
 
 Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell vectors c_ijk):
 

@@ -1,4 +1,4 @@
-"""Ingest of a CellViT run (DESIGN §5 "Cells", backend b): detections + per-cell token embeddings.
+"""Ingest of a CellViT run (docs/design.md §5 "Cells", backend b): detections + per-cell token embeddings.
 
 Formats read (facts about CellViT's outputs, re-implemented here; all coordinates are level-0 pixels):
 

@@ -1,4 +1,4 @@
-"""Built-in CPU nucleus segmentation for H&E (DESIGN §5 "Cells", backend a).
+"""Built-in CPU nucleus segmentation for H&E (docs/design.md §5 "Cells", backend a).
 
 Pipeline of :func:`segment_nuclei` (every length is given in µm and converted with the image's µm/px, so one
 :class:`SegmentConfig` serves 0.25 and 0.5 µm/px alike):

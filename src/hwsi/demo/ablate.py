@@ -4,7 +4,7 @@ terms of L_HCA, Eq. 9, train stage 1).
 ``hwsi ablate --table 1|2 --out DIR [--seeds 0,1,2] [--preset small|test|demo]``
 
 Shared by every row (built once, resumable): the SynthPath cohort, its stores and extracted features, and the
-stage-0 tiny LLM (DESIGN §5: it stands in for Qwen's pretraining) — a ``Pipeline`` run up to ``extract`` in
+stage-0 tiny LLM (docs/design.md §5: it stands in for Qwen's pretraining) — a ``Pipeline`` run up to ``extract`` in
 ``DIR/base`` plus ``run_stage(0)``. Per row and seed, stages 1–3 train from scratch into ``DIR/rows/<row>/seed<S>``
 with the row's switches and that seed, then the row is scored on the HELD-OUT slides (val + test pooled):
 

@@ -1,4 +1,4 @@
-"""hwsi.features — frozen features per scale, SPF (paper §3.3 Eq. 1–2) and `hwsi extract` (DESIGN §4–5).
+"""hwsi.features — frozen features per scale, SPF (paper §3.3 Eq. 1–2) and `hwsi extract` (docs/design.md §4–5).
 
 ```python
 from hwsi.features import spf_select, load_vocabulary, entities_from_report

@@ -5,7 +5,7 @@ Per slide (one store ``JOB/stores/<id>.h5``), every region is read ONCE (hwsi.sl
 1. all TISSUE patches are encoded with the patch encoder → ``patches/<patch_enc>`` (R, G, D) float32, the f_ij of
    the paper; non-tissue rows are zeros (``patches/tissue`` says which rows are real). One region per chunk.
 2. the region input (the ViT-4K input) → ``patches/<region_in>`` (R, G, D'). With ``--region-input same`` (the CPU
-   default: the small patch encoder's embeddings feed ViT-4K, DESIGN §5) nothing is duplicated: the store attribute
+   default: the small patch encoder's embeddings feed ViT-4K, docs/design.md §5) nothing is duplicated: the store attribute
    ``region_input`` names the dataset to read (``patches/<region_input>``), here the patch encoder's.
 3. SPF (Eq. 1–2, :mod:`hwsi.features.spf`) on the patch features against the text embeddings of ONE fixed vocabulary
    (candidates: tissue patches whose tissue fraction is at least ``min_tissue``, 0.5, so that edge patches of

@@ -1,4 +1,4 @@
-"""Import patch features computed by TRIDENT or CLAM into a slide store (DESIGN §4, last paragraph).
+"""Import patch features computed by TRIDENT or CLAM into a slide store (docs/design.md §4, last paragraph).
 
 Both tools write one HDF5 file per slide with
 

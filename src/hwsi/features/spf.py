@@ -1,4 +1,4 @@
-"""Semantic Patch Filtering (SPF), paper §3.3 Eq. 1–2, with the readings of DESIGN §5.
+"""Semantic Patch Filtering (SPF), paper §3.3 Eq. 1–2, with the readings of docs/design.md §5.
 
 Per region R_i, only tissue patches take part (the *candidates*; n_p of them):
 
@@ -9,7 +9,7 @@ Per region R_i, only tissue patches take part (the *candidates*; n_p of them):
    identical patches has σ_i = 0 and every μ_i^j = τ_i up to rounding, so none is dropped (rather than a random
    subset depending on the last bit). Because the μ_i^j average to μ_i ≤ τ_i, at least one patch always survives;
    should rounding ever drop them all, R'_i falls back to all candidates (``eq1_fallback`` in the result).
-2. **Diversity (DESIGN §5, the authors' released code)**: Eq. 1 alone rarely removes anything on realistic mixes,
+2. **Diversity (docs/design.md §5, the authors' released code)**: Eq. 1 alone rarely removes anything on realistic mixes,
    so top-k would pick near-duplicates. Of the survivors, the ``n_div`` (32) most mutually dissimilar are kept by
    farthest-point sampling in cosine distance 1 − s: the first pick is the survivor with the LOWEST mean similarity
    μ_i^j (the most atypical patch of the region; ties → lowest index), then repeatedly the survivor whose minimum

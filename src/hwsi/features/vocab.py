@@ -1,4 +1,4 @@
-"""The fixed SPF text vocabulary (DESIGN §5) and the paper's report-entity variant (§3.3, Eq. 2).
+"""The fixed SPF text vocabulary (docs/design.md §5) and the paper's report-entity variant (§3.3, Eq. 2).
 
 SPF ranks patches by their mean cosine similarity to M text entities t_m (Eq. 2). The paper takes the entities
 from the slide's report; that leaks the answer into the visual tokens during training and has no counterpart at

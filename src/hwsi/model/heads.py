@@ -1,6 +1,6 @@
 """Stage-1 alignment heads: one linear map per scale into the text encoder's space, L2-normalised.
 
-DESIGN §5 reading of Eq. 6–9: the paper writes the stage-1 losses on z while freezing the LLM projectors, so z
+docs/design.md §5 reading of Eq. 6–9: the paper writes the stage-1 losses on z while freezing the LLM projectors, so z
 here is the unit-norm output of these per-scale heads (CLIP-style), separate from the projectors A_s::
 
     z_c = norm(H_c c_ij),  z_p = norm(H_p f_ij),  z_r = norm(H_r r_i),  z_WSI = norm(H_WSI f_WSI)

@@ -7,7 +7,7 @@ API::
     save_slide_inputs(inputs, path); load_cached_inputs(path) -> SlideInputs   # torch .pt cache
     SlideInputs.n_visual_tokens  (n_r·k·2 + n_r + 1 with all scales; markers not counted)
 
-Selection rules (deterministic; DESIGN §5):
+Selection rules (deterministic; docs/design.md §5):
 
 * Regions: each region's SPF relevance is the mean Eq. 2 relevance r_ij of its selected patches (NaN-ignoring);
   regions with no selected patch score -inf. When the slide has more than ``max_regions`` regions, the

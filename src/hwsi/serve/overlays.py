@@ -1,6 +1,6 @@
 """Overlay data read from a slide's store: tissue mask, region/patch grid, SPF selection and nuclei in a box.
 
-Everything is in level-0 pixel coordinates (DESIGN §3); the viewer maps them to the screen.
+Everything is in level-0 pixel coordinates (docs/design.md §3); the viewer maps them to the screen.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The region + patch grid of a slide at the target µm/px (DESIGN §3).
+"""The region + patch grid of a slide at the target µm/px (docs/design.md §3).
 
 * ``scale`` = target µm/px ÷ level-0 µm/px. If ``|level0_mpp / target - 1| <= mpp_tolerance`` (default 0.02) the
   slide is used at its own resolution (``scale = 1``, no resampling; ``effective_mpp`` = level-0 µm/px, e.g. 0.499

@@ -1,6 +1,6 @@
 """Read regions once from the best pyramid level and slice them into patches; streaming, bounded memory.
 
-Reading a region (see ../shared/MACHINE-FACTS.md for the costs measured here):
+Reading a region (see docs/machine-facts.md for the costs measured here):
 
 * The level is ``slide.best_level_for_downsample(scale)`` where ``scale`` = target µm/px ÷ level-0 µm/px (1 when
   the slide is within the grid's µm/px tolerance of the target); the region's box on that level is read and, when

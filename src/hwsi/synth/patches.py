@@ -1,4 +1,4 @@
-"""Patch–caption pairs for training the small CLIP-style patch encoder (DESIGN §5, CONCH's stand-in).
+"""Patch–caption pairs for training the small CLIP-style patch encoder (docs/design.md §5, CONCH's stand-in).
 
 Patches come from SynthPath scenes whose patch size equals ``patch_px``; each shows one patch-level pattern
 (gland, solid sheet, stroma, or background/edge). Captions describe ONLY patch-scale facts (no atypia, which the

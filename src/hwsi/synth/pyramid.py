@@ -1,6 +1,6 @@
 """Streaming writer of pyramidal tiled JPEG TIFFs that OpenSlide opens as ``generic-tiff``.
 
-Layout written (facts from ../shared/MACHINE-FACTS.md, re-checked by tests/test_pyramid.py):
+Layout written (facts from docs/machine-facts.md, re-checked by tests/test_pyramid.py):
 
 * every pyramid level is its own top-level IFD (not a SubIFD), level 0 first; reduced levels carry
   ``NewSubfileType = 1``;

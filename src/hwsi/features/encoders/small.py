@@ -1,7 +1,7 @@
 """``hwsi_small_patch``: the default CPU patch encoder, a small CNN image tower in MiniLM's 384-d text space.
 
 It sees a patch downsampled to 64x64 (a 256 px patch at 0.5 µm/px -> 2 µm/px: glands and tissue layout are
-visible, single-nucleus detail is not — which is the point, see DESIGN §8). It plays CONCH's role where CONCH's
+visible, single-nucleus detail is not — which is the point, see docs/design.md §8). It plays CONCH's role where CONCH's
 weights are absent: trained CLIP-style on SynthPath patch captions against the FROZEN MiniLM text encoder
 (``hwsi train-encoder``), its embeddings can be compared to MiniLM text embeddings directly (SPF Eq. 2, zero-shot
 classification). Its 384-d output is also the region-encoder (ViT-4K) input on CPU when no HIPT weights are given.
