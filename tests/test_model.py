@@ -227,3 +227,41 @@ def test_projectors_and_markers() -> None:
         "cells", torch.ones(2, 6)).shape == (2, 6)
     d = ProjectorConfig()
     assert (d.hidden, d.llm_dim) == (1024, 3584)
+
+
+@pytest.mark.parametrize("stem", ["conv", "neighbour"])
+def test_vit4k_stem_is_identity_at_init_and_hipt_weights_load(tmp_path: Path, stem: str) -> None:
+    """The arrangement stems start as the identity, so a HIPT checkpoint (no stem.* keys) reproduces HIPT."""
+    base = ViT4KConfig(in_dim=12, dim=24, depth=2, n_heads=3, pos_grid=4)
+    ck = _hipt_layout_checkpoint(base, seed=2)
+    torch.save(ck, tmp_path / "vit4k_xs_dino.pth")
+    cfg = ViT4KConfig(in_dim=12, dim=24, depth=2, n_heads=3, pos_grid=4, stem=stem)
+    model = load_hipt_vit4k(ViT4K(cfg), tmp_path / "vit4k_xs_dino.pth").eval()
+    assert any(k.startswith("stem.") for k in model.state_dict())
+    sd = {k.removeprefix("backbone."): v for k, v in ck["teacher"].items()}
+    x = torch.randn(2, 16, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _functional_vit4k(sd, x, heads=3), atol=1e-5, rtol=1e-4)
+
+
+def test_vit4k_conv_stem_sees_neighbours_and_respects_the_tissue_mask() -> None:
+    """With the conv stem a token depends on its grid neighbours (not on far cells); masked cells feed nothing."""
+    from hwsi.model.vit4k import GridConvStem, neighbour_cosines
+
+    torch.manual_seed(0)
+    stem = GridConvStem(8, 1)
+    for p in stem.projs:
+        torch.nn.init.normal_(p.weight)
+    x = torch.randn(1, 16, 8)
+    y0 = stem(x, None)
+    x1 = x.clone()
+    x1[0, 5] += 1.0  # cell (1, 1): neighbours of (0..2, 0..2) change, (3, 3) does not
+    y1 = stem(x1, None)
+    changed = (y1 - y0).abs().sum(-1)[0] > 1e-6
+    assert bool(changed[0]) and bool(changed[10]) and not bool(changed[15])
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    mask[0, 5] = False
+    # cell 5 is masked: its (changed) feature reaches no neighbour through the convolution
+    torch.testing.assert_close(stem(x, mask)[0, 0], stem(x1, mask)[0, 0])
+    cos = neighbour_cosines(x, mask)
+    assert cos.shape == (1, 16, 8) and float(cos[0, 5].abs().sum()) == 0.0 and float(cos[0, 0, 0]) == 0.0

@@ -37,7 +37,7 @@ class PipelineConfig:
     region_size: int = 1024
     patch_size: int = 64
     # small patch encoder: it sees each patch area-downsampled 4x (as a 256 px patch seen at 64 px), so
-    # single-nucleus detail is invisible to it and belongs to the cell scale (DESIGN §8)
+    # single-nucleus detail is invisible to it and belongs to the cell scale (docs/design.md §8)
     encoder_input: int = 16
     encoder_channels: tuple[int, ...] = (32, 64, 128)
     encoder_n: int = 3000
@@ -234,6 +234,8 @@ class Pipeline:
         cfg.data.facts = str(self.paths.cohort / "facts.json")
         cfg.data.reports = str(text / "reports.json")
         cfg.data.captions = str(text / "captions.json")
+        if (self.paths.cohort / "unit_rules.yaml").is_file():
+            cfg.stage1.unit_rules = str(self.paths.cohort / "unit_rules.yaml")
         for over in (self.cfg.train_overrides, extra):
             if over:
                 merged = _deep_merge(asdict(cfg), copy.deepcopy(over))

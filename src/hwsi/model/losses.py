@@ -1,4 +1,4 @@
-"""Stage-1 hierarchical cross-modal alignment losses, paper Eq. 6–9 as read in DESIGN §5.
+"""Stage-1 hierarchical cross-modal alignment losses, paper Eq. 6–9 as read in docs/design.md §5.
 
 All similarities are cosines of L2-normalised vectors (inputs are normalised here, so callers may pass raw
 head outputs). Text units come in the granularity of each scale: cells ↔ words, patches ↔ phrases,
@@ -20,14 +20,30 @@ Eq. 8 (:func:`cross_scale_consistency`), per slide, on unit vectors with re-norm
 
   (the 2·n_r is the number of (scale, region) terms actually present: regions without valid tokens of a scale
   and switched-off scales are not counted.)
-Eq. 9 (:func:`hca_loss`):  L_HCA = 1/n_b Σ_b (Σ_s L_s^b + L_c^b) + L_WSI, each term switchable (Table 2).
+Eq. 9 (:func:`hca_loss`):  L_HCA = 1/n_b Σ_b (Σ_s L_s^b + λ_c L_c^b) + L_WSI, each term switchable (Table 2).
+
+Reading v2 (docs/design.md §5; ``eq6 = "pooled"``, the default). The units are report CLAUSES routed to a scale
+(:mod:`hwsi.train.units`), and the candidates of Eq. 6 are a BANK: the slide's own units of that scale plus the same
+scale's units of the other training slides (a departure from the paper's own-report denominator, labelled as one).
+A slide's score for a unit u pools its tokens of that scale (:func:`pooled_unit_scores`, multiple-instance style,
+a departure): the mean of the top ``top_frac`` of cos(z_i, t_u) for a presence statement (a focal finding needs
+only a few tokens), the mean over all tokens for an absence statement. :func:`bank_info_nce` is then, per slide b
+and own unit u,  -log exp(S_bu/τ) / (exp(S_bu/τ) + Σ_{u' ∈ N_b} exp(S_bu'/τ)),  N_b = the allowed candidates that
+are not b's own units (identical text and same-fact units masked by the caller), optionally divided by
+ln(1 + |N_b|) so no term dominates Eq. 9 by its number of candidates. Eq. 7 uses the same function over a bank of
+the training split's reports. Eq. 8 (``lc_mode = "fine_to_coarse"``) pulls each coarser token toward the
+re-normalised mean of the finer ones with stop-gradient on the finer side, only over patches that have nuclei
+(the "no cells" token never takes part). ``eq6 = "v1"`` keeps the earlier reading (per-token positives, own-report
+denominator, words/phrases/sentences) for comparison.
 
 Empty inputs (a slide without cells, one region, batch of one) give 0 for that term, never NaN.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +57,12 @@ class HCALossConfig:
     use_Ls: bool = True  # Eq. 6 (cells, patches, regions)
     use_Lc: bool = True  # Eq. 8
     use_Lwsi: bool = True  # Eq. 7
-    scales: tuple[str, ...] = ("cells", "patches", "regions")  # which Eq. 6 terms
+    scales: tuple[str, ...] = ("cells", "patches", "regions")  # which Eq. 6 terms ("slide" too in v2)
+    eq6: Literal["pooled", "v1"] = "v1"  # "pooled": reading v2 (module docstring); "v1": per-token, own report
+    top_frac: float = 0.1  # v2: fraction of a slide's tokens pooled for a presence statement
+    normalise: bool = False  # v2: divide each InfoNCE by ln(1 + #negatives)
+    lambda_c: float = 1.0  # weight of Eq. 8 in Eq. 9
+    lc_mode: Literal["fine_to_coarse", "symmetric"] = "symmetric"  # Eq. 8: stop-grad on the finer side, or both
 
 
 @dataclass
@@ -55,12 +76,24 @@ class ScaleTargets:
 
 
 @dataclass
+class BankTargets:
+    """Reading v2: one scale's (or the reports') candidate bank and, per slide, its positives and allowed negatives."""
+
+    emb: torch.Tensor  # (U, D) unit embeddings
+    positive: torch.Tensor  # (B, U) bool: the slide's own units
+    allowed: torch.Tensor  # (B, U) bool: may stand in the slide's denominator (not identical text / same fact)
+    absence: torch.Tensor | None = None  # (U,) bool: absence statement (mean pooling) vs presence (top-k)
+    ids: torch.Tensor | None = None  # (U,) long: index of each unit's text in the model's string list (live text)
+
+
+@dataclass
 class AlignmentTargets:
     cells: ScaleTargets | None = None
     patches: ScaleTargets | None = None
     regions: ScaleTargets | None = None
     report: torch.Tensor | None = None  # (B, D) report embeddings t_r
     report_ids: torch.Tensor | None = None  # (B,) long: equal ids = identical report
+    banks: dict[str, BankTargets] = field(default_factory=dict)  # v2: "cells", "patches", "regions", "slide", "report"
 
 
 @dataclass
@@ -143,6 +176,44 @@ def slide_report_loss(
     return _masked_info_nce(z_slide[None], report[None], pos, mask, mask, ids, tau)[0]
 
 
+def pooled_unit_scores(tokens: torch.Tensor, mask: torch.Tensor, units: torch.Tensor,
+                       absence: torch.Tensor | None = None, top_frac: float = 0.1) -> torch.Tensor:
+    """v2 slide-to-unit scores: tokens (B, N, D), mask (B, N), units (U, D), absence (U,) -> (B, U).
+
+    Presence units: mean of the top ceil(top_frac · n_b) cosines over the slide's n_b valid tokens; absence units:
+    the mean over all of them. A slide without valid tokens scores 0."""
+    b, n, _ = tokens.shape
+    m = mask.to(torch.bool)
+    sim = F.normalize(tokens, dim=-1) @ F.normalize(units, dim=-1).T  # (B, N, U)
+    count = m.sum(1)  # (B,)
+    w = m[..., None].to(sim.dtype)
+    mean = (sim * w).sum(1) / count.clamp_min(1)[:, None]
+    k = (count.to(torch.float32) * top_frac).ceil().clamp_min(1).to(torch.long)  # (B,)
+    srt = sim.masked_fill(~m[..., None], float("-inf")).sort(dim=1, descending=True).values  # (B, N, U)
+    take = (torch.arange(n, device=sim.device)[None] < k[:, None])[..., None]  # (B, N, 1)
+    top = torch.where(take, srt, torch.zeros_like(srt)).sum(1) / k[:, None]
+    out = top if absence is None else torch.where(absence.to(torch.bool)[None], mean, top)
+    return torch.where((count > 0)[:, None], out, torch.zeros_like(out))
+
+
+def bank_info_nce(scores: torch.Tensor, positive: torch.Tensor, allowed: torch.Tensor, tau: float = 0.02,
+                  normalise: bool = False) -> torch.Tensor:
+    """v2 InfoNCE over a bank: scores (B, U), positive / allowed (B, U) bool -> (B,) (module docstring).
+
+    Each positive is contrasted with the allowed non-positive candidates only (the slide's other own units are
+    true of it too). Slides without a positive give 0."""
+    pos = positive.to(torch.bool)
+    neg = allowed.to(torch.bool) & ~pos
+    logits = scores / tau
+    lse_neg = logits.masked_fill(~neg, float("-inf")).logsumexp(dim=-1, keepdim=True)  # (B, 1)
+    nll = torch.logaddexp(logits, lse_neg) - logits  # (B, U): -log softmax of each unit vs the negatives
+    n_pos = pos.sum(-1)
+    loss = torch.where(pos, nll, torch.zeros_like(nll)).sum(-1) / n_pos.clamp_min(1)
+    if normalise:
+        loss = loss / torch.log1p(neg.sum(-1).to(loss.dtype)).clamp_min(math.log(2.0))
+    return torch.where(n_pos > 0, loss, torch.zeros_like(loss))
+
+
 def cross_scale_consistency(
     regions: torch.Tensor | None,
     cells: torch.Tensor | None,
@@ -150,12 +221,16 @@ def cross_scale_consistency(
     patch_mask: torch.Tensor,
     region_mask: torch.Tensor,
     cell_mask: torch.Tensor | None = None,
+    stop_grad_finer: bool = False,
 ) -> torch.Tensor:
     """Eq. 8 per slide -> (B,). regions (B,R,D); cells, patches (B,R,k,D); masks (B,R,k) / (B,R).
 
     ``cell_mask`` (default ``patch_mask``) selects which cell tokens take part (e.g. only patches with nuclei).
+    ``stop_grad_finer``: the finer side of each pair (cells vs patches and regions, patches vs regions) is detached,
+    so only the coarser token is pulled (reading v2, "fine -> coarse").
     """
     ref = next(x for x in (regions, cells, patches) if x is not None)
+    sg = (lambda x: x.detach() if x is not None else None) if stop_grad_finer else (lambda x: x)
     b = ref.shape[0]
     total = ref.new_zeros(b) + 0.0 * ref.sum()
     pm = patch_mask.to(torch.bool) & region_mask.to(torch.bool)[..., None]
@@ -163,7 +238,7 @@ def cross_scale_consistency(
     if regions is not None:
         zr = F.normalize(regions, dim=-1)
         acc, n_terms = ref.new_zeros(b), ref.new_zeros(b)
-        for z_s, m in ((cells, cm), (patches, pm)):
+        for z_s, m in ((sg(cells), cm), (sg(patches), pm)):
             if z_s is None:
                 continue
             w = m[..., None].to(z_s.dtype)
@@ -175,7 +250,7 @@ def cross_scale_consistency(
         total = total + acc / n_terms.clamp_min(1)
     if cells is not None and patches is not None:
         both = cm
-        sq = (F.normalize(cells, dim=-1) - F.normalize(patches, dim=-1)).pow(2).sum(-1)  # (B, R, k)
+        sq = (F.normalize(sg(cells), dim=-1) - F.normalize(patches, dim=-1)).pow(2).sum(-1)  # (B, R, k)
         sq = torch.where(both, sq, torch.zeros_like(sq))
         total = total + sq.sum((1, 2)) / both.sum((1, 2)).clamp_min(1)
     return total
@@ -188,7 +263,22 @@ def hca_loss(z: AlignedTokens, targets: AlignmentTargets, cfg: HCALossConfig | N
     b = ref.shape[0]
     per_slide = ref.new_zeros(b)
     terms: dict[str, torch.Tensor] = {}
-    if cfg.use_Ls:
+    if cfg.use_Ls and cfg.eq6 == "pooled":
+        l_s = ref.new_zeros(b)
+        for scale in cfg.scales:
+            tok, bank = _scale_tokens(z, scale), targets.banks.get(scale)
+            if tok is None:
+                continue
+            if bank is None:  # no unit of the train split is routed to this scale: the term is 0 (logged)
+                terms[f"L_{scale}"] = ref.new_zeros(())
+                continue
+            scores = pooled_unit_scores(tok[0], tok[1], bank.emb, bank.absence, cfg.top_frac)
+            loss = bank_info_nce(scores, bank.positive, bank.allowed, cfg.tau, cfg.normalise)
+            terms[f"L_{scale}"] = loss.mean()
+            l_s = l_s + loss
+        terms["L_s"] = l_s.mean()
+        per_slide = per_slide + l_s
+    elif cfg.use_Ls:
         masks = {"cells": z.patch_mask, "patches": z.patch_mask, "regions": z.region_mask}
         l_s = ref.new_zeros(b)
         for scale in cfg.scales:
@@ -202,12 +292,34 @@ def hca_loss(z: AlignedTokens, targets: AlignmentTargets, cfg: HCALossConfig | N
         terms["L_s"] = l_s.mean()
         per_slide = per_slide + l_s
     if cfg.use_Lc and any(x is not None for x in (z.regions, z.cells, z.patches)):  # only z_WSI: no Eq. 8 term
-        l_c = cross_scale_consistency(z.regions, z.cells, z.patches, z.patch_mask, z.region_mask)
+        v2 = cfg.lc_mode == "fine_to_coarse"
+        cell_mask = z.cell_present if v2 and z.cell_present is not None else None
+        l_c = cross_scale_consistency(z.regions, z.cells, z.patches, z.patch_mask, z.region_mask, cell_mask, v2)
         terms["L_c"] = l_c.mean()
-        per_slide = per_slide + l_c
+        per_slide = per_slide + cfg.lambda_c * l_c
     total = per_slide.mean()
-    if cfg.use_Lwsi and z.slide is not None and targets.report is not None:
+    report_bank = targets.banks.get("report")
+    if cfg.use_Lwsi and z.slide is not None and report_bank is not None:
+        scores = F.normalize(z.slide, dim=-1) @ F.normalize(report_bank.emb, dim=-1).T
+        l_w = bank_info_nce(scores, report_bank.positive, report_bank.allowed, cfg.tau, cfg.normalise).mean()
+        terms["L_wsi"] = l_w
+        total = total + l_w
+    elif cfg.use_Lwsi and z.slide is not None and targets.report is not None:
         l_w = slide_report_loss(z.slide, targets.report, targets.report_ids, cfg.tau)
         terms["L_wsi"] = l_w
         total = total + l_w
     return HCALossOutput(total=total, terms=terms)
+
+
+def _scale_tokens(z: AlignedTokens, scale: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, N, D) tokens and (B, N) mask of one scale, flattened over regions and patches."""
+    tok = {"cells": z.cells, "patches": z.patches, "regions": z.regions, "slide": z.slide}.get(scale)
+    if tok is None:
+        return None
+    b, d = tok.shape[0], tok.shape[-1]
+    if scale == "slide":
+        return tok[:, None], torch.ones(b, 1, dtype=torch.bool, device=tok.device)
+    if scale == "regions":
+        return tok, z.region_mask.to(torch.bool)
+    mask = z.patch_mask.to(torch.bool) & z.region_mask.to(torch.bool)[..., None]
+    return tok.reshape(b, -1, d), mask.reshape(b, -1)

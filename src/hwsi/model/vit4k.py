@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,46 @@ class ViT4KConfig:
     n_heads: int = 6
     mlp_ratio: float = 4.0
     pos_grid: int = 14  # side of the stored position grid (HIPT: img_size 224 // 16 = 14)
+    stem: Literal["linear", "conv", "neighbour"] = "linear"  # "linear" = HIPT's phi only (module docstring)
+    stem_layers: int = 1  # residual 3x3 conv blocks of the "conv" stem
+
+
+_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbour_cosines(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, G, D) grid features, (M, G) tissue mask -> (M, G, 8) cosine to each of the 8 neighbours (0 off-grid)."""
+    m, g, d = x.shape
+    side = math.isqrt(g)
+    u = F.normalize(x.float(), dim=-1)
+    if mask is not None:
+        u = u * mask[..., None].to(u.dtype)
+    grid = F.pad(u.reshape(m, side, side, d).permute(0, 3, 1, 2), (1, 1, 1, 1))  # (M, D, side+2, side+2)
+    centre = grid[:, :, 1:-1, 1:-1]
+    out = [(centre * grid[:, :, 1 + dy: 1 + dy + side, 1 + dx: 1 + dx + side]).sum(1) for dy, dx in _NEIGHBOURS]
+    return torch.stack(out, dim=-1).reshape(m, g, 8).to(x.dtype)
+
+
+class GridConvStem(nn.Module):
+    """Residual 3×3 convolutions over the patch grid: x + W1x1(GELU(conv3x3(x))), identity at initialisation."""
+
+    def __init__(self, dim: int, layers: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(dim, dim, 3, padding=1) for _ in range(layers)])
+        self.projs = nn.ModuleList([nn.Linear(dim, dim) for _ in range(layers)])
+        for proj in self.projs:
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        m, g, d = x.shape
+        side = math.isqrt(g)
+        keep = None if mask is None else mask[..., None].to(x.dtype)
+        for conv, proj in zip(self.convs, self.projs):
+            h = x if keep is None else x * keep
+            h = conv(h.transpose(1, 2).reshape(m, d, side, side)).reshape(m, d, g).transpose(1, 2)
+            x = x + proj(F.gelu(h))
+        return x
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, side: int) -> torch.Tensor:
@@ -66,6 +107,13 @@ class ViT4K(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.phi = nn.Sequential(nn.Linear(cfg.in_dim, cfg.dim), nn.GELU())
+        if cfg.stem not in ("linear", "conv", "neighbour"):
+            raise ConfigError(f"vit4k.stem must be 'linear', 'conv' or 'neighbour', got {cfg.stem!r}")
+        self.stem: nn.Module | None = None
+        if cfg.stem == "conv":
+            self.stem = GridConvStem(cfg.dim, max(1, cfg.stem_layers))
+        elif cfg.stem == "neighbour":
+            self.stem = nn.Linear(8, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_grid**2 + 1, cfg.dim))
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
@@ -73,6 +121,11 @@ class ViT4K(nn.Module):
         self.apply(init_vit_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if isinstance(self.stem, GridConvStem):
+            for proj in self.stem.projs:
+                nn.init.zeros_(proj.weight)
+        elif self.stem is not None:
+            nn.init.zeros_(self.stem.weight)
 
     @property
     def out_dim(self) -> int:
@@ -83,7 +136,12 @@ class ViT4K(nn.Module):
         side = math.isqrt(g)
         if side * side != g:
             raise ValueError(f"region grid of {g} patches is not square")
-        tok = torch.cat([self.cls_token.to(x.dtype).expand(m, -1, -1), self.phi(x)], dim=1)
+        h = self.phi(x)
+        if isinstance(self.stem, GridConvStem):
+            h = self.stem(h, grid_mask)
+        elif self.stem is not None:
+            h = h + self.stem(neighbour_cosines(x, grid_mask))
+        tok = torch.cat([self.cls_token.to(x.dtype).expand(m, -1, -1), h], dim=1)
         tok = tok + interpolate_pos_embed(self.pos_embed, side).to(x.dtype)
         key_mask = None
         if grid_mask is not None:
@@ -117,11 +175,13 @@ def load_hipt_vit4k(model: ViT4K, path: str | Path) -> ViT4K:
         raise ConfigError(f"{path}: ViT-4K checkpoint not found")
     state = clean_hipt_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith("stem."))  # stem.*: ours, not HIPT's
     if missing:
         raise ConfigError(f"{path}: missing ViT-4K keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+           if k in state and state[k].shape != v.shape]
     if bad:
         raise ConfigError(f"{path}: ViT-4K shape mismatch (check in_dim/pos_grid/dim): {bad[:4]}")
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    # stem.* keys, absent from HIPT checkpoints, keep their identity initialisation
+    model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
     return model

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from hwsi.synth.classes import DIAGNOSES, SlideClasses, SynthError
 from hwsi.synth.scene import Scene, SceneConfig
-from hwsi.synth.text import SYNTHPATH_VOCABULARY, SlideText, bench_records, slide_text, train_records
+from hwsi.synth.text import SYNTHPATH_UNIT_RULES, SYNTHPATH_VOCABULARY, SlideText, bench_records, slide_text, train_records
 from hwsi.synth.truth import read_truth, slide_facts, truth_path_for, write_truth
 from hwsi.utils.atomic import atomic_path, write_json_atomic
 
@@ -194,10 +195,14 @@ def write_cohort_text(out: Path, records: list[SlideRecord], seed: int) -> dict[
         "val": tdir / "val.jsonl",
         "test": tdir / "test.jsonl",
         "vocab": out / "vocab.txt",
+        "unit_rules": out / "unit_rules.yaml",
     }
     with atomic_path(paths["vocab"]) as tmp:
         tmp.write_text("# SynthPath SPF vocabulary (hwsi extract --vocab): one term per line\n"
                        + "".join(t + "\n" for t in SYNTHPATH_VOCABULARY))
+    with atomic_path(paths["unit_rules"]) as tmp:
+        tmp.write_text("# SynthPath stage-1 unit routing rules (hwsi train stage1.unit_rules; hwsi.train.units)\n"
+                       + yaml.safe_dump(SYNTHPATH_UNIT_RULES, sort_keys=False))
     write_json_atomic(paths["reports"], {t.slide_id: t.report for t in all_texts})
     write_json_atomic(paths["captions"], {t.slide_id: t.caption for t in all_texts})
     write_json_atomic(paths["train"], train_records(texts["train"], seed))

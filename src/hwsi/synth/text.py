@@ -23,7 +23,7 @@ from hwsi.synth.classes import DIAGNOSES, DISPLAY
 
 CATEGORIES: tuple[str, ...] = ("Morphology", "Classification", "Grade", "Extent")
 
-# SynthPath's SPF vocabulary (Eq. 2's text entities, fixed for the cohort: DESIGN §5): the morphology its reports
+# SynthPath's SPF vocabulary (Eq. 2's text entities, fixed for the cohort: docs/design.md §5): the morphology its reports
 # describe, as an organ-specific vocabulary file would for real slides. Written to COHORT/vocab.txt by `hwsi synth`
 # and used by the demo's `hwsi extract --vocab`. Why not the built-in generic vocabulary: in the small patch
 # encoder's space its mean relevance ranks gland patches BELOW stroma (measured on the test preset, 40 slides:
@@ -34,6 +34,23 @@ SYNTHPATH_VOCABULARY: tuple[str, ...] = (
     "nuclear pleomorphism", "coarse chromatin", "irregular nuclear contours", "marked atypia", "crowded glands",
     "confluent sheets", "solid carcinoma", "adenocarcinoma", "dysplasia", "fibrous stroma", "lymphocytes",
 )
+
+# SynthPath's stage-1 unit routing rules (hwsi.train.units; docs/design.md §5 v2), written to COHORT/unit_rules.yaml by
+# `hwsi synth`: KEYWORD rules in the packaged default's format, with the words these paraphrases use for each
+# level (nuclei -> cells, arrangement -> regions, diagnosis/extent/grade -> slide, glands/sheets/stroma -> patches).
+SYNTHPATH_UNIT_RULES: dict[str, Any] = {
+    "negations": ["no", "not", "without", "absent", "lack", "lacks", "none"],
+    "rules": [
+        {"scale": "cells", "keywords": ["nucle", "chromatin", "pleomorph", "cytolog", "atypi", "hyperchromat"]},
+        {"scale": "regions", "keywords": ["crowd", "back-to-back", "back to back", "spaced", "spacing", "architect",
+                                          "orderly", "arrangement", "coalesce", "confluent", "invasive"]},
+        {"scale": "slide", "keywords": ["diagnosis", "consistent with", "interpretation", "appearances are",
+                                        "extensive", "focal", "focus", "widespread", "involv", "grade", "grading",
+                                        "lesional area", "dysplasia or carcinoma", "benign pattern"]},
+        {"scale": "patches", "keywords": ["gland", "lumen", "lumin", "tubul", "solid", "sheet", "nest", "epitheli",
+                                          "stroma"]},
+    ],
+}
 
 _GLANDS = {
     "yes": [

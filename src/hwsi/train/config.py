@@ -110,9 +110,19 @@ class Stage1Config(OptimConfig):
 
     loss: HCALossConfig = field(default_factory=HCALossConfig)
     text_finetune_layers: int = 0  # last N transformer layers of the text encoder trained; 0 = frozen, cached
-    max_words: int = 64  # cap of text units per slide and granularity
+    max_words: int = 64  # cap of text units per slide and granularity (loss.eq6 "v1")
     max_phrases: int = 64
     max_sentences: int = 32
+    # reading v2 (loss.eq6 "pooled"): report clauses routed by keyword rules (hwsi.train.units); "" = the packaged
+    # general default, else a YAML relative to the job (SynthPath: COHORT/unit_rules.yaml)
+    unit_rules: str = ""
+    max_units: int = 32  # cap of clauses per slide and scale
+    # candidates of one slide that state the SAME FACT as its own units are masked as negatives, by the train
+    # slides' data.facts: "<scale>=<fact>[+<fact>]" (scale: cells, patches, regions, slide or report), e.g.
+    # "cells=atypia"; a bank unit is masked for slide b when a slide whose report holds it agrees with b on
+    # those facts. Empty: identical text only.
+    same_fact: tuple[str, ...] = ()
+    text_refresh_every: int = 0  # live text tower: re-encode the whole bank every N steps (0 = once per epoch)
 
 
 @dataclass

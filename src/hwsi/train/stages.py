@@ -11,7 +11,7 @@ Run folder ``out`` (one per experiment; every stage writes ``out/config.yaml`` w
     stage3/final/projectors.safetensors, stage3/final/lora/   (peft adapter)
     stageN/metrics.csv, stageN/checkpoints/, stageN/result.json
 
-Stage 0 (tiny runs only; NOT in the paper, DESIGN §5). No pretrained LLM exists offline and a frozen random LLM cannot
+Stage 0 (tiny runs only; NOT in the paper, docs/design.md §5). No pretrained LLM exists offline and a frozen random LLM cannot
 write reports, so a tiny Qwen2 (``build_tiny_llm``, tokenizer trained on the TRAIN split's text) is pretrained on the
 train split's records in the same chat format as stages 2–3, with the slide's ground-truth findings written as words
 in the ``<image>`` slot (``data.facts``). Never val/test text. It stands in for Qwen's pretraining: real runs set
@@ -55,6 +55,7 @@ from hwsi.model.heads import AlignmentHeads
 from hwsi.model.hierarchy import HierarchicalEncoder
 from hwsi.model.inputs import SlideBatch, SlideInputs, collate_slides
 from hwsi.model.losses import AlignmentTargets, HCALossConfig, HCALossOutput, ScaleTargets, assign_positives, hca_loss
+from hwsi.train.alignment import BankBuilder, LiveText, parse_same_fact
 from hwsi.train.config import TrainConfig, load_train_config, save_train_config
 from hwsi.train.data import (
     ChatSample,
@@ -65,9 +66,11 @@ from hwsi.train.data import (
     load_train_text,
     permute_options,
     report_units,
+    resolve,
     store_ids,
 )
 from hwsi.train.engine import Engine, FitResult, TrainError, seed_everything
+from hwsi.train.units import UNIT_SCALES, UnitRules, route_report
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +316,25 @@ def _stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
         raise TrainError("stage 1: no train slide has both a store and a report")
     cache.prepare(slides, progress)
     s1 = cfg.stage1
-    units = {s: report_units(text.reports[s], s1.max_words, s1.max_phrases, s1.max_sentences) for s in slides}
+    v2 = s1.loss.eq6 == "pooled"
     encoder = create_text_encoder(cfg.data.text_encoder)
     bank = TextBank(encoder, out / "cache" / f"text-{cfg.data.text_encoder.replace(':', '_').replace('/', '_')}.pt")
-    bank.add([x for u in units.values() for x in (*u.words, *u.phrases, *u.sentences, u.report)])
+    if v2:
+        rules = UnitRules.load(resolve(job, s1.unit_rules) if s1.unit_rules else None)
+        routed = {s: route_report(text.reports[s], rules, s1.max_units) for s in slides}
+        builder: Any = BankBuilder(routed, {s: text.reports[s] for s in slides}, text.facts,
+                                   parse_same_fact(s1.same_fact), tuple(x for x in s1.loss.scales if x in UNIT_SCALES))
+        bank.add(builder.strings)
+        sizes = builder.sizes()
+        log.info("stage 1: unit banks %s", sizes)
+        empty = [x for x in s1.loss.scales if x in UNIT_SCALES and not sizes.get(x)]
+        if empty and s1.loss.use_Ls:
+            log.warning("stage 1: no report clause is routed to %s (rules: %s); their Eq. 6 terms are 0",
+                        ", ".join(empty), s1.unit_rules or "the packaged default")
+    else:
+        units = {s: report_units(text.reports[s], s1.max_words, s1.max_phrases, s1.max_sentences) for s in slides}
+        bank.add([x for u in units.values() for x in (*u.words, *u.phrases, *u.sentences, u.report)])
+        builder = TargetBuilder(units, bank, s1.loss.scales)
     bank.save()
     cfg = resolve_dims(cfg, cache.get(slides[0]), text_dim=bank.dim)
     save_train_config(cfg, out / "config.yaml")
@@ -330,14 +348,28 @@ def _stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: in
         log.info("stage 1: training the last %d text-encoder blocks (%d parameters)", s1.text_finetune_layers, n)
         text_tower = encoder
     model = AlignmentModel(hierarchy, heads, s1.loss, text_tower)
-    builder = TargetBuilder(units, bank, s1.loss.scales)
     engine = Engine(out / "stage1", s1, cfg.seed, cfg.precision, progress, "stage1")
     device = engine.accelerator.device
+    if v2:
+        frozen = nn.functional.normalize(bank.stack(builder.strings), dim=-1)
+        live = None
+        if text_tower is not None:
+            used, steps_per_epoch = engine.batch_plan(len(slides))
+            micro_per_step = used // (s1.micro_batch_size * engine.accelerator.num_processes)
+            per_epoch = steps_per_epoch * micro_per_step
+            ckpt = engine.last_checkpoint() if resume else None
+            done = json.loads((ckpt / "state.json").read_text())["step"] * micro_per_step if ckpt else 0
+            live = LiveText(encoder, builder.strings, s1.text_refresh_every or per_epoch, out / "stage1" / "text",
+                            done)
 
     def step(m: nn.Module, ids: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = collate_slides([cache.get(s) for s in ids])
-        targets = _targets_to(builder(ids, batch), device)
-        res = m(batch.to(device), targets, builder.strings if text_tower is not None else None)
+        if v2:
+            emb = live(builder.batch_strings(ids), device) if live is not None else frozen.to(device)
+            res = m(batch.to(device), builder(ids, emb))
+        else:
+            targets = _targets_to(builder(ids, batch), device)
+            res = m(batch.to(device), targets, builder.strings if text_tower is not None else None)
         return res.total, {k: float(v.detach()) for k, v in res.terms.items()}
 
     fit = engine.fit(model, slides, step, resume=resume, stop_after=stop_after)
