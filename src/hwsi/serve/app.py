@@ -3,6 +3,10 @@
 Only slides with a store in the job folder are served; a slide id from a request is only ever a key of the
 job's :class:`~hwsi.serve.registry.SlideRegistry`. Tile levels/columns/rows are validated (404 when out of range),
 request bodies and questions are size-limited, and a model failure becomes an error message in the chat stream.
+Every JSON reply is ASCII (non-ASCII escaped), so whatever a request held — a lone surrogate echoed in a 422 —
+can be sent; URLs in replies percent-encode the id (``#``, ``%``, ``/``, non-ASCII); the export's file name is an
+ASCII ``filename`` plus an RFC 6266 ``filename*``. A slide is opened one way (:func:`hwsi.serve.dzi.open_reader`);
+a failed read (a corrupt tile: 502) leaves the next read a fresh backend handle.
 
 Endpoints (all JSON unless stated)::
 
@@ -37,10 +41,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -92,6 +100,34 @@ class BodyLimitMiddleware:
             return msg
 
         await self.app(scope, limited, send)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: any str a request can carry (a lone surrogate is valid JSON
+    but not UTF-8) encodes, so an error reply that echoes the input never fails itself."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 of ``text``; a file name that is not UTF-8 (surrogate-escaped by Python) gives back its own bytes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def url_id(slide_id: str) -> str:
+    """``slide_id`` as one URL path segment (``#``, ``%``, ``/``, ``?`` and non-ASCII percent-encoded)."""
+    return quote(_utf8(slide_id), safe="")
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for ``filename``: ASCII ``filename`` (others → ``_``) + RFC 5987 UTF-8 ``filename*``."""
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%;' else "_" for c in filename)
+    utf8 = quote(_utf8(filename), safe="")
+    return f'attachment; filename="{ascii_name}"; filename*=UTF-8\'\'{utf8}'
 
 
 async def _plain(send: Any, status: int, body: bytes) -> None:
@@ -181,11 +217,11 @@ class ServerState:
         if src is not None:
             return src
         try:
-            reader, thread_safe = open_reader(e.source, e.mpp)
+            reader = open_reader(e.source, e.mpp)
         except Exception as exc:
-            log.warning("cannot open slide %s (%s): %s", e.slide_id, e.source, exc)
+            log.warning("cannot open slide %r (%s): %s", e.slide_id, e.source, exc)
             raise HTTPException(503, f"slide {e.slide_id} cannot be opened: {type(exc).__name__}") from exc
-        src = TileSource(e.slide_id, reader, thread_safe=thread_safe)
+        src = TileSource(e.slide_id, reader)
         with self._lock:
             if e.slide_id in self._sources:  # another thread won the race
                 reader.close()
@@ -245,8 +281,8 @@ def _slide_info(state: ServerState, e: SlideEntry) -> dict[str, Any]:
         "height": e.height,
         "mpp": e.mpp,
         "stages": list(e.stages),
-        "thumbnail": f"/api/slides/{e.slide_id}/thumbnail.jpg",
-        "dzi": f"/api/slides/{e.slide_id}/image.dzi",
+        "thumbnail": f"/api/slides/{url_id(e.slide_id)}/thumbnail.jpg",
+        "dzi": f"/api/slides/{url_id(e.slide_id)}/image.dzi",
     }
 
 
@@ -264,15 +300,27 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``job``; ``assistant`` answers chats (None: chat replies that no model is loaded)."""
     state = ServerState(job, assistant, tile_cache_bytes, max_sessions)
-    app = FastAPI(title="hwsi serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="hwsi serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=AsciiJSONResponse)
     app.state.hwsi = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.router.add_event_handler("shutdown", state.close)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
+        return AsciiJSONResponse({"detail": errors}, status_code=422)  # a body that is not UTF-8 is echoed too
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never leak a traceback
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        log.exception("unexpected error on %r", request.url.path)
+        return AsciiJSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     # ---- page ---------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -307,7 +355,7 @@ def create_app(
         info.update(
             {
                 "dzi_info": {"tile_size": g.tile_size, "overlap": g.overlap, "max_level": g.max_level, "format": "jpeg"},
-                "tiles": f"/api/slides/{e.slide_id}/image_files/",
+                "tiles": f"/api/slides/{url_id(e.slide_id)}/image_files/",
                 "region_size": ov.region_size0,
                 "patch_size": ov.patch_size0,
                 "n_regions": int(ov.region_coords.shape[0]),
@@ -332,7 +380,12 @@ def create_app(
             return Response(status_code=304, headers={"ETag": etag})
         data = state.cache.get(key)
         if data is None:
-            data = encode(src.thumbnail(256), "jpeg")
+            try:
+                pixels = src.thumbnail(256)
+            except Exception as exc:  # a corrupt read: reported, never a silent white image
+                log.warning("thumbnail read failed %r: %s", slide_id, exc)
+                raise HTTPException(502, f"thumbnail read failed: {type(exc).__name__}") from exc
+            data = encode(pixels, "jpeg")
             state.cache.put(key, data)
         return Response(data, media_type="image/jpeg", headers=_cache_headers(etag))
 
@@ -363,7 +416,7 @@ def create_app(
             except TileNotFound as exc:
                 raise HTTPException(404, str(exc)) from exc
             except Exception as exc:  # a corrupt read is an error to report, never a silent white tile
-                log.warning("tile read failed %s %s/%s_%s: %s", slide_id, lvl, col, row, exc)
+                log.warning("tile read failed %r %s/%s_%s: %s", slide_id, lvl, col, row, exc)
                 raise HTTPException(502, f"tile read failed: {type(exc).__name__}") from exc
             data = encode(pixels, fmt)
             state.cache.put(key, data)
@@ -423,7 +476,7 @@ def create_app(
         return Response(
             body,
             media_type="application/geo+json",
-            headers={"Content-Disposition": f'attachment; filename="{slide_id}.geojson"'},
+            headers={"Content-Disposition": attachment(f"{slide_id}.geojson")},
         )
 
     # ---- chat ---------------------------------------------------------------------------------------------
