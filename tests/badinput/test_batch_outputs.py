@@ -318,3 +318,34 @@ def test_two_tile_processes_on_one_job_both_succeed(tmp_path: Path, slide_bytes,
         assert store_source(job, sid) == path
     assert sorted(p.stem for p in list_stores(job)) == sorted(reg)
     clean(job)
+
+
+# ---- the same preparation behind every other --out folder ---------------------------------------------------
+def test_synth_into_a_read_only_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cohort"
+    out.mkdir()
+    with read_only(out):
+        run = hwsi(capsys, "synth", "--out", out, "--size", "1024", "--region-size", "256", "--patch-size", "64")
+        check(run, 2, str(out), "--out folder", "not writable")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("cmd", [
+    ["eval", "--data", "{tmp}/no-data", "--model", "{tmp}/no-model", "--task", "vqa"],
+    ["train", "--stage", "1", "--config", str(REPO / "configs" / "tiny.yaml"), "--job", "{tmp}"],
+    ["train-encoder", "--n", "8"],
+])
+def test_out_is_a_file_for_other_commands(tmp_path: Path, capsys, cmd: list[str]) -> None:
+    out = tmp_path / "out.txt"
+    out.write_text("keep me")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in cmd]
+    check(hwsi(capsys, *args, "--out", out), 2, str(out), "existing file, not a folder")
+    assert out.read_text() == "keep me"
+
+
+def test_synth_out_below_a_file_creates_nothing(tmp_path: Path, capsys) -> None:
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "cohort"
+    run = hwsi(capsys, "synth", "--out", out, "--size", "1024", "--region-size", "256", "--patch-size", "64")
+    check(run, 2, str(out), "cannot create the --out folder", f"{tmp_path / 'f'} is a file")
+    assert (tmp_path / "f").read_text() == "x"

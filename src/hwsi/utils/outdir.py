@@ -21,26 +21,45 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def _make_writable_dir(path: Path, what: str) -> None:
+def _probe(folder: Path) -> None:
+    fd, probe = tempfile.mkstemp(prefix=".hwsi-write-probe-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _make_writable_dir(path: Path, what: str, create: bool = True) -> None:
     if path.exists() and not path.is_dir():
         raise HwsiError(f"{path}: is an existing file, not a folder (the {what} must be a folder)")
+    if not create and not path.exists():  # check only: the nearest existing folder above must take it
+        above = next((a for a in path.absolute().parents if a.exists()), None)
+        if above is None or not above.is_dir():
+            raise HwsiError(f"{path}: cannot create the {what} ({above} is a file, not a folder)")
+        try:
+            _probe(above)
+        except OSError as exc:
+            raise HwsiError(f"{path}: cannot create the {what} ({above}: {_reason(exc)})") from exc
+        return
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HwsiError(f"{path}: cannot create the {what} ({_reason(exc)})") from exc
     try:
-        fd, probe = tempfile.mkstemp(prefix=".hwsi-write-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        _probe(path)
     except OSError as exc:
         raise HwsiError(f"{path}: the {what} is not writable ({_reason(exc)})") from exc
 
 
-def prepare_output_dir(path: str | Path, subdirs: Sequence[str] = (), what: str = "output folder") -> Path:
+def prepare_output_dir(path: str | Path, subdirs: Sequence[str] = (), what: str = "output folder",
+                       *, create: bool = True) -> Path:
     """Create ``path`` and ``path/<subdir>`` for each of ``subdirs``, check they are writable, remove stale
-    temporaries in each; returns ``path``. Raises HwsiError (one line: folder + reason) when it cannot."""
+    temporaries in each; returns ``path``. Raises HwsiError (one line: folder + reason) when it cannot.
+
+    ``create=False`` only checks (for a command that validates the rest of its input first): an existing folder
+    must be writable, a missing one creatable (its nearest existing parent a writable folder); nothing is made."""
     path = Path(path)
-    _make_writable_dir(path, what)
+    _make_writable_dir(path, what, create)
+    if not path.is_dir():
+        return path
     remove_stale_tmp(path)
     for sub in subdirs:
         d = path / sub
