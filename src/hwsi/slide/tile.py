@@ -33,6 +33,7 @@ from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue
 from hwsi.store import StoreMeta, has_stage, list_stores, mark_stage, store_path, write_meta, write_region_dataset
 from hwsi.utils.atomic import atomic_path, write_json_atomic
 from hwsi.utils.lock import file_lock
+from hwsi.utils.outdir import prepare_output_dir
 
 STAGE = "tile"
 
@@ -264,8 +265,8 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
-    if not Path(source).exists():
-        raise HwsiError(f"{source}: no such file or folder")
+    prepare_output_dir(job, what="job folder", create=False)
+    collect_slides(source, mpp, job)  # bad input is one error before anything is created
     prepare_job(job, ("previews",) if cfg.preview else ())
     specs, known = claim_slides(source, job, mpp)
     items = [BatchItem(s.slide_id, s, str(s.path)) for s in specs]
