@@ -3,7 +3,7 @@
 Only slides with a store in the job folder are served; a slide id from a request is only ever a key of the
 job's :class:`~hwsi.serve.registry.SlideRegistry`. Tile levels/columns/rows are validated (404 when out of range),
 request bodies and questions are size-limited, and a model failure becomes an error message in the chat stream.
-Every JSON reply is ASCII (non-ASCII escaped), so whatever a request held — a lone surrogate echoed in a 422 —
+Every JSON reply is ASCII (:mod:`hwsi.serve.replies`), so whatever a request held — a lone surrogate echoed in a 422 —
 can be sent; URLs in replies percent-encode the id (``#``, ``%``, ``/``, non-ASCII); the export's file name is an
 ASCII ``filename`` plus an RFC 6266 ``filename*``. A slide is opened one way (:func:`hwsi.serve.dzi.open_reader`);
 a failed read (a corrupt tile: 502) leaves the next read a fresh backend handle.
@@ -41,20 +41,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hwsi.serve.assistant import Assistant, AssistantSession, Evidence
 from hwsi.serve.dzi import TILE_FORMATS, TileCache, TileNotFound, TileSource, encode, etag_for, open_reader
 from hwsi.serve.geojson import export_geojson, heatmap_to_list
+from hwsi.serve.replies import AsciiJSONResponse, attachment, install_error_handlers, url_id
 from hwsi.serve.overlays import StoreOverlays
 from hwsi.serve.registry import SlideEntry, SlideRegistry
 
@@ -100,34 +97,6 @@ class BodyLimitMiddleware:
             return msg
 
         await self.app(scope, limited, send)
-
-
-class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped: any str a request can carry (a lone surrogate is valid JSON
-    but not UTF-8) encodes, so an error reply that echoes the input never fails itself."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def _utf8(text: str) -> bytes:
-    """UTF-8 of ``text``; a file name that is not UTF-8 (surrogate-escaped by Python) gives back its own bytes."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass")
-
-
-def url_id(slide_id: str) -> str:
-    """``slide_id`` as one URL path segment (``#``, ``%``, ``/``, ``?`` and non-ASCII percent-encoded)."""
-    return quote(_utf8(slide_id), safe="")
-
-
-def attachment(filename: str) -> str:
-    """A Content-Disposition for ``filename``: ASCII ``filename`` (others → ``_``) + RFC 5987 UTF-8 ``filename*``."""
-    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%;' else "_" for c in filename)
-    utf8 = quote(_utf8(filename), safe="")
-    return f'attachment; filename="{ascii_name}"; filename*=UTF-8\'\'{utf8}'
 
 
 async def _plain(send: Any, status: int, body: bytes) -> None:
@@ -306,21 +275,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.router.add_event_handler("shutdown", state.close)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
-        return AsciiJSONResponse({"detail": errors}, status_code=422)  # a body that is not UTF-8 is echoed too
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code in (204, 304):
-            return Response(status_code=exc.status_code, headers=exc.headers)
-        return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never leak a traceback
-        log.exception("unexpected error on %r", request.url.path)
-        return AsciiJSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+    install_error_handlers(app)
 
     # ---- page ---------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
