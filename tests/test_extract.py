@@ -17,6 +17,7 @@ from hwsi.features.extract import (
     Models,
     extract_slide,
     find_cellvit_files,
+    is_extracted,
     load_models,
     run_extract,
 )
@@ -202,6 +203,45 @@ def test_failure_mid_slide_leaves_store_untouched(slide_file: Path, models: Mode
     # a later good run resumes and removes the error record
     res = run_extract(tmp_path / "job", ExtractConfig(k=4, n_div=8), show_progress=False, models=models)
     assert res.exit_code == 0 and not (tmp_path / "job" / "errors" / "s1.extract.json").exists()
+
+
+def test_cleanup_spares_the_temporary_of_a_running_extract(slide_file: Path, models: Models, tmp_path: Path) -> None:
+    """A second `extract` on the job removes only temporaries of DEAD writers, never a running one's."""
+    import socket
+    import subprocess
+    import sys
+
+    store = tiled_job(slide_file, tmp_path / "job")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "another extract"
+    try:
+        running = store.with_name(f"{store.name}.tmp-{other.pid}-0abc1234@{socket.gethostname()}")
+        running.write_bytes(b"a store being written by another process")
+        res = run_extract(tmp_path / "job", ExtractConfig(k=4, n_div=8, cells="none"), show_progress=False,
+                          models=models)
+        assert res.exit_code == 0 and running.read_bytes() == b"a store being written by another process"
+    finally:
+        other.kill()
+        other.wait()
+    running.unlink()
+
+
+def test_two_extracts_on_one_job_both_succeed(slide_file: Path, models: Models, tmp_path: Path) -> None:
+    """Two runs at once (threads here; processes take the same locks): each slide is extracted once, both exit 0."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    job = tmp_path / "job"
+    store = tiled_job(slide_file, job)
+    for n in (2, 3):
+        shutil.copy(store, store.with_name(f"s{n}.h5"))
+    cfg = ExtractConfig(k=4, n_div=8, cells="none")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run_extract(job, cfg, show_progress=False, models=models), range(2)))
+    assert [r.exit_code for r in results] == [0, 0]
+    status = [o.status for r in results for o in r.outcomes]
+    assert status.count("done") == 3 and status.count("skipped") == 3
+    assert all(is_extracted(p, models.settings) for p in job.glob("stores/*.h5"))
+    assert not list(job.rglob("*.tmp-*"))
 
 
 def test_corrupt_patches_are_not_encoded(slide_file: Path, models: Models, tmp_path: Path) -> None:

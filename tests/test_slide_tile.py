@@ -96,13 +96,41 @@ def test_collect_slides_unique_ids_and_csv_errors(tmp_path: Path) -> None:
     (tmp_path / "a" / "x.tiff").write_bytes(b"1")
     (tmp_path / "a" / "notes.txt").write_text("no")
     ids = [s.slide_id for s in collect_slides(tmp_path / "a")]
-    assert ids == ["x", "x-2"]
+    assert ids == ["x.svs", "x.tiff"]  # stems clash: both take their whole file name (hwsi.slide.ids)
     bad = tmp_path / "bad.csv"
     bad.write_text("path\nx.svs\n")
     with pytest.raises(ConfigError, match="'slide' column"):
         collect_slides(bad)
     with pytest.raises(HwsiError, match="no slide files"):
         collect_slides(tmp_path / "a" / ".." / "a" / "..")  # tmp_path itself has only folders and csv
+
+
+def test_slide_ids_one_rule_whatever_the_order(tmp_path: Path) -> None:
+    import random
+
+    from hwsi.slide.ids import allocate_ids, path_key
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for n in ["x-2.svs", "x.svs", "x.tiff", "X.tif", "y.svs", "z.svs"]:
+        (a / n).write_bytes(b"1")
+    (b / "x.svs").write_bytes(b"1")
+    (a / "link.svs").symlink_to(a / "z.svs")  # one file, two names: one slide, named by the smaller spelling
+    paths = sorted(a.iterdir()) + [b / "x.svs"]
+    ids = allocate_ids(paths)
+    by_name = {Path(k).relative_to(tmp_path).as_posix(): v for k, v in ids.items()}
+    assert by_name["a/x-2.svs"] == "x-2" and by_name["a/x.tiff"] == "x.tiff" and by_name["a/X.tif"] == "X.tif"
+    assert by_name["a/y.svs"] == "y" and by_name["a/z.svs"] == "link"
+    assert by_name["a/x.svs"].startswith("x.svs-") and by_name["b/x.svs"].startswith("x.svs-")
+    assert len({v.casefold() for v in ids.values()}) == len(ids) == 7
+    rng = random.Random(0)
+    for _ in range(20):
+        rng.shuffle(paths)
+        assert allocate_ids(paths) == ids
+    # ids the job holds: a known file keeps its id, an id held by another file is never handed out again
+    held = allocate_ids([a / "y.svs", a / "x.tiff"], {"old": path_key(a / "y.svs"), "x": "/elsewhere/x.tiff"})
+    assert held == {path_key(a / "y.svs"): "old", path_key(a / "x.tiff"): "x.tiff"}
 
 
 def test_cli_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,6 +166,10 @@ def test_killed_run_leaves_nothing_that_looks_finished(tmp_path: Path) -> None:
         assert has_stage(p, "tile")
         with h5py.File(p) as f:
             assert f["patches/coords"].shape[0] == f["regions/coords"].shape[0]
+    left = list(stores.glob("*.tmp-*"))
+    # the rerun finishes the job and removes what the killed run left behind (its writer is dead)
+    assert main(["tile", str(src), "--out", str(job), "--region-size", "512", "-q"]) == 0
+    assert len(list_stores(job)) == 6 and not list(job.rglob("*.tmp-*")), left
     rc = main(["tile", str(src), "--out", str(job), "--region-size", "512", "-q"])
     assert rc == 0 and len(list_stores(job)) == 6
     shutil.rmtree(src)

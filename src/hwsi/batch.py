@@ -7,6 +7,12 @@ A job folder holds one output per slide. The runner
   ``JOB/errors/<slide_id>.<stage>.json`` (slide, stage, error type, message, time) and the batch goes on,
 * removes the error record of a slide that later succeeds,
 * prints a summary table, and returns a :class:`BatchResult` whose ``exit_code`` is non-zero if any slide failed.
+
+The job folder is prepared first (:func:`prepare_job`: created, proved writable, temporaries of killed runs
+removed) so an unusable folder is one error line before any work. Several processes may run on one job: each
+slide is claimed with a lock (``JOB/.locks/<slide_id>.<stage>.lock``); a slide another process is working on is
+deferred to the end of the batch, then waited for and checked again (usually "already complete"). So two runs
+on one job both finish, and no slide is done twice at once.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any, Generic, TypeVar
 
 from hwsi.errors import HwsiError
 from hwsi.utils.atomic import write_json_atomic
+from hwsi.utils.lock import file_lock
+from hwsi.utils.outdir import prepare_output_dir
 
 T = TypeVar("T")
 
@@ -60,8 +68,22 @@ class BatchItem(Generic[T]):
     source: str = ""
 
 
+JOB_SUBDIRS = ("stores", "errors", ".locks")
+
+
 def error_record_path(job: Path, slide_id: str, stage: str) -> Path:
     return Path(job) / "errors" / f"{slide_id}.{stage}.json"
+
+
+def lock_path(job: Path, name: str) -> Path:
+    """The lock file of ``name`` (a slide and stage, or a shared file such as ``slides.json``) in ``job``."""
+    return Path(job) / ".locks" / f"{name}.lock"
+
+
+def prepare_job(job: str | Path, extra: tuple[str, ...] = ()) -> Path:
+    """Create the job folder and its stores/, errors/ (and ``extra``) folders, writable, without stale temporaries
+    (:func:`hwsi.utils.outdir.prepare_output_dir`); raises HwsiError naming the folder when it cannot."""
+    return prepare_output_dir(job, JOB_SUBDIRS + tuple(extra), "job folder")
 
 
 def run_batch(
@@ -79,10 +101,37 @@ def run_batch(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    job = Path(job)
-    job.mkdir(parents=True, exist_ok=True)
+    job = prepare_job(job)
     console = console or Console(stderr=True)
-    outcomes: list[SlideOutcome] = []
+    outcomes: dict[int, SlideOutcome] = {}
+
+    def run_one(item: BatchItem[T]) -> SlideOutcome:
+        err_path = error_record_path(job, item.slide_id, stage)
+        if not overwrite and is_done(item):
+            return SlideOutcome(item.slide_id, "skipped", message="already complete")
+        t0 = time.perf_counter()
+        try:
+            info = process(item) or {}
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
+            dt = time.perf_counter() - t0
+            record = {
+                "slide": item.slide_id,
+                "source": item.source,
+                "stage": stage,
+                "error": type(exc).__name__,
+                "message": str(exc),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(dt, 3),
+            }
+            if not isinstance(exc, HwsiError):
+                record["traceback"] = traceback.format_exc()
+            write_json_atomic(err_path, record)
+            return SlideOutcome(item.slide_id, "failed", dt, f"{type(exc).__name__}: {exc}")
+        err_path.unlink(missing_ok=True)
+        return SlideOutcome(item.slide_id, "done", time.perf_counter() - t0, info=info)
+
     with Progress(
         TextColumn(f"[bold]{stage}[/] {{task.description}}"),
         BarColumn(),
@@ -93,46 +142,29 @@ def run_batch(
         transient=False,
     ) as progress:
         task = progress.add_task("", total=len(items))
-        for item in items:
+        deferred: list[int] = []
+        for n, item in enumerate(items):
             progress.update(task, description=item.slide_id)
-            err_path = error_record_path(job, item.slide_id, stage)
-            if not overwrite and is_done(item):
-                outcomes.append(SlideOutcome(item.slide_id, "skipped", message="already complete"))
-                progress.advance(task)
-                continue
-            t0 = time.perf_counter()
-            try:
-                info = process(item) or {}
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
-                dt = time.perf_counter() - t0
-                expected = isinstance(exc, HwsiError)
-                record = {
-                    "slide": item.slide_id,
-                    "source": item.source,
-                    "stage": stage,
-                    "error": type(exc).__name__,
-                    "message": str(exc),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "seconds": round(dt, 3),
-                }
-                if not expected:
-                    record["traceback"] = traceback.format_exc()
-                write_json_atomic(err_path, record)
-                outcomes.append(SlideOutcome(item.slide_id, "failed", dt, f"{type(exc).__name__}: {exc}"))
-            else:
-                dt = time.perf_counter() - t0
-                if err_path.exists():
-                    err_path.unlink()
-                outcomes.append(SlideOutcome(item.slide_id, "done", dt, info=info))
+            with file_lock(lock_path(job, f"{item.slide_id}.{stage}"), blocking=False) as held:
+                if not held:  # another process is on it: come back at the end
+                    deferred.append(n)
+                    continue
+                outcomes[n] = run_one(item)
             progress.advance(task)
-    result = BatchResult(stage, outcomes)
+        for n in deferred:
+            item = items[n]
+            progress.update(task, description=f"{item.slide_id} (waiting for another process)")
+            with file_lock(lock_path(job, f"{item.slide_id}.{stage}")):
+                outcomes[n] = run_one(item)
+            progress.advance(task)
+    result = BatchResult(stage, [outcomes[n] for n in sorted(outcomes)])
     print_summary(result, console)
     return result
 
 
 def print_summary(result: BatchResult, console: Any) -> None:
+    """The summary table, the counts, then ONE unwrapped line per failed slide: ``failed: <id> (<stage>): <why>``."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"hwsi {result.stage}: summary")
@@ -143,7 +175,10 @@ def print_summary(result: BatchResult, console: Any) -> None:
     colours = {"done": "green", "skipped": "cyan", "failed": "red"}
     for o in result.outcomes:
         detail = o.message or ", ".join(f"{k}={v}" for k, v in o.info.items())
-        table.add_row(o.slide_id, f"[{colours[o.status]}]{o.status}[/]", f"{o.seconds:.2f}", detail)
+        table.add_row(escape(o.slide_id), f"[{colours[o.status]}]{o.status}[/]", f"{o.seconds:.2f}", escape(detail))
     console.print(table)
     c = result.counts()
     console.print(f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed")
+    for o in result.failed:
+        line = " ".join(f"failed: {o.slide_id} ({result.stage}): {o.message}".split())
+        console.print(line, markup=False, highlight=False, soft_wrap=True)

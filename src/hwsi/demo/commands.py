@@ -26,8 +26,11 @@ def register(app: typer.Typer) -> None:
         from hwsi.demo.pipeline import STEPS, Pipeline, PipelineConfig
         from hwsi.errors import ConfigError
 
+        from hwsi.utils.outdir import prepare_output_dir
+
         if until and until not in STEPS:
             raise ConfigError(f"--until must be one of {', '.join(STEPS)}, got {until!r}")
+        prepare_output_dir(out, what="--out folder", create=False)
         cfg = PipelineConfig.preset(preset)
         cfg = replace(cfg, seed=seed, **({"n_slides": slides} if slides else {}))
         p = Pipeline(out, cfg).run(until=until or None)
@@ -63,5 +66,8 @@ def _register_ablate(app: typer.Typer) -> None:
         except ValueError as exc:
             raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
         row_names = tuple(r.strip() for r in rows.split(";") if r.strip())
+        from hwsi.utils.outdir import prepare_output_dir
+
+        prepare_output_dir(out, what="--out folder", create=False)
         md = run_ablation(table, out, seed_list, preset, row_names)
         typer.echo(md.read_text())

@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
             raise TaskError(f"unknown task(s) {bad}; choose from {list(TASKS)} or all")
         if convention not in ("wsi-bench", "coco"):
             raise TaskError(f"unknown convention {convention!r}; use wsi-bench or coco")
+        from hwsi.utils.outdir import prepare_output_dir
+
+        prepare_output_dir(out, what="--out folder", create=False)
         cfg = EvalConfig(convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor, limit=limit,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle,
                          shuffle_seed=seed, text_encoder=text_encoder, prompt_file=str(prompts or ""),

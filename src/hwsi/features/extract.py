@@ -578,7 +578,7 @@ def run_extract(job: str | Path, cfg: ExtractConfig, *, show_progress: bool = Tr
 
     ``models`` (from :func:`load_models` with the same ``cfg``) skips building the encoders again; returns the
     :class:`hwsi.batch.BatchResult` (``exit_code`` 1 if a slide failed)."""
-    from hwsi.batch import BatchItem, run_batch
+    from hwsi.batch import BatchItem, prepare_job, run_batch
 
     job = Path(job)
     stores = list_stores(job)
@@ -590,9 +590,7 @@ def run_extract(job: str | Path, cfg: ExtractConfig, *, show_progress: bool = Tr
         if missing:
             raise ExtractError(f"{job}: no store for slide(s) {sorted(missing)}")
         stores = [p for p in stores if p.stem in want]
-    from hwsi.utils.atomic import remove_stale_tmp
-
-    remove_stale_tmp(job / "stores")
+    prepare_job(job)  # writable, and the temporaries of killed runs (never of running ones) removed
     cfg.validate()
     models = models or load_models(cfg)
     cellvit_dir = None

@@ -363,6 +363,9 @@ def register_train_encoder(app: Any) -> None:
         mpp: float = typer.Option(0.5, "--mpp", help="Target µm per pixel of the patches."),
     ) -> None:
         """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
+        from hwsi.utils.outdir import prepare_output_dir
+
+        prepare_output_dir(out, what="--out folder", create=False)
         cfg = TrainEncoderConfig(
             n=n, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
             patch_px=patch_px, mpp=mpp,

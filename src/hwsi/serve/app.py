@@ -3,6 +3,10 @@
 Only slides with a store in the job folder are served; a slide id from a request is only ever a key of the
 job's :class:`~hwsi.serve.registry.SlideRegistry`. Tile levels/columns/rows are validated (404 when out of range),
 request bodies and questions are size-limited, and a model failure becomes an error message in the chat stream.
+Every JSON reply is ASCII (:mod:`hwsi.serve.replies`), so whatever a request held — a lone surrogate echoed in a 422 —
+can be sent; URLs in replies percent-encode the id (``#``, ``%``, ``/``, non-ASCII); the export's file name is an
+ASCII ``filename`` plus an RFC 6266 ``filename*``. A slide is opened one way (:func:`hwsi.serve.dzi.open_reader`);
+a failed read (a corrupt tile: 502) leaves the next read a fresh backend handle.
 
 Endpoints (all JSON unless stated)::
 
@@ -40,13 +44,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hwsi.serve.assistant import Assistant, AssistantSession, Evidence
 from hwsi.serve.dzi import TILE_FORMATS, TileCache, TileNotFound, TileSource, encode, etag_for, open_reader
 from hwsi.serve.geojson import export_geojson, heatmap_to_list
+from hwsi.serve.replies import AsciiJSONResponse, attachment, install_error_handlers, url_id
 from hwsi.serve.overlays import StoreOverlays
 from hwsi.serve.registry import SlideEntry, SlideRegistry
 
@@ -181,11 +186,11 @@ class ServerState:
         if src is not None:
             return src
         try:
-            reader, thread_safe = open_reader(e.source, e.mpp)
+            reader = open_reader(e.source, e.mpp)
         except Exception as exc:
-            log.warning("cannot open slide %s (%s): %s", e.slide_id, e.source, exc)
+            log.warning("cannot open slide %r (%s): %s", e.slide_id, e.source, exc)
             raise HTTPException(503, f"slide {e.slide_id} cannot be opened: {type(exc).__name__}") from exc
-        src = TileSource(e.slide_id, reader, thread_safe=thread_safe)
+        src = TileSource(e.slide_id, reader)
         with self._lock:
             if e.slide_id in self._sources:  # another thread won the race
                 reader.close()
@@ -245,8 +250,8 @@ def _slide_info(state: ServerState, e: SlideEntry) -> dict[str, Any]:
         "height": e.height,
         "mpp": e.mpp,
         "stages": list(e.stages),
-        "thumbnail": f"/api/slides/{e.slide_id}/thumbnail.jpg",
-        "dzi": f"/api/slides/{e.slide_id}/image.dzi",
+        "thumbnail": f"/api/slides/{url_id(e.slide_id)}/thumbnail.jpg",
+        "dzi": f"/api/slides/{url_id(e.slide_id)}/image.dzi",
     }
 
 
@@ -264,15 +269,13 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``job``; ``assistant`` answers chats (None: chat replies that no model is loaded)."""
     state = ServerState(job, assistant, tile_cache_bytes, max_sessions)
-    app = FastAPI(title="hwsi serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="hwsi serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=AsciiJSONResponse)
     app.state.hwsi = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.router.add_event_handler("shutdown", state.close)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never leak a traceback
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+    install_error_handlers(app)
 
     # ---- page ---------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -307,7 +310,7 @@ def create_app(
         info.update(
             {
                 "dzi_info": {"tile_size": g.tile_size, "overlap": g.overlap, "max_level": g.max_level, "format": "jpeg"},
-                "tiles": f"/api/slides/{e.slide_id}/image_files/",
+                "tiles": f"/api/slides/{url_id(e.slide_id)}/image_files/",
                 "region_size": ov.region_size0,
                 "patch_size": ov.patch_size0,
                 "n_regions": int(ov.region_coords.shape[0]),
@@ -332,7 +335,12 @@ def create_app(
             return Response(status_code=304, headers={"ETag": etag})
         data = state.cache.get(key)
         if data is None:
-            data = encode(src.thumbnail(256), "jpeg")
+            try:
+                pixels = src.thumbnail(256)
+            except Exception as exc:  # a corrupt read: reported, never a silent white image
+                log.warning("thumbnail read failed %r: %s", slide_id, exc)
+                raise HTTPException(502, f"thumbnail read failed: {type(exc).__name__}") from exc
+            data = encode(pixels, "jpeg")
             state.cache.put(key, data)
         return Response(data, media_type="image/jpeg", headers=_cache_headers(etag))
 
@@ -363,7 +371,7 @@ def create_app(
             except TileNotFound as exc:
                 raise HTTPException(404, str(exc)) from exc
             except Exception as exc:  # a corrupt read is an error to report, never a silent white tile
-                log.warning("tile read failed %s %s/%s_%s: %s", slide_id, lvl, col, row, exc)
+                log.warning("tile read failed %r %s/%s_%s: %s", slide_id, lvl, col, row, exc)
                 raise HTTPException(502, f"tile read failed: {type(exc).__name__}") from exc
             data = encode(pixels, fmt)
             state.cache.put(key, data)
@@ -423,7 +431,7 @@ def create_app(
         return Response(
             body,
             media_type="application/geo+json",
-            headers={"Content-Disposition": f'attachment; filename="{slide_id}.geojson"'},
+            headers={"Content-Disposition": attachment(f"{slide_id}.geojson")},
         )
 
     # ---- chat ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ class TileNotFound(LookupError):
 
 
 class SlideReader(Protocol):
-    """The part of :class:`hwsi.slide.Slide` the tile server uses."""
+    """The part of :class:`hwsi.slide.Slide` the tile server uses (thread-safe: one backend handle per thread, and
+    a handle that failed a read is replaced by a fresh one on the next read)."""
 
     dimensions: tuple[int, int]
     level_count: int
@@ -43,37 +44,12 @@ class SlideReader(Protocol):
     def close(self) -> None: ...
 
 
-class _OpenSlideReader:
-    """Fallback reader over openslide-python with the :class:`SlideReader` interface (RGB, level-0 origin)."""
+def open_reader(path: Path, mpp: float | None = None) -> SlideReader:
+    """The one way the server opens a slide: :func:`hwsi.slide.open_slide` (whose reads reopen the backend
+    handle after a failed read, as OpenSlide needs after a corrupt tile)."""
+    from hwsi.slide.open import open_slide
 
-    def __init__(self, path: Path) -> None:
-        import openslide
-
-        self._s = openslide.OpenSlide(str(path))
-        self.dimensions = tuple(self._s.dimensions)
-        self.level_count = self._s.level_count
-        self.level_dimensions = tuple(self._s.level_dimensions)
-        self.level_downsamples = tuple(self._s.level_downsamples)
-
-    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
-        img = self._s.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
-        rgba = np.asarray(img)
-        rgb = rgba[..., :3].astype(np.float32)
-        a = rgba[..., 3:4].astype(np.float32) / 255.0
-        return (rgb * a + 255.0 * (1 - a)).round().astype(np.uint8)  # transparent padding shown as white
-
-    def close(self) -> None:
-        self._s.close()
-
-
-def open_reader(path: Path, mpp: float | None = None) -> tuple[SlideReader, bool]:
-    """Open ``path`` with :func:`hwsi.slide.open_slide` (thread-safe: one backend handle per thread) when the
-    package provides it, otherwise directly with OpenSlide (reads then serialised). Returns (reader, thread_safe)."""
-    try:
-        from hwsi.slide.open import open_slide
-    except ImportError:
-        return _OpenSlideReader(path), False
-    return open_slide(path, mpp=mpp), True
+    return open_slide(path, mpp=mpp)
 
 
 @dataclass(frozen=True)
@@ -185,16 +161,14 @@ def encode(img: np.ndarray, fmt: str, quality: int = 85) -> bytes:
 
 
 class TileSource:
-    """Renders the DZI tiles, thumbnail and overview of one slide; thread-safe (reads are serialised per slide)."""
+    """Renders the DZI tiles, thumbnail and overview of one slide; thread-safe (the reader is; the overview is
+    built once under a lock)."""
 
     OVERVIEW_SIDE = 2048
 
-    def __init__(
-        self, slide_id: str, reader: SlideReader, tile_size: int = 256, overlap: int = 0, thread_safe: bool = False
-    ) -> None:
+    def __init__(self, slide_id: str, reader: SlideReader, tile_size: int = 256, overlap: int = 0) -> None:
         self.slide_id = slide_id
         self.reader = reader
-        self.thread_safe = thread_safe
         w, h = (int(v) for v in reader.dimensions)
         self.geometry = DziGeometry(w, h, tile_size, overlap)
         self._lock = threading.Lock()
@@ -228,11 +202,7 @@ class TileSource:
         lw, lh = (int(v) for v in self.reader.level_dimensions[lvl])
         rw = max(1, min(math.ceil(w0 / lds), lw - int(x0 / lds)))
         rh = max(1, min(math.ceil(h0 / lds), lh - int(y0 / lds)))
-        if self.thread_safe:
-            img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
-        else:
-            with self._lock:
-                img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
+        img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
         if img.shape[0] != out_h or img.shape[1] != out_w:
             img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BOX if ds > lds else Image.BILINEAR))
         return img
@@ -293,4 +263,5 @@ class TileSource:
 
 def etag_for(*parts: object) -> str:
     """A strong ETag from the parts that identify a response."""
-    return '"' + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:20] + '"'
+    text = "|".join(map(str, parts)).encode("utf-8", "surrogatepass")  # ids from file names may hold surrogates
+    return '"' + hashlib.sha1(text).hexdigest()[:20] + '"'

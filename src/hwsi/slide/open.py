@@ -203,9 +203,17 @@ class Slide:
         """RGB uint8 (h, w, 3) of ``w`` × ``h`` pixels of ``level`` starting at level-0 (x0, y0).
 
         Uses the backend's read_region (areas outside the slide are white). Raises the backend's error on a
-        corrupt read (the caller decides; see :mod:`hwsi.slide.reader`).
+        corrupt read (the caller decides; see :mod:`hwsi.slide.reader`) after dropping this thread's handle: an
+        OpenSlide handle that met a corrupt tile fails every later read, so the next read opens a fresh one.
         """
         hnd = self.handle()
+        try:
+            return self._read_region(hnd, x0, y0, level, w, h)
+        except Exception:
+            self.reopen_handle()
+            raise
+
+    def _read_region(self, hnd: Any, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         if self.backend == "openslide":
             img = hnd.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
             a = np.asarray(img)

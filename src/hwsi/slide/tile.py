@@ -7,7 +7,11 @@ when complete, with ``stages = ["tile"]``. It holds (hwsi.store schema) ``region
 ``downsample``) for the viewer.
 
 Inputs: one slide file, a folder (its slide files, not recursive), or a CSV with a ``slide`` column and optional
-``mpp`` column (paths relative to the CSV). ``JOB/slides.json`` maps slide_id -> source path, mpp, mpp_source.
+``mpp`` column (paths relative to the CSV). A file named twice (the same path on two CSV rows, a symlink beside
+its target) is tiled once; two rows naming one file with different ``mpp`` are an error. Slide ids follow ONE
+rule (:mod:`hwsi.slide.ids`: the stem; the whole file name where stems clash; ids the job already holds are
+kept). ``JOB/slides.json`` maps slide_id -> source path, mpp, mpp_source; a store that holds another file than
+its slide is never taken for "already complete".
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from hwsi.batch import BatchItem, BatchResult, run_batch
-from hwsi.errors import ConfigError, HwsiError
+from hwsi.batch import BatchItem, BatchResult, lock_path, prepare_job, run_batch
+from hwsi.errors import ConfigError, HwsiError, SlideError
 from hwsi.slide.grid import Grid, GridConfig
-from hwsi.slide.open import SLIDE_SUFFIXES, open_slide, slide_id_for
+from hwsi.slide.ids import allocate_ids, path_key
+from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
 from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue
-from hwsi.store import StoreMeta, has_stage, mark_stage, store_path, write_meta, write_region_dataset
+from hwsi.store import StoreMeta, has_stage, list_stores, mark_stage, store_path, write_meta, write_region_dataset
 from hwsi.utils.atomic import atomic_path, write_json_atomic
+from hwsi.utils.lock import file_lock
+from hwsi.utils.outdir import prepare_output_dir
 
 STAGE = "tile"
 
@@ -50,17 +57,6 @@ class TileConfig:
     threads: int = 2  # threads reading the low-resolution level for the tissue mask
 
 
-def _unique_ids(paths_mpps: list[tuple[Path, float | None]]) -> list[SlideSpec]:
-    seen: dict[str, int] = {}
-    out: list[SlideSpec] = []
-    for p, m in paths_mpps:
-        base = slide_id_for(p)
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        out.append(SlideSpec(p, base if n == 0 else f"{base}-{n + 1}", m))
-    return out
-
-
 def _parse_mpp(v: str, where: str) -> float | None:
     v = (v or "").strip()
     if not v:
@@ -74,12 +70,69 @@ def _parse_mpp(v: str, where: str) -> float | None:
     return m
 
 
-def collect_slides(source: str | Path, mpp: float | None = None) -> list[SlideSpec]:
-    """Slides named by ``source`` (file, folder or CSV ``slide[,mpp]``); ``mpp`` applies to all (CSV values win)."""
+def read_registry(job: str | Path) -> dict[str, Any]:
+    """``JOB/slides.json`` as a dict (empty if absent or unreadable)."""
+    reg_path = Path(job) / "slides.json"
+    try:
+        reg = json.loads(reg_path.read_text()) if reg_path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return reg if isinstance(reg, dict) else {}
+
+
+def store_slide_path(store: Path) -> str | None:
+    """The resolved ``slide_path`` a store records (None if it has none or cannot be read)."""
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            v = f.attrs.get("slide_path")
+    except (OSError, ValueError):
+        return None
+    if isinstance(v, bytes):
+        v = v.decode(errors="replace")
+    return path_key(v) if isinstance(v, str) and v else None
+
+
+def job_slide_ids(job: str | Path) -> dict[str, str]:
+    """The ids a job already holds: ``{slide_id: path_key}`` from ``slides.json`` and the stores it lacks."""
+    out: dict[str, str] = {}
+    for sid, entry in read_registry(job).items():
+        p = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(p, str) and p:
+            out[str(sid)] = path_key(p)
+    for store in list_stores(job):
+        if store.stem not in out:
+            p = store_slide_path(store)
+            if p:
+                out[store.stem] = p
+    return out
+
+
+def _dedupe(items: list[tuple[Path, float | None, str]]) -> list[tuple[Path, float | None]]:
+    """One entry per file (keyed by resolved path); the same file with two different µm/px is a ConfigError."""
+    seen: dict[str, tuple[Path, float | None, str]] = {}
+    for p, m, where in items:
+        k = path_key(p)
+        if k in seen:
+            q, m0, where0 = seen[k]
+            if m0 != m:
+                raise ConfigError(f"{where}: {p} is also listed at {where0} with another mpp ({m0} vs {m})")
+            if str(p) < str(q):  # keep the smallest spelling: the result does not depend on the order
+                seen[k] = (p, m, where0)
+            continue
+        seen[k] = (p, m, where)
+    return [(p, m) for p, m, _ in seen.values()]
+
+
+def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path | None = None) -> list[SlideSpec]:
+    """Slides named by ``source`` (file, folder or CSV ``slide[,mpp]``); ``mpp`` applies to all (CSV values win).
+
+    Ids come from :func:`hwsi.slide.ids.allocate_ids`, keeping those ``job`` (if given) already holds."""
     src = Path(source)
     if not src.exists():
         raise HwsiError(f"{src}: no such file or folder")
-    items: list[tuple[Path, float | None]] = []
+    items: list[tuple[Path, float | None, str]] = []
     if src.is_file() and src.suffix.lower() == ".csv":
         with open(src, newline="") as fh:
             reader = csv.DictReader(fh)
@@ -93,16 +146,19 @@ def collect_slides(source: str | Path, mpp: float | None = None) -> list[SlideSp
                     continue
                 p = Path(name)
                 p = p if p.is_absolute() else src.parent / p
-                items.append((p, _parse_mpp(row.get("mpp", ""), f"{src}:{n}") or mpp))
+                where = f"{src}:{n}"
+                items.append((p, _parse_mpp(row.get("mpp", ""), where) or mpp, where))
     elif src.is_dir() and src.suffix.lower() != ".mrxs":
         for p in sorted(src.iterdir()):
             if p.name.lower().endswith(SLIDE_SUFFIXES) and not p.name.startswith("."):
-                items.append((p, mpp))
+                items.append((p, mpp, str(p)))
         if not items:
             raise HwsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
     else:
-        items.append((src, mpp))
-    return _unique_ids(items)
+        items.append((src, mpp, str(src)))
+    unique = _dedupe(items)
+    ids = allocate_ids([p for p, _ in unique], job_slide_ids(job) if job is not None else None)
+    return [SlideSpec(p, ids[path_key(p)], m) for p, m in unique]
 
 
 def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str, grid: Grid,
@@ -150,12 +206,13 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
     job = Path(job)
     from hwsi.slide.grid import build_grid, resolution_plan
 
+    out = store_path(job, spec.slide_id)
     with open_slide(spec.path, mpp=spec.mpp, slide_id=spec.slide_id) as slide:
         scale, _ = resolution_plan(str(slide.path), slide.mpp, cfg.grid)  # fail early if too coarse
         tissue = compute_tissue(slide, cfg.tissue, patch_size_level0=cfg.grid.patch_size * scale,
                                 threads=cfg.threads)
         grid = build_grid(slide, tissue.mask, tissue.downsample, cfg.grid)
-        write_tile_store(store_path(job, spec.slide_id), slide.path, spec.slide_id, slide.mpp_source, grid, tissue)
+        write_tile_store(out, slide.path, spec.slide_id, slide.mpp_source, grid, tissue)
         if cfg.preview:
             from hwsi.slide.preview import save_preview
 
@@ -169,18 +226,12 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
         }
 
 
-def update_registry(job: Path, specs: list[SlideSpec], infos: dict[str, dict[str, Any]]) -> None:
-    """Merge ``slides.json`` (slide_id -> source path, mpp, mpp_source) with the slides of this run."""
-    reg_path = job / "slides.json"
-    reg: dict[str, Any] = {}
-    if reg_path.is_file():
-        try:
-            reg = json.loads(reg_path.read_text())
-        except ValueError:
-            reg = {}
+def _merge_registry(job: Path, specs: list[SlideSpec], infos: dict[str, dict[str, Any]]) -> None:
+    reg = read_registry(job)
     for s in specs:
         entry = reg.get(s.slide_id, {})
-        entry["path"] = str(Path(s.path).resolve())
+        entry = entry if isinstance(entry, dict) else {}
+        entry["path"] = path_key(s.path)
         if s.slide_id in infos:
             entry["mpp"] = infos[s.slide_id]["mpp"]
             entry["mpp_source"] = infos[s.slide_id]["mpp_source"]
@@ -188,7 +239,24 @@ def update_registry(job: Path, specs: list[SlideSpec], infos: dict[str, dict[str
             entry["mpp"] = s.mpp
             entry["mpp_source"] = "user"
         reg[s.slide_id] = entry
-    write_json_atomic(reg_path, reg)
+    write_json_atomic(job / "slides.json", reg)
+
+
+def update_registry(job: Path, specs: list[SlideSpec], infos: dict[str, dict[str, Any]]) -> None:
+    """Merge ``slides.json`` (slide_id -> source path, mpp, mpp_source) with the slides of this run (under a lock:
+    another process may be merging its own)."""
+    with file_lock(lock_path(job, "slides.json")):
+        _merge_registry(job, specs, infos)
+
+
+def claim_slides(source: str | Path, job: Path, mpp: float | None = None) -> tuple[list[SlideSpec], dict[str, str]]:
+    """The slides of ``source`` with their ids, registered in ``slides.json`` at once, under the registry's lock:
+    a second `hwsi tile` on the job sees these ids as taken. Returns (specs, the ids the job held before)."""
+    with file_lock(lock_path(job, "slides.json")):
+        known = job_slide_ids(job)
+        specs = collect_slides(source, mpp, job)
+        _merge_registry(job, specs, {})
+    return specs, known
 
 
 def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = None, mpp: float | None = None,
@@ -197,19 +265,31 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
-    specs = collect_slides(source, mpp)
+    prepare_output_dir(job, what="job folder", create=False)
+    collect_slides(source, mpp, job)  # bad input is one error before anything is created
+    prepare_job(job, ("previews",) if cfg.preview else ())
+    specs, known = claim_slides(source, job, mpp)
     items = [BatchItem(s.slide_id, s, str(s.path)) for s in specs]
     infos: dict[str, dict[str, Any]] = {}
 
+    def holds(store: Path, spec: SlideSpec) -> bool:  # the store is of this file (or slides.json says so: moved)
+        key = path_key(spec.path)
+        return store_slide_path(store) == key or known.get(spec.slide_id) == key
+
     def process(item: BatchItem[SlideSpec]) -> dict[str, Any]:
+        store = store_path(job, item.slide_id)
+        if store.is_file() and not holds(store, item.payload):  # another run gave this id to another file
+            raise SlideError(item.payload.path, f"its slide id {item.slide_id!r} is taken: {store} holds "
+                             f"{store_slide_path(store)}", "run `hwsi tile` again: it gives this file another id")
         info = tile_slide(item.payload, job, cfg)
         infos[item.slide_id] = info
         return info
 
     def is_done(item: BatchItem[SlideSpec]) -> bool:
-        return has_stage(store_path(job, item.slide_id), STAGE)
+        store = store_path(job, item.slide_id)
+        return has_stage(store, STAGE) and holds(store, item.payload)
 
     result = run_batch(items, job, STAGE, process, is_done, overwrite=overwrite, show_progress=show_progress)
     update_registry(job, specs, infos)
-    (job / "tile_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    write_json_atomic(job / "tile_config.json", asdict(cfg))
     return result

@@ -33,7 +33,9 @@ def register(app: typer.Typer) -> None:
         from hwsi.synth.classes import parse_classes
         from hwsi.synth.cohort import write_cohort, write_slide
         from hwsi.synth.scene import SceneConfig
+        from hwsi.utils.outdir import prepare_output_dir
 
+        prepare_output_dir(out, what="--out folder", create=False)
         if size:
             width = height = size
         base = SceneConfig(width=width, height=height, mpp=mpp, region_size=region_size, patch_size=patch_size,

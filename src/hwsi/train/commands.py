@@ -81,8 +81,10 @@ def register(app: typer.Typer) -> None:
         from hwsi.train.stages import run_stage
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from hwsi.utils.outdir import prepare_output_dir
+
         cfg = load_train_config(config)
-        run = out or job / "runs" / config.stem
+        run = prepare_output_dir(out or job / "runs" / config.stem, what="run folder (--out)", create=False)
         res = run_stage(stage, cfg, job, run, resume=resume, stop_after=stop_after, progress=progress)
         m = res.metrics
         state = "finished" if res.finished else "stopped"
