@@ -176,3 +176,27 @@ def test_lora_wrapped_llm_trains_and_config_roundtrips(llm_dir: Path, tmp_path: 
     save_config(model.cfg, tmp_path / "m.yaml")
     cfg = load_config(tmp_path / "m.yaml", MLLMConfig)
     assert cfg == model.cfg
+
+
+def test_region_identity_embeddings_mark_each_regions_tokens(llm_dir: Path) -> None:
+    """region_embed adds one learned vector per kept-region position to its cell, patch and region tokens."""
+    plain = make_model(llm_dir)
+    torch.manual_seed(0)
+    llm, tok = load_llm(llm_dir)
+    cfg = MLLMConfig(hierarchy=HierarchyConfig.tiny(), text_dim=10,
+                     projector=ProjectorConfig(hidden=24, llm_dim=H, region_embed=2))
+    model = MLLMHWSI.from_config(cfg, llm, tok).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    slide = random_slide(r=3, k=4)
+    with torch.no_grad():
+        a, b = plain.visual_tokens(collate_slides([slide]))[0], model.visual_tokens(collate_slides([slide]))[0]
+    assert a.shape == b.shape  # no extra tokens
+    e = model.projectors.region_embed.detach()
+    pm = slide.patch_mask
+    region_of_patch = torch.arange(3)[:, None].expand_as(pm)[pm]  # cell/patch tokens in order
+    n = int(pm.sum())
+    want_cells = e[region_of_patch.clamp(max=1)]
+    torch.testing.assert_close(b[1:1 + n] - a[1:1 + n], want_cells)  # after the <cells> marker
+    r0 = 1 + n + 2 + n + 2  # first region token: cells + markers, patches + markers, <regions>
+    torch.testing.assert_close(b[r0:r0 + 3] - a[r0:r0 + 3], e[torch.tensor([0, 1, 1])])
+    torch.testing.assert_close(b[-2], a[-2])  # the slide token carries no region

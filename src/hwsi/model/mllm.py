@@ -150,8 +150,18 @@ class MLLMHWSI(nn.Module):
                 if tok is None:
                     continue
                 x = tok[b]
-                x = x[pm & rm[:, None]] if scale in ("cells", "patches") else x[rm] if scale == "regions" else x[None]
-                segs.append(self.projectors.wrap(scale, self.projectors(scale, x)))
+                pos = torch.arange(rm.shape[0], device=x.device)
+                if scale in ("cells", "patches"):
+                    keep = pm & rm[:, None]
+                    x, region = x[keep], pos[:, None].expand_as(keep)[keep]
+                elif scale == "regions":
+                    x, region = x[rm], pos[rm]
+                else:
+                    x, region = x[None], None
+                y = self.projectors(scale, x)
+                if region is not None:
+                    y = self.projectors.add_region_identity(y, region)
+                segs.append(self.projectors.wrap(scale, y))
             out.append(torch.cat(segs, dim=0).to(self.embed_dtype))
         return out
 

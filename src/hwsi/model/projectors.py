@@ -7,6 +7,12 @@ Each A_s is Linear(in_dim → hidden) → GELU → Linear(hidden → llm_dim) (h
 this module (new rows in a frozen LLM vocabulary would never train), placed around each scale's segment:
 ``<cells> z_c… </cells> <patches> z_p… </patches> <regions> z_r… </regions> <slide> z_WSI </slide>``.
 Markers start at N(0, 0.02²), the usual scale of LLM input embeddings.
+
+Region identity (``region_embed`` > 0; docs/design.md §5, a reading of Eq. 5's nesting {{c_ij, f_ij}_j, r_i}_i): a
+learned vector per kept-region position (raster order of the kept regions, 0 … region_embed−1; positions past the
+table share its last row) is added to the projected cell, patch and region tokens of that region, so the LLM can
+group evidence by region and tell regions apart (which region is lesional, how many are). The order stays
+Z = [z_c, z_p, z_r, z_WSI]; the slide token gets none.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class ProjectorConfig:
     hidden: int = 1024
     llm_dim: int = 3584  # Qwen2.5-7B hidden size
     markers: bool = True
+    region_embed: int = 0  # size of the learned region-index table (0 = off; e.g. model.max_regions)
 
 
 class Projectors(nn.Module):
@@ -37,6 +44,8 @@ class Projectors(nn.Module):
         self.markers = nn.ParameterDict({
             s: nn.Parameter(torch.randn(2, cfg.llm_dim) * 0.02) for s in in_dims
         }) if cfg.markers else None
+        self.region_embed = (nn.Parameter(torch.randn(cfg.region_embed, cfg.llm_dim) * 0.02)
+                             if cfg.region_embed > 0 else None)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -45,6 +54,13 @@ class Projectors(nn.Module):
     def forward(self, scale: str, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` (..., in_dim) of ``scale`` to (..., llm_dim)."""
         return self.mlps[scale](x)
+
+    def add_region_identity(self, tokens: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """(n, llm_dim) projected tokens + the embedding of each token's region position ``region`` (n,) long."""
+        if self.region_embed is None:
+            return tokens
+        idx = region.clamp(0, self.region_embed.shape[0] - 1).to(self.region_embed.device)
+        return tokens + self.region_embed[idx].to(tokens.dtype)
 
     def wrap(self, scale: str, tokens: torch.Tensor) -> torch.Tensor:
         """(n, llm_dim) -> (n + 2, llm_dim) with the scale's begin/end markers (unchanged if markers are off)."""
