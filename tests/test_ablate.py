@@ -183,3 +183,25 @@ def test_marginal_effects_compare_row_seeds_with_a_switch_on_and_off() -> None:
     assert "| use_patches | 0.610 (n=12) | 0.610 (n=12) | +0.000 |" in "\n".join(lines)
     assert not any("use_slide" in line for line in lines)  # on in every Table 1 row: nothing to compare
     assert marginal_effects(1, {}, (0,)) == []
+
+
+def test_paired_difference_pairs_questions_and_seeds() -> None:
+    from hwsi.demo.ablate_tables import paired_difference
+
+    a = [{"q1": 1, "q2": 1, "q3": 0, "q4": 1}, {"q1": 1, "q2": 0, "q3": 1, "q4": 1}]
+    b = [{"q1": 0, "q2": 1, "q3": 0, "q4": 1}, {"q1": 0, "q2": 0, "q3": 0, "q4": 1, "extra": 1}]
+    m, lo, hi, n = paired_difference(a, b)
+    # per question (mean over seeds): q1 +1, q2 0, q3 +0.5, q4 0 -> mean 0.375; "extra" is not shared
+    assert n == 4 and abs(m - 0.375) < 1e-12 and lo <= m <= hi and lo >= 0.0
+    same = paired_difference(a, a)
+    assert same[:3] == (0.0, 0.0, 0.0)
+
+
+def test_oracle_answers_from_true_findings(test_pipeline) -> None:
+    """The stage-0 LM given each held-out slide's true findings: the LLM side's ceiling per category."""
+    from hwsi.demo.ablate import oracle_scores
+
+    p = test_pipeline
+    res = oracle_scores(p.paths.runs / "stage0" / "llm", p.paths.cohort, p.paths.job)
+    print("oracle:", res)
+    assert res["n_closed"] >= 500 and res["closed_acc"] >= 0.8, res

@@ -15,8 +15,22 @@ from hwsi.synth.text import CATEGORIES, slide_text, bench_records, train_records
 
 def _facts(cls: SlideClasses, n: int = 3, m: int = 9) -> dict:
     f = cls.facts()
-    f.update(n_lesion_regions=n if cls.extent == "extensive" else int(cls.extent == "focal"), n_tissue_regions=m)
+    f.update(n_lesion_regions=n if cls.extent == "extensive" else int(cls.extent == "focal"), n_tissue_regions=m,
+             lesion_location="none" if cls.extent == "none" else "upper right")
     return f
+
+
+def test_every_fact_is_asked_closed_for_every_slide_with_count_and_location() -> None:
+    """Each slide gets a closed question per fact; count for all, location only for focal lesions (docs/design.md §8)."""
+    for i, c in enumerate(all_classes()):
+        t = slide_text(f"s{i}", _facts(c), seed=1)
+        closed = {qa.kind: qa for qa in t.qas if qa.closed}
+        want = {"glands", "atypia", "architecture", "diagnosis", "grade", "extent", "count"}
+        assert want <= set(closed) and (("location" in closed) == (c.extent == "focal")), (c, sorted(closed))
+        truth = closed["count"].answer.split(") ", 1)[1]
+        assert truth == {"none": "none", "focal": "one", "extensive": "three"}[c.extent]
+        if c.extent == "focal":
+            assert closed["location"].answer.endswith("upper right") and closed["location"].category == "Location"
 
 
 def test_reports_are_varied_and_deterministic() -> None:
@@ -132,3 +146,17 @@ def test_sample_patch_dataset() -> None:
     dark = (d.images.astype(float).mean(-1) < 170).mean(axis=(1, 2))
     if (lab == "solid").any() and (lab == "stroma").any():
         assert dark[lab == "solid"].mean() > dark[lab == "stroma"].mean()
+
+
+def test_lesion_location_follows_the_lesional_region() -> None:
+    from hwsi.synth.scene import Scene, SceneConfig
+    from hwsi.synth.truth import lesion_location
+
+    for seed in (1, 2, 3):
+        sc = Scene(SceneConfig(width=2048, height=2048, mpp=0.5, region_size=1024, patch_size=64, seed=seed,
+                               classes=SlideClasses("dysplasia", "focal")))
+        ys, xs = np.nonzero(sc.region_lesion)
+        assert len(ys) == 1
+        assert lesion_location(sc) == f"{'upper' if ys[0] == 0 else 'lower'} {'left' if xs[0] == 0 else 'right'}"
+    benign = Scene(SceneConfig(width=2048, height=2048, mpp=0.5, region_size=1024, patch_size=64, seed=1))
+    assert lesion_location(benign) == "none"

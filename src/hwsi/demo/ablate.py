@@ -22,83 +22,28 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hwsi.demo.ablate_tables import (  # noqa: F401 (public API of this module)
+    METRICS,
+    TABLE1,
+    TABLE2,
+    TABLES,
+    Row,
+    format_table,
+    marginal_effects,
+    mean_ci,
+)
 from hwsi.errors import ConfigError
 from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
 
-@dataclass(frozen=True)
-class Row:
-    """One ablation row: its printed name, its config overrides and the folder its runs train in (``run``; rows
-    of both tables with the same configuration share it, so the full model trains once per seed)."""
-
-    name: str
-    overrides: dict[str, Any]
-    run: str = ""
-
-    @property
-    def run_name(self) -> str:
-        return self.run or _slug(self.name)
-
-
-def _scales(cells: bool, patches: bool, regions: bool, slide: bool) -> dict[str, Any]:
-    return {"model": {"hierarchy": {"use_cells": cells, "use_patches": patches, "use_regions": regions,
-                                    "use_slide": slide}}}
-
-
-def _losses(ls: bool, lc: bool, lwsi: bool) -> dict[str, Any]:
-    return {"stage1": {"loss": {"use_Ls": ls, "use_Lc": lc, "use_Lwsi": lwsi}}}
-
-
-# Table 1 of the paper (our model's rows, MLLM-HWSI1..7 and the full model): cell / patch / region / WSI features
-TABLE1: tuple[Row, ...] = (
-    Row("WSI", _scales(False, False, False, True)),
-    Row("region+WSI", _scales(False, False, True, True)),
-    Row("patch+region+WSI", _scales(False, True, True, True)),
-    Row("cell+WSI", _scales(True, False, False, True)),
-    Row("patch+WSI", _scales(False, True, False, True)),
-    Row("cell+patch+WSI", _scales(True, True, False, True)),
-    Row("cell+region+WSI", _scales(True, False, True, True)),
-    Row("cell+patch+region+WSI (full)", _scales(True, True, True, True), run="full"),
-)
-# Table 2 of the paper: L_s (Eq. 6), L_c (Eq. 8), L_WSI (Eq. 7)
-TABLE2: tuple[Row, ...] = (
-    Row("Ls+Lc+Lwsi (full)", _losses(True, True, True), run="full"),
-    Row("Ls+Lc", _losses(True, True, False)),
-    Row("Ls", _losses(True, False, False)),
-    Row("Lwsi", _losses(False, False, True)),
-    Row("Lc+Lwsi", _losses(False, True, True)),
-    Row("Ls+Lwsi", _losses(True, False, True)),
-)
-TABLES = {1: TABLE1, 2: TABLE2}
-METRICS = ("closed_acc", "shuffled_acc", "chance", "probe_bal_acc")
 # Bumped when score_run adds a metric: a run scored by an older version is re-scored (not retrained) on resume.
-SCORES_VERSION = 2
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-
-
-def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its Student-t confidence interval (0 for a single value)."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    n = len(vals)
-    m = sum(vals) / n
-    if n < 2:
-        return m, 0.0
-    from scipy import stats
-
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    return m, float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+# 3: per-question correctness (paired differences) and the stage-0 oracle.
+SCORES_VERSION = 3
 
 
 def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
@@ -119,7 +64,40 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
     return {"closed_acc": vqa["closed_acc"], "shuffled_acc": vqa["shuffled_acc"], "chance": vqa["chance"],
             "n_closed": vqa["n_closed"], "probe_bal_acc": probe,
             "closed_by_category": vqa["closed_acc_by_category"],
-            "shuffled_by_category": vqa["shuffled_acc_by_category"], "version": SCORES_VERSION}
+            "shuffled_by_category": vqa["shuffled_acc_by_category"], "closed_correct": vqa["closed_correct"],
+            "version": SCORES_VERSION}
+
+
+def oracle_scores(llm_dir: Path, cohort: Path, job: Path, batch_size: int = 8) -> dict[str, Any]:
+    """The ceiling of the LLM side: the stage-0 LM answering the same held-out closed questions with each slide's
+    TRUE findings written as words in the ``<image>`` slot (how stage 0 was trained). A category where this is low
+    cannot be won by any visual token; overall and by category."""
+    import torch
+
+    from hwsi.eval.tasks import load_eval_data, strip_image_token
+    from hwsi.eval.vqa import vqa_accuracy
+    from hwsi.model.llm import load_llm
+    from hwsi.train.data import findings_text
+    from hwsi.train.stages import findings_model
+
+    facts = json.loads((cohort / "facts.json").read_text())
+    llm, tok = load_llm(llm_dir)
+    m = findings_model(llm, tok).mllm.eval()
+    closed = [it for s in ("val", "test") for it in load_eval_data(cohort, job, split=s).items if it.options]
+    preds: list[str] = []
+    with torch.no_grad():
+        for i in range(0, len(closed), batch_size):
+            chunk = closed[i:i + batch_size]
+            vis = [m._embed_ids(m._ids(findings_text(facts[it.slide_id]))) for it in chunk]
+            convs = [[{"role": "user", "content": strip_image_token(it.question)}] for it in chunk]
+            x = m.build_inputs(vis, convs, add_generation_prompt=True, padding_side="left")
+            out = m.llm.generate(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask, max_new_tokens=24,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            preds += [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+    acc = vqa_accuracy(preds, closed)
+    return {"closed_acc": acc["accuracy"], "n_closed": acc["n"],
+            "closed_by_category": {k: round(v["accuracy"], 3) for k, v in acc["by_category"].items()},
+            "version": SCORES_VERSION}
 
 
 @contextmanager
@@ -174,6 +152,9 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     shared_runs = base.paths.runs
     run_stage(0, base.train_config(), base.paths.job, shared_runs, resume=True)
     llm = shared_runs / "stage0" / "llm"
+    oracle_file = out / "base" / "oracle.json"
+    if not (oracle_file.is_file() and json.loads(oracle_file.read_text()).get("version") == SCORES_VERSION):
+        write_json_atomic(oracle_file, oracle_scores(llm, base.paths.cohort, base.paths.job))
     for row in selected:
         for seed in seeds:
             run_dir = out / "rows" / row.run_name / f"seed{seed}"
@@ -192,7 +173,7 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
                 write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
             _collect(out, table, seeds)
     results = _collect(out, table, seeds)
-    md = format_table(table, results, seeds)
+    md = format_table(table, results, seeds, json.loads(oracle_file.read_text()))
     write_bytes_atomic(out / f"table{table}.md", md.encode("utf-8"))
     return out / f"table{table}.md"
 
@@ -210,80 +191,3 @@ def _collect(out: Path, table: int, seeds: tuple[int, ...]) -> dict[str, Any]:
                 results[f"{row.name}|{seed}"] = {"row": row.name, "seed": seed, **json.loads(path.read_text())}
     write_json_atomic(table_json, results)
     return results
-
-
-def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> str:
-    head = {1: "Table 1 (scales fed to the LLM)", 2: "Table 2 (terms of L_HCA in stage 1)"}[table]
-    lines = [f"## SynthPath ablation — {head}", "",
-             f"Held-out slides (val + test), seeds {list(seeds)}; mean ± 95% CI (Student t). closed acc: "
-             "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; chance: mean "
-             "1/len(options); probe: linear-probe balanced accuracy of z_WSI (diagnosis).", "",
-             "| row | closed acc | shuffled | chance | probe BA | n closed |", "|---|---|---|---|---|---|"]
-    by_row = {row.name: [results[f"{row.name}|{s}"] for s in seeds if f"{row.name}|{s}" in results]
-              for row in TABLES[table]}
-    by_row = {k: v for k, v in by_row.items() if v}
-    for name, rs in by_row.items():
-        cells = [_cell([r[m] for r in rs]) for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rs[0].get('n_closed', '')} |")
-    cats = sorted({c for rs in by_row.values() for r in rs for c in r.get("closed_by_category", {})})
-    if cats:
-        lines += ["", "Closed-VQA accuracy by question category (true visual tokens / shuffled), same runs:", "",
-                  "| row | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
-        for name, rs in by_row.items():
-            cells = [_cell([r["closed_by_category"].get(c) for r in rs if "closed_by_category" in r]) + " / "
-                     + _cell([r["shuffled_by_category"].get(c) for r in rs if "shuffled_by_category" in r])
-                     for c in cats]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += marginal_effects(table, results, seeds)
-    return "\n".join(lines) + "\n"
-
-
-def _switches(row: Row) -> dict[str, bool]:
-    """The row's on/off switches, e.g. {'use_cells': True, ...} (Table 1) or {'use_Ls': False, ...} (Table 2)."""
-    flat: dict[str, bool] = {}
-
-    def walk(d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v)
-            elif isinstance(v, bool):
-                flat[k] = v
-    walk(row.overrides)
-    return flat
-
-
-def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
-    """Markdown lines: for each switch that varies across the table's rows (a scale in Table 1, a loss term in
-    Table 2), the closed-VQA accuracy of all row-seeds with it on vs off, their difference and Welch's t-test p.
-    Row-seeds share the cohort, stage 0 and the held-out questions, so p is a guide, not an exact test."""
-    from scipy import stats
-
-    keys = sorted({k for r in TABLES[table] for k in _switches(r)})
-    out = []
-    for key in keys:
-        on, off = [], []
-        for row in TABLES[table]:
-            sw = _switches(row)
-            for seed in seeds:
-                res = results.get(f"{row.name}|{seed}")
-                if res is not None and key in sw:
-                    (on if sw[key] else off).append(res["closed_acc"])
-        if len(on) < 2 or len(off) < 2:
-            continue
-        m_on, m_off = sum(on) / len(on), sum(off) / len(off)
-        spread = max(on) - min(on) + max(off) - min(off)
-        p = f"{float(stats.ttest_ind(on, off, equal_var=False).pvalue):.3f}" if spread > 1e-12 else "–"
-        out.append(f"| {key} | {m_on:.3f} (n={len(on)}) | {m_off:.3f} (n={len(off)}) | {m_on - m_off:+.3f} | {p} |")
-    if not out:
-        return []
-    return ["", "Marginal effect of each switch on closed-VQA accuracy (all row-seeds with it on vs off; Welch's t; "
-            "runs share the cohort and held-out questions, so p is a guide):", "",
-            "| switch | on | off | on − off | p |", "|---|---|---|---|---|", *out]
-
-
-def _cell(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "–"
-    mu, hw = mean_ci(vals)
-    return f"{mu:.3f} ± {hw:.3f}"

@@ -8,8 +8,9 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add `hwsi demo` and `hwsi ablate` to the hwsi app."""
+    """Add `hwsi demo`, `hwsi ablate` and `hwsi gates` to the hwsi app."""
     _register_ablate(app)
+    _register_gates(app)
 
     @app.command("demo")
     def demo(
@@ -71,3 +72,41 @@ def _register_ablate(app: typer.Typer) -> None:
         prepare_output_dir(out, what="--out folder", create=False)
         md = run_ablation(table, out, seed_list, preset, row_names)
         typer.echo(md.read_text())
+
+
+def _register_gates(app: typer.Typer) -> None:
+    @app.command("gates")
+    def gates(
+        pipeline: Path = typer.Argument(..., help="A finished `hwsi demo --out` folder (cohort/, job/, runs/)."),
+        scales: str = typer.Option("cells,patches,regions,slide", "--scales", help="Comma-separated gates to run."),
+        stem: str = typer.Option("conv", "--stem", help="Region-encoder stem: conv, neighbour or linear (HIPT)."),
+        pos_grid: int = typer.Option(16, "--pos-grid", min=1, help="ViT-4K position-grid side."),
+        probes: bool = typer.Option(True, "--probes/--no-probes", help="Also probe the run's stage-1 outputs."),
+        out: Path = typer.Option(None, "--out", help="Write gates.json / gates.md here (default: PIPELINE)."),
+    ) -> None:
+        """Supervised ceilings of each scale's encoder on the fact it owns (held-out slides), and linear probes of
+        the trained stage-1 outputs beside random init and the raw input (docs/design.md §5)."""
+        from dataclasses import asdict
+
+        from hwsi.demo.gates import GateConfig, gates_table, probe_stage1, probes_table, results_json, run_gates
+        from hwsi.errors import ConfigError
+        from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
+
+        if stem not in ("conv", "neighbour", "linear"):
+            raise ConfigError(f"--stem must be conv, neighbour or linear, got {stem!r}")
+        cfg = GateConfig()
+        cfg.vit4k.stem, cfg.vit4k.pos_grid = stem, pos_grid  # type: ignore[assignment]
+        names = tuple(s.strip() for s in scales.split(",") if s.strip())
+        results = run_gates(pipeline, cfg, names)
+        md = "## Gates (supervised ceilings, held-out slides)\n\n" + gates_table(results) + "\n"
+        data = results_json(results, cfg)
+        run = pipeline / "runs"
+        if probes and (run / "stage1" / "final").is_dir():
+            pr = probe_stage1(pipeline, run, cfg)
+            md += "\n## Stage-1 probes (logistic regression on z, held-out slides)\n\n" + probes_table(pr) + "\n"
+            data["probes"] = [asdict(r) for r in pr]
+        dest = out or pipeline
+        dest.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(dest / "gates.json", data)
+        write_bytes_atomic(dest / "gates.md", md.encode("utf-8"))
+        typer.echo(md)

@@ -749,4 +749,5 @@ def heldout_closed_vqa(model: Any, datas: Sequence[EvalData], cfg: EvalConfig | 
         acc = vqa_accuracy(generate_answers(model, slides, closed, vis, max_new_tokens, batch_size), closed)
         res[name], res["n_closed"] = acc["accuracy"], acc["n"]
         res[name + "_by_category"] = {k: round(v["accuracy"], 3) for k, v in acc["by_category"].items()}
+        res[name.replace("_acc", "_correct")] = acc["correct"]
     return res

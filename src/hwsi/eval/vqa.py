@@ -116,12 +116,13 @@ def vqa_accuracy(preds: Sequence[str], items: Sequence[QAItem]) -> dict[str, Any
 
     Returns ``accuracy``, ``n``, ``n_correct``, ``parse_failures``, ``parse_failure_rate``, ``no_gold`` (items whose
     reference could not be mapped to an option: left out of ``n``), ``by_category`` (accuracy and n per
-    category) and ``convention``.
+    category), ``correct`` (question_id -> 0/1, for paired comparisons) and ``convention``.
     """
     if len(preds) != len(items):
         raise VQAError(f"{len(preds)} predictions but {len(items)} items")
     n = correct = failures = no_gold = 0
     per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_item: dict[str, int] = {}
     for pred, item in zip(preds, items, strict=True):
         if not item.options:
             raise VQAError(f"item {item.question_id} has no options (open-ended): use open_answer_scores")
@@ -134,6 +135,7 @@ def vqa_accuracy(preds: Sequence[str], items: Sequence[QAItem]) -> dict[str, Any
         if choice is None:
             failures += 1
         ok = int(choice == gold)
+        per_item[str(item.question_id)] = ok
         correct += ok
         per_cat[item.category][0] += ok
         per_cat[item.category][1] += 1
@@ -147,6 +149,7 @@ def vqa_accuracy(preds: Sequence[str], items: Sequence[QAItem]) -> dict[str, Any
         "parse_failure_rate": failures / n if n else float("nan"),
         "no_gold": no_gold,
         "by_category": {c: {"accuracy": v[0] / v[1], "n": v[1]} for c, v in sorted(per_cat.items())},
+        "correct": per_item,
     }
 
 

@@ -128,24 +128,30 @@ class CohortResult:
 
 
 def write_cohort(out: str | Path, n: int, seed: int = 0, base: SceneConfig | None = None, workers: int | None = None,
-                 tile_size: int = 256, progress: bool = True) -> CohortResult:
-    """Write ``n`` slides balanced over classes, their truth, cohort.json, facts.json and the text files."""
+                 tile_size: int = 256, progress: bool = True, extra_heldout: int = 0) -> CohortResult:
+    """Write ``n`` slides balanced over classes, their truth, cohort.json, facts.json and the text files.
+
+    ``extra_heldout`` more slides (classes continuing the balanced cycle) go to the test split, on top of the ``n``
+    slides' stratified split: more held-out slides for evaluation power without more training slides."""
     if n < 1:
         raise SynthError(f"cohort size must be >= 1, got {n}")
+    if extra_heldout < 0:
+        raise SynthError(f"extra_heldout must be >= 0, got {extra_heldout}")
     t0 = time.perf_counter()
     out = Path(out)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     base = base or SceneConfig(width=3072, height=3072)
-    classes = cohort_classes(n)
+    classes = cohort_classes(n + extra_heldout)
+    n_all = n + extra_heldout
     jobs = []
     for i, cls in enumerate(classes):
         cfg = replace(base, seed=_slide_seed(seed, i), classes=cls)
         jobs.append((str(out / "slides"), cfg, f"synth_{i:04d}", tile_size))
-    workers = max(1, min(workers or os.cpu_count() or 1, n))
+    workers = max(1, min(workers or os.cpu_count() or 1, n_all))
     records: list[SlideRecord] = []
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc="synth cohort", unit="slide", disable=not progress)
+    bar = tqdm(total=n_all, desc="synth cohort", unit="slide", disable=not progress)
     if workers == 1:
         for j in jobs:
             records.append(_write_one(j))
@@ -156,13 +162,15 @@ def write_cohort(out: str | Path, n: int, seed: int = 0, base: SceneConfig | Non
                 records.append(r)
                 bar.update(1)
     bar.close()
-    splits = assign_splits([c.diagnosis for c in classes], seed)
+    splits = assign_splits([c.diagnosis for c in classes[:n]], seed)
+    splits += ["test"] * extra_heldout
     for r, s in zip(records, splits, strict=True):
         r.split = s
     write_cohort_text(out, records, seed)
     meta = {
         "seed": seed,
-        "n": n,
+        "n": n_all,
+        "extra_heldout": extra_heldout,
         "scene": {k: v for k, v in asdict(base).items() if k not in ("seed", "classes")},
         "grid": "regions of region_size px from the origin, each (region_size/patch_size)^2 patches of patch_size "
         "px, row-major; level-0 pixels at mpp",

@@ -21,7 +21,7 @@ import numpy as np
 
 from hwsi.synth.classes import DIAGNOSES, DISPLAY
 
-CATEGORIES: tuple[str, ...] = ("Morphology", "Classification", "Grade", "Extent")
+CATEGORIES: tuple[str, ...] = ("Morphology", "Classification", "Grade", "Extent", "Location")
 
 # SynthPath's SPF vocabulary (Eq. 2's text entities, fixed for the cohort: docs/design.md §5): the morphology its reports
 # describe, as an organ-specific vocabulary file would for real slides. Written to COHORT/vocab.txt by `hwsi synth`
@@ -178,6 +178,18 @@ _Q = {
         "Is the lesion focal or extensive?",
         "What is the extent of involvement of the tissue?",
     ],
+    # questions that the slide token alone cannot hold (docs/design.md §8): a count of lesional regions and where
+    # a focal lesion lies need per-region evidence (region tokens, region identity of the cell/patch tokens)
+    "count": [
+        "How many tissue regions does the lesion involve?",
+        "In how many regions of the section is the lesion present?",
+        "How many of the tissue regions are lesional?",
+    ],
+    "location": [
+        "In which part of the section is the lesion?",
+        "Where in the section does the focal lesion lie?",
+        "Which part of the tissue holds the lesion?",
+    ],
 }
 _REPORT_Q = [
     "Write a pathology report for this whole slide image.",
@@ -197,7 +209,10 @@ _OPTION_SETS = {
     "glands": ["yes", "no"],
     "atypia": ["yes", "no"],
     "architecture": ["regular", "crowded", "solid"],
+    "count": ["none", "one", "two", "three", "four or more"],
+    "location": ["upper left", "upper right", "lower left", "lower right", "central"],
 }
+_COUNT_WORDS = ("none", "one", "two", "three")
 
 
 def _pick(rng: np.random.Generator, options: list[str]) -> str:
@@ -262,6 +277,14 @@ def _open_answer(kind: str, facts: dict[str, Any], rng: np.random.Generator) -> 
         return lead + " " + _pick(rng, _ATYPIA[facts["atypia"]])
     if kind == "extent":
         return _fmt(_pick(rng, _EXTENT[facts["extent"]]), facts)
+    if kind == "count":
+        if facts["n_lesion_regions"] == 0:
+            return "None: no region of the section is lesional."
+        return _fmt(_pick(rng, ["The lesion involves {n} of the {m} tissue regions.",
+                                "It is present in {n} of {m} tissue regions."]), facts)
+    if kind == "location":
+        return _pick(rng, ["The lesion lies in the {loc} part of the section.",
+                           "It is located in the {loc} part of the tissue."]).format(loc=facts["lesion_location"])
     raise ValueError(kind)
 
 
@@ -270,6 +293,11 @@ def _closed_truth(kind: str, facts: dict[str, Any]) -> str:
         return facts["diagnosis_text"]
     if kind == "extent":
         return "no lesion" if facts["extent"] == "none" else facts["extent"]
+    if kind == "count":
+        n = int(facts["n_lesion_regions"])
+        return _COUNT_WORDS[n] if n < len(_COUNT_WORDS) else "four or more"
+    if kind == "location":
+        return str(facts["lesion_location"])
     return str(facts[kind])
 
 
@@ -280,6 +308,8 @@ _KIND_CATEGORY = {
     "diagnosis": "Classification",
     "grade": "Grade",
     "extent": "Extent",
+    "count": "Extent",
+    "location": "Location",
 }
 
 
@@ -297,15 +327,20 @@ class QA:
 
 
 def make_vqa(facts: dict[str, Any], rng: np.random.Generator) -> list[QA]:
-    """Open- and closed-ended QAs covering every category (morphology, diagnosis, grade, extent)."""
+    """Open- and closed-ended QAs covering every category (morphology, diagnosis, grade, extent, location).
+
+    Every fact is asked closed-ended for every slide (docs/design.md §8); the location of a lesion only where it is
+    focal (one region), and only for slides that carry ``lesion_location`` / ``n_lesion_regions`` facts."""
     out: list[QA] = []
     kinds = ["glands", "atypia", "architecture", "diagnosis", "grade", "extent"]
+    if "n_lesion_regions" in facts:
+        kinds.append("count")
+    if facts.get("extent") == "focal" and facts.get("lesion_location", "none") != "none":
+        kinds.append("location")
     for kind in kinds:
         cat = _KIND_CATEGORY[kind]
         if kind != "architecture" or rng.random() < 0.7:
             out.append(QA(cat, kind, _pick(rng, _Q[kind]), _open_answer(kind, facts, rng)))
-        if kind in ("glands", "atypia") and rng.random() < 0.5:
-            continue
         opts = list(_OPTION_SETS[kind])
         truth = _closed_truth(kind, facts)
         if len(opts) > 4:  # keep four options, always including the truth

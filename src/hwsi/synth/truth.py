@@ -49,7 +49,25 @@ def slide_facts(scene: Scene) -> dict[str, Any]:
     f["n_tissue_regions"] = int(scene.n_tissue_regions)
     f["n_lesion_regions"] = int(scene.region_lesion.sum())
     f["involved_fraction"] = round(f["n_lesion_regions"] / max(1, f["n_tissue_regions"]), 3)
+    f["lesion_location"] = lesion_location(scene)
     return f
+
+
+LOCATIONS: tuple[str, ...] = ("upper left", "upper right", "lower left", "lower right", "central")
+
+
+def lesion_location(scene: Scene) -> str:
+    """Where the lesional regions lie: the quadrant of their centres' mean relative to the slide's centre, or
+    "central" when that mean is within a quarter region of the centre line on either axis; "none" without a lesion."""
+    ys, xs = np.nonzero(scene.region_lesion)
+    if ys.size == 0:
+        return "none"
+    size = scene.cfg.region_size
+    cx = float(((xs + 0.5) * size).mean()) - scene.cfg.width / 2
+    cy = float(((ys + 0.5) * size).mean()) - scene.cfg.height / 2
+    if abs(cx) < size / 4 or abs(cy) < size / 4:
+        return "central"
+    return f"{'upper' if cy < 0 else 'lower'} {'left' if cx < 0 else 'right'}"
 
 
 def write_truth(path: str | Path, scene: Scene, slide_id: str) -> Path:

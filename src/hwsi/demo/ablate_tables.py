@@ -1,0 +1,200 @@
+"""The tables of ``hwsi ablate`` (hwsi.demo.ablate): rows, mean ± CI, marginal effects, paired differences.
+
+Paired differences (issue 11's power requirement): every run of a table answers the SAME held-out closed questions,
+so a row is compared with the full row question by question — d = correct_full − correct_row over all (seed,
+question) pairs — and the table gives the mean of d with a 95 % interval from a bootstrap over questions (seeds
+kept paired: a question is resampled with all its seeds), which the per-row intervals over seeds cannot give.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+@dataclass(frozen=True)
+class Row:
+    """One ablation row: its printed name, its config overrides and the folder its runs train in (``run``; rows
+    of both tables with the same configuration share it, so the full model trains once per seed)."""
+
+    name: str
+    overrides: dict[str, Any]
+    run: str = ""
+
+    @property
+    def run_name(self) -> str:
+        return self.run or _slug(self.name)
+
+
+def _scales(cells: bool, patches: bool, regions: bool, slide: bool) -> dict[str, Any]:
+    return {"model": {"hierarchy": {"use_cells": cells, "use_patches": patches, "use_regions": regions,
+                                    "use_slide": slide}}}
+
+
+def _losses(ls: bool, lc: bool, lwsi: bool) -> dict[str, Any]:
+    return {"stage1": {"loss": {"use_Ls": ls, "use_Lc": lc, "use_Lwsi": lwsi}}}
+
+
+# Table 1 of the paper (our model's rows, MLLM-HWSI1..7 and the full model): cell / patch / region / WSI features
+TABLE1: tuple[Row, ...] = (
+    Row("WSI", _scales(False, False, False, True)),
+    Row("region+WSI", _scales(False, False, True, True)),
+    Row("patch+region+WSI", _scales(False, True, True, True)),
+    Row("cell+WSI", _scales(True, False, False, True)),
+    Row("patch+WSI", _scales(False, True, False, True)),
+    Row("cell+patch+WSI", _scales(True, True, False, True)),
+    Row("cell+region+WSI", _scales(True, False, True, True)),
+    Row("cell+patch+region+WSI (full)", _scales(True, True, True, True), run="full"),
+)
+# Table 2 of the paper: L_s (Eq. 6), L_c (Eq. 8), L_WSI (Eq. 7)
+TABLE2: tuple[Row, ...] = (
+    Row("Ls+Lc+Lwsi (full)", _losses(True, True, True), run="full"),
+    Row("Ls+Lc", _losses(True, True, False)),
+    Row("Ls", _losses(True, False, False)),
+    Row("Lwsi", _losses(False, False, True)),
+    Row("Lc+Lwsi", _losses(False, True, True)),
+    Row("Ls+Lwsi", _losses(True, False, True)),
+)
+TABLES = {1: TABLE1, 2: TABLE2}
+METRICS = ("closed_acc", "shuffled_acc", "chance", "probe_bal_acc")
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval (0 for a single value)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    n = len(vals)
+    m = sum(vals) / n
+    if n < 2:
+        return m, 0.0
+    from scipy import stats
+
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
+    return m, float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+
+
+def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...],
+                 oracle: dict[str, Any] | None = None) -> str:
+    head = {1: "Table 1 (scales fed to the LLM)", 2: "Table 2 (terms of L_HCA in stage 1)"}[table]
+    lines = [f"## SynthPath ablation — {head}", "",
+             f"Held-out slides (val + test), seeds {list(seeds)}; mean ± 95% CI (Student t). closed acc: "
+             "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; chance: mean "
+             "1/len(options); probe: linear-probe balanced accuracy of z_WSI (diagnosis).", "",
+             "| row | closed acc | shuffled | chance | probe BA | n closed |", "|---|---|---|---|---|---|"]
+    by_row = {row.name: [results[f"{row.name}|{s}"] for s in seeds if f"{row.name}|{s}" in results]
+              for row in TABLES[table]}
+    by_row = {k: v for k, v in by_row.items() if v}
+    for name, rs in by_row.items():
+        cells = [_cell([r[m] for r in rs]) for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rs[0].get('n_closed', '')} |")
+    if oracle:
+        lines.append(f"| oracle: stage-0 LM given the true findings | {oracle['closed_acc']:.3f} | – | – | – | "
+                     f"{oracle.get('n_closed', '')} |")
+    cats = sorted({c for rs in by_row.values() for r in rs for c in r.get("closed_by_category", {})})
+    if cats:
+        lines += ["", "Closed-VQA accuracy by question category (true visual tokens / shuffled), same runs:", "",
+                  "| row | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for name, rs in by_row.items():
+            cells = [_cell([r["closed_by_category"].get(c) for r in rs if "closed_by_category" in r]) + " / "
+                     + _cell([r["shuffled_by_category"].get(c) for r in rs if "shuffled_by_category" in r])
+                     for c in cats]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if oracle and oracle.get("closed_by_category"):
+            lines.append("| oracle (true findings) | " + " | ".join(
+                f"{oracle['closed_by_category'].get(c, float('nan')):.3f}" for c in cats) + " |")
+    lines += paired_differences(table, results, seeds)
+    lines += marginal_effects(table, results, seeds)
+    return "\n".join(lines) + "\n"
+
+
+def _switches(row: Row) -> dict[str, bool]:
+    """The row's on/off switches, e.g. {'use_cells': True, ...} (Table 1) or {'use_Ls': False, ...} (Table 2)."""
+    flat: dict[str, bool] = {}
+
+    def walk(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, bool):
+                flat[k] = v
+    walk(row.overrides)
+    return flat
+
+
+def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
+    """Markdown lines: for each switch that varies across the table's rows (a scale in Table 1, a loss term in
+    Table 2), the closed-VQA accuracy of all row-seeds with it on vs off, their difference and Welch's t-test p.
+    Row-seeds share the cohort, stage 0 and the held-out questions, so p is a guide, not an exact test."""
+    from scipy import stats
+
+    keys = sorted({k for r in TABLES[table] for k in _switches(r)})
+    out = []
+    for key in keys:
+        on, off = [], []
+        for row in TABLES[table]:
+            sw = _switches(row)
+            for seed in seeds:
+                res = results.get(f"{row.name}|{seed}")
+                if res is not None and key in sw:
+                    (on if sw[key] else off).append(res["closed_acc"])
+        if len(on) < 2 or len(off) < 2:
+            continue
+        m_on, m_off = sum(on) / len(on), sum(off) / len(off)
+        spread = max(on) - min(on) + max(off) - min(off)
+        p = f"{float(stats.ttest_ind(on, off, equal_var=False).pvalue):.3f}" if spread > 1e-12 else "–"
+        out.append(f"| {key} | {m_on:.3f} (n={len(on)}) | {m_off:.3f} (n={len(off)}) | {m_on - m_off:+.3f} | {p} |")
+    if not out:
+        return []
+    return ["", "Marginal effect of each switch on closed-VQA accuracy (all row-seeds with it on vs off; Welch's t; "
+            "runs share the cohort and held-out questions, so p is a guide):", "",
+            "| switch | on | off | on − off | p |", "|---|---|---|---|---|", *out]
+
+
+def _cell(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    mu, hw = mean_ci(vals)
+    return f"{mu:.3f} ± {hw:.3f}"
+
+
+def paired_difference(a: list[dict[str, int]], b: list[dict[str, int]], n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float, int]:
+    """Mean of correct_a − correct_b over the questions both answered, seeds paired by position, with a 95 %
+    bootstrap interval over questions (each resampled with all its seeds): (mean, low, high, n_questions)."""
+    import numpy as np
+
+    qs = sorted(set.intersection(*[set(x) for x in a + b])) if a and b else []
+    if not qs:
+        return float("nan"), float("nan"), float("nan"), 0
+    d = np.array([[x[q] - y[q] for q in qs] for x, y in zip(a, b)], dtype=np.float64).mean(0)  # per question
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    return float(d.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), len(qs)
+
+
+def paired_differences(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
+    """Markdown lines: each row against the full row on the same held-out questions (module docstring)."""
+    rows = TABLES[table]
+    full = next(r for r in rows if r.run == "full")
+    common = [s for s in seeds if "closed_correct" in results.get(f"{full.name}|{s}", {})]
+    out = []
+    for row in rows:
+        if row is full:
+            continue
+        ss = [s for s in common if "closed_correct" in results.get(f"{row.name}|{s}", {})]
+        if not ss:
+            continue
+        m, lo, hi, n = paired_difference([results[f"{full.name}|{s}"]["closed_correct"] for s in ss],
+                                         [results[f"{row.name}|{s}"]["closed_correct"] for s in ss])
+        out.append(f"| full − {row.name} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(ss)} | {n} |")
+    if not out:
+        return []
+    return ["", "Paired difference of the full row and each row on the same held-out closed questions (seeds "
+            "paired; 95 % bootstrap interval over questions):", "",
+            "| comparison | mean | 95 % CI | seeds | questions |", "|---|---|---|---|---|", *out]
