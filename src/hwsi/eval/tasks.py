@@ -683,20 +683,12 @@ def write_task(result: TaskResult, out: str | Path, figures: bool = True) -> dic
 
 
 def load_model(run_dir: str | Path) -> Any:
-    """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder.
+    """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder
+    (:func:`hwsi.train.inference.load_trained_model`: LoRA merged, eval mode; a folder that is not a finished run is
+    a TrainError naming it)."""
+    from hwsi.train.inference import load_trained_model
 
-    Uses ``load_trained_model(run_dir)`` of hwsi.train (looked up in ``hwsi.train``, then ``hwsi.train.stages``).
-    """
-    import importlib
-
-    for mod in ("hwsi.train", "hwsi.train.stages"):
-        try:
-            loader = getattr(importlib.import_module(mod), "load_trained_model", None)
-        except ImportError:
-            loader = None
-        if loader is not None:
-            return loader(run_dir)
-    raise TaskError(f"{run_dir}: this hwsi has no hwsi.train load_trained_model to read a training run")
+    return load_trained_model(run_dir)
 
 
 __all__ = [
