@@ -691,7 +691,18 @@ def load_model(run_dir: str | Path) -> Any:
     return load_trained_model(run_dir)
 
 
+def check_run_stores(run_dir: str | Path, data: EvalData) -> Any:
+    """Check every store of ``data`` against the run's bundle (:func:`hwsi.train.bundle.check_stores`): a store made
+    another way than the run's (encoder, µm/px, region size, SPF settings) is an error naming it. Returns the
+    bundle, or None for a run without one (nothing checked)."""
+    from hwsi.train.bundle import check_stores
+
+    return check_stores([info.store for _, info in sorted(data.slides.items())], run_dir,
+                        hint=" (extract the job with the run's settings: RUN/bundle/bundle.json)")
+
+
 __all__ = [
+    "check_run_stores",
     "EvalConfig",
     "EvalData",
     "GENERATION_TASKS",
