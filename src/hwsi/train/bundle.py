@@ -212,14 +212,14 @@ def bundle_from_stores(stores: list[Path], job: str | Path = "") -> tuple[RunBun
             diff = differences(sig, s)
             if diff:
                 k, a, b = diff[0]
-                raise ConfigError(f"{p}: {_LABELS[k]} is {show_value(b)}, but {first} has {show_value(a)}; a run trains on "
-                                  "stores made one way (re-extract the job with one setting)")
+                raise ConfigError(f"{p}: {_LABELS[k]} is {show_value(b)}, but {first} has {show_value(a)}; a run "
+                                  "trains on stores made one way (re-extract the job with one setting)")
             for k, v in s.items():  # a field only later stores record
                 if sig.get(k) is None and v is not None:
                     sig[k] = v
         n += 1
     if sig is None:
-        raise ConfigError(f"{job}: no stores to record the run's settings from")
+        raise ConfigError(f"{job}: no extracted stores to record the run's settings from (run `hwsi extract`)")
     b = RunBundle(sig, job=str(job), n_stores=n, recorded_extract=bool(extra.get("has_extract")),
                   cells=extra.get("cells_spec"))
     return b, extra
@@ -330,7 +330,8 @@ def check_store(store: str | Path, bundle: RunBundle, hint: str = "") -> None:
     if diff:
         k, a, b = diff[0]
         more = f" (and {len(diff) - 1} more setting(s))" if len(diff) > 1 else ""
-        raise BundleMismatch(f"{store}: {_LABELS[k]} is {show_value(b)}, but {run} was trained on {show_value(a)}{more}{hint}")
+        raise BundleMismatch(f"{store}: {_LABELS[k]} is {show_value(b)}, but {run} was trained on "
+                             f"{show_value(a)}{more}{hint}")
 
 
 def check_stores(stores: list[Path], run: str | Path, hint: str = "") -> RunBundle | None:
