@@ -272,8 +272,14 @@ def test_cli_writes_json_and_markdown(cohort: Path, model: MLLMHWSI, tmp_path: P
     import hwsi.eval.tasks as tasks_mod
     from hwsi.cli import main
 
-    monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir: model)
+    from hwsi.train.config import TrainConfig, save_train_config
+
+    monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir: model)  # the un-mocked CLI: tests/test_ask.py
     monkeypatch.setitem(tasks_mod._TEXT_ENCODERS, "hash", HashTextEncoder())
+    run_cfg = TrainConfig()
+    run_cfg.data.patch_encoder, run_cfg.data.region_input = "enc", "rin"  # the run's config names the store datasets
+    (tmp_path / "run").mkdir()
+    save_train_config(run_cfg, tmp_path / "run" / "config.yaml")
     out = tmp_path / "out"
     rc = main(["eval", "--task", "caption", "--task", "slide_retrieval", "--data", str(cohort), "--model",
                str(tmp_path / "run"), "--out", str(out), "--limit", "3", "--max-new-tokens", "4", "--no-meteor",

@@ -59,12 +59,11 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
         if ev.missing_stores:
             typer.echo(f"warning: {len(ev.missing_stores)} slides have no store: {ev.missing_stores[:10]}")
-        bundle = check_run_stores(model, ev)
-        if bundle is None:
+        run_cfg = run_config(model)  # not a run folder: one line, before any work
+        cfg.patch_encoder, cfg.region_input = run_cfg.data.patch_encoder, run_cfg.data.region_input
+        if check_run_stores(model, ev) is None:
             typer.echo(f"warning: {model} has no bundle/bundle.json (trained before hwsi recorded one): the stores "
                        "are not checked against the run's encoders and grid", err=True)
-        run_cfg = run_config(model)
-        cfg.patch_encoder, cfg.region_input = run_cfg.data.patch_encoder, run_cfg.data.region_input
         mdl = load_model(model)
         results = run_all(mdl, ev, cfg, tasks=names, out=out)
         for name, r in results.items():
