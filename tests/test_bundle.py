@@ -183,3 +183,34 @@ def test_store_settings_of_a_hand_written_store_are_unknown_not_wrong(tmp_path: 
         f.attrs["schema_version"] = 1
     sig, extra = read_store_settings(p)
     assert all(v is None for v in sig.values()) and not extra["has_extract"]
+
+
+def test_resuming_a_finished_stage_records_the_bundle_of_an_older_run(job: Path, tmp_path: Path) -> None:
+    """A run trained before bundles existed gets one from `hwsi train --stage 3 --resume` (nothing retrained)."""
+    from hwsi.train.config import TrainConfig
+    from hwsi.train.stages import run_stage
+
+    run = tmp_path / "old_run"
+    (run / "stage3").mkdir(parents=True)
+    (run / "stage3" / "result.json").write_text(json.dumps({"metrics": {"steps": 7}, "output": str(run)}))
+    res = run_stage(3, TrainConfig(), job, run, resume=True, progress=False)
+    assert res.finished and res.metrics == {"steps": 7}
+    b = load_bundle(run)
+    assert b is not None and b.n_stores == 3 and b.signature["region_size"] == 1024
+
+
+def test_ask_never_overwrites_another_slides_store_in_a_named_job(job: Path, tmp_path: Path,
+                                                                   encoder_dir: Path) -> None:
+    from hwsi.train.ask import prepare_slide, require_bundle
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no bundle/bundle.json .*--resume"):
+        require_bundle(run)
+    record_bundle(job, stores_of(job), run)
+    slide = tmp_path / "new" / "s0.svs"
+    slide.parent.mkdir()
+    slide.write_bytes(b"not read: the store of another s0 is in the way")
+    before = (job / "stores" / "s0.h5").read_bytes()
+    with pytest.raises(ConfigError, match=r"s0.h5: exists and was not made from .*s0.svs the run's way"):
+        prepare_slide(slide, run, job=job)
+    assert (job / "stores" / "s0.h5").read_bytes() == before

@@ -111,8 +111,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence.
 
-        A slide file is first tiled and extracted exactly as the run's stores were (RUN/bundle); a store made
-        another way (encoder, µm/px, region size, SPF settings) is an error."""
+        A slide file is tiled and extracted as the run's stores were (RUN/bundle); a store made otherwise is refused.
+        """
         from hwsi.model.mllm import ChatSession
         from hwsi.train.ask import is_store_path, prepare_slide
         from hwsi.train.inference import load_trained_model, slide_inputs_for
