@@ -272,8 +272,14 @@ def test_cli_writes_json_and_markdown(cohort: Path, model: MLLMHWSI, tmp_path: P
     import hwsi.eval.tasks as tasks_mod
     from hwsi.cli import main
 
-    monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir: model)
+    from hwsi.train.config import TrainConfig, save_train_config
+
+    monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir: model)  # the un-mocked CLI: tests/test_ask.py
     monkeypatch.setitem(tasks_mod._TEXT_ENCODERS, "hash", HashTextEncoder())
+    run_cfg = TrainConfig()
+    run_cfg.data.patch_encoder, run_cfg.data.region_input = "enc", "rin"  # the run's config names the store datasets
+    (tmp_path / "run").mkdir()
+    save_train_config(run_cfg, tmp_path / "run" / "config.yaml")
     out = tmp_path / "out"
     rc = main(["eval", "--task", "caption", "--task", "slide_retrieval", "--data", str(cohort), "--model",
                str(tmp_path / "run"), "--out", str(out), "--limit", "3", "--max-new-tokens", "4", "--no-meteor",
@@ -283,3 +289,20 @@ def test_cli_writes_json_and_markdown(cohort: Path, model: MLLMHWSI, tmp_path: P
         assert json.loads((out / f"{t}.json").read_text())["task"] == t
         assert (out / f"{t}.md").read_text().startswith("## ")
     assert main(["eval", "--task", "bogus", "--data", str(cohort), "--model", str(tmp_path)]) == 2
+
+
+def test_load_model_reads_a_run_folder_with_the_train_loader(cohort: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`hwsi eval --model RUN` reaches hwsi.train.inference (it once looked in hwsi.train/hwsi.train.stages and
+    failed on every run); a folder that is no run is one line naming it, exit 2."""
+    from hwsi.cli import main
+    from hwsi.eval.tasks import load_model
+    from hwsi.train.engine import TrainError
+
+    with pytest.raises(TrainError, match="config.yaml"):
+        load_model(tmp_path)
+    rc = main(["eval", "--task", "vqa", "--data", str(cohort), "--model", str(tmp_path / "no_run"),
+               "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "no_run" in err and "not a training run folder" in err

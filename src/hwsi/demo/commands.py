@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         if p.paths.report.is_file():
             typer.echo(f"report: {p.paths.report}")
         if (p.paths.runs / "config.yaml").is_file():
-            typer.echo(f"ask:    hwsi ask {p.paths.job}/stores/<slide>.h5 --run {p.paths.runs} -q 'What is the diagnosis?'")
+            typer.echo(f"ask:    hwsi ask {p.paths.cohort}/slides/<slide>.tiff --run {p.paths.runs} "
+                       f"-q 'What is the diagnosis?'   (or a store: {p.paths.job}/stores/<slide>.h5)")
             typer.echo(f"view:   hwsi serve {p.paths.job} --model {p.paths.runs}   (then open http://127.0.0.1:8000)")
 
 

@@ -259,6 +259,15 @@ class Pipeline:
             info[f"stage{stage}"] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
         return info
 
+    def record_bundle(self) -> None:
+        """``RUN/bundle`` (how the stores were made, :mod:`hwsi.train.bundle`): each training stage writes it; this
+        records it for a run trained before hwsi did, so ``hwsi ask SLIDE --run RUN`` works on any finished demo."""
+        from hwsi.train.bundle import load_bundle, record_bundle
+        from hwsi.train.data import store_ids
+
+        if load_bundle(self.paths.runs) is None:
+            record_bundle(self.paths.job, store_ids(self.paths.job, self.train_config().data), self.paths.runs)
+
     def evaluate(self) -> dict[str, Any]:
         from hwsi.eval.tasks import EvalConfig, load_eval_data, run_all
         from hwsi.train.inference import load_trained_model
@@ -280,6 +289,8 @@ class Pipeline:
                  ("train", self.train), ("eval", self.evaluate), ("report", self.report)]
         for name, fn in steps:
             self._run(name, fn)
+            if name == "train":
+                self.record_bundle()
             if name == until:
                 break
         return self

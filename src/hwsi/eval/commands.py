@@ -41,7 +41,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the shuffled-visual derangement."),
     ) -> None:
         """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
-        from hwsi.eval.tasks import TASKS, EvalConfig, TaskError, load_eval_data, load_model, run_all
+        from hwsi.eval.tasks import (TASKS, EvalConfig, TaskError, check_run_stores, load_eval_data, load_model,
+                                     run_all)
+        from hwsi.train.inference import run_config
 
         names = list(TASKS) if "all" in task else task
         bad = [t for t in names if t not in TASKS]
@@ -60,6 +62,11 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
         if ev.missing_stores:
             typer.echo(f"warning: {len(ev.missing_stores)} slides have no store: {ev.missing_stores[:10]}")
+        run_cfg = run_config(model)  # not a run folder: one line, before any work
+        cfg.patch_encoder, cfg.region_input = run_cfg.data.patch_encoder, run_cfg.data.region_input
+        if check_run_stores(model, ev) is None:
+            typer.echo(f"warning: {model} has no bundle/bundle.json (trained before hwsi recorded one): the stores "
+                       "are not checked against the run's encoders and grid", err=True)
         mdl = load_model(model)
         results = run_all(mdl, ev, cfg, tasks=names, out=out)
         for name, r in results.items():

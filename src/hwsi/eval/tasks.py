@@ -683,23 +683,26 @@ def write_task(result: TaskResult, out: str | Path, figures: bool = True) -> dic
 
 
 def load_model(run_dir: str | Path) -> Any:
-    """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder.
+    """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder
+    (:func:`hwsi.train.inference.load_trained_model`: LoRA merged, eval mode; a folder that is not a finished run is
+    a TrainError naming it)."""
+    from hwsi.train.inference import load_trained_model
 
-    Uses ``load_trained_model(run_dir)`` of hwsi.train (looked up in ``hwsi.train``, then ``hwsi.train.stages``).
-    """
-    import importlib
+    return load_trained_model(run_dir)
 
-    for mod in ("hwsi.train", "hwsi.train.stages"):
-        try:
-            loader = getattr(importlib.import_module(mod), "load_trained_model", None)
-        except ImportError:
-            loader = None
-        if loader is not None:
-            return loader(run_dir)
-    raise TaskError(f"{run_dir}: this hwsi has no hwsi.train load_trained_model to read a training run")
+
+def check_run_stores(run_dir: str | Path, data: EvalData) -> Any:
+    """Check every store of ``data`` against the run's bundle (:func:`hwsi.train.bundle.check_stores`): a store made
+    another way than the run's (encoder, µm/px, region size, SPF settings) is an error naming it. Returns the
+    bundle, or None for a run without one (nothing checked)."""
+    from hwsi.train.bundle import check_stores
+
+    return check_stores([info.store for _, info in sorted(data.slides.items())], run_dir,
+                        hint=" (extract the job with the run's settings: RUN/bundle/bundle.json)")
 
 
 __all__ = [
+    "check_run_stores",
     "EvalConfig",
     "EvalData",
     "GENERATION_TASKS",

@@ -255,7 +255,7 @@ class ModelAssistant:
             model,
             job,
             name=f"hwsi-mllm ({Path(model_dir).name})",
-            inputs_fn=lambda store: slide_inputs_for(store, cfg=cfg),
+            inputs_fn=lambda store: slide_inputs_for(store, model_dir, cfg=cfg),
         )
 
     def encode_text(self, encoder: str, texts: list[str]) -> np.ndarray:

@@ -1,8 +1,8 @@
 """`hwsi tile`: tissue + grid of each slide into ``JOB/stores/<slide_id>.h5`` (the first stage of every store).
 
 Per slide: open (µm/px), tissue mask, region/patch grid; the store is written under a temporary name and renamed
-when complete, with ``stages = ["tile"]``. It holds (hwsi.store schema) ``regions/coords``, ``regions/tissue``,
-``patches/coords``, ``patches/tissue``, plus ``patches/tissue_fraction`` (R, G) float32, ``tissue/mask`` (uint8
+when complete, with ``stages = ["tile"]`` and the grid + tissue settings (JSON attribute ``tile``). It holds
+(hwsi.store schema) ``regions/coords``, ``regions/tissue``, ``patches/coords``, ``patches/tissue``, plus ``patches/tissue_fraction`` (R, G) float32, ``tissue/mask`` (uint8
 0/1, attrs ``downsample``, ``mpp``, ``saturation_threshold``) and ``tissue/thumbnail`` (RGB uint8, attr
 ``downsample``) for the viewer.
 
@@ -162,8 +162,9 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
 
 
 def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str, grid: Grid,
-                     tissue: TissueMask) -> None:
-    """Write the tile-stage store atomically."""
+                     tissue: TissueMask, settings: dict[str, Any] | None = None) -> None:
+    """Write the tile-stage store atomically (``settings``: the grid and tissue settings, kept as the ``tile``
+    attribute so a run can tile a new slide the same way)."""
     import h5py
 
     meta = StoreMeta(
@@ -185,6 +186,8 @@ def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         write_meta(f, meta)
         f.attrs["n_candidate_regions"] = grid.n_candidates
+        if settings is not None:
+            f.attrs["tile"] = json.dumps(settings)
         write_region_dataset(f, "regions/coords", grid.region_coords.astype(np.int64))
         f.create_dataset("regions/tissue", data=grid.region_tissue.astype(np.float32))
         write_region_dataset(f, "patches/coords", grid.patch_coords.astype(np.int64))
@@ -212,7 +215,8 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
         tissue = compute_tissue(slide, cfg.tissue, patch_size_level0=cfg.grid.patch_size * scale,
                                 threads=cfg.threads)
         grid = build_grid(slide, tissue.mask, tissue.downsample, cfg.grid)
-        write_tile_store(out, slide.path, spec.slide_id, slide.mpp_source, grid, tissue)
+        write_tile_store(out, slide.path, spec.slide_id, slide.mpp_source, grid, tissue,
+                         {"grid": asdict(cfg.grid), "tissue": asdict(cfg.tissue)})
         if cfg.preview:
             from hwsi.slide.preview import save_preview
 

@@ -1,7 +1,9 @@
 """CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train`` and ``hwsi ask``.
 
     hwsi train --stage {0,1,2,3} --config configs/tiny.yaml --job JOB [--out RUN] [--resume] [--stop-after N]
-    hwsi ask JOB/stores/SLIDE.h5 --run RUN --question "What is the grade?" [--question "And the stage?"]
+    hwsi ask SLIDE.svs --run RUN --question "What is the grade?" [--question "And the stage?"]   (tiled + extracted
+                                         the run's way into RUN/ask, cached; hwsi.train.ask)
+    hwsi ask JOB/stores/SLIDE.h5 --run RUN -q ...                     (a store made the run's way)
 
 Multi-GPU / DeepSpeed ZeRO-3 (same code, same flags)::
 
@@ -95,19 +97,42 @@ def register(app: typer.Typer) -> None:
 
     @app.command("ask")
     def ask(
-        store: Path = typer.Argument(..., help="The slide's feature store (JOB/stores/<slide>.h5)."),
+        slide: Path = typer.Argument(..., help="A slide file (tiled and extracted the run's way into --job, cached "
+                                     "there), or a store JOB/stores/<slide>.h5 made the run's way."),
         run: Path = typer.Option(..., "--run", help="Trained run folder (hwsi train)."),
         question: list[str] = typer.Option([], "--question", "-q",
                                            help="Question; repeat for a multi-turn chat. None: read stdin lines."),
+        job: Optional[Path] = typer.Option(None, "--job", help="Slide file: the job folder its store is cached in "
+                                           "(default RUN/ask)."),
+        mpp: Optional[float] = typer.Option(None, "--mpp", help="Slide file: level-0 µm/px when its metadata lacks "
+                                            "it."),
+        cells: Optional[str] = typer.Option(None, "--cells", help="Slide file of a run trained on CellViT nuclei: "
+                                            "cellvit:DIR with this slide's CellViT output."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
         top: int = typer.Option(3, "--top", min=0, help="Top regions and patches to print per question (0: none)."),
     ) -> None:
-        """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence."""
+        """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence.
+
+        A slide file is tiled and extracted as the run's stores were (RUN/bundle); a store made otherwise is refused.
+        """
         from hwsi.model.mllm import ChatSession
+        from hwsi.train.ask import is_store_path, prepare_slide
         from hwsi.train.inference import load_trained_model, slide_inputs_for
 
-        model = load_trained_model(run)
+        if mpp is not None and not mpp > 0:
+            from hwsi.errors import ConfigError
+
+            raise ConfigError(f"--mpp must be > 0, got {mpp}")
+        if is_store_path(slide):
+            if job is not None or mpp is not None or cells is not None:
+                from hwsi.errors import ConfigError
+
+                raise ConfigError(f"{slide}: --job, --mpp and --cells are for a slide file, not a store")
+            store = slide
+        else:
+            store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True))
         inputs = slide_inputs_for(store, run)
+        model = load_trained_model(run)
         chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens)
         typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix)",
                    err=True)

@@ -54,8 +54,16 @@ def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | to
     return model
 
 
-def slide_inputs_for(store: str | Path, run_dir: str | Path | None = None, cfg: TrainConfig | None = None) -> SlideInputs:
-    """One slide's inputs with the run's encoders and selection (max_regions, k, max_cells)."""
+def slide_inputs_for(store: str | Path, run_dir: str | Path | None = None,
+                     cfg: TrainConfig | None = None) -> SlideInputs:
+    """One slide's inputs with the run's encoders and selection (max_regions, k, max_cells).
+
+    With ``run_dir`` the store is first checked against the run's bundle (:func:`hwsi.train.bundle.check_store`):
+    a store made another way (encoder, µm/px, region size, SPF settings) is a BundleMismatch, never a silent answer."""
+    if run_dir is not None:
+        from hwsi.train.bundle import check_stores
+
+        check_stores([Path(store)], run_dir, hint=" (`hwsi ask SLIDE_FILE --run RUN` makes it the run's way)")
     cfg = cfg or run_config(run_dir)  # type: ignore[arg-type]
     m = cfg.model
     return load_slide_inputs(store, cfg.data.patch_encoder, cfg.data.region_input, max_regions=m.max_regions, k=m.k,

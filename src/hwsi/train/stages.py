@@ -10,6 +10,7 @@ Run folder ``out`` (one per experiment; every stage writes ``out/config.yaml`` w
     stage2/final/projectors.safetensors
     stage3/final/projectors.safetensors, stage3/final/lora/   (peft adapter)
     stageN/metrics.csv, stageN/checkpoints/, stageN/result.json
+    bundle/                          what the stores were made with (hwsi.train.bundle; stages 1–3)
 
 Stage 0 (tiny runs only; NOT in the paper, docs/design.md §5). No pretrained LLM exists offline and a frozen random LLM cannot
 write reports, so a tiny Qwen2 (``build_tiny_llm``, tokenizer trained on the TRAIN split's text) is pretrained on the
@@ -105,6 +106,7 @@ def run_stage(stage: int, cfg: TrainConfig, job: str | Path, out: str | Path, re
     fn = {0: _stage0, 1: _stage1, 2: _stage2, 3: _stage3}.get(stage)
     if fn is None:
         raise ConfigError(f"stage must be 0, 1, 2 or 3, got {stage}")
+    record_run_bundle(stage, cfg, job, out, fresh=stage == 1 and not resume)
     stage_dir = out / f"stage{stage}"
     done = stage_dir / "result.json"
     if resume and done.is_file():
@@ -114,6 +116,18 @@ def run_stage(stage: int, cfg: TrainConfig, job: str | Path, out: str | Path, re
     done.unlink(missing_ok=True)
     seed_everything(cfg.seed)
     return fn(cfg, job, out, resume, stop_after, progress)
+
+
+def record_run_bundle(stage: int, cfg: TrainConfig, job: Path, out: Path, fresh: bool = False) -> None:
+    """Stages 1–3: ``RUN/bundle`` records how the job's stores were made (:mod:`hwsi.train.bundle`), also when a
+    finished stage is resumed (so runs trained before it existed get one); a job made another way than the run's
+    earlier stages is a ConfigError (``fresh``: stage 1 from scratch replaces it). Stage 0 reads no features."""
+    if stage in (1, 2, 3):
+        from hwsi.train.bundle import record_bundle
+
+        stores = store_ids(job, cfg.data)
+        if stores:
+            record_bundle(job, stores, out, replace=fresh)
 
 
 def _finish(stage: int, out: Path, fit: FitResult, n_items: int, output: Path | None, extra: dict[str, Any],
