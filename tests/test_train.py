@@ -174,3 +174,20 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
     p.write_text("data: {stage2_records: captions}\n")
     with pytest.raises(ConfigError, match="stage2_records"):
         load_train_config(p)
+
+
+def test_stage1_weights_of_every_scale_load_into_a_model_with_fewer(run: tuple[TrainConfig, Path, Path]) -> None:
+    """The "clean" Table 1 protocol: a full stage 1 feeds a model without cell/region tokens; a hierarchy the
+    weights do not cover is one clear error."""
+    import copy
+
+    from hwsi.train.engine import TrainError
+    from hwsi.train.stages import _load_part, build_model
+
+    cfg, job, out = run
+    fewer = copy.deepcopy(cfg)
+    fewer.model.hierarchy.use_cells = fewer.model.hierarchy.use_regions = False
+    model, _ = build_model(fewer, out, stage=2)
+    assert model.hierarchy.ccaf is None and model.hierarchy.vit4k is not None
+    with pytest.raises(TrainError, match="stage-1 weights lack"):
+        _load_part(model.hierarchy, {}, "hierarchy.")

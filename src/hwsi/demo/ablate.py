@@ -136,10 +136,22 @@ def select_rows(table: int, names: tuple[str, ...] = ()) -> tuple[Row, ...]:
     return tuple(r for r in rows if not names or r.name in names)
 
 
+PROTOCOLS = ("paper", "clean")
+
+
 def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2), preset: str = "small",
-                 rows: tuple[str, ...] = ()) -> Path:
+                 rows: tuple[str, ...] = (), protocol: str = "paper") -> Path:
     """Train and score the rows of ``table`` (all, or those named in ``rows``) for every seed; write
-    ``OUT/table<N>.json`` and ``.md`` (the table lists every row scored so far in OUT)."""
+    ``OUT/table<N>.json`` and ``.md`` (the table lists every row scored so far in OUT).
+
+    ``protocol`` (Table 1): "paper" (default) switches a scale off in stage 1 AND in the LLM input, as the paper's
+    tables imply (its Table 2 "L_WSI only" row equals its Table 1 "WSI only" row); "clean" trains stage 1 once per
+    seed with the full hierarchy (the full row's) and removes scales from the LLM input only (stages 2–3), so the
+    effect of a scale's tokens is separated from the effect of its Eq. 6/8 terms. Written to ``table1-clean.*``."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "clean" and table != 1:
+        raise ConfigError("--protocol clean applies to Table 1 (scales), not to Table 2 (loss terms)")
     from hwsi.demo.pipeline import Pipeline, PipelineConfig
     from hwsi.train.stages import run_stage
 
@@ -155,38 +167,64 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     oracle_file = out / "base" / "oracle.json"
     if not (oracle_file.is_file() and json.loads(oracle_file.read_text()).get("version") == SCORES_VERSION):
         write_json_atomic(oracle_file, oracle_scores(llm, base.paths.cohort, base.paths.job))
+    clean = protocol == "clean"
+    if clean:  # the full row's stage 1 for every seed first: the clean rows start from it
+        _train_and_score(out, base, llm, TABLE1[-1], seeds, "")
     for row in selected:
-        for seed in seeds:
-            run_dir = out / "rows" / row.run_name / f"seed{seed}"
-            if _scored(run_dir):
-                continue  # scored before, by this table or by the other (the shared full row)
-            with _claim(run_dir) as mine:
-                if not mine or _scored(run_dir):
-                    print(f"ablate: {run_dir} is being trained by another process; skipped (rerun to collect it)")
-                    continue
-                over = json.loads(json.dumps(row.overrides))
-                over.setdefault("model", {})["llm_path"] = str(llm)
-                over["seed"] = seed
-                cfg = base.train_config(over)
-                for stage in (1, 2, 3):  # a finished stage is not retrained: an old-version score only re-scores
-                    run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
-                write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
-            _collect(out, table, seeds)
-    results = _collect(out, table, seeds)
-    md = format_table(table, results, seeds, json.loads(oracle_file.read_text()))
-    write_bytes_atomic(out / f"table{table}.md", md.encode("utf-8"))
-    return out / f"table{table}.md"
+        _train_and_score(out, base, llm, row, seeds, "clean-" if clean and row.run != "full" else "")
+        _collect(out, table, seeds, protocol)
+    results = _collect(out, table, seeds, protocol)
+    name = f"table{table}" + ("-clean" if clean else "")
+    md = format_table(table, results, seeds, json.loads(oracle_file.read_text()), protocol)
+    write_bytes_atomic(out / f"{name}.md", md.encode("utf-8"))
+    return out / f"{name}.md"
 
 
-def _collect(out: Path, table: int, seeds: tuple[int, ...]) -> dict[str, Any]:
-    """Every score of ``table`` found in OUT — the runs' own ``scores.json`` (the source of truth, so several
-    ``hwsi ablate`` processes with different ``--rows`` can share OUT) over the table's JSON — written back to
-    ``OUT/table<N>.json`` atomically."""
-    table_json = out / f"table{table}.json"
+def _train_and_score(out: Path, base: Any, llm: Path, row: Row, seeds: tuple[int, ...], prefix: str) -> None:
+    """Stages 1–3 of one row for each seed (a finished stage is not retrained), then its held-out scores. With a
+    ``clean-`` prefix, stage 1 is the full row's of the same seed (copied) and only stages 2–3 train."""
+    import shutil
+
+    from hwsi.train.stages import run_stage
+
+    for seed in seeds:
+        run_dir = out / "rows" / (prefix + row.run_name) / f"seed{seed}"
+        if _scored(run_dir):
+            continue  # scored before, by this table or by the other (the shared full row)
+        with _claim(run_dir) as mine:
+            if not mine or _scored(run_dir):
+                print(f"ablate: {run_dir} is being trained by another process; skipped (rerun to collect it)")
+                continue
+            over = json.loads(json.dumps(row.overrides))
+            over.setdefault("model", {})["llm_path"] = str(llm)
+            over["seed"] = seed
+            cfg = base.train_config(over)
+            stages = (1, 2, 3)
+            if prefix:
+                full = out / "rows" / TABLE1[-1].run_name / f"seed{seed}"
+                if not (full / "stage1" / "result.json").is_file():
+                    raise ConfigError(f"{full}: the full row's stage 1 is missing (train the full row first)")
+                if not (run_dir / "stage1" / "result.json").is_file():
+                    shutil.copytree(full / "stage1", run_dir / "stage1", dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("checkpoints", "*.lock"))
+                    shutil.copy2(full / "config.yaml", run_dir / "config.yaml")
+                stages = (2, 3)
+            for stage in stages:  # a finished stage is not retrained: an old-version score only re-scores
+                run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
+            write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
+
+
+def _collect(out: Path, table: int, seeds: tuple[int, ...], protocol: str = "paper") -> dict[str, Any]:
+    """Every score of ``table`` (and ``protocol``) found in OUT — the runs' own ``scores.json`` (the source of truth,
+    so several ``hwsi ablate`` processes with different ``--rows`` can share OUT) over the table's JSON — written
+    back to ``OUT/table<N>[-clean].json`` atomically."""
+    clean = protocol == "clean"
+    table_json = out / (f"table{table}" + ("-clean" if clean else "") + ".json")
     results: dict[str, Any] = json.loads(table_json.read_text()) if table_json.is_file() else {}
     for row in TABLES[table]:
+        folder = ("clean-" if clean and row.run != "full" else "") + row.run_name
         for seed in seeds:
-            path = out / "rows" / row.run_name / f"seed{seed}" / "scores.json"
+            path = out / "rows" / folder / f"seed{seed}" / "scores.json"
             if path.is_file():
                 results[f"{row.name}|{seed}"] = {"row": row.name, "seed": seed, **json.loads(path.read_text())}
     write_json_atomic(table_json, results)

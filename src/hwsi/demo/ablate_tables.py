@@ -79,8 +79,10 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
 
 
 def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...],
-                 oracle: dict[str, Any] | None = None) -> str:
+                 oracle: dict[str, Any] | None = None, protocol: str = "paper") -> str:
     head = {1: "Table 1 (scales fed to the LLM)", 2: "Table 2 (terms of L_HCA in stage 1)"}[table]
+    if protocol == "clean":
+        head += ", clean protocol: stage 1 with every scale, scales removed from the LLM input only"
     lines = [f"## SynthPath ablation — {head}", "",
              f"Held-out slides (val + test), seeds {list(seeds)}; mean ± 95% CI (Student t). closed acc: "
              "closed-ended VQA accuracy; shuffled: same model, visual tokens shuffled across slides; chance: mean "

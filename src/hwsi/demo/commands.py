@@ -58,6 +58,8 @@ def _register_ablate(app: typer.Typer) -> None:
                                    "slides), test (80) or demo."),
         rows: str = typer.Option("", "--rows", help="Only these rows, by their printed names separated by ';' "
                                  "(default: every row of the table)."),
+        protocol: str = typer.Option("paper", "--protocol", help="Table 1: paper (a scale off in stage 1 and the "
+                                     "LLM input) or clean (stage 1 with every scale; the LLM input only)."),
     ) -> None:
         """Train and score every ablation row on SynthPath over several seeds; print mean ± 95% CI."""
         from hwsi.demo.ablate import run_ablation
@@ -71,7 +73,7 @@ def _register_ablate(app: typer.Typer) -> None:
         from hwsi.utils.outdir import prepare_output_dir
 
         prepare_output_dir(out, what="--out folder", create=False)
-        md = run_ablation(table, out, seed_list, preset, row_names)
+        md = run_ablation(table, out, seed_list, preset, row_names, protocol)
         typer.echo(md.read_text())
 
 

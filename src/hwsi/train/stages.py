@@ -418,12 +418,25 @@ def build_model(cfg: TrainConfig, out: Path, stage: int):
     seed_everything(cfg.seed)
     model = MLLMHWSI.from_config(cfg.model, llm, tok)
     align = _load_safetensors(out / "stage1" / "final" / ALIGNMENT_FILE)
-    model.hierarchy.load_state_dict({k[10:]: v for k, v in align.items() if k.startswith("hierarchy.")})
+    _load_part(model.hierarchy, align, "hierarchy.")
     if model.heads is not None:
-        model.heads.load_state_dict({k[6:]: v for k, v in align.items() if k.startswith("heads.")})
+        _load_part(model.heads, align, "heads.")
     if stage >= 3:
         model.projectors.load_state_dict(_load_safetensors(out / "stage2" / "final" / PROJECTORS_FILE))
     return model, cfg
+
+
+def _load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load ``prefix``-ed weights into ``module``. Every key the module has must be there; keys of scales the module
+    does not have are ignored (a stage 1 trained with every scale feeding a model with fewer: the "clean" Table 1
+    protocol of ``hwsi ablate``)."""
+    own = module.state_dict()
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing = sorted(set(own) - set(part))
+    if missing:
+        raise TrainError(f"stage-1 weights lack {prefix}{missing[0]} (and {len(missing) - 1} more): trained with "
+                         "another hierarchy configuration?")
+    module.load_state_dict({k: part[k] for k in own}, strict=True)
 
 
 def _dims_from_run(cfg: TrainConfig, out: Path) -> TrainConfig:
