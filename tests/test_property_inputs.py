@@ -1,0 +1,128 @@
+"""Property-based tests: arbitrary bytes and structures given to hwsi's input readers never raise anything but
+hwsi's own error type (the typed config reader, every record loader, the slide CSV of `hwsi tile`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hwsi.config import from_dict, load_config
+from hwsi.errors import ConfigError, HwsiError
+from hwsi.slide.tile import collect_slides
+from hwsi.train.config import TrainConfig
+from hwsi.train.records import FORMATS, RecordError, load_records
+
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# JSON values: scalars (with the awkward ones: huge ints, NaN, control characters) nested in lists and objects
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+# Records shaped like each format: every field usually of the right kind, sometimes anything or missing, so the
+# parsers past the format checks (options, answer letters, turns, image references) are reached
+_text = st.text(max_size=16)
+_ref = st.sampled_from(["TCGA-21-1083-01Z-00-DX1.ab12.pt", "dir/s1.svs", "s2.csv", "TCGA-LD-A74U", "", "/", "a\\b"])
+_question = st.sampled_from(["Is there necrosis?", "What is the grade?\nA) 1\nB) 2\nC) 3",
+                             "Is the prognosis good or poor?", "(A) x (B) y (C) z"]) | _text
+_letter = st.sampled_from(["A", "b", "(C)", "D.", "E", "", "AB"])
+_turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "user", "assistant", "x"]), "value": _text})
+_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    "wsi-bench-train": {"id": _text | st.integers(), "image": _ref | st.lists(_ref, max_size=3),
+                        "conversations": st.lists(_turn, max_size=4)},
+    "wsi-bench-test": {"question_id": _text | st.integers(), "image": _ref | st.lists(_ref, max_size=2),
+                       "question": _question, "T-answer": st.sampled_from(["Yes.", "No", "grade 2", "A"]) | _text,
+                       "metadata": st.sampled_from(["Grade", "Report"]) | st.fixed_dictionaries({"category": _text})},
+    "wsi-vqa": {"Id": _ref, "Question": _question, "Choice": st.lists(_text, max_size=4),
+                "Answer": _text | st.integers() | st.floats()},
+    "slidebench-json": {"slide_id": _ref, "question": _question, "answer": _letter, "category": _text,
+                        "choices": st.lists(st.sampled_from(["A) x", "B) y", "C) z", "w"]), max_size=4)},
+    "histgen": {"id": _text | st.integers(), "report": _text, "split": _text,
+                "image_path": _ref | st.lists(_ref, max_size=2)},
+}
+
+
+@st.composite
+def _record(draw: st.DrawFn, fmt: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    for key, good in _FIELDS[fmt].items():
+        kind = draw(st.integers(0, 9))
+        if kind == 0:
+            continue  # missing
+        rec[key] = draw(json_values) if kind == 1 else draw(good)
+    return rec
+
+
+def _document(fmt: str) -> st.SearchStrategy[Any]:
+    recs = st.lists(_record(fmt), max_size=4)
+    if fmt == "slidebench-json":
+        return st.fixed_dictionaries({"samples": recs | json_values})
+    if fmt == "histgen":
+        return st.dictionaries(st.sampled_from(["train", "val", "test"]), recs | json_values, max_size=3)
+    return recs | json_values
+
+
+def _tmp(name: str, data: bytes) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="hwsi-prop-"))
+    p = d / name
+    p.write_bytes(data)
+    return p
+
+
+def _load_never_crashes(path: Path, fmt: str) -> None:
+    try:
+        out = load_records(path, fmt)
+    except RecordError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
+    else:
+        assert isinstance(out, list)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".json", ".jsonl", ".csv"]),
+       fmt=st.sampled_from(("auto",) + FORMATS))
+def test_record_loaders_arbitrary_bytes(data: bytes, suffix: str, fmt: str) -> None:
+    _load_never_crashes(_tmp("records" + suffix, data), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["wsi-bench-train", "slidechat", "wsi-bench-test", "wsi-vqa", "slidebench-json",
+                                 "histgen"])
+@SETTINGS
+@given(st.data())
+def test_record_loaders_arbitrary_structures(fmt: str, data: st.DataObject) -> None:
+    shape = "wsi-bench-train" if fmt == "slidechat" else fmt
+    doc = data.draw(_document(shape))
+    text = json.dumps(doc)
+    _load_never_crashes(_tmp("records.json", text.encode()), data.draw(st.sampled_from([fmt, "auto"])))
+    if isinstance(doc, list) and fmt == "wsi-bench-test":  # the jsonl form: one record per line
+        lines = "\n".join(json.dumps(x) for x in doc)
+        _load_never_crashes(_tmp("records.jsonl", lines.encode()), fmt)
+
+
+_csv_cell = st.text(alphabet=st.characters(codec="utf-8"), max_size=10) | st.sampled_from(["A", "B", "C", "a", ""])
+
+
+@SETTINGS
+@given(rows=st.lists(st.lists(_csv_cell, max_size=13), max_size=5), header=st.booleans())
+def test_slidebench_csv_arbitrary_rows(rows: list[list[str]], header: bool) -> None:
+    import csv
+    import io
+
+    from hwsi.train.records import SLIDEBENCH_CSV_COLUMNS
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if header:
+        w.writerow(SLIDEBENCH_CSV_COLUMNS)
+    w.writerows(rows)
+    _load_never_crashes(_tmp("bench.csv", buf.getvalue().encode()), "slidebench-csv")
