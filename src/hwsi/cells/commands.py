@@ -68,14 +68,9 @@ def register(app: typer.Typer) -> None:
 
         cfg = SegmentConfig()
         if config is not None:
-            import yaml
+            from hwsi.config import load_config, read_yaml
 
-            from hwsi.config import load_config
-
-            try:
-                raw = yaml.safe_load(config.read_text()) if config.is_file() else None
-            except yaml.YAMLError:
-                raw = None
+            raw = read_yaml(config)
             section = "segment" if isinstance(raw, dict) and "segment" in raw else None
             cfg = load_config(config, SegmentConfig, section=section)
         if mpp is not None and not mpp > 0:

@@ -28,20 +28,22 @@ Empty inputs (a slide without cells, one region, batch of one) give 0 for that t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from hwsi.config import PositiveFloat
 from hwsi.model.heads import AlignedTokens
 
 
 @dataclass
 class HCALossConfig:
-    tau: float = 0.02
+    tau: PositiveFloat = 0.02
     use_Ls: bool = True  # Eq. 6 (cells, patches, regions)
     use_Lc: bool = True  # Eq. 8
     use_Lwsi: bool = True  # Eq. 7
-    scales: tuple[str, ...] = ("cells", "patches", "regions")  # which Eq. 6 terms
+    scales: tuple[Literal["cells", "patches", "regions"], ...] = ("cells", "patches", "regions")  # which Eq. 6 terms
 
 
 @dataclass
