@@ -126,3 +126,168 @@ def test_slidebench_csv_arbitrary_rows(rows: list[list[str]], header: bool) -> N
         w.writerow(SLIDEBENCH_CSV_COLUMNS)
     w.writerows(rows)
     _load_never_crashes(_tmp("bench.csv", buf.getvalue().encode()), "slidebench-csv")
+
+
+# ------------------------------------------------------------------------------------------- the typed config reader
+_numberish = st.sampled_from(["1e-3", "4", "abc", "", " 2.5 ", "nan", "inf", "1e400", "0x10", "yes", "no"])
+
+
+def _value_for(tp: Any) -> st.SearchStrategy[Any]:
+    """Values mostly of the kind the type hint asks for (so the checks past the type are reached), or anything."""
+    import dataclasses
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _value_for(args[0])
+    if dataclasses.is_dataclass(tp):
+        return _shaped(tp)
+    if tp is bool:
+        good: st.SearchStrategy[Any] = st.booleans()
+    elif tp is int:
+        good = st.integers(-3, 70) | st.integers()
+    elif tp is float:
+        good = st.floats() | st.integers(-2, 10) | _numberish
+    elif origin is typing.Literal:
+        good = st.sampled_from(args)
+    elif origin is tuple:
+        inner = args[0] if args else Any
+        good = st.lists(_value_for(inner), max_size=4)
+    else:
+        good = st.text(max_size=10)
+    return st.one_of(good, good, json_values)
+
+
+@st.composite
+def _shaped(draw: st.DrawFn, cls: type) -> dict[str, Any]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if draw(st.integers(0, 3)) == 0:
+            out[f.name] = draw(_value_for(hints[f.name]))
+    if draw(st.integers(0, 19)) == 0:
+        out[draw(st.text(max_size=6))] = draw(json_scalars)  # an unknown key, now and then
+    return out
+
+
+def _config_classes() -> list[type]:
+    from hwsi.cells.segment import SegmentConfig
+
+    return [TrainConfig, SegmentConfig]
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+@SETTINGS
+@given(st.data())
+def test_config_reader_arbitrary_structures(cls: type, data: st.DataObject) -> None:
+    from dataclasses import asdict
+
+    raw = data.draw(_shaped(cls) | json_values)
+    try:
+        cfg = from_dict(cls, raw, "c.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("c.yaml: ") and "\n" not in str(exc)
+    else:
+        _assert_conforms(cfg)
+        assert from_dict(cls, asdict(cfg), "again") == cfg  # what was accepted is a valid config
+
+
+def _assert_conforms(obj: Any) -> None:
+    """Every field of an accepted config holds a value of its declared type (and within its declared Range)."""
+    import dataclasses
+    import math
+    import typing
+
+    from hwsi.config import Range
+
+    def check(tp: Any, v: Any, key: str) -> None:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Annotated:
+            check(args[0], v, key)
+            for r in (a for a in args[1:] if isinstance(a, Range)):
+                assert r.check(v) is None, (key, v)
+        elif dataclasses.is_dataclass(tp):
+            _assert_conforms(v)
+        elif origin is typing.Literal:
+            assert v in args and type(v) in {type(a) for a in args}, (key, v)
+        elif origin is tuple:
+            assert isinstance(v, tuple), (key, v)
+            inner = [args[0]] * len(v) if len(args) == 2 and args[1] is Ellipsis else list(args)
+            assert len(inner) == len(v), (key, v)
+            for i, (t, x) in enumerate(zip(inner, v)):
+                check(t, x, f"{key}[{i}]")
+        elif tp is float:
+            assert type(v) is float and math.isfinite(v), (key, v)
+        elif tp in (int, bool, str):
+            assert type(v) is tp, (key, v)
+
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        check(hints[f.name], getattr(obj, f.name), f.name)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_config_file_arbitrary_bytes(data: bytes) -> None:
+    p = _tmp("c.yaml", data)
+    try:
+        load_config(p, TrainConfig)
+    except ConfigError as exc:
+        assert str(p) in str(exc) and "\n" not in str(exc)
+
+
+@SETTINGS
+@given(doc=_shaped(TrainConfig))
+def test_config_file_yaml_documents(doc: dict[str, Any]) -> None:
+    p = _tmp("c.yaml", yaml.safe_dump(doc, allow_unicode=True).encode())
+    try:
+        cfg = load_config(p, TrainConfig)
+    except ConfigError as exc:
+        assert str(p) in str(exc)
+    else:
+        _assert_conforms(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- slide CSV of tile
+@SETTINGS
+@given(data=st.binary(max_size=200))
+def test_slide_csv_arbitrary_bytes(data: bytes) -> None:
+    p = _tmp("slides.csv", data)
+    try:
+        specs = collect_slides(p)
+    except HwsiError as exc:
+        assert str(p) in str(exc) and "\n" not in str(exc)
+    else:
+        assert all(s.mpp is None or s.mpp > 0 for s in specs)
+
+
+_csv_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=12)
+
+
+_slide_name = st.sampled_from(["a.svs", "dir/b.tiff", " c.ndpi ", "", "a.svs"]) | _csv_text
+_mpp_text = _numberish | st.floats().map(repr) | st.just("")
+
+
+@SETTINGS
+@given(header=st.sampled_from(["slide,mpp", "Slide , MPP", "slide", "mpp,slide", "path"]),
+       rows=st.lists(st.tuples(_slide_name, _mpp_text).map(list) | st.lists(_csv_text | _numberish, max_size=3),
+                     max_size=5))
+def test_slide_csv_arbitrary_rows(header: str, rows: list[list[str]]) -> None:
+    import csv
+    import io
+    import math
+
+    buf = io.StringIO()
+    buf.write(header + "\n")
+    csv.writer(buf).writerows(rows)
+    p = _tmp("slides.csv", buf.getvalue().encode())
+    try:
+        specs = collect_slides(p, mpp=0.5)
+    except HwsiError as exc:
+        assert str(p) in str(exc) and "\n" not in str(exc)
+    else:
+        assert all(s.mpp is not None and math.isfinite(s.mpp) and s.mpp > 0 for s in specs)
+        assert len({s.slide_id for s in specs}) == len(specs)

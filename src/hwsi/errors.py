@@ -44,7 +44,8 @@ class InputFileError(HwsiError):
         self.reason = reason
         self.where = where
         loc = f"{self.path} ({where})" if where else self.path
-        super().__init__(f"{loc}: {reason}")
+        # one line, whatever the file put in an id or value quoted here
+        super().__init__(f"{loc}: {reason}".replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class ConfigFileError(InputFileError, ConfigError):
