@@ -51,12 +51,14 @@ def read_bytes(path: str | Path, error: ErrorType = InputFileError) -> bytes:
 
 def decode_utf8(data: bytes, path: str | Path, error: ErrorType = InputFileError) -> str:
     """``data`` decoded as UTF-8 (BOM dropped); bytes that are not UTF-8 -> ``error`` with line and byte offset."""
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        return data.decode("utf-8-sig")
+        return data[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise error(path, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
-                          "(save the file as UTF-8)", f"line {line}") from None
+        at = skip + exc.start  # offset in the file, BOM included
+        line = data.count(b"\n", 0, at) + 1
+        raise error(path, f"not UTF-8 text: byte 0x{data[at]:02x} at byte offset {at} (save the file as UTF-8)",
+                    f"line {line}") from None
 
 
 def read_text(path: str | Path, error: ErrorType = InputFileError) -> str:
