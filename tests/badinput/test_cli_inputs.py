@@ -107,6 +107,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("eval-missing-model", ["eval", "--data", "{C}/recs.jsonl"], ["hwsi eval", "'--model'"]),
     ("ask-missing-run", ["ask", "{C}/s.h5"], ["hwsi ask", "'--run'"]),
     ("extract-k-not-int", ["extract", "{C}/empty_job", "--k", "x"], ["'--k'"]),
+    ("tile-out-under-a-file", ["tile", "{C}/s.tiff", "--out", "{C}/s.tiff/job"], ["s.tiff/job", "Not a directory"]),
     # item 8: numbers and non-regular files
     ("tile-mpp-inf", ["tile", "{C}/s.tiff", "--out", "{O}", "--mpp", "inf"], ["'--mpp'", "finite", "inf"]),
     ("tile-mpp-negative", ["tile", "{C}/s.tiff", "--out", "{O}", "--mpp", "-1"], ["'--mpp'", "> 0"]),
