@@ -72,9 +72,12 @@ def _document(fmt: str) -> st.SearchStrategy[Any]:
     return recs | json_values
 
 
+_DIR = tempfile.TemporaryDirectory(prefix="hwsi-prop-")  # removed when the test process ends
+
+
 def _tmp(name: str, data: bytes) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="hwsi-prop-"))
-    p = d / name
+    """``data`` written to ``name`` in this module's scratch folder (each example overwrites the last)."""
+    p = Path(_DIR.name) / name
     p.write_bytes(data)
     return p
 
