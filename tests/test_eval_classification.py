@@ -98,7 +98,7 @@ def test_prompt_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ClassificationError, match=r"p\.json: set '0': templates"):
         load_prompt_sets(p)
     p.write_text("{bad")
-    with pytest.raises(ClassificationError, match=r"p\.json: not valid JSON"):
+    with pytest.raises(ClassificationError, match=r"p\.json \(line 1, column 2\): not valid JSON"):
         load_prompt_sets(p)
     y = tmp_path / "t.yaml"
     y.write_text("label_dict: {A: 0, B: 1}\nprompts: {A: [a]}\n")

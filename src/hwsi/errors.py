@@ -33,3 +33,20 @@ class StoreError(HwsiError):
 
 class ConfigError(HwsiError):
     """A configuration value or file is invalid."""
+
+
+class InputFileError(HwsiError):
+    """An input file cannot be read as what it should be. Names the file, where in it (line, byte offset, row,
+    record) when known, and the reason: ``"FILE (line 3): not valid JSON: ..."``."""
+
+    def __init__(self, path: str | Path, reason: str, where: str | None = None) -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.where = where
+        loc = f"{self.path} ({where})" if where else self.path
+        # one line, whatever the file put in an id or value quoted here
+        super().__init__(f"{loc}: {reason}".replace("\r", "\\r").replace("\n", "\\n"))
+
+
+class ConfigFileError(InputFileError, ConfigError):
+    """A configuration file cannot be read (missing, not UTF-8, not valid YAML); also a :class:`ConfigError`."""

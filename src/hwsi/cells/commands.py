@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from hwsi.options import positive_number
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -49,7 +51,7 @@ def register(app: typer.Typer) -> None:
     def cells(
         source: Path = typer.Argument(..., help="A PNG/JPEG H&E tile, or a slide file (then --region is needed)."),
         out: Path = typer.Option(..., "--out", "-o", help="Per-nucleus table: .csv (+ <stem>.features.npy) or .h5."),
-        mpp: float | None = typer.Option(None, help="µm per pixel. Required for image tiles; for slides it overrides "
+        mpp: float | None = typer.Option(None, callback=positive_number, help="µm per pixel. Required for image tiles; for slides it overrides "
                                                     "the slide metadata."),
         region: str | None = typer.Option(None, help="Slide region x,y,w,h in level-0 pixels (slides only)."),
         overlay: Path | None = typer.Option(None, help="Also write a PNG of the image with nucleus outlines "
@@ -68,14 +70,9 @@ def register(app: typer.Typer) -> None:
 
         cfg = SegmentConfig()
         if config is not None:
-            import yaml
+            from hwsi.config import load_config, read_yaml
 
-            from hwsi.config import load_config
-
-            try:
-                raw = yaml.safe_load(config.read_text()) if config.is_file() else None
-            except yaml.YAMLError:
-                raw = None
+            raw = read_yaml(config)
             section = "segment" if isinstance(raw, dict) and "segment" in raw else None
             cfg = load_config(config, SegmentConfig, section=section)
         if mpp is not None and not mpp > 0:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
-from hwsi.errors import HwsiError
+from hwsi.errors import ConfigError, HwsiError
 
 # Ruifrok & Johnston stain vectors (rows H, E, DAB), inverted: OD (·, 3) @ HED_FROM_RGB -> (H, E, DAB).
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
@@ -54,12 +54,16 @@ class SegmentConfig:
     type_rules: "TypeRules" = field(default_factory=lambda: TypeRules())
 
     def validate(self) -> None:
-        if self.smooth_um < 0 or self.open_um < 0 or self.dist_smooth_um < 0 or self.h_um < 0:
-            raise HwsiError(f"SegmentConfig: lengths must be non-negative : {self}")
-        if self.min_area_um2 < 0 or self.max_area_um2 <= self.min_area_um2:
-            raise HwsiError(f"SegmentConfig: need 0 ≤ min_area_um2 < max_area_um2, got {self}")
+        for name in ("smooth_um", "open_um", "dist_smooth_um", "h_um", "local_window_um", "min_area_um2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"SegmentConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_area_um2 <= self.min_area_um2:
+            raise ConfigError(f"SegmentConfig: need min_area_um2 < max_area_um2, got {self.min_area_um2}, "
+                              f"{self.max_area_um2}")
         if not 0 <= self.min_solidity <= 1:
-            raise HwsiError(f"SegmentConfig: min_solidity must be in [0, 1], got {self.min_solidity}")
+            raise ConfigError(f"SegmentConfig.min_solidity must be in [0, 1], got {self.min_solidity}")
+        if self.max_tile_px < 1:
+            raise ConfigError(f"SegmentConfig.max_tile_px must be >= 1, got {self.max_tile_px}")
 
 
 @dataclass

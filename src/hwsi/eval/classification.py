@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +145,13 @@ def load_prompt_sets(path: str | Path) -> list[PromptSet]:
     path = Path(path)
     if not path.is_file():
         raise ClassificationError(f"{path}: prompt file not found")
-    text = path.read_text(encoding="utf-8")
+    from hwsi import textio
+    from hwsi.errors import InputFileError
+
+    try:
+        text = textio.read_text(path)
+    except InputFileError as exc:
+        raise ClassificationError(str(exc)) from None
     if path.suffix.lower() in (".yaml", ".yml"):
         from hwsi.config import read_yaml
 
@@ -165,9 +170,9 @@ def load_prompt_sets(path: str | Path) -> list[PromptSet]:
         templates = data.get("templates") or list(DEFAULT_TEMPLATES)
         return [PromptSet(list(templates), names, f"{path.name}")]
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ClassificationError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from exc
+        data = textio.parse_json(text, path)
+    except InputFileError as exc:
+        raise ClassificationError(str(exc)) from None
     if isinstance(data, dict) and "classnames" in data:
         data = {"0": data}
     if not isinstance(data, dict) or not data:

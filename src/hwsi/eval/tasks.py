@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hwsi import textio
 from hwsi.errors import HwsiError
 from hwsi.train.records import QAItem, load_records, match_records_to_stores, strip_image_token
 
@@ -152,15 +153,12 @@ def store_index(job: str | Path) -> dict[str, Path]:
 
 
 def _read_labels_csv(path: Path) -> dict[str, tuple[str, str]]:
-    import csv
+    from hwsi import textio
 
-    out: dict[str, tuple[str, str]] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        for i, row in enumerate(csv.DictReader(fh)):
-            if "slide_id" not in row or "label" not in row:
-                raise TaskError(f"{path}: needs columns slide_id, label[, split] (row {i + 1})")
-            out[row["slide_id"]] = (row["label"], (row.get("split") or "test").strip())
-    return out
+    header, rows = textio.read_csv(path)
+    if "slide_id" not in header or "label" not in header:
+        raise TaskError(f"{path}: needs columns slide_id, label[, split]; found {header}")
+    return {row["slide_id"]: (row["label"], row.get("split") or "test") for _, row in rows}
 
 
 def load_eval_data(
@@ -182,7 +180,7 @@ def load_eval_data(
     if data.is_dir() and (data / "cohort.json").is_file():
         job = Path(job) if job is not None else data / "job"
         stores = store_index(job)
-        cohort = json.loads((data / "cohort.json").read_text(encoding="utf-8"))
+        cohort = textio.read_json(data / "cohort.json")
         slides: dict[str, SlideInfo] = {}
         missing = []
         for s in cohort["slides"]:
@@ -197,7 +195,7 @@ def load_eval_data(
         rec_path = data / "text" / f"{split}.jsonl"
         records = load_records(rec_path, "wsi-bench-test") if rec_path.is_file() else []
         reports_path = data / "text" / "reports.json"
-        reports = json.loads(reports_path.read_text(encoding="utf-8")) if reports_path.is_file() else {}
+        reports = textio.read_json(reports_path) if reports_path.is_file() else {}
         source = "synthpath"
     elif data.is_file():
         if job is None:

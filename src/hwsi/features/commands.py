@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from hwsi.options import positive_int
+
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
@@ -25,7 +27,7 @@ def register(app: typer.Typer) -> None:
                                   help="Cells of the SPF-selected patches (Eq. 3): builtin | none | cellvit:DIR."),
         batch_size: int = typer.Option(64, "--batch-size", help="Patches per encoder forward pass."),
         threads: int = typer.Option(2, "--threads", help="Threads reading regions (overlaps reading with encoding)."),
-        k: int = typer.Option(16, "--k", help="SPF: patches kept per region (top-k by text relevance, Eq. 2)."),
+        k: int = typer.Option(16, "--k", callback=positive_int, help="SPF: patches kept per region (top-k by text relevance, Eq. 2)."),
         n_div: int = typer.Option(32, "--n-div", help="SPF: diverse survivors of Eq. 1 kept before top-k (0 = off)."),
         min_tissue: float = typer.Option(0.5, "--min-tissue", help="SPF: candidates are tissue patches with at least "
                                                                     "this tissue fraction (0-1)."),

@@ -144,6 +144,7 @@ def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Model
     from hwsi.features.encoders import create_encoder, create_text_encoder, parse_encoder_spec
 
     cfg.validate()
+    terms = load_vocabulary(cfg.vocab)  # a bad vocabulary file fails before any model is loaded
     p_name, p_ckpt = parse_encoder_spec(cfg.patch_encoder)
     enc = create_encoder(p_name, p_ckpt)
     t_name, t_ckpt = parse_encoder_spec(cfg.text_encoder)
@@ -157,7 +158,6 @@ def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Model
         log("warning: hwsi_small_patch without a checkpoint has random weights; SPF relevance (Eq. 2) is "
             "meaningless until it is trained (`hwsi train-encoder`, then --patch-encoder hwsi_small_patch:DIR)")
     text = create_text_encoder(t_name, t_ckpt)
-    terms = load_vocabulary(cfg.vocab)
     text_emb = text.encode(list(terms)).astype(np.float32)
     if text_emb.shape[1] != enc.embed_dim:
         raise ExtractError(

@@ -121,7 +121,10 @@ def load_vocabulary(path: str | Path | None = None) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: vocabulary file not found")
-    text = p.read_text(encoding="utf-8")
+    from hwsi import textio
+    from hwsi.errors import ConfigFileError
+
+    text = textio.read_text(p, ConfigFileError)
     if p.suffix.lower() in (".yaml", ".yml"):
         from hwsi.config import read_yaml
 

@@ -16,16 +16,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hwsi.config import NonNegInt, PositiveFloat, PositiveInt
+from hwsi.errors import ConfigError
 from hwsi.model.blocks import Block, init_vit_weights
 
 
 @dataclass
 class CCAFConfig:
-    in_dim: int = 384  # c_ijk width (CellViT-256: 384; built-in morphology features: their width)
-    dim: int = 784  # transformer width = output width (paper: 784)
-    depth: int = 2  # paper: 2 blocks
-    n_heads: int = 2  # paper: 2 heads
-    mlp_ratio: float = 4.0
+    in_dim: NonNegInt = 384  # c_ijk width (CellViT-256: 384; built-in morphology features: their width)
+    dim: PositiveInt = 784  # transformer width = output width (paper: 784)
+    depth: PositiveInt = 2  # paper: 2 blocks
+    n_heads: PositiveInt = 2  # paper: 2 heads
+    mlp_ratio: PositiveFloat = 4.0
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
 
 
 class CCAF(nn.Module):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hwsi.config import NonNegInt
 from hwsi.errors import ConfigError
 from hwsi.model.ccaf import CCAF, CCAFConfig
 from hwsi.model.inputs import SlideBatch
@@ -33,7 +34,7 @@ SCALES = ("cells", "patches", "regions", "slide")
 
 @dataclass
 class HierarchyConfig:
-    patch_dim: int = 512  # f_ij width (CONCH ViT-B/16: 512)
+    patch_dim: NonNegInt = 512  # f_ij width (CONCH ViT-B/16: 512)
     ccaf: CCAFConfig = field(default_factory=CCAFConfig)
     vit4k: ViT4KConfig = field(default_factory=ViT4KConfig)
     slide: SlideViTConfig = field(default_factory=SlideViTConfig)

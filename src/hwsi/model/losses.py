@@ -48,16 +48,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from hwsi.config import PositiveFloat
 from hwsi.model.heads import AlignedTokens
 
 
 @dataclass
 class HCALossConfig:
-    tau: float = 0.02
+    tau: PositiveFloat = 0.02
     use_Ls: bool = True  # Eq. 6 (cells, patches, regions)
     use_Lc: bool = True  # Eq. 8
     use_Lwsi: bool = True  # Eq. 7
-    scales: tuple[str, ...] = ("cells", "patches", "regions")  # which Eq. 6 terms ("slide" too in v2)
+    scales: tuple[Literal["cells", "patches", "regions", "slide"], ...] = ("cells", "patches", "regions")  # Eq. 6 terms
     eq6: Literal["pooled", "v1"] = "v1"  # "pooled": reading v2 (module docstring); "v1": per-token, own report
     top_frac: float = 0.1  # v2: fraction of a slide's tokens pooled for a presence statement
     normalise: bool = False  # v2: divide each InfoNCE by ln(1 + #negatives)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hwsi.config import NonNegInt, PositiveInt
 from hwsi.model.heads import AlignmentHeads
 from hwsi.model.hierarchy import HierarchicalEncoder, HierarchyConfig, HierarchyOutput
 from hwsi.model.inputs import SlideBatch, SlideInputs, collate_slides
@@ -56,13 +57,13 @@ class MLLMConfig:
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm_path: str = ""  # local HF folder (Qwen2.5-7B-Instruct, or a tiny one from build_tiny_llm)
-    text_dim: int = 0  # stage-1 alignment heads' width (text encoder space); 0 = no heads
-    max_regions: int = 64  # region cap (ranked by SPF relevance); token budget n_r·k·2 + n_r + 1
-    k: int = 16  # SPF top-k patches per region
-    max_cells: int = 64
+    text_dim: NonNegInt = 0  # stage-1 alignment heads' width (text encoder space); 0 = no heads
+    max_regions: PositiveInt = 64  # region cap (ranked by SPF relevance); token budget n_r·k·2 + n_r + 1
+    k: PositiveInt = 16  # SPF top-k patches per region
+    max_cells: NonNegInt = 64
     image_token: str = "<image>"
     ignore_index: int = -100
-    max_length: int = 0  # truncate sequences longer than this (0 = no limit)
+    max_length: NonNegInt = 0  # truncate sequences longer than this (0 = no limit)
 
 
 @dataclass

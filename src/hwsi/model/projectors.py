@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hwsi.config import NonNegInt, PositiveInt
+
 
 @dataclass
 class ProjectorConfig:
-    hidden: int = 1024
-    llm_dim: int = 3584  # Qwen2.5-7B hidden size
+    hidden: PositiveInt = 1024
+    llm_dim: NonNegInt = 3584  # Qwen2.5-7B hidden size
     markers: bool = True
     region_embed: int = 0  # size of the learned region-index table (0 = off; e.g. model.max_regions)
 

@@ -10,22 +10,29 @@ projected region tokens, then the final norm; no transformer).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from hwsi.config import NonNegInt, PositiveFloat, PositiveInt
+from hwsi.errors import ConfigError
 from hwsi.model.blocks import Block, init_vit_weights
 
 
 @dataclass
 class SlideViTConfig:
-    in_dim: int = 192  # region token width (ViT-4K out)
-    dim: int = 192
-    depth: int = 2
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
+    in_dim: NonNegInt = 192  # region token width (ViT-4K out)
+    dim: PositiveInt = 192
+    depth: PositiveInt = 2
+    n_heads: PositiveInt = 4
+    mlp_ratio: PositiveFloat = 4.0
     use_pos: bool = True  # 2-D sinusoidal region positions from region coords
-    pooling: str = "cls"  # "cls" (paper's ViT) | "mean" (ablation)
+    pooling: Literal["cls", "mean"] = "cls"  # "cls" (paper's ViT) | "mean" (ablation)
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
 
 
 def sincos_2d(pos: torch.Tensor, dim: int) -> torch.Tensor:

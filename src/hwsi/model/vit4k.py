@@ -30,20 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hwsi.config import NonNegInt, PositiveFloat, PositiveInt
 from hwsi.errors import ConfigError
 from hwsi.model.blocks import Block, init_vit_weights
 
 
 @dataclass
 class ViT4KConfig:
-    in_dim: int = 384  # ViT-256 CLS width (HIPT); the small patch encoder's width on CPU
-    dim: int = 192
-    depth: int = 6
-    n_heads: int = 6
-    mlp_ratio: float = 4.0
-    pos_grid: int = 14  # side of the stored position grid (HIPT: img_size 224 // 16 = 14)
+    in_dim: NonNegInt = 384  # ViT-256 CLS width (HIPT); the small patch encoder's width on CPU
+    dim: PositiveInt = 192
+    depth: PositiveInt = 6
+    n_heads: PositiveInt = 6
+    mlp_ratio: PositiveFloat = 4.0
+    pos_grid: PositiveInt = 14  # side of the stored position grid (HIPT: img_size 224 // 16 = 14)
     stem: Literal["linear", "conv", "neighbour"] = "linear"  # "linear" = HIPT's phi only (module docstring)
-    stem_layers: int = 1  # residual 3x3 conv blocks of the "conv" stem
+    stem_layers: PositiveInt = 1  # residual 3x3 conv blocks of the "conv" stem
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
 
 
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))

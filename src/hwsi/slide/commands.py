@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from hwsi.options import fraction, open_fraction, positive_int, positive_number
+
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
@@ -14,16 +16,16 @@ def register(app: typer.Typer) -> None:
     def tile(
         source: Path = typer.Argument(..., help="A slide file, a folder of slides, or a CSV with columns slide[,mpp]."),
         out: Path = typer.Option(..., "--out", "-o", help="Job folder (stores/, errors/, previews/, slides.json)."),
-        region_size: int = typer.Option(4096, help="Region side in pixels at --target-mpp."),
-        patch_size: int = typer.Option(256, help="Patch side in pixels at --target-mpp."),
-        target_mpp: float = typer.Option(0.5, help="Target µm per pixel (0.5 ≈ '20x')."),
-        mpp: float | None = typer.Option(None, help="Level-0 µm/px for slides without it in their metadata "
+        region_size: int = typer.Option(4096, callback=positive_int, help="Region side in pixels at --target-mpp."),
+        patch_size: int = typer.Option(256, callback=positive_int, help="Patch side in pixels at --target-mpp."),
+        target_mpp: float = typer.Option(0.5, callback=positive_number, help="Target µm per pixel (0.5 ≈ '20x')."),
+        mpp: float | None = typer.Option(None, callback=positive_number, help="Level-0 µm/px for slides without it in their metadata "
                                                     "(overrides the metadata)."),
-        min_region_tissue: float = typer.Option(0.05, help="Drop regions with a smaller tissue fraction."),
-        min_patch_tissue: float = typer.Option(0.25, help="A patch is tissue from this tissue fraction on."),
-        mpp_tolerance: float = typer.Option(0.02, help="Use the slide's own µm/px when within this relative "
+        min_region_tissue: float = typer.Option(0.05, callback=fraction, help="Drop regions with a smaller tissue fraction."),
+        min_patch_tissue: float = typer.Option(0.25, callback=fraction, help="A patch is tissue from this tissue fraction on."),
+        mpp_tolerance: float = typer.Option(0.02, callback=open_fraction, help="Use the slide's own µm/px when within this relative "
                                                        "distance of the target (no resampling)."),
-        threads: int = typer.Option(2, help="Threads reading the slide."),
+        threads: int = typer.Option(2, callback=positive_int, help="Threads reading the slide."),
         preview: bool = typer.Option(False, "--preview", help="Write JOB/previews/<slide_id>.png."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already tiled."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -41,10 +43,6 @@ def register(app: typer.Typer) -> None:
             mpp_tolerance=mpp_tolerance,
         )
         grid.validate()
-        if mpp is not None and not mpp > 0:
-            from hwsi.errors import ConfigError
-
-            raise ConfigError(f"--mpp must be > 0, got {mpp}")
-        result = tile_batch(source, out, TileConfig(grid=grid, preview=preview, threads=max(1, threads)), mpp=mpp, overwrite=overwrite,
-                            show_progress=not quiet)
+        result = tile_batch(source, out, TileConfig(grid=grid, preview=preview, threads=threads), mpp=mpp,
+                            overwrite=overwrite, show_progress=not quiet)
         raise typer.Exit(result.exit_code)

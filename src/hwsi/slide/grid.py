@@ -15,11 +15,14 @@
 * **Tissue.** A patch's tissue fraction is the fraction of its area (including any part outside the slide) covered
   by the tissue mask; a patch counts as tissue when the fraction is ``>= min_patch_tissue`` (0.25). A region's
   tissue fraction is computed the same way over its area; regions below ``min_region_tissue`` (0.05) or without a
-  tissue patch are dropped. No region left → SlideError ("no tissue").
+  tissue patch are dropped. No region left → SlideError ("no tissue"). A slide too small for ANY patch or region
+  to reach those fractions fails before it is read, saying how much of one patch/region it covers
+  (:func:`check_fits`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +44,8 @@ class GridConfig:
     mpp_tolerance: float = 0.02
 
     def validate(self) -> None:
-        if not self.target_mpp > 0:
-            raise ConfigError(f"target_mpp must be > 0, got {self.target_mpp}")
+        if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
+            raise ConfigError(f"target_mpp must be a finite number > 0 (µm per pixel), got {self.target_mpp}")
         if self.patch_size <= 0 or self.region_size <= 0:
             raise ConfigError(f"region_size and patch_size must be > 0, got {self.region_size}, {self.patch_size}")
         if self.region_size % self.patch_size:
@@ -106,6 +109,26 @@ def resolution_plan(path: str, mpp_level0: float, cfg: GridConfig) -> tuple[floa
     return float(cfg.target_mpp / mpp_level0), float(cfg.target_mpp)
 
 
+def check_fits(slide: Slide, cfg: GridConfig, scale: float) -> None:
+    """SlideError "no tissue" BEFORE any pixel is read when the slide is too small for the grid to find any: the
+    whole slide covers less of one patch than ``min_patch_tissue``, or of one region than ``min_region_tissue``
+    (grid edges are padded, so a slide smaller than one region is fine as long as it fills enough of it). This also
+    stops sizes that do not fit an integer (``--target-mpp 1e300``)."""
+    w, h = slide.dimensions
+    for what, size, floor, option in (("patch", cfg.patch_size, cfg.min_patch_tissue, "--patch-size"),
+                                      ("region", cfg.region_size, cfg.min_region_tissue, "--region-size")):
+        side = size * scale  # level-0 px
+        cover = (min(w, side) / side) * (min(h, side) / side)
+        if cover < floor or (floor == 0 and cover == 0):
+            raise SlideError(
+                slide.path,
+                f"no tissue possible: the whole slide ({w}×{h} level-0 px at {slide.mpp:.4g} µm/px) covers "
+                f"{cover:.2%} of one {what} ({size} px at {cfg.target_mpp:g} µm/px = {side:.4g} level-0 px), "
+                f"below min_{what}_tissue {floor:.0%}",
+                f"use a smaller {option} or --target-mpp",
+            )
+
+
 def _box_fractions(ii: np.ndarray, ds: float, x0: np.ndarray, y0: np.ndarray, size: float) -> np.ndarray:
     """Tissue fraction of level-0 boxes [x0, x0+size) × [y0, y0+size) from the integral image of the mask."""
     h, w = ii.shape[0] - 1, ii.shape[1] - 1
@@ -124,6 +147,7 @@ def build_grid(slide: Slide, tissue_mask: np.ndarray, mask_downsample: float, cf
     mask px = ``mask_downsample``); see the module docstring for the rules."""
     cfg = cfg or GridConfig()
     scale, eff = resolution_plan(str(slide.path), slide.mpp, cfg)
+    check_fits(slide, cfg, scale)
     r0 = cfg.region_size * scale
     p0 = cfg.patch_size * scale
     w, h = slide.dimensions

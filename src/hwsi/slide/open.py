@@ -352,6 +352,8 @@ def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None 
         raise SlideError(path, "no such file")
     if path.is_dir() and path.suffix.lower() != ".mrxs":
         raise SlideError(path, "is a directory, not a slide file")
+    if not path.is_dir() and not path.is_file():
+        raise SlideError(path, "not a regular file (a FIFO, socket or device); refusing to open it")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):

@@ -16,16 +16,17 @@ its slide is never taken for "already complete".
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hwsi import textio
 from hwsi.batch import BatchItem, BatchResult, lock_path, prepare_job, run_batch
-from hwsi.errors import ConfigError, HwsiError, SlideError
+from hwsi.errors import ConfigError, ConfigFileError, HwsiError, SlideError
 from hwsi.slide.grid import Grid, GridConfig
 from hwsi.slide.ids import allocate_ids, path_key
 from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
@@ -65,8 +66,8 @@ def _parse_mpp(v: str, where: str) -> float | None:
         m = float(v)
     except ValueError as exc:
         raise ConfigError(f"{where}: mpp {v!r} is not a number") from exc
-    if not m > 0:
-        raise ConfigError(f"{where}: mpp must be > 0, got {m}")
+    if not (math.isfinite(m) and m > 0):
+        raise ConfigError(f"{where}: mpp must be a finite number > 0 (µm per pixel), got {v!r}")
     return m
 
 
@@ -133,21 +134,21 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
     if not src.exists():
         raise HwsiError(f"{src}: no such file or folder")
     items: list[tuple[Path, float | None, str]] = []
-    if src.is_file() and src.suffix.lower() == ".csv":
-        with open(src, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "slide" not in cols:
-                raise ConfigError(f"{src}: CSV needs a 'slide' column (and optionally 'mpp'); found {cols}")
-            for n, row in enumerate(reader, start=2):
-                row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
-                name = row["slide"].strip()
-                if not name:
-                    continue
-                p = Path(name)
-                p = p if p.is_absolute() else src.parent / p
-                where = f"{src}:{n}"
-                items.append((p, _parse_mpp(row.get("mpp", ""), where) or mpp, where))
+    if src.suffix.lower() == ".csv" and not src.is_dir():
+        header, rows = textio.read_csv(src, ConfigFileError)
+        cols = [c.lower() for c in header]
+        if "slide" not in cols:
+            raise ConfigError(f"{src}: CSV needs a 'slide' column (and optionally 'mpp'); found {cols}")
+        for n, raw in rows:
+            row = {k.lower(): v for k, v in raw.items()}
+            name = row["slide"]
+            if not name:
+                continue
+            if "\0" in name:
+                raise ConfigError(f"{src} (line {n}): slide path contains a NUL character")
+            p = Path(name)
+            p = p if p.is_absolute() else src.parent / p
+            items.append((p, _parse_mpp(row.get("mpp", ""), f"{src} (line {n})") or mpp, f"{src}:{n}"))
     elif src.is_dir() and src.suffix.lower() != ".mrxs":
         for p in sorted(src.iterdir()):
             if p.name.lower().endswith(SLIDE_SUFFIXES) and not p.name.startswith("."):
@@ -155,6 +156,8 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
         if not items:
             raise HwsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
     else:
+        if not src.is_file():
+            raise HwsiError(f"{src}: not a regular file (a FIFO, socket or device); give a slide file or folder")
         items.append((src, mpp, str(src)))
     unique = _dedupe(items)
     ids = allocate_ids([p for p, _ in unique], job_slide_ids(job) if job is not None else None)
@@ -207,11 +210,12 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
-    from hwsi.slide.grid import build_grid, resolution_plan
+    from hwsi.slide.grid import build_grid, check_fits, resolution_plan
 
     out = store_path(job, spec.slide_id)
     with open_slide(spec.path, mpp=spec.mpp, slide_id=spec.slide_id) as slide:
         scale, _ = resolution_plan(str(slide.path), slide.mpp, cfg.grid)  # fail early if too coarse
+        check_fits(slide, cfg.grid, scale)  # ... or if a patch is larger than the slide
         tissue = compute_tissue(slide, cfg.tissue, patch_size_level0=cfg.grid.patch_size * scale,
                                 threads=cfg.threads)
         grid = build_grid(slide, tissue.mask, tissue.downsample, cfg.grid)

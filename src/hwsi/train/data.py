@@ -125,9 +125,12 @@ def record_messages(rec: Conversation | QAItem) -> list[dict[str, str]]:
 
 
 def _read_map(path: Path, what: str) -> dict[str, Any]:
+    from hwsi import textio
+    from hwsi.errors import ConfigFileError
+
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
-    data = json.loads(path.read_text())
+    data = textio.read_json(path, ConfigFileError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object slide_id -> {what}")
     return data

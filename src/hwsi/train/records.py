@@ -38,9 +38,7 @@ Records without any store are reported, never raised on.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -48,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
-from hwsi.errors import HwsiError
+from hwsi import textio
+from hwsi.errors import InputFileError
 
 Role = Literal["human", "gpt"]
 
@@ -126,15 +125,8 @@ _IMAGE_TOKEN = "<image>"
 _TCGA_RE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})((?:-[A-Z0-9]{2,4}){0,3})", re.IGNORECASE)
 
 
-class RecordError(HwsiError):
+class RecordError(InputFileError):
     """A text record file is missing, of an unknown format, or malformed; names the file and the line/record."""
-
-    def __init__(self, path: str | Path, reason: str, where: str | None = None) -> None:
-        self.path = str(path)
-        self.reason = reason
-        self.where = where
-        loc = f"{self.path} ({where})" if where else self.path
-        super().__init__(f"{loc}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -323,7 +315,8 @@ def _need(obj: dict[str, Any], key: str, path: Path, where: str, types: type | t
         raise _fail(path, where, f"missing field {key!r} (fields present: {sorted(obj)})")
     val = obj[key]
     if not isinstance(val, types):
-        raise _fail(path, where, f"field {key!r} has type {type(val).__name__}, expected {types}")
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise _fail(path, where, f"field {key!r} has type {type(val).__name__}, expected {names}")
     return val
 
 
@@ -472,50 +465,43 @@ def _parse_slidebench_json(data: dict[str, Any], path: Path) -> list[QAItem]:
 
 
 def _parse_slidebench_csv(path: Path) -> list[QAItem]:
-    try:
-        fh = path.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise RecordError(path, f"cannot read ({exc})") from exc
+    header, rows = textio.read_csv(path, RecordError)
+    missing = [c for c in SLIDEBENCH_CSV_COLUMNS if c not in header]
+    if missing:
+        raise RecordError(path, f"missing column(s) {missing}; expected {list(SLIDEBENCH_CSV_COLUMNS)}", "line 1")
     out: list[QAItem] = []
-    with fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in SLIDEBENCH_CSV_COLUMNS if c not in header]
-        if missing:
-            raise RecordError(path, f"missing column(s) {missing}; expected {list(SLIDEBENCH_CSV_COLUMNS)}", "line 1")
-        for row in reader:
-            where = f"line {reader.line_num}"
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            letters = [c for c in "ABCD" if row.get(c, "")]
-            if len(letters) < 2 or letters != list("ABCD"[: len(letters)]):
-                raise _fail(path, where, "options A, B (C, D) must be filled from A on")
-            options = [row[c] for c in letters]
-            idx = _letter_index(row["Answer"], len(options), path, where)
-            if not row["Slide"]:
-                raise _fail(path, where, "empty 'Slide'")
-            slide_id, ids = _slide_from_ref(row["Slide"], path, where)
-            broad, narrow = row["Broad Category"], row["Narrow Category"]
-            category = f"{broad} - {narrow}" if broad and narrow else broad or narrow
-            out.append(
-                QAItem(
-                    question_id=row["ID"] or f"{slide_id}_{reader.line_num}",
-                    slide_id=slide_id,
-                    question=row["Question"],
-                    answer=options[idx],
-                    options=options,
-                    category=category,
-                    metadata={
-                        "tumor": row["Tumor"],
-                        "broad_category": broad,
-                        "narrow_category": narrow,
-                        "answer_letter": row["Answer"].strip().upper(),
-                        "option_kind": "lettered",
-                        "image": row["Slide"],
-                    },
-                    source="slidebench",
-                    answer_index=idx,
-                )
+    for line_num, row in rows:
+        where = f"line {line_num}"
+        letters = [c for c in "ABCD" if row.get(c, "")]
+        if len(letters) < 2 or letters != list("ABCD"[: len(letters)]):
+            raise _fail(path, where, "options A, B (C, D) must be filled from A on")
+        options = [row[c] for c in letters]
+        idx = _letter_index(row["Answer"], len(options), path, where)
+        if not row["Slide"]:
+            raise _fail(path, where, "empty 'Slide'")
+        slide_id, ids = _slide_from_ref(row["Slide"], path, where)
+        broad, narrow = row["Broad Category"], row["Narrow Category"]
+        category = f"{broad} - {narrow}" if broad and narrow else broad or narrow
+        out.append(
+            QAItem(
+                question_id=row["ID"] or f"{slide_id}_{line_num}",
+                slide_id=slide_id,
+                question=row["Question"],
+                answer=options[idx],
+                options=options,
+                category=category,
+                metadata={
+                    "tumor": row["Tumor"],
+                    "broad_category": broad,
+                    "narrow_category": narrow,
+                    "answer_letter": row["Answer"].strip().upper(),
+                    "option_kind": "lettered",
+                    "image": row["Slide"],
+                },
+                source="slidebench",
+                answer_index=idx,
             )
+        )
     return out
 
 
@@ -592,31 +578,11 @@ def _parse_histgen(data: dict[str, Any], path: Path, split: str | None) -> list[
 
 # ------------------------------------------------------------------------------------------------ file reading
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise RecordError(path, f"cannot read ({exc})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(path, f"not valid JSON: {exc.msg}", f"line {exc.lineno}, column {exc.colno}") from exc
+    return textio.read_json(path, RecordError)
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    try:
-        fh = path.open(encoding="utf-8-sig")
-    except OSError as exc:
-        raise RecordError(path, f"cannot read ({exc})") from exc
-    with fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise RecordError(path, f"not valid JSON: {exc.msg}", f"line {n}, column {exc.colno}") from exc
-    return out
+    return [(f"line {n}", value) for n, value in textio.read_jsonl(path, RecordError)]
 
 
 def _detect_from_data(data: Any, path: Path) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,21 +49,19 @@ class EncoderError(HwsiError):
 
 
 def make_config(cls: type[C], overrides: dict[str, Any], where: str = "") -> C:
-    """Build config dataclass ``cls`` with ``overrides``; unknown keys are an :class:`EncoderError`.
+    """Build config dataclass ``cls`` with ``overrides`` through the typed reader (:func:`hwsi.config.from_dict`):
+    unknown keys and values of the wrong type are an :class:`EncoderError`; JSON lists become tuples."""
+    from hwsi.config import from_dict
+    from hwsi.errors import ConfigError
 
-    JSON lists are turned back into tuples where the field is a tuple.
-    """
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(overrides) - fields)
+    unknown = sorted(map(str, set(overrides) - fields))
     if unknown:
         raise EncoderError(f"{where or cls.__name__}: unknown option(s) {unknown}; valid: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kw = {}
-    for k, v in overrides.items():
-        if typing.get_origin(hints[k]) is tuple and isinstance(v, list):
-            v = tuple(v)
-        kw[k] = v
-    return cls(**kw)
+    try:
+        return from_dict(cls, overrides, where or cls.__name__)
+    except ConfigError as exc:
+        raise EncoderError(str(exc)) from None
 
 
 @contextlib.contextmanager
