@@ -2,8 +2,9 @@
 
 Held out = the val and test splits pooled (neither trains any stage). Targets:
 (1) stages 0–3 all finished;
-(2) the stage-3 model's closed-VQA accuracy >= chance + 0.2 and >= 0.15 above the same model answering with
-    another slide's visual tokens (a derangement over the held-out slides); chance = mean of 1/len(options);
+(2) the stage-3 model's closed-VQA accuracy >= chance + 0.3 and >= 0.25 above the same model answering with
+    another slide's visual tokens (a derangement over the held-out slides); chance = mean of 1/len(options)
+    (issue 11's margins); the slide-scale Extent questions (extent, count of lesional regions) >= shuffled + 0.15;
 (3) the held-out stage-2 LM loss (reports and captions) with the true visual tokens < with the shuffled ones.
 """
 
@@ -15,7 +16,7 @@ import pytest
 
 from hwsi.train.data import ChatSample, permute_options
 
-N_MIN_CLOSED = 40
+N_MIN_CLOSED = 500  # 104 held-out slides (80 extra test slides), every fact asked closed
 
 
 def heldout_evidence(pipe) -> dict:
@@ -64,12 +65,13 @@ def heldout_evidence(pipe) -> dict:
 
 
 def test_pipeline_learns(test_pipeline) -> None:
-    """Issue-4 targets on the test preset (80 slides; the fixture is built once, ~7 min cold on 2 cores). With the
-    committed config the pipeline is deterministic; measured (`pytest -s tests/test_pipeline_learns.py`), seed 0:
-    closed accuracy 0.604 / shuffled 0.415 / chance 0.378 on 159 held-out questions (+0.226 over chance, +0.189 over
-    shuffled); stage-2 loss 0.222 true < 0.242 shuffled. What made the difference: SPF candidates with >= 50 %
-    tissue and SynthPath's vocabulary (selected patches were 42 % glass edge and 0.5 % gland, so CCAF rarely saw the
-    epithelium whose atypia it must judge), and 56 instead of 28 training slides."""
+    """Targets on the test preset (80 slides + 80 extra test slides; the fixture is built once, ~15 min cold on 2
+    cores). With the committed config the pipeline is deterministic; measured (`pytest -s
+    tests/test_pipeline_learns.py`), seed 0, stage-1 reading v2 + conv region stem + region identity: closed
+    accuracy 0.949 / shuffled 0.362 / chance 0.374 on 961 held-out questions of 104 slides (Extent 0.940 / 0.270,
+    Location 0.318 / 0.159); stage-2 loss 0.223 true < 0.342 shuffled. Reading v1 (before): 0.604 / 0.415 / 0.378 on
+    159 questions. Earlier gains: SPF candidates with >= 50 % tissue and SynthPath's vocabulary, 56 training
+    slides instead of 28."""
     pipe = test_pipeline
     train = pipe.state["steps"]["train"]
     for stage in (0, 1, 2, 3):  # (1)
@@ -80,8 +82,10 @@ def test_pipeline_learns(test_pipeline) -> None:
                      if isinstance(v, dict)})
     print("held-out evidence (val+test):", r)
     assert r["n_closed"] >= N_MIN_CLOSED
-    assert r["closed_acc"] >= r["chance"] + 0.2, r  # (2)
-    assert r["closed_acc"] >= r["shuffled_acc"] + 0.15, r
+    assert r["closed_acc"] >= r["chance"] + 0.3, r  # (2)
+    assert r["closed_acc"] >= r["shuffled_acc"] + 0.25, r
+    ext, ext_shuffled = r["closed_acc_by_category"]["Extent"], r["shuffled_acc_by_category"]["Extent"]
+    assert ext >= ext_shuffled + 0.15, r
     assert r["stage2_loss_true"] < r["stage2_loss_shuffled"], r  # (3)
 
 
