@@ -473,3 +473,12 @@ def test_conch_text_checkpoint_and_tokenizer(tmp_path: Path) -> None:
     bare = create_text_encoder("conch_text", **encoder_entry("conch_text", "text").tiny)
     with pytest.raises(EncoderError, match="tokenizer"):
         bare.encode(["x"])
+
+
+def test_small_patch_encoder_takes_any_number_of_stages() -> None:
+    """The demo builds it with three stages (PipelineConfig.encoder_channels); the typed reader accepts that."""
+    import torch
+
+    enc = create_encoder("hwsi_small_patch", input_size=16, channels=(8, 16, 16))
+    assert len(enc.stages) == 3
+    assert enc(torch.rand(2, 3, 16, 16)).shape[0] == 2

@@ -30,7 +30,7 @@ class SmallPatchConfig:
     """Small patch CNN. ``text_encoder`` names the text space it was trained against (recorded, not loaded)."""
 
     input_size: int = 64
-    channels: tuple[int, int, int, int] = (32, 64, 128, 192)
+    channels: tuple[int, ...] = (32, 64, 128, 192)  # one stride-2 stage per entry
     hidden: int = 512
     embed_dim: int = 384
     groups: int = 8
