@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hwsi.demo.gates import GateConfig, gate_cells, gate_regions, gate_slide, load_gate_slides, probe_stage1
+from hwsi.demo.gates import GateConfig, gate_cells, gate_regions, gate_slide, load_gate_slides
+from hwsi.demo.probes import probe_stage1
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ def _register_gates(app: typer.Typer) -> None:
         the trained stage-1 outputs beside random init and the raw input (docs/design.md §5)."""
         from dataclasses import asdict
 
-        from hwsi.demo.gates import GateConfig, gates_table, probe_stage1, probes_table, results_json, run_gates
+        from hwsi.demo.gates import GateConfig, gates_table, results_json, run_gates
+        from hwsi.demo.probes import probe_stage1, probes_table
         from hwsi.errors import ConfigError
         from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 

@@ -13,7 +13,8 @@ frozen inputs the model gets, on the TRAIN split's slides, and scored (balanced 
 
 Every gate also reports the same head on the RAW input (mean-pooled, logistic regression) so a gate's number can
 be read against what needs no encoder at all. Dihedral augmentation of the region grid (arrangement is invariant
-to it) is on by default. ``hwsi gates --pipeline OUT`` runs them on a finished ``hwsi demo``/test pipeline folder.
+to it) is on by default. ``hwsi gates OUT`` runs them on a finished ``hwsi demo``/test pipeline folder, and the
+stage-1 probes of :mod:`hwsi.demo.probes` beside them.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def _region_eval(model: nn.ModuleDict, x: torch.Tensor, m: torch.Tensor) -> np.n
     return _predict(len(x), lambda idx, _t: model["head"](model["enc"](x[idx], m[idx])))
 
 
-def _grid_pooled(x: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+def grid_pooled(x: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """Tissue-masked mean of (M, G, D) grid features -> (M, D) numpy (the raw-input baseline of a region)."""
     w = m[..., None].float()
     return ((x * w).sum(1) / w.sum(1).clamp_min(1)).numpy()
 
@@ -285,7 +287,7 @@ def gate_regions(slides: list[GateSlide], cfg: GateConfig) -> GateResult:
     return GateResult("regions", "crowded vs regular", f"ViT-4K (stem {cfg.vit4k.stem})",
                       balanced_accuracy(yb.numpy(), _region_eval(model, xb, mb)),
                       balanced_accuracy(ya.numpy(), _region_eval(model, xa, ma)),
-                      raw_probe(_grid_pooled(xa, ma), ya.numpy(), _grid_pooled(xb, mb), yb.numpy()), len(ya), len(yb))
+                      raw_probe(grid_pooled(xa, ma), ya.numpy(), grid_pooled(xb, mb), yb.numpy()), len(ya), len(yb))
 
 
 def gate_slide(slides: list[GateSlide], cfg: GateConfig) -> GateResult:
@@ -331,7 +333,7 @@ def gate_slide(slides: list[GateSlide], cfg: GateConfig) -> GateResult:
     _fit(model, len(y_tr), run(tr), y_tr, cfg)
 
     def counts(group: list[GateSlide]) -> np.ndarray:  # the raw baseline: fraction of tissue regions, mean input
-        return np.stack([_grid_pooled(s.inputs.region_input, s.inputs.grid_mask).mean(0) for s in group])
+        return np.stack([grid_pooled(s.inputs.region_input, s.inputs.grid_mask).mean(0) for s in group])
 
     return GateResult("slide", "extent (focal vs extensive)", "ViT_WSI over frozen ViT-4K tokens",
                       balanced_accuracy(y_te.numpy(), _predict(len(y_te), run(te))),
@@ -365,105 +367,3 @@ def gates_table(results: list[GateResult]) -> str:
 
 def results_json(results: list[GateResult], cfg: GateConfig) -> dict[str, Any]:
     return {"config": asdict(cfg), "gates": [asdict(r) for r in results]}
-
-
-# ------------------------------------------------------------------------------------------------ stage-1 probes
-@dataclass
-class ProbeResult:
-    scale: str
-    fact: str
-    trained: float  # held-out BA of a logistic regression on the stage-1 alignment output z of that scale
-    random_init: float  # the same probe on the same architecture at its random initialisation
-    raw: float  # the same probe on the scale's raw input (mean-pooled)
-    n_train: int
-    n_test: int
-
-
-def _scale_probe_data(slides: list[GateSlide], tokens: dict[str, Any]) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per scale: (features, labels, is_train) of the gate facts from per-slide token dicts."""
-    rows: dict[str, list[tuple[np.ndarray, int, bool]]] = {"cells": [], "patches": [], "regions": [], "slide": []}
-    for s in slides:
-        t, tr = tokens[s.slide_id], s.split == "train"
-        x = s.inputs
-        for i, j in zip(*np.nonzero(np.isin(s.pattern, (GLAND, SOLID)))):
-            if t.get("cells") is not None and bool(x.cell_mask[i, j].any()):
-                rows["cells"].append((t["cells"][i, j], int(s.atypia[i]), tr))
-            if t.get("patches") is not None:
-                rows["patches"].append((t["patches"][i, j], int(s.pattern[i, j] == SOLID), tr))
-        for i, a in enumerate(s.architecture.tolist()):
-            if t.get("regions") is not None and a in (ARCH_REGULAR, ARCH_CROWDED):
-                rows["regions"].append((t["regions"][i], int(a == ARCH_CROWDED), tr))
-        if (t.get("slide") is not None and s.facts.get("extent") in ("focal", "extensive")
-                and s.facts.get("architecture") in ("crowded", "solid")):
-            rows["slide"].append((t["slide"], int(s.facts["extent"] == "extensive"), tr))
-    return {k: (np.stack([r[0] for r in v]), np.array([r[1] for r in v]), np.array([r[2] for r in v]))
-            for k, v in rows.items() if v}
-
-
-def _tokens_of(model: nn.Module, heads: nn.Module | None, slides: list[GateSlide]) -> dict[str, dict[str, Any]]:
-    from hwsi.model.inputs import collate_slides
-
-    out = {}
-    with torch.no_grad():
-        for s in slides:
-            h = model(collate_slides([s.inputs]))
-            z = heads(h) if heads is not None else None
-            get = (lambda n: getattr(z, n)) if z is not None else (
-                lambda n: {"cells": h.cell_tokens, "patches": h.patch_tokens, "regions": h.region_tokens,
-                           "slide": h.slide_token}[n])
-            out[s.slide_id] = {n: (None if get(n) is None else get(n)[0].numpy())
-                               for n in ("cells", "patches", "regions", "slide")}
-    return out
-
-
-def probe_stage1(pipeline_out: str | Path, run: str | Path, cfg: GateConfig | None = None) -> list[ProbeResult]:
-    """Linear probes of a run's stage-1 outputs (alignment heads' z) per scale, on the fact each scale owns,
-    beside the same probe at random initialisation and on the raw input (module docstring)."""
-    from hwsi.model.heads import AlignmentHeads
-    from hwsi.model.hierarchy import HierarchicalEncoder
-    from hwsi.train.config import load_train_config
-    from hwsi.train.stages import ALIGNMENT_FILE, _load_safetensors
-
-    run = Path(run)
-    tcfg = load_train_config(run / "config.yaml")
-    cfg = cfg or GateConfig(k=tcfg.model.k, max_cells=tcfg.model.max_cells)
-    slides = load_gate_slides(pipeline_out, tcfg.model.k, tcfg.model.max_cells, tcfg.data.patch_encoder,
-                              tcfg.data.region_input)
-    torch.manual_seed(tcfg.seed)
-    trained, heads = HierarchicalEncoder(tcfg.model.hierarchy), AlignmentHeads(tcfg.model.hierarchy.dims(),
-                                                                                tcfg.model.text_dim)
-    torch.manual_seed(tcfg.seed)
-    rand, rand_heads = HierarchicalEncoder(tcfg.model.hierarchy), AlignmentHeads(tcfg.model.hierarchy.dims(),
-                                                                                  tcfg.model.text_dim)
-    state = _load_safetensors(run / "stage1" / "final" / ALIGNMENT_FILE)
-    trained.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("hierarchy.")})
-    heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
-    trained.eval(), rand.eval()
-    got = _scale_probe_data(slides, _tokens_of(trained, heads, slides))
-    base = _scale_probe_data(slides, _tokens_of(rand, rand_heads, slides))
-    raw_tokens = {}
-    for s in slides:
-        x = s.inputs
-        w = x.cell_mask[..., None].float()
-        raw_tokens[s.slide_id] = {
-            "cells": ((x.cell_feats * w).sum(2) / w.sum(2).clamp_min(1)).numpy(), "patches": x.patch_feats.numpy(),
-            "regions": _grid_pooled(x.region_input, x.grid_mask),
-            "slide": _grid_pooled(x.region_input, x.grid_mask).mean(0)}
-    raw = _scale_probe_data(slides, raw_tokens)
-    facts = {"cells": "atypia", "patches": "solid vs gland", "regions": "crowded vs regular",
-             "slide": "extent (region-visible lesions)"}
-    out = []
-    for scale, (x, y, tr) in got.items():
-        def ba(d: dict[str, tuple[np.ndarray, ...]]) -> float:
-            xx, yy, tt = d[scale]
-            return raw_probe(xx[tt], yy[tt], xx[~tt], yy[~tt])
-        out.append(ProbeResult(scale, facts[scale], ba(got), ba(base), ba(raw), int(tr.sum()), int((~tr).sum())))
-    return out
-
-
-def probes_table(results: list[ProbeResult]) -> str:
-    lines = ["| scale | fact | stage-1 z | random init | raw input | n train / held-out |", "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.scale} | {r.fact} | {r.trained:.3f} | {r.random_init:.3f} | {r.raw:.3f} | "
-                     f"{r.n_train} / {r.n_test} |")
-    return "\n".join(lines)
