@@ -179,10 +179,43 @@ def test_marginal_effects_compare_row_seeds_with_a_switch_on_and_off() -> None:
     on = [0.7, 0.71, 0.72] * 4
     off = [0.5, 0.51, 0.52] * 4
     p = stats.ttest_ind(on, off, equal_var=False).pvalue
-    assert f"| use_cells | 0.710 (n=12) | 0.510 (n=12) | +0.200 | {p:.3f} |" in lines
-    assert "| use_patches | 0.610 (n=12) | 0.610 (n=12) | +0.000 |" in "\n".join(lines)
+    # no per-question correctness in these results: the paired columns are empty, the unpaired ones filled
+    assert f"| use_cells | – | – | – | – | 0.710 (n=12) | 0.510 (n=12) | +0.200 | {p:.3f} |" in lines
+    assert "| use_patches | – | – | – | – | 0.610 (n=12) | 0.610 (n=12) | +0.000 |" in "\n".join(lines)
     assert not any("use_slide" in line for line in lines)  # on in every Table 1 row: nothing to compare
     assert marginal_effects(1, {}, (0,)) == []
+
+
+def test_matched_pairs_differ_in_one_switch_only() -> None:
+    from hwsi.demo.ablate_tables import TABLE2, _switches, matched_pairs
+
+    pairs = matched_pairs(1, "use_cells")
+    # every Table 1 row with cells has its twin without cells: 4 pairs (WSI, +patch, +region, +patch+region)
+    assert len(pairs) == 4
+    for on, off in pairs:
+        a, b = _switches(on), _switches(off)
+        assert a["use_cells"] and not b["use_cells"] and {**a, "use_cells": False} == b
+    # Table 2 has no "Lc only" row and no empty-loss row: L_c has three pairs, L_s and L_WSI two each
+    assert [len(matched_pairs(2, k)) for k in ("use_Lc", "use_Ls", "use_Lwsi")] == [3, 2, 2]
+    assert all(r in TABLE2 for pair in matched_pairs(2, "use_Lwsi") for r in pair)
+
+
+def test_paired_marginal_uses_same_questions_and_seeds() -> None:
+    from hwsi.demo.ablate_tables import paired_marginal
+
+    qs = [f"q{i}" for i in range(200)]
+    results = {}
+    for row in TABLE1:
+        sw = row.overrides["model"]["hierarchy"]
+        for s in (0, 1):
+            # cells fix questions 0-59, patches change nothing; same answers otherwise
+            results[f"{row.name}|{s}"] = {"closed_correct": {
+                q: int(i % 2 == 0 or (sw["use_cells"] and i < 60)) for i, q in enumerate(qs)}}
+    m, lo, hi, n_pairs, n_q = paired_marginal(1, results, (0, 1), "use_cells")
+    assert n_pairs == 8 and n_q == 200 and abs(m - 30 / 200) < 1e-12 and lo > 0.08 and hi < 0.22
+    m, lo, hi, _, _ = paired_marginal(1, results, (0, 1), "use_patches")
+    assert (m, lo, hi) == (0.0, 0.0, 0.0)
+    assert paired_marginal(1, {}, (0,), "use_cells") is None
 
 
 def test_paired_difference_pairs_questions_and_seeds() -> None:

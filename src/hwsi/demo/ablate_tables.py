@@ -128,10 +128,45 @@ def _switches(row: Row) -> dict[str, bool]:
     return flat
 
 
+def matched_pairs(table: int, key: str) -> list[tuple[Row, Row]]:
+    """The (on, off) row pairs of ``table`` that differ in switch ``key`` only (e.g. cell+WSI vs WSI)."""
+    rows = TABLES[table]
+    pairs = []
+    for on in rows:
+        sw = _switches(on)
+        if not sw.get(key):
+            continue
+        want = {**sw, key: False}
+        pairs += [(on, off) for off in rows if _switches(off) == want]
+    return pairs
+
+
+def paired_marginal(table: int, results: dict[str, Any], seeds: tuple[int, ...], key: str, n_boot: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float, int, int] | None:
+    """The marginal effect of switch ``key``: the mean over every matched pair of rows (:func:`matched_pairs`)
+    and every seed both rows scored of correct_on − correct_off on the same held-out closed questions, with a
+    95 % bootstrap interval over questions (a question is resampled with all its pairs and seeds):
+    (mean, low, high, n_pair_seeds, n_questions), or None when no pair has both rows scored."""
+    import numpy as np
+
+    a, b = [], []
+    for on, off in matched_pairs(table, key):
+        for s in seeds:
+            ra, rb = results.get(f"{on.name}|{s}", {}), results.get(f"{off.name}|{s}", {})
+            if "closed_correct" in ra and "closed_correct" in rb:
+                a.append(ra["closed_correct"])
+                b.append(rb["closed_correct"])
+    if not a:
+        return None
+    m, lo, hi, n = paired_difference(a, b, n_boot=n_boot, seed=seed)
+    return m, lo, hi, len(a), n
+
+
 def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
     """Markdown lines: for each switch that varies across the table's rows (a scale in Table 1, a loss term in
-    Table 2), the closed-VQA accuracy of all row-seeds with it on vs off, their difference and Welch's t-test p.
-    Row-seeds share the cohort, stage 0 and the held-out questions, so p is a guide, not an exact test."""
+    Table 2), its marginal effect on closed-VQA accuracy, paired (:func:`paired_marginal`: rows that differ in
+    that switch only, same seed, same questions), and beside it the unpaired contrast of all row-seeds with the
+    switch on vs off (Welch's t; runs share the cohort and the questions, so that p is a guide only)."""
     from scipy import stats
 
     keys = sorted({k for r in TABLES[table] for k in _switches(r)})
@@ -149,12 +184,17 @@ def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]
         m_on, m_off = sum(on) / len(on), sum(off) / len(off)
         spread = max(on) - min(on) + max(off) - min(off)
         p = f"{float(stats.ttest_ind(on, off, equal_var=False).pvalue):.3f}" if spread > 1e-12 else "–"
-        out.append(f"| {key} | {m_on:.3f} (n={len(on)}) | {m_off:.3f} (n={len(off)}) | {m_on - m_off:+.3f} | {p} |")
+        pm = paired_marginal(table, results, seeds, key)
+        paired = (f"{pm[0]:+.3f} | [{pm[1]:+.3f}, {pm[2]:+.3f}] | {pm[3]} | {pm[4]}" if pm else "– | – | – | –")
+        out.append(f"| {key} | {paired} | {m_on:.3f} (n={len(on)}) | {m_off:.3f} (n={len(off)}) | "
+                   f"{m_on - m_off:+.3f} | {p} |")
     if not out:
         return []
-    return ["", "Marginal effect of each switch on closed-VQA accuracy (all row-seeds with it on vs off; Welch's t; "
-            "runs share the cohort and held-out questions, so p is a guide):", "",
-            "| switch | on | off | on − off | p |", "|---|---|---|---|---|", *out]
+    return ["", "Marginal effect of each switch on closed-VQA accuracy. Paired: rows that differ in that switch "
+            "only, same seed, same held-out questions (mean of correct_on − correct_off; 95 % bootstrap interval "
+            "over questions). Unpaired: all row-seeds with it on vs off (Welch's t; a guide only).", "",
+            "| switch | paired mean | paired 95 % CI | pair-seeds | questions | on | off | on − off | p |",
+            "|---|---|---|---|---|---|---|---|---|", *out]
 
 
 def _cell(values: list[float | None]) -> str:
