@@ -238,3 +238,20 @@ def test_oracle_answers_from_true_findings(test_pipeline) -> None:
     res = oracle_scores(p.paths.runs / "stage0" / "llm", p.paths.cohort, p.paths.job)
     print("oracle:", res)
     assert res["n_closed"] >= 500 and res["closed_acc"] >= 0.8, res
+
+
+def test_full_row_probes_average_the_seeds_cached_probes(tmp_path) -> None:
+    import json
+
+    from hwsi.demo.ablate import full_row_probes
+
+    assert full_row_probes(tmp_path, (0, 1)) == ""
+    for seed, trained in ((0, 0.9), (1, 1.0)):
+        run = tmp_path / "rows" / "full" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "probes.json").write_text(json.dumps([
+            {"scale": "regions", "fact": "crowded vs regular", "trained": trained, "random_init": 0.6, "raw": 0.5,
+             "n_train": 10, "n_test": 20}]))
+    md = full_row_probes(tmp_path, (0, 1, 2))  # seed 2 has no run: left out
+    assert "seeds 2;" in md
+    assert "| regions | crowded vs regular | 0.950 ± 0.635 | 0.600 ± 0.000 | 0.500 ± 0.000 | 10 / 20 |" in md

@@ -176,6 +176,7 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
     results = _collect(out, table, seeds, protocol)
     name = f"table{table}" + ("-clean" if clean else "")
     md = format_table(table, results, seeds, json.loads(oracle_file.read_text()), protocol)
+    md += full_row_probes(out, seeds)
     write_bytes_atomic(out / f"{name}.md", md.encode("utf-8"))
     return out / f"{name}.md"
 
@@ -212,6 +213,38 @@ def _train_and_score(out: Path, base: Any, llm: Path, row: Row, seeds: tuple[int
             for stage in stages:  # a finished stage is not retrained: an old-version score only re-scores
                 run_stage(stage, cfg, base.paths.job, run_dir, resume=True)
             write_json_atomic(run_dir / "scores.json", score_run(run_dir, base.paths.cohort, base.paths.job))
+
+
+def full_row_probes(out: Path, seeds: tuple[int, ...]) -> str:
+    """Markdown: linear probes of the full row's stage-1 outputs per scale (:func:`hwsi.demo.probes.probe_stage1`;
+    each against the same probe at random init and on the raw input), mean ± CI over the seeds whose stage 1 has
+    finished; each seed's probes are kept in its run folder (``probes.json``) and computed once."""
+    from hwsi.demo.ablate_tables import mean_ci
+    from hwsi.demo.probes import ProbeResult, probe_stage1
+
+    per_seed: list[list[ProbeResult]] = []
+    for seed in seeds:
+        run = out / "rows" / TABLE1[-1].run_name / f"seed{seed}"
+        cache = run / "probes.json"
+        if cache.is_file():
+            per_seed.append([ProbeResult(**r) for r in json.loads(cache.read_text())])
+        elif (run / "stage1" / "result.json").is_file():
+            res = probe_stage1(out / "base", run)
+            write_json_atomic(cache, [r.__dict__ for r in res])
+            per_seed.append(res)
+    if not per_seed:
+        return ""
+    lines = ["", f"Stage-1 probes of the full row (seeds {len(per_seed)}; held-out balanced accuracy of a logistic "
+             "regression on each scale's stage-1 output z, on the fact that scale owns, beside the same probe at "
+             "random init and on the raw input; mean ± 95 % CI over seeds):", "",
+             "| scale | fact | stage-1 z | random init | raw input | n train / held-out |", "|---|---|---|---|---|---|"]
+    for first in per_seed[0]:
+        col = [r for rs in per_seed for r in rs if r.scale == first.scale]
+        vals = {k: mean_ci([getattr(r, k) for r in col]) for k in ("trained", "random_init", "raw")}
+        cell = {k: f"{m:.3f} ± {h:.3f}" for k, (m, h) in vals.items()}
+        lines.append(f"| {first.scale} | {first.fact} | {cell['trained']} | {cell['random_init']} | {cell['raw']} | "
+                     f"{first.n_train} / {first.n_test} |")
+    return "\n".join(lines) + "\n"
 
 
 def _collect(out: Path, table: int, seeds: tuple[int, ...], protocol: str = "paper") -> dict[str, Any]:
