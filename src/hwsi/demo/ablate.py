@@ -219,7 +219,6 @@ def full_row_probes(out: Path, seeds: tuple[int, ...]) -> str:
     """Markdown: linear probes of the full row's stage-1 outputs per scale (:func:`hwsi.demo.probes.probe_stage1`;
     each against the same probe at random init and on the raw input), mean ± CI over the seeds whose stage 1 has
     finished; each seed's probes are kept in its run folder (``probes.json``) and computed once."""
-    from hwsi.demo.ablate_tables import mean_ci
     from hwsi.demo.probes import ProbeResult, probe_stage1
 
     per_seed: list[list[ProbeResult]] = []

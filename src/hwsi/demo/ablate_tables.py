@@ -147,8 +147,6 @@ def paired_marginal(table: int, results: dict[str, Any], seeds: tuple[int, ...],
     and every seed both rows scored of correct_on − correct_off on the same held-out closed questions, with a
     95 % bootstrap interval over questions (a question is resampled with all its pairs and seeds):
     (mean, low, high, n_pair_seeds, n_questions), or None when no pair has both rows scored."""
-    import numpy as np
-
     a, b = [], []
     for on, off in matched_pairs(table, key):
         for s in seeds:
