@@ -14,7 +14,6 @@ from hwsi import textio
 from hwsi.config import NonNegInt, PositiveFloat, from_dict, load_config
 from hwsi.errors import ConfigError, InputFileError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -85,7 +84,7 @@ def test_presets_round_trip_and_formats_in_sync(tmp_path: Path) -> None:
 
     assert set(typing.get_args(RecordsFormat)) == {"auto", *FORMATS}
     for name in ("tiny", "paper"):
-        cfg = load_train_config(REPO / "configs" / f"{name}.yaml")
+        cfg = load_train_config(name)
         assert from_dict(TrainConfig, asdict(cfg)) == cfg
     p = tmp_path / "c.yaml"
     p.write_text("stage1: {lr: 1e-3, epochs: 2}\n")  # PyYAML reads 1e-3 as a string; the field is a float
