@@ -279,12 +279,12 @@ def _presets_dir() -> Path:
 
 
 def preset_path(path_or_name: str | Path) -> Path:
-    """The config file meant by ``path_or_name``: the file itself when it exists (a path wins), else the shipped
+    """The config file meant by ``path_or_name``: the path itself when it exists (a path wins), else the shipped
     preset of that name when it is a bare name (no folder, no suffix: ``tiny`` -> ``hwsi/configs/tiny.yaml``).
     Anything else comes back as given, for the reader to report as a missing file; an unknown bare name is a
     :class:`~hwsi.errors.ConfigFileError` listing the presets."""
     p = Path(path_or_name)
-    if p.is_file() or p.suffix or len(p.parts) != 1:
+    if p.exists() or p.suffix or len(p.parts) != 1:  # a folder is reported by the reader
         return p
     cand = _presets_dir() / f"{p.name}.yaml"
     if cand.is_file():
