@@ -4,7 +4,7 @@ thanks to the cached visual prefix), and the step time of each training stage on
     .venv/bin/python benchmarks/model.py [--regions 4 16 64 256] [--ttft-regions 64] [--steps 3]
 
 Slides are synthetic stores written with h5py in the store schema (random features, 256 patches per region, k
-selected); the LLM is the tiny Qwen2 of configs/tiny.yaml (random weights: TTFT does not depend on training).
+selected); the LLM is the tiny Qwen2 of the tiny preset (random weights: TTFT does not depend on training).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def ttft(tmp: Path, n_regions: int, repeats: int = 3) -> dict[str, float]:
     from hwsi.model.projectors import ProjectorConfig
     from hwsi.train.config import load_train_config
 
-    tcfg = load_train_config(REPO / "configs" / "tiny.yaml")
+    tcfg = load_train_config("tiny")
     t = tcfg.tiny_llm
     corpus = ["What is the grade of the lesion?", "Is there gland formation?", "high grade carcinoma"] * 10
     llm_dir = build_tiny_llm(tmp / "llm", corpus, vocab_size=300, hidden=t.hidden, layers=t.layers, heads=t.heads,

@@ -14,7 +14,6 @@ from hwsi import textio
 from hwsi.config import NonNegInt, PositiveFloat, from_dict, load_config
 from hwsi.errors import ConfigError, InputFileError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -85,7 +84,7 @@ def test_presets_round_trip_and_formats_in_sync(tmp_path: Path) -> None:
 
     assert set(typing.get_args(RecordsFormat)) == {"auto", *FORMATS}
     for name in ("tiny", "paper"):
-        cfg = load_train_config(REPO / "configs" / f"{name}.yaml")
+        cfg = load_train_config(name)
         assert from_dict(TrainConfig, asdict(cfg)) == cfg
     p = tmp_path / "c.yaml"
     p.write_text("stage1: {lr: 1e-3, epochs: 2}\n")  # PyYAML reads 1e-3 as a string; the field is a float
@@ -95,6 +94,40 @@ def test_presets_round_trip_and_formats_in_sync(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"c\.yaml: segment: expected a mapping of SegmentConfig keys"):
         load_config(p, SegmentConfig, section="segment")
+
+
+def test_presets_by_name_or_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare name is a shipped preset (hwsi/configs/<name>.yaml, importlib.resources); an existing file wins."""
+    from importlib import resources
+
+    from hwsi.cli import main
+    from hwsi.config import preset_names, preset_path, shipped_file
+    from hwsi.train.config import load_train_config
+
+    shipped = resources.files("hwsi") / "configs"
+    assert preset_names() == ["demo", "paper", "tiny"]
+    assert preset_path("tiny") == shipped / "tiny.yaml" and preset_path("tiny").is_file()
+    assert shipped_file("deepspeed_zero3.json").is_file()
+    assert load_train_config("paper") == load_train_config(shipped / "paper.yaml")
+    monkeypatch.chdir(tmp_path)
+    Path("tiny").write_text("seed: 5\n")  # a file of that name, here: the path wins
+    assert preset_path("tiny") == Path("tiny") and load_train_config("tiny").seed == 5
+    with pytest.raises(ConfigError, match=r"^tinyy: no such file, and no preset of that name \(presets: demo, "
+                                          r"paper, tiny\)$"):
+        load_train_config("tinyy")
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: file not found"):  # a path (suffix) is never a preset
+        load_train_config("tiny.yaml")
+    assert main(["train", "--stage", "1", "--config", "tinyy", "--job", str(tmp_path)]) == 2
+    assert "tinyy: no such file, and no preset of that name" in capsys.readouterr().err
+
+
+def test_option_defaults_come_from_the_dataclass() -> None:
+    from hwsi.options import default_of
+
+    assert default_of(Outer, "rate") == 0.1 and default_of(Outer, "inner") == Inner()
+    with pytest.raises(TypeError, match="Outer.name has no default"):
+        default_of(Outer, "name")
 
 
 def test_text_reader_names_file_line_and_byte_offset(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def test_parse_encoder_spec() -> None:
 def test_unknown_names_options_and_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(HwsiError, match="unknown image encoder 'nope'.*hwsi_small_patch"):
         create_encoder("nope")
-    with pytest.raises(EncoderError, match="unknown option.*'dpeth'"):
+    with pytest.raises(EncoderError, match="unknown key.*'dpeth'"):
         create_encoder("hipt_vit256", dpeth=2)
     with pytest.raises(EncoderError, match="not found"):
         create_encoder("hipt_vit256", checkpoint=tmp_path / "missing.pth")

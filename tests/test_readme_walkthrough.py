@@ -5,8 +5,8 @@ code.
 Only placeholders and option VALUES are substituted, each from a table below (every entry must be used, so a
 command or option the README drops or renames fails the test): the slide folder becomes a CSV (the form the README
 names) of 6 slides of the cached test pipeline's cohort, CONCH/HIPT/CellViT become the pipeline's small patch
-encoder, MiniLM and the built-in nuclei, 4096/256 px become the cohort's 1024/64 px, configs/paper.yaml becomes
-configs/tiny.yaml edited as the README says (llm_path: the pipeline's stage-0 LLM; records: the cohort's train
+encoder, MiniLM and the built-in nuclei, 4096/256 px become the cohort's 1024/64 px, the paper preset becomes
+the tiny preset edited as the README says (llm_path: the pipeline's stage-0 LLM; records: the cohort's train
 json) with a few epochs. Not run: the `accelerate launch` line (multi-GPU) and `hwsi serve` (a server that does
 not return; tests/test_serve*.py cover it). Reuses the cached pipeline's artefacts (cohort, encoder, LLM): ~1 min.
 """
@@ -47,10 +47,10 @@ def test_readme_lists_the_steps_in_order() -> None:
 
 
 def tiny_config(path: Path, llm: Path, records: Path) -> Path:
-    """configs/tiny.yaml with the README's step-3 edits (llm_path, records; stores stays JOB/stores) and few epochs."""
+    """The tiny preset with the README's step-3 edits (llm_path, records; stores stays JOB/stores) and few epochs."""
     from hwsi.train.config import load_train_config, save_train_config
 
-    cfg = load_train_config(REPO / "configs" / "tiny.yaml")
+    cfg = load_train_config("tiny")
     cfg.model.llm_path, cfg.data.records, cfg.data.facts = str(llm), str(records), ""
     cfg.stage1.epochs, cfg.stage2.epochs, cfg.stage3.epochs = 3, 2, 2
     save_train_config(cfg, path)
@@ -75,7 +75,7 @@ def test_readme_walkthrough(test_pipeline, tmp_path: Path, monkeypatch: pytest.M
         ("--text-encoder", "conch_text:/w/conch/pytorch_model.bin"): "minilm",
         ("--region-input", "hipt_vit256:/w/hipt/vit256_small_dino.pth"): "same",
         ("--cells", "cellvit:/data/cellvit"): "builtin",
-        ("--config", "configs/paper.yaml"): str(config),
+        ("--config", "paper.yaml"): str(config),
         ("--data", "WSI-Bench-test.jsonl"): str(p.cohort / "text" / "test.jsonl"),
     }
     paths = {"/data/slides": str(listing), "/data/new/SLIDE.svs": str(slides / f"{NEW}.tiff")}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from hwsi.synth.classes import SlideClasses, all_classes
 from hwsi.synth.text import CATEGORIES, slide_text, bench_records, train_records
+from hwsi.train import records
 
 
 def _facts(cls: SlideClasses, n: int = 3, m: int = 9) -> dict:
@@ -69,7 +69,6 @@ def test_record_formats_and_closed_answers() -> None:
 
 
 def test_records_parse_with_project_loader(tmp_path: Path) -> None:
-    records = pytest.importorskip("hwsi.train.records")
     texts = [slide_text(f"s{i}", _facts(c), seed=3) for i, c in enumerate(all_classes())]
     p = tmp_path / "test.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in bench_records(texts, 3)))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from hwsi.config import shipped_file
 from hwsi.train.config import TrainConfig, load_train_config
 
-REPO = Path(__file__).resolve().parents[1]
 DP, DIN, DC = 384, 8, 5  # patch features in MiniLM's 384-d space (positives need the shared space)
 DIAG = ["benign", "carcinoma", "dysplasia"]
 GRADE = ["low", "high", "none"]
@@ -75,7 +75,7 @@ def make_job(root: Path, n: int = 6, missing: int = 1) -> Path:
 
 def tiny_config(**stage_steps: int) -> TrainConfig:
     """configs/tiny.yaml shrunk to a few optimizer steps per stage (``stage1=3`` etc.)."""
-    cfg = load_train_config(REPO / "configs" / "tiny.yaml")
+    cfg = load_train_config("tiny")
     cfg.data.region_input = "rin"
     cfg.model.max_regions, cfg.model.k = 3, 2
     cfg.tiny_llm.vocab_size, cfg.tiny_llm.hidden = 300, 32
@@ -149,7 +149,7 @@ def test_load_trained_model_answers_deterministically(run: tuple[TrainConfig, Pa
 
 
 def test_paper_preset_has_the_papers_hyper_parameters() -> None:
-    cfg = load_train_config(REPO / "configs" / "paper.yaml")
+    cfg = load_train_config("paper")
     s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
     assert (s1.epochs, s1.lr, s1.batch_size, s1.loss.tau) == (50, 1e-3, 64, 0.02)
     c = cfg.model.hierarchy.ccaf
@@ -157,7 +157,7 @@ def test_paper_preset_has_the_papers_hyper_parameters() -> None:
     assert s2.batch_size == 256 and (s3.lr, s3.batch_size, s3.lora_rank, s3.lora_alpha) == (2e-5, 128, 128, 256)
     assert cfg.precision == "bf16" and cfg.model.llm_path and cfg.model.projector.llm_dim == 3584
     assert [st.accumulation(4) for st in (s1, s2, s3)] == [1, 8, 8]
-    ds = json.loads((REPO / "configs" / "deepspeed_zero3.json").read_text())
+    ds = json.loads(shipped_file("deepspeed_zero3.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
 
 

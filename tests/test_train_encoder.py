@@ -136,19 +136,9 @@ def test_trained_small_encoder_zero_shot_beats_chance_on_held_out(tmp_path: Path
     assert m["balanced_accuracy"] == pytest.approx(res.zero_shot_balanced_accuracy, abs=1e-9)
 
 
-def _synth_patch_dataset():
-    import hwsi.synth
-
-    if hasattr(hwsi.synth, "sample_patch_dataset"):
-        return hwsi.synth.sample_patch_dataset
-    patches = pytest.importorskip("hwsi.synth.patches", reason="hwsi.synth.sample_patch_dataset has not landed yet")
-    return patches.sample_patch_dataset
-
-
 @pytest.mark.slow
 def test_demo_config_on_synthpath(tmp_path: Path, minilm) -> None:
     """The demo configuration (`hwsi train-encoder` defaults) on SynthPath: held-out zero-shot well above chance."""
-    _synth_patch_dataset()
     res = train_small_encoder(TrainEncoderConfig(), tmp_path / "demo", text_encoder=minilm)
     print(res)
     assert res.zero_shot_balanced_accuracy > res.chance + 0.25
@@ -157,7 +147,6 @@ def test_demo_config_on_synthpath(tmp_path: Path, minilm) -> None:
 
 def test_synthpath_small_run_beats_chance(tmp_path: Path, minilm) -> None:
     """A short run on real SynthPath patch captions (when the synth package provides them)."""
-    _synth_patch_dataset()
     cfg = TrainEncoderConfig(n=640, epochs=4, batch_size=64, seed=1, encoder_overrides=_NARROW)  # held out: 128 patches of other scenes
     res = train_small_encoder(cfg, tmp_path / "s", text_encoder=minilm, progress=False)
     print(f"synthpath zero-shot (640 patches, 4 epochs): acc {res.zero_shot_accuracy:.3f} "
@@ -171,16 +160,32 @@ def test_train_encoder_command_registers_with_help() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from hwsi.features.train_encoder import register_train_encoder
+    from hwsi.features.commands import register
 
     app = typer.Typer()
-    register_train_encoder(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command so typer keeps sub-command names
-        """no-op"""
+    register(app)  # extract, import-features and train-encoder: typer keeps sub-command names
 
     res = CliRunner().invoke(app, ["train-encoder", "--help"])
     assert res.exit_code == 0, res.output
     for opt in ("--out", "--n", "--epochs", "--seed"):
         assert opt in res.output
+
+
+def test_cli_defaults_are_the_config_defaults() -> None:
+    """`hwsi extract` and `hwsi train-encoder` take their option defaults from ExtractConfig / TrainEncoderConfig."""
+    from dataclasses import fields
+
+    import typer
+
+    from hwsi.features.commands import register
+    from hwsi.features.extract import ExtractConfig
+
+    app = typer.Typer()
+    register(app)
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for command, cls, n_shared in (("extract", ExtractConfig, 11), ("train-encoder", TrainEncoderConfig, 8)):
+        params = {p.name: p.default for p in commands[command].params}
+        shared = [f for f in fields(cls) if f.name in params]
+        assert len(shared) == n_shared, (command, [f.name for f in shared])
+        for f in shared:
+            assert params[f.name] == f.default, (command, f.name)

@@ -17,6 +17,12 @@ the expected type and the value. The rules:
   :data:`PositiveFloat`, :data:`NonNegFloat`, :data:`UnitFloat`) are checked with the key named.
 * Cross-field rules: a dataclass's ``validate()`` method (no arguments) is called once it is built; the
   :class:`ConfigError` it raises gets the file and the key of that section in front.
+
+Presets ship inside the package, ``hwsi/configs/<name>.yaml`` (package data, found through
+:mod:`importlib.resources`, so a source checkout and an installed wheel find the same files). Wherever a config
+training config is asked for (``hwsi train --config``, ``PipelineConfig.train_config``,
+:func:`hwsi.train.config.load_train_config`), :func:`preset_path` takes a path or a preset name: an existing file
+wins; a bare name (no folder, no suffix) is a shipped preset, e.g. ``--config tiny``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
@@ -252,6 +259,37 @@ def read_yaml(path: str | Path, error: type[Exception] = ConfigError) -> Any:
         if isinstance(exc, error):
             raise
         raise error(str(exc)) from None
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in the package (``hwsi/configs/<name>.yaml``)."""
+    return sorted(p.name.removesuffix(".yaml") for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped_file(name: str) -> Path:
+    """A file of the package's ``configs/`` folder by its file name (e.g. ``deepspeed_zero3.json``)."""
+    return _presets_dir() / name
+
+
+def _presets_dir() -> Path:
+    d = resources.files("hwsi") / "configs"
+    if not isinstance(d, Path):  # hwsi is installed as files (a wheel or a checkout), never run from a zip
+        raise ConfigFileError(str(d), "hwsi's presets are not files on disk")
+    return d
+
+
+def preset_path(path_or_name: str | Path) -> Path:
+    """The config file meant by ``path_or_name``: the path itself when it exists (a path wins), else the shipped
+    preset of that name when it is a bare name (no folder, no suffix: ``tiny`` -> ``hwsi/configs/tiny.yaml``).
+    Anything else comes back as given, for the reader to report as a missing file; an unknown bare name is a
+    :class:`~hwsi.errors.ConfigFileError` listing the presets."""
+    p = Path(path_or_name)
+    if p.exists() or p.suffix or len(p.parts) != 1:  # a folder is reported by the reader
+        return p
+    cand = _presets_dir() / f"{p.name}.yaml"
+    if cand.is_file():
+        return cand
+    raise ConfigFileError(p, f"no such file, and no preset of that name (presets: {', '.join(preset_names())})")
 
 
 def load_config(path: str | Path, cls: type[C], section: str | None = None) -> C:

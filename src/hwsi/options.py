@@ -1,6 +1,7 @@
-"""Checks of numeric command-line options, as typer callbacks: a bad value is a usage error naming the option.
+"""Command-line options: checks of numeric values as typer callbacks, and defaults taken from the config dataclass.
 
     target_mpp: float = typer.Option(0.5, callback=positive_number)
+    k: int = typer.Option(default_of(ExtractConfig, "k"), "--k")   # one default, the dataclass's
 
 ``hwsi.cli.main`` prints it as ONE line, e.g. ``error: hwsi tile: Invalid value for '--mpp': must be a finite number
 > 0, got inf``, and exits with code 2 (typer itself accepts ``inf`` and ``nan`` for a float option).
@@ -8,9 +9,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import typer
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (a ``default_factory`` is called), so that a command's
+    option default IS its config's and cannot drift from it. A field without a default is a TypeError."""
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")
 
 
 def positive_number(value: float | None) -> float | None:

@@ -331,7 +331,7 @@ def test_synth_into_a_read_only_folder(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("cmd", [
     ["eval", "--data", "{tmp}/no-data", "--model", "{tmp}/no-model", "--task", "vqa"],
-    ["train", "--stage", "1", "--config", str(REPO / "configs" / "tiny.yaml"), "--job", "{tmp}"],
+    ["train", "--stage", "1", "--config", "tiny", "--job", "{tmp}"],
     ["train-encoder", "--n", "8"],
 ])
 def test_out_is_a_file_for_other_commands(tmp_path: Path, capsys, cmd: list[str]) -> None:

@@ -91,15 +91,15 @@ def _register_gates(app: typer.Typer) -> None:
         the trained stage-1 outputs beside random init and the raw input (docs/design.md §5)."""
         from dataclasses import asdict
 
+        from hwsi.config import from_dict
         from hwsi.demo.gates import GateConfig, gates_table, results_json, run_gates
         from hwsi.demo.probes import probe_stage1, probes_table
-        from hwsi.errors import ConfigError
+        from hwsi.model.vit4k import ViT4KConfig
         from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
-        if stem not in ("conv", "neighbour", "linear"):
-            raise ConfigError(f"--stem must be conv, neighbour or linear, got {stem!r}")
-        cfg = GateConfig()
-        cfg.vit4k.stem, cfg.vit4k.pos_grid = stem, pos_grid  # type: ignore[assignment]
+        cfg = GateConfig()  # --stem is checked by the typed reader against ViT4KConfig.stem's Literal
+        cfg.vit4k = from_dict(ViT4KConfig, {**asdict(cfg.vit4k), "stem": stem, "pos_grid": pos_grid},
+                              "hwsi demo gates options")
         names = tuple(s.strip() for s in scales.split(",") if s.strip())
         results = run_gates(pipeline, cfg, names)
         md = "## Gates (supervised ceilings, held-out slides)\n\n" + gates_table(results) + "\n"

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hwsi.config import preset_path
 from hwsi.errors import ConfigError, HwsiError
 from hwsi.utils.atomic import write_json_atomic
 
@@ -52,7 +53,7 @@ class PipelineConfig:
     n_div: int = 32
     min_tissue: float = 0.5  # SPF candidates' minimum tissue fraction (hwsi extract --min-tissue)
     vocab: str = "cohort"  # SPF vocabulary: "cohort" = COHORT/vocab.txt (SynthPath's), "builtin", or a file
-    train_config: str = "demo"  # configs/<name>.yaml preset of hwsi.train (or a path)
+    train_config: str = "demo"  # hwsi.train preset name (hwsi/configs/<name>.yaml) or a YAML path
     workers: int = 2
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -306,15 +307,3 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             base[k] = v
     return base
-
-
-def preset_path(name: str) -> Path:
-    """A training preset: a YAML path, or a name of ``configs/<name>.yaml`` in the source tree."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    repo_configs = Path(__file__).resolve().parents[3] / "configs"
-    cand = repo_configs / f"{name}.yaml"
-    if cand.is_file():
-        return cand
-    raise HwsiError(f"{name}: no such training preset (looked for {p} and {cand})")

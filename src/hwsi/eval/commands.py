@@ -49,15 +49,16 @@ def register(app: typer.Typer) -> None:
         bad = [t for t in names if t not in TASKS]
         if bad:
             raise TaskError(f"unknown task(s) {bad}; choose from {list(TASKS)} or all")
-        if convention not in ("wsi-bench", "coco"):
-            raise TaskError(f"unknown convention {convention!r}; use wsi-bench or coco")
+        from hwsi.config import from_dict
         from hwsi.utils.outdir import prepare_output_dir
 
+        # the typed reader checks the options' values (convention, coco_tokenizer, embedding are Literal fields)
+        cfg = from_dict(EvalConfig, dict(
+            convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor, limit=limit,
+            batch_size=batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle, shuffle_seed=seed,
+            text_encoder=text_encoder, prompt_file=str(prompts or ""), prompt_set=prompt_set, label_key=label_key,
+            embedding=embedding), "hwsi eval options")
         prepare_output_dir(out, what="--out folder", create=False)
-        cfg = EvalConfig(convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor, limit=limit,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle,
-                         shuffle_seed=seed, text_encoder=text_encoder, prompt_file=str(prompts or ""),
-                         prompt_set=prompt_set, label_key=label_key, embedding=embedding)
         ev = load_eval_data(data, job, split=split, label_key=label_key, labels_csv=labels)
         typer.echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
         if ev.missing_stores:

@@ -39,7 +39,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -78,8 +78,8 @@ class TextEncoderLike(Protocol):
 class EvalConfig:
     """Settings of an evaluation run (every field is recorded in each task's JSON)."""
 
-    convention: str = "wsi-bench"  # generation metrics: "wsi-bench" | "coco" (hwsi.eval.metrics)
-    coco_tokenizer: str = "ptb"  # coco only: "ptb" (Java) | "simple"
+    convention: Literal["wsi-bench", "coco"] = "wsi-bench"  # generation metrics (hwsi.eval.metrics)
+    coco_tokenizer: Literal["ptb", "simple"] = "ptb"  # coco only: "ptb" (Java) | "simple"
     meteor: bool = True
     limit: int = 0  # N test samples: slides (sorted ids) or items (round-robin over slides, file order); 0 = all
     batch_size: int = 4
@@ -90,7 +90,7 @@ class EvalConfig:
     prompt_file: str = ""  # zero-shot prompts; "" = packaged SynthPath prompts
     prompt_set: int = 0
     label_key: str = "diagnosis"  # SynthPath: a fact name ("diagnosis", "extent", ...) or "label" (9 classes)
-    embedding: str = "auto"  # "auto" | "z_wsi" | "slide_token"
+    embedding: Literal["auto", "z_wsi", "slide_token"] = "auto"
     probe_Cs: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 9))
     retrieval_ks: tuple[int, ...] = (1, 3, 5)
     recall_ks: tuple[int, ...] = (1, 3, 5, 10)

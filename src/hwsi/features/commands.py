@@ -1,13 +1,21 @@
-"""CLI commands of hwsi.features (registered by hwsi.cli): `hwsi extract`, `hwsi import-features`, and the encoder
-engineer's `hwsi train-encoder`. Heavy imports (torch, encoders) stay inside the command functions."""
+"""CLI commands of hwsi.features (registered by hwsi.cli): `hwsi extract`, `hwsi import-features` and
+`hwsi train-encoder`. Option defaults are the config dataclasses' (:class:`~hwsi.features.extract.ExtractConfig`,
+:class:`~hwsi.features.train_encoder.TrainEncoderConfig`, via :func:`hwsi.options.default_of`). Heavy imports
+(torch, encoders) stay inside the command functions."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
-from hwsi.options import positive_int
+from hwsi.features.extract import ExtractConfig
+from hwsi.features.train_encoder import TrainEncoderConfig
+from hwsi.options import default_of, positive_int
+
+_extract = partial(default_of, ExtractConfig)
+_train = partial(default_of, TrainEncoderConfig)
 
 
 def register(app: typer.Typer) -> None:
@@ -16,33 +24,40 @@ def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
         job: Path = typer.Argument(..., help="Job folder written by `hwsi tile` (JOB/stores/<slide_id>.h5)."),
-        patch_encoder: str = typer.Option("hwsi_small_patch", "--patch-encoder",
+        patch_encoder: str = typer.Option(_extract("patch_encoder"), "--patch-encoder",
                                           help="Patch encoder NAME or NAME:CHECKPOINT (f_ij of the paper; must share "
                                                "the text encoder's space for SPF Eq. 2)."),
-        region_input: str = typer.Option("same", "--region-input",
+        region_input: str = typer.Option(_extract("region_input"), "--region-input",
                                          help="Encoder NAME[:CKPT] of the region encoder's input (e.g. hipt_vit256:"
                                               "vit256_small_dino.pth), or 'same' to reuse the patch features."),
-        text_encoder: str = typer.Option("minilm", "--text-encoder", help="Text encoder NAME[:CKPT] for SPF."),
-        cells: str = typer.Option("builtin", "--cells",
+        text_encoder: str = typer.Option(_extract("text_encoder"), "--text-encoder",
+                                         help="Text encoder NAME[:CKPT] for SPF."),
+        cells: str = typer.Option(_extract("cells"), "--cells",
                                   help="Cells of the SPF-selected patches (Eq. 3): builtin | none | cellvit:DIR."),
-        batch_size: int = typer.Option(64, "--batch-size", help="Patches per encoder forward pass."),
-        threads: int = typer.Option(2, "--threads", help="Threads reading regions (overlaps reading with encoding)."),
-        k: int = typer.Option(16, "--k", callback=positive_int, help="SPF: patches kept per region (top-k by text relevance, Eq. 2)."),
-        n_div: int = typer.Option(32, "--n-div", help="SPF: diverse survivors of Eq. 1 kept before top-k (0 = off)."),
-        min_tissue: float = typer.Option(0.5, "--min-tissue", help="SPF: candidates are tissue patches with at least "
-                                                                    "this tissue fraction (0-1)."),
+        batch_size: int = typer.Option(_extract("batch_size"), "--batch-size",
+                                       help="Patches per encoder forward pass."),
+        threads: int = typer.Option(_extract("threads"), "--threads",
+                                    help="Threads reading regions (overlaps reading with encoding)."),
+        k: int = typer.Option(_extract("k"), "--k", callback=positive_int,
+                              help="SPF: patches kept per region (top-k by text relevance, Eq. 2)."),
+        n_div: int = typer.Option(_extract("n_div"), "--n-div",
+                                  help="SPF: diverse survivors of Eq. 1 kept before top-k (0 = off)."),
+        min_tissue: float = typer.Option(_extract("min_tissue"), "--min-tissue",
+                                         help="SPF: candidates are tissue patches with at least this tissue fraction "
+                                              "(0-1)."),
         vocab: Path | None = typer.Option(None, "--vocab", help="SPF vocabulary file (.txt one term per line, or "
                                                                  ".yaml list); default: the built-in vocabulary."),
         slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already extracted."),
+        overwrite: bool = typer.Option(_extract("overwrite"), "--overwrite", help="Redo slides already extracted."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Fill the stores with patch features, region-encoder inputs, SPF selections and cells."""
-        from hwsi.features.extract import ExtractConfig, run_extract
+        from hwsi.features.extract import run_extract
 
         cfg = ExtractConfig(
             patch_encoder=patch_encoder, region_input=region_input, text_encoder=text_encoder, cells=cells,
-            batch_size=batch_size, threads=threads, k=k, n_div=n_div, min_tissue=min_tissue, vocab=str(vocab) if vocab else None,
+            batch_size=batch_size, threads=threads, k=k, n_div=n_div, min_tissue=min_tissue,
+            vocab=str(vocab) if vocab else None,
             overwrite=overwrite, slide_ids=list(slide),
         )
         result = run_extract(job, cfg, show_progress=not quiet)
@@ -64,8 +79,26 @@ def register(app: typer.Typer) -> None:
         rep = import_features(store_path(job, slide_id), features, name, tolerance=tolerance, overwrite=overwrite)
         typer.echo(f"{slide_id}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")
 
-    try:
-        from hwsi.features.train_encoder import register_train_encoder
-    except ImportError:  # pragma: no cover - module owned by the encoder engineer
-        return
-    register_train_encoder(app)
+    @app.command("train-encoder")
+    def train_encoder_cmd(
+        out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (encoder.json + model.safetensors)."),
+        n: int = typer.Option(_train("n"), "--n", help="Number of SynthPath patch-caption pairs."),
+        epochs: int = typer.Option(_train("epochs"), "--epochs", help="Training epochs."),
+        batch_size: int = typer.Option(_train("batch_size"), "--batch-size", help="Batch size."),
+        lr: float = typer.Option(_train("lr"), "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
+        seed: int = typer.Option(_train("seed"), "--seed", help="Seed of data, split, init and augmentation."),
+        val_fraction: float = typer.Option(_train("val_fraction"), "--val-fraction",
+                                           help="Held-out fraction for zero-shot evaluation."),
+        patch_px: int = typer.Option(_train("patch_px"), "--patch-px", help="Patch size in px at --mpp."),
+        mpp: float = typer.Option(_train("mpp"), "--mpp", help="Target µm per pixel of the patches."),
+    ) -> None:
+        """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
+        from hwsi.features.train_encoder import train_small_encoder
+        from hwsi.utils.outdir import prepare_output_dir
+
+        prepare_output_dir(out, what="--out folder", create=False)
+        cfg = TrainEncoderConfig(
+            n=n, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
+            patch_px=patch_px, mpp=mpp,
+        )  # fmt: skip
+        train_small_encoder(cfg, out)

@@ -1,14 +1,14 @@
 """CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train`` and ``hwsi ask``.
 
-    hwsi train --stage {0,1,2,3} --config configs/tiny.yaml --job JOB [--out RUN] [--resume] [--stop-after N]
+    hwsi train --stage {0,1,2,3} --config tiny --job JOB [--out RUN] [--resume] [--stop-after N]
     hwsi ask SLIDE.svs --run RUN --question "What is the grade?" [--question "And the stage?"]   (tiled + extracted
                                          the run's way into RUN/ask, cached; hwsi.train.ask)
     hwsi ask JOB/stores/SLIDE.h5 --run RUN -q ...                     (a store made the run's way)
 
 Multi-GPU / DeepSpeed ZeRO-3 (same code, same flags)::
 
-    accelerate launch --use_deepspeed --deepspeed_config_file configs/deepspeed_zero3.json \\
-        -m hwsi.cli train --stage 3 --config configs/paper.yaml --job JOB --out RUN
+    accelerate launch --use_deepspeed --deepspeed_config_file src/hwsi/configs/deepspeed_zero3.json \\
+        -m hwsi.cli train --stage 3 --config paper.yaml --job JOB --out RUN
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
     def train(
         stage: int = typer.Option(..., "--stage", min=0, max=3, help="0 (tiny LLM pretraining, tiny runs only), "
                                   "1 (hierarchical alignment), 2 (projectors), 3 (LoRA instruction tuning)."),
-        config: Path = typer.Option(..., "--config", help="YAML preset, e.g. configs/tiny.yaml or configs/paper.yaml."),
+        config: Path = typer.Option(..., "--config", help="A YAML file, or the name of a shipped preset: tiny, demo or paper."),
         job: Path = typer.Option(Path("."), "--job", help="Job folder (stores/, text paths in the config are relative to it)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: JOB/runs/<config name>)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the stage's last checkpoint."),

@@ -1,11 +1,12 @@
 """Training configuration: one dataclass tree, read from YAML with :func:`hwsi.config.load_config`.
 
-Presets: ``configs/tiny.yaml`` (CPU, seconds–minutes, includes stage 0) and ``configs/paper.yaml`` (the paper's
+Presets (shipped in the package, ``hwsi/configs/<name>.yaml``, read by name or path): ``tiny`` (CPU,
+seconds–minutes, includes stage 0), ``demo`` (`make demo`'s) and ``paper`` (the paper's
 hyper-parameters, §4 "Training and Implementation": stage 1 50 epochs, lr 1e-3, batch 64, τ 0.02, CCAF 2 blocks
 2 heads out 784; stage 2 projectors only, batch 256; stage 3 lr 2e-5, batch 128, LoRA rank 128 α 256;
 Qwen2.5-7B-Instruct from a local path, bf16)::
 
-    cfg = load_train_config("configs/tiny.yaml")
+    cfg = load_train_config("tiny")           # or a path: load_train_config("my.yaml")
     run_stage(1, cfg, job, out)
 
 Batch sizes are GLOBAL (slides / conversations per optimizer step, over all processes). Each process runs
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from hwsi.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, load_config, save_config
+from hwsi.config import (NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, load_config, preset_path,
+                         save_config)
 from hwsi.errors import ConfigError
 from hwsi.model.losses import HCALossConfig
 from hwsi.model.mllm import MLLMConfig
@@ -173,9 +175,10 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    """Read and validate a YAML preset: unknown keys, values of the wrong type or out of range are an error naming
-    the file and the key (:func:`hwsi.config.from_dict`)."""
-    return load_config(path, TrainConfig)
+    """Read and validate a YAML file or a shipped preset by name (:func:`hwsi.config.preset_path`: an existing
+    file wins): unknown keys, values of the wrong type or out of range are an error naming the file and the key
+    (:func:`hwsi.config.from_dict`)."""
+    return load_config(preset_path(path), TrainConfig)
 
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -49,15 +49,12 @@ class EncoderError(HwsiError):
 
 
 def make_config(cls: type[C], overrides: dict[str, Any], where: str = "") -> C:
-    """Build config dataclass ``cls`` with ``overrides`` through the typed reader (:func:`hwsi.config.from_dict`):
-    unknown keys and values of the wrong type are an :class:`EncoderError`; JSON lists become tuples."""
+    """Config dataclass ``cls`` with ``overrides``, read by the project's one typed reader
+    (:func:`hwsi.config.from_dict`: unknown keys, wrong types and values out of range are refused, naming the key;
+    JSON lists become tuples); its :class:`~hwsi.errors.ConfigError` comes back as an :class:`EncoderError`."""
     from hwsi.config import from_dict
     from hwsi.errors import ConfigError
 
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(map(str, set(overrides) - fields))
-    if unknown:
-        raise EncoderError(f"{where or cls.__name__}: unknown option(s) {unknown}; valid: {sorted(fields)}")
     try:
         return from_dict(cls, overrides, where or cls.__name__)
     except ConfigError as exc:
