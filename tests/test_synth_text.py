@@ -69,7 +69,7 @@ def test_record_formats_and_closed_answers() -> None:
 
 
 def test_records_parse_with_project_loader(tmp_path: Path) -> None:
-    records = pytest.importorskip("hwsi.train.records")
+    records = pytest.importorskip("hwsi.data")
     texts = [slide_text(f"s{i}", _facts(c), seed=3) for i, c in enumerate(all_classes())]
     p = tmp_path / "test.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in bench_records(texts, 3)))
