@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hwsi.features.encoders import create_encoder, create_text_encoder
-from hwsi.features.train_encoder import (
+from hwsi.train.patch_encoder import (
     TrainEncoderConfig,
     class_text_embeddings,
     stratified_split,
@@ -171,7 +171,7 @@ def test_train_encoder_command_registers_with_help() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from hwsi.features.train_encoder import register_train_encoder
+    from hwsi.train.commands import register_train_encoder
 
     app = typer.Typer()
     register_train_encoder(app)

@@ -1,5 +1,6 @@
-"""CLI commands of hwsi.features (registered by hwsi.cli): `hwsi extract`, `hwsi import-features`, and the encoder
-engineer's `hwsi train-encoder`. Heavy imports (torch, encoders) stay inside the command functions."""
+"""CLI commands of hwsi.features (registered by hwsi.cli): `hwsi extract` and `hwsi import-features`
+(`hwsi train-encoder`, a training loop, is registered by hwsi.train.commands). Heavy imports (torch, encoders) stay
+inside the command functions."""
 
 from __future__ import annotations
 
@@ -63,9 +64,3 @@ def register(app: typer.Typer) -> None:
 
         rep = import_features(store_path(job, slide_id), features, name, tolerance=tolerance, overwrite=overwrite)
         typer.echo(f"{slide_id}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")
-
-    try:
-        from hwsi.features.train_encoder import register_train_encoder
-    except ImportError:  # pragma: no cover - module owned by the encoder engineer
-        return
-    register_train_encoder(app)

@@ -1,4 +1,4 @@
-"""CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train`` and ``hwsi ask``.
+"""CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train-encoder``, ``hwsi train`` and ``hwsi ask``.
 
     hwsi train --stage {0,1,2,3} --config configs/tiny.yaml --job JOB [--out RUN] [--resume] [--stop-after N]
     hwsi ask SLIDE.svs --run RUN --question "What is the grade?" [--question "And the stage?"]   (tiled + extracted
@@ -61,8 +61,36 @@ def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: d
     return lines
 
 
+def register_train_encoder(app: typer.Typer) -> None:
+    """Add ``hwsi train-encoder`` to a typer app (called from :func:`register`)."""
+
+    @app.command("train-encoder")
+    def train_encoder_cmd(
+        out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (encoder.json + model.safetensors)."),
+        n: int = typer.Option(4000, "--n", help="Number of SynthPath patch-caption pairs."),
+        epochs: int = typer.Option(8, "--epochs", help="Training epochs."),
+        batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
+        lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of data, split, init and augmentation."),
+        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Held-out fraction for zero-shot evaluation."),
+        patch_px: int = typer.Option(256, "--patch-px", help="Patch size in px at --mpp."),
+        mpp: float = typer.Option(0.5, "--mpp", help="Target µm per pixel of the patches."),
+    ) -> None:
+        """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
+        from hwsi.train.patch_encoder import TrainEncoderConfig, train_small_encoder
+        from hwsi.utils.outdir import prepare_output_dir
+
+        prepare_output_dir(out, what="--out folder", create=False)
+        cfg = TrainEncoderConfig(
+            n=n, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
+            patch_px=patch_px, mpp=mpp,
+        )  # fmt: skip
+        train_small_encoder(cfg, out)
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
+    register_train_encoder(app)
 
     @app.command("train")
     def train(

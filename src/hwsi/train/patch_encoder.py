@@ -1,4 +1,5 @@
-"""``hwsi train-encoder``: train the small patch encoder CLIP-style against the FROZEN MiniLM text encoder.
+"""The training loop behind ``hwsi train-encoder`` (registered in :mod:`hwsi.train.commands`): train the small
+patch encoder CLIP-style against the FROZEN MiniLM text encoder.
 
 Data: SynthPath patch–caption pairs (``hwsi.synth.sample_patch_dataset``). The text tower is frozen, so each
 distinct caption is embedded once (cached) and training only runs the small CNN. Loss: symmetric InfoNCE with a
@@ -344,30 +345,3 @@ def train_small_encoder(
          f"(balanced {result.zero_shot_balanced_accuracy:.3f}, chance {result.chance:.3f}, classes {classes}); "
          f"saved {out}")
     return result
-
-
-def register_train_encoder(app: Any) -> None:
-    """Add ``hwsi train-encoder`` to a typer app (called from ``hwsi.features.commands.register``)."""
-    import typer
-
-    @app.command("train-encoder")
-    def train_encoder_cmd(
-        out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (encoder.json + model.safetensors)."),
-        n: int = typer.Option(4000, "--n", help="Number of SynthPath patch-caption pairs."),
-        epochs: int = typer.Option(8, "--epochs", help="Training epochs."),
-        batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
-        lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of data, split, init and augmentation."),
-        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Held-out fraction for zero-shot evaluation."),
-        patch_px: int = typer.Option(256, "--patch-px", help="Patch size in px at --mpp."),
-        mpp: float = typer.Option(0.5, "--mpp", help="Target µm per pixel of the patches."),
-    ) -> None:
-        """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
-        from hwsi.utils.outdir import prepare_output_dir
-
-        prepare_output_dir(out, what="--out folder", create=False)
-        cfg = TrainEncoderConfig(
-            n=n, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
-            patch_px=patch_px, mpp=mpp,
-        )  # fmt: skip
-        train_small_encoder(cfg, out)
