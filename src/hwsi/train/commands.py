@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
 
         A slide file is tiled and extracted as the run's stores were (RUN/bundle); a store made otherwise is refused.
         """
-        from hwsi.model.mllm import ChatSession
+        from hwsi.model.chat import ChatSession
         from hwsi.train.ask import is_store_path, prepare_slide
         from hwsi.train.inference import load_trained_model, slide_inputs_for
 
