@@ -13,6 +13,7 @@ HISTGEN_REPORT_PROMPT = "Write the pathology report for this whole slide image."
 
 
 def parse_histgen(data: dict[str, Any], path: Path, split: str | None) -> list[QAItem]:
+    """One report item per record of ``split`` (default: every split, in file order)."""
     out: list[QAItem] = []
     splits = [s for s in data if isinstance(data[s], list)]
     if split is not None:

@@ -12,6 +12,7 @@ _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "
 
 
 def parse_turns(conv: Any, path: Path, where: str) -> list[Turn]:
+    """The alternating human/gpt turns of one record's ``conversations`` (``user``/``assistant`` accepted)."""
     if not isinstance(conv, list) or not conv:
         raise fail(path, where, "'conversations' must be a non-empty list")
     turns: list[Turn] = []
@@ -32,6 +33,8 @@ def parse_turns(conv: Any, path: Path, where: str) -> list[Turn]:
 
 
 def parse_llava(items: list[Any], path: Path, source: str | None) -> list[Conversation]:
+    """One :class:`Conversation` per record; ``source`` None: ``slidechat`` for a list image reference, else
+    ``wsi-bench``."""
     out: list[Conversation] = []
     for i, obj in enumerate(items):
         where = f"record {i}"

@@ -27,6 +27,7 @@ SLIDEBENCH_CSV_COLUMNS: tuple[str, ...] = (
 
 
 def parse_slidebench_json(data: dict[str, Any], path: Path) -> list[QAItem]:
+    """One closed :class:`QAItem` per sample of the reformatted json copy (``answer`` is an option letter)."""
     samples = data["samples"]
     if not isinstance(samples, list):
         raise fail(path, "top level", "'samples' must be a list")
@@ -67,6 +68,7 @@ def parse_slidebench_json(data: dict[str, Any], path: Path) -> list[QAItem]:
 
 
 def parse_slidebench_csv(path: Path) -> list[QAItem]:
+    """One closed :class:`QAItem` per row of the released csv; errors name the csv line."""
     header, rows = textio.read_csv(path, RecordError)
     missing = [c for c in SLIDEBENCH_CSV_COLUMNS if c not in header]
     if missing:

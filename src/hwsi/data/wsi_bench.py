@@ -42,6 +42,8 @@ def _category_of(meta: Any, path: Path, where: str) -> str:
 
 
 def parse_wsi_bench_test(items: list[tuple[str, Any]], path: Path) -> list[QAItem]:
+    """One :class:`QAItem` per ``(where, record)``; options read from the question, the answer resolved where it
+    can be."""
     out: list[QAItem] = []
     for where, obj in items:
         if not isinstance(obj, dict):

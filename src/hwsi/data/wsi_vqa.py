@@ -8,6 +8,7 @@ from typing import Any
 from hwsi.data.records import QAItem, fail, need, slide_from_ref
 
 def parse_wsi_vqa(items: list[Any], path: Path) -> list[QAItem]:
+    """One :class:`QAItem` per record; closed when it has ``Choice`` (the answer's index found by text)."""
     out: list[QAItem] = []
     for i, obj in enumerate(items):
         where = f"record {i}"

@@ -1,8 +1,9 @@
-"""Stage 0 (tiny runs only; NOT in the paper, docs/design.md §5). No pretrained LLM exists offline and a frozen random LLM cannot
-write reports, so a tiny Qwen2 (``build_tiny_llm``, tokenizer trained on the TRAIN split's text) is pretrained on the
-train split's records in the same chat format as stages 2–3, with the slide's ground-truth findings written as words
-in the ``<image>`` slot (``data.facts``). Never val/test text. It stands in for Qwen's pretraining: real runs set
-``model.llm_path`` and skip it.
+"""Stage 0 (tiny runs only; NOT in the paper, docs/design.md §5): pretrain the tiny stand-in LLM.
+
+No pretrained LLM exists offline and a frozen random LLM cannot write reports, so a tiny Qwen2 (``build_tiny_llm``,
+tokenizer trained on the TRAIN split's text) is pretrained on the train split's records in the same chat format as
+stages 2–3, with the slide's ground-truth findings written as words in the ``<image>`` slot (``data.facts``). Never
+val/test text. It stands in for Qwen's pretraining: real runs set ``model.llm_path`` and skip it.
 """
 
 from __future__ import annotations

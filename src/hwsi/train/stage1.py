@@ -1,4 +1,6 @@
-"""Stage 1 (Eq. 6–9). Trained: CCAF, ViT-4K, ViT_WSI, the per-scale alignment heads, optionally the last
+"""Stage 1 (Eq. 6–9): hierarchical contrastive alignment of the hierarchy with the text units.
+
+Trained: CCAF, ViT-4K, ViT_WSI, the per-scale alignment heads, optionally the last
 ``text_finetune_layers`` of the text encoder. The stored patch features f_ij come from a FROZEN backbone (the paper
 also fine-tunes CONCH; we train on cached features, so the patch head is what adapts). Text units per slide:
 words ↔ cells, phrases ↔ patches, sentences ↔ regions, whole report ↔ slide (:func:`hwsi.train.data.report_units`),
