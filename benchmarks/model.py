@@ -61,7 +61,8 @@ def ttft(tmp: Path, n_regions: int, repeats: int = 3) -> dict[str, float]:
     from hwsi.model.hierarchy import HierarchyConfig
     from hwsi.model.inputs import load_slide_inputs
     from hwsi.model.llm import build_tiny_llm, load_llm
-    from hwsi.model.mllm import ChatSession, MLLMConfig, MLLMHWSI
+    from hwsi.model.chat import ChatSession
+    from hwsi.model.mllm import MLLMConfig, MLLMHWSI
     from hwsi.model.projectors import ProjectorConfig
     from hwsi.train.config import load_train_config
 

@@ -80,7 +80,7 @@ def test_missing_required_key_and_non_mapping() -> None:
 
 def test_presets_round_trip_and_formats_in_sync(tmp_path: Path) -> None:
     from hwsi.train.config import RecordsFormat, TrainConfig, load_train_config
-    from hwsi.train.records import FORMATS
+    from hwsi.data import FORMATS
 
     assert set(typing.get_args(RecordsFormat)) == {"auto", *FORMATS}
     for name in ("tiny", "paper"):

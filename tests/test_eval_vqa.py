@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hwsi.eval.vqa import VQAError, normalize_answer, open_answer_scores, parse_choice, token_f1, vqa_accuracy
-from hwsi.train.records import QAItem, load_records
+from hwsi.data import QAItem, load_records
 
 OPTS = ["Squamous cell carcinoma", "Small cell lung carcinoma", "Papillary adenocarcinoma", "Alveolar adenoma"]
 

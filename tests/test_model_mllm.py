@@ -1,4 +1,4 @@
-"""hwsi.model.mllm: visual prefix, splicing at <image>, answer-only labels, LM loss, cached ChatSession."""
+"""hwsi.model.mllm and hwsi.model.chat: visual prefix, splicing at <image>, answer-only labels, LM loss, cached ChatSession."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from hwsi.model.hierarchy import HierarchyConfig
 from hwsi.model.inputs import collate_slides
 from hwsi.model.llm import build_tiny_llm, load_llm
-from hwsi.model.mllm import ChatSession, MLLMConfig, MLLMHWSI
+from hwsi.model.chat import ChatSession
+from hwsi.model.mllm import MLLMConfig, MLLMHWSI
 from hwsi.model.projectors import ProjectorConfig
 from test_model import random_slide
 

@@ -27,7 +27,8 @@ def heldout_evidence(pipe) -> dict:
     from hwsi.model.inputs import collate_slides
     from hwsi.train.data import load_train_text, store_ids
     from hwsi.train.inference import load_trained_model, run_config
-    from hwsi.train.stages import PROJECTORS_FILE, _load_safetensors, build_model, report_samples
+    from hwsi.train.stage_common import PROJECTORS_FILE, load_safetensors
+    from hwsi.train.stage_lm import build_model, report_samples
 
     p = pipe.paths
     datas = [load_eval_data(p.cohort, p.job, split=s) for s in ("val", "test")]
@@ -46,7 +47,7 @@ def heldout_evidence(pipe) -> dict:
 
     cfg = run_config(p.runs)
     m2, _ = build_model(cfg, p.runs, 2)  # stage-2 model: stage-0 LLM, stage-1 hierarchy, stage-2 projectors
-    m2.projectors.load_state_dict(_load_safetensors(p.runs / "stage2" / "final" / PROJECTORS_FILE))
+    m2.projectors.load_state_dict(load_safetensors(p.runs / "stage2" / "final" / PROJECTORS_FILE))
     m2.eval()
     slides2 = _Slides(m2, merged, EvalConfig())
     losses: dict[str, list[float]] = {"true": [], "shuffled": []}

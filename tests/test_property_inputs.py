@@ -17,7 +17,7 @@ from hwsi.config import from_dict, load_config
 from hwsi.errors import ConfigError, HwsiError
 from hwsi.slide.tile import collect_slides
 from hwsi.train.config import TrainConfig
-from hwsi.train.records import FORMATS, RecordError, load_records
+from hwsi.data import FORMATS, RecordError, load_records
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -121,7 +121,7 @@ def test_slidebench_csv_arbitrary_rows(rows: list[list[str]], header: bool) -> N
     import csv
     import io
 
-    from hwsi.train.records import SLIDEBENCH_CSV_COLUMNS
+    from hwsi.data import SLIDEBENCH_CSV_COLUMNS
 
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hwsi.errors import HwsiError
-from hwsi.train.records import (
+from hwsi.data import (
     HISTGEN_REPORT_PROMPT,
     WSI_BENCH_CATEGORIES,
     Conversation,

@@ -10,7 +10,7 @@ import numpy as np
 
 from hwsi.synth.classes import SlideClasses, all_classes
 from hwsi.synth.text import CATEGORIES, slide_text, bench_records, train_records
-from hwsi.train import records
+import hwsi.data as records
 
 
 def _facts(cls: SlideClasses, n: int = 3, m: int = 9) -> dict:

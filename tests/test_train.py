@@ -182,7 +182,8 @@ def test_stage1_weights_of_every_scale_load_into_a_model_with_fewer(run: tuple[T
     import copy
 
     from hwsi.train.engine import TrainError
-    from hwsi.train.stages import _load_part, build_model
+    from hwsi.train.stage_common import load_part
+    from hwsi.train.stage_lm import build_model
 
     cfg, job, out = run
     fewer = copy.deepcopy(cfg)
@@ -190,4 +191,4 @@ def test_stage1_weights_of_every_scale_load_into_a_model_with_fewer(run: tuple[T
     model, _ = build_model(fewer, out, stage=2)
     assert model.hierarchy.ccaf is None and model.hierarchy.vit4k is not None
     with pytest.raises(TrainError, match="stage-1 weights lack"):
-        _load_part(model.hierarchy, {}, "hierarchy.")
+        load_part(model.hierarchy, {}, "hierarchy.")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hwsi.features.encoders import create_encoder, create_text_encoder
-from hwsi.features.train_encoder import (
+from hwsi.train.patch_encoder import (
     TrainEncoderConfig,
     class_text_embeddings,
     stratified_split,
@@ -160,10 +160,10 @@ def test_train_encoder_command_registers_with_help() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from hwsi.features.commands import register
+    from hwsi.train.commands import register
 
     app = typer.Typer()
-    register(app)  # extract, import-features and train-encoder: typer keeps sub-command names
+    register(app)  # train, train-encoder, ...: typer keeps sub-command names
 
     res = CliRunner().invoke(app, ["train-encoder", "--help"])
     assert res.exit_code == 0, res.output
@@ -177,11 +177,13 @@ def test_cli_defaults_are_the_config_defaults() -> None:
 
     import typer
 
-    from hwsi.features.commands import register
+    from hwsi.features.commands import register as register_features
     from hwsi.features.extract import ExtractConfig
+    from hwsi.train.commands import register as register_train
 
     app = typer.Typer()
-    register(app)
+    register_features(app)
+    register_train(app)
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     for command, cls, n_shared in (("extract", ExtractConfig, 11), ("train-encoder", TrainEncoderConfig, 8)):
         params = {p.name: p.default for p in commands[command].params}

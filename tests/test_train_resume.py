@@ -92,7 +92,7 @@ def _one_step(model, job: Path, cfg) -> None:
 
 
 def test_stage2_trains_only_projectors_and_stage3_only_lora_and_projectors(run) -> None:
-    from hwsi.train.stages import stage_model
+    from hwsi.train.stage_lm import stage_model
 
     cfg, job, out = run
     for stage in (2, 3):
@@ -116,7 +116,7 @@ def test_stage2_trains_only_projectors_and_stage3_only_lora_and_projectors(run) 
 
 def test_stage0_labels_keep_only_the_answers_of_every_turn(run) -> None:
     from hwsi.model.llm import load_llm
-    from hwsi.train.stages import findings_model
+    from hwsi.train.stage0 import findings_model
 
     cfg, job, out = run
     llm, tok = load_llm(out / "stage0" / "llm")

@@ -12,7 +12,7 @@ it turn every failure of the format into the same error type:
   than the header is an error naming its line (a shorter one is padded with ``""``);
 * :func:`read_yaml` -- ``yaml.safe_load``; errors (including too-deep nesting) name the line where PyYAML knows it.
 
-``error`` selects the subclass raised (e.g. :class:`hwsi.train.records.RecordError`); it is called as
+``error`` selects the subclass raised (e.g. :class:`hwsi.data.RecordError`); it is called as
 ``error(path, reason, where)``.
 """
 

@@ -78,7 +78,7 @@ def oracle_scores(llm_dir: Path, cohort: Path, job: Path, batch_size: int = 8) -
     from hwsi.eval.vqa import vqa_accuracy
     from hwsi.model.llm import load_llm
     from hwsi.train.data import findings_text
-    from hwsi.train.stages import findings_model
+    from hwsi.train.stage0 import findings_model
 
     facts = json.loads((cohort / "facts.json").read_text())
     llm, tok = load_llm(llm_dir)

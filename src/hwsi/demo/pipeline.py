@@ -4,7 +4,7 @@ Steps (each resumable: a rerun skips what is finished, so an interrupted demo co
 
     1 synth     SynthPath cohort: pyramidal TIFFs + ground truth + reports/captions/VQA (hwsi.synth)
     2 tile      tissue, region/patch grid, one store per slide (hwsi.slide)
-    3 encoder   the small image–text patch encoder, CLIP-style against frozen MiniLM (hwsi.features.train_encoder)
+    3 encoder   the small image–text patch encoder, CLIP-style against frozen MiniLM (hwsi.train.patch_encoder)
     4 extract   patch features, SPF (Eq. 1–2), nuclei + cell features in the SPF patches (Eq. 3) (hwsi.features)
     5 train     stage 0 (tiny LM on the train split's text) then stages 1, 2, 3 (hwsi.train)
     6 eval      every task of hwsi.eval on the held-out split, beside a shuffled-visual-tokens baseline
@@ -198,7 +198,7 @@ class Pipeline:
         return res.counts()
 
     def encoder(self) -> dict[str, Any]:
-        from hwsi.features.train_encoder import TrainEncoderConfig, train_small_encoder
+        from hwsi.train.patch_encoder import TrainEncoderConfig, train_small_encoder
 
         c = self.cfg
         tcfg = TrainEncoderConfig(

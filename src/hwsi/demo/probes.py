@@ -74,7 +74,7 @@ def probe_stage1(pipeline_out: str | Path, run: str | Path, cfg: GateConfig | No
     from hwsi.model.heads import AlignmentHeads
     from hwsi.model.hierarchy import HierarchicalEncoder
     from hwsi.train.config import load_train_config
-    from hwsi.train.stages import ALIGNMENT_FILE, _load_part, _load_safetensors
+    from hwsi.train.stage_common import ALIGNMENT_FILE, load_part, load_safetensors
 
     run = Path(run)
     tcfg = load_train_config(run / "config.yaml")
@@ -87,9 +87,9 @@ def probe_stage1(pipeline_out: str | Path, run: str | Path, cfg: GateConfig | No
     torch.manual_seed(tcfg.seed)
     rand, rand_heads = HierarchicalEncoder(tcfg.model.hierarchy), AlignmentHeads(tcfg.model.hierarchy.dims(),
                                                                                   tcfg.model.text_dim)
-    state = _load_safetensors(run / "stage1" / "final" / ALIGNMENT_FILE)
-    _load_part(trained, state, "hierarchy.")
-    _load_part(heads, state, "heads.")
+    state = load_safetensors(run / "stage1" / "final" / ALIGNMENT_FILE)
+    load_part(trained, state, "hierarchy.")
+    load_part(heads, state, "heads.")
     trained.eval(), rand.eval()
     got = _scale_probe_data(slides, _tokens_of(trained, heads, slides))
     base = _scale_probe_data(slides, _tokens_of(rand, rand_heads, slides))

@@ -45,7 +45,7 @@ import numpy as np
 
 from hwsi import textio
 from hwsi.errors import HwsiError
-from hwsi.train.records import QAItem, load_records, match_records_to_stores, strip_image_token
+from hwsi.data import QAItem, load_records, match_records_to_stores, strip_image_token
 
 TASKS: tuple[str, ...] = (
     "zero_shot",
@@ -172,7 +172,7 @@ def load_eval_data(
 
     ``data`` is a SynthPath cohort folder (``cohort.json``; records ``text/<split>.jsonl``, reports
     ``text/reports.json``, labels and facts from cohort.json; ``job`` defaults to ``DATA/job``) or a record file of
-    any format :func:`hwsi.train.records.load_records` reads (labels for the embedding tasks then come from
+    any format :func:`hwsi.data.load_records` reads (labels for the embedding tasks then come from
     ``labels_csv``: columns ``slide_id, label[, split]``). Records whose slide has no store are listed in
     ``unmatched``; cohort slides without a store in ``missing_stores``.
     """

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hwsi.errors import HwsiError
-from hwsi.train.records import QAItem, strip_option_letter
+from hwsi.data import QAItem, strip_option_letter
 
 
 class VQAError(HwsiError):

@@ -1,7 +1,6 @@
-"""CLI commands of hwsi.features (registered by hwsi.cli): `hwsi extract`, `hwsi import-features` and
-`hwsi train-encoder`. Option defaults are the config dataclasses' (:class:`~hwsi.features.extract.ExtractConfig`,
-:class:`~hwsi.features.train_encoder.TrainEncoderConfig`, via :func:`hwsi.options.default_of`). Heavy imports
-(torch, encoders) stay inside the command functions."""
+"""CLI commands of hwsi.features (registered by hwsi.cli): `hwsi extract` and `hwsi import-features`
+(`hwsi train-encoder`, a training loop, is registered by hwsi.train.commands). Heavy imports (torch, encoders) stay
+inside the command functions."""
 
 from __future__ import annotations
 
@@ -11,11 +10,9 @@ from pathlib import Path
 import typer
 
 from hwsi.features.extract import ExtractConfig
-from hwsi.features.train_encoder import TrainEncoderConfig
 from hwsi.options import default_of, positive_int
 
 _extract = partial(default_of, ExtractConfig)
-_train = partial(default_of, TrainEncoderConfig)
 
 
 def register(app: typer.Typer) -> None:
@@ -78,27 +75,3 @@ def register(app: typer.Typer) -> None:
 
         rep = import_features(store_path(job, slide_id), features, name, tolerance=tolerance, overwrite=overwrite)
         typer.echo(f"{slide_id}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")
-
-    @app.command("train-encoder")
-    def train_encoder_cmd(
-        out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (encoder.json + model.safetensors)."),
-        n: int = typer.Option(_train("n"), "--n", help="Number of SynthPath patch-caption pairs."),
-        epochs: int = typer.Option(_train("epochs"), "--epochs", help="Training epochs."),
-        batch_size: int = typer.Option(_train("batch_size"), "--batch-size", help="Batch size."),
-        lr: float = typer.Option(_train("lr"), "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
-        seed: int = typer.Option(_train("seed"), "--seed", help="Seed of data, split, init and augmentation."),
-        val_fraction: float = typer.Option(_train("val_fraction"), "--val-fraction",
-                                           help="Held-out fraction for zero-shot evaluation."),
-        patch_px: int = typer.Option(_train("patch_px"), "--patch-px", help="Patch size in px at --mpp."),
-        mpp: float = typer.Option(_train("mpp"), "--mpp", help="Target µm per pixel of the patches."),
-    ) -> None:
-        """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
-        from hwsi.features.train_encoder import train_small_encoder
-        from hwsi.utils.outdir import prepare_output_dir
-
-        prepare_output_dir(out, what="--out folder", create=False)
-        cfg = TrainEncoderConfig(
-            n=n, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
-            patch_px=patch_px, mpp=mpp,
-        )  # fmt: skip
-        train_small_encoder(cfg, out)

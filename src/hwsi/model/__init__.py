@@ -11,5 +11,6 @@ Modules (import from the submodule; this package imports nothing heavy):
 * ``losses``     hca_loss, HCALossConfig, AlignmentTargets, ScaleTargets, assign_positives   (Eq. 6–9)
 * ``projectors`` Projectors, ProjectorConfig            (A_c, A_p, A_r, A_WSI + scale markers)
 * ``llm``        load_llm, build_tiny_llm
-* ``mllm``       MLLMHWSI, MLLMConfig, ChatSession      (Z = [z_c, z_p, z_r, z_WSI, z_text])
+* ``mllm``       MLLMHWSI, MLLMConfig                   (Z = [z_c, z_p, z_r, z_WSI, z_text]; assembly, LM loss)
+* ``chat``       ChatSession                            (multi-turn inference, visual prefix cached once)
 """

@@ -6,7 +6,7 @@ here is the unit-norm output of these per-scale heads (CLIP-style), separate fro
     z_c = norm(H_c c_ij),  z_p = norm(H_p f_ij),  z_r = norm(H_r r_i),  z_WSI = norm(H_WSI f_WSI)
 
 ``AlignmentHeads(dims, text_dim)(HierarchyOutput) -> AlignedTokens`` keeps the hierarchy's masks. The patch
-head also gives the evidence signal of :meth:`hwsi.model.mllm.ChatSession.relevance` (cosine between a question's
+head also gives the evidence signal of :meth:`hwsi.model.chat.ChatSession.relevance` (cosine between a question's
 text embedding and z_p).
 """
 

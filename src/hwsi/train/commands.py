@@ -1,4 +1,4 @@
-"""CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train`` and ``hwsi ask``.
+"""CLI commands of hwsi.train (registered by hwsi.cli): ``hwsi train-encoder``, ``hwsi train`` and ``hwsi ask``.
 
     hwsi train --stage {0,1,2,3} --config tiny --job JOB [--out RUN] [--resume] [--stop-after N]
     hwsi ask SLIDE.svs --run RUN --question "What is the grade?" [--question "And the stage?"]   (tiled + extracted
@@ -61,8 +61,44 @@ def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: d
     return lines
 
 
+def register_train_encoder(app: typer.Typer) -> None:
+    """Add ``hwsi train-encoder`` to a typer app (called from :func:`register`); option defaults are
+    :class:`~hwsi.train.patch_encoder.TrainEncoderConfig`'s (:func:`hwsi.options.default_of`)."""
+    from functools import partial
+
+    from hwsi.options import default_of
+    from hwsi.train.patch_encoder import TrainEncoderConfig
+
+    _enc = partial(default_of, TrainEncoderConfig)
+
+    @app.command("train-encoder")
+    def train_encoder_cmd(
+        out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (encoder.json + model.safetensors)."),
+        n: int = typer.Option(_enc("n"), "--n", help="Number of SynthPath patch-caption pairs."),
+        epochs: int = typer.Option(_enc("epochs"), "--epochs", help="Training epochs."),
+        batch_size: int = typer.Option(_enc("batch_size"), "--batch-size", help="Batch size."),
+        lr: float = typer.Option(_enc("lr"), "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
+        seed: int = typer.Option(_enc("seed"), "--seed", help="Seed of data, split, init and augmentation."),
+        val_fraction: float = typer.Option(_enc("val_fraction"), "--val-fraction",
+                                           help="Held-out fraction for zero-shot evaluation."),
+        patch_px: int = typer.Option(_enc("patch_px"), "--patch-px", help="Patch size in px at --mpp."),
+        mpp: float = typer.Option(_enc("mpp"), "--mpp", help="Target µm per pixel of the patches."),
+    ) -> None:
+        """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
+        from hwsi.train.patch_encoder import TrainEncoderConfig, train_small_encoder
+        from hwsi.utils.outdir import prepare_output_dir
+
+        prepare_output_dir(out, what="--out folder", create=False)
+        cfg = TrainEncoderConfig(
+            n=n, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
+            patch_px=patch_px, mpp=mpp,
+        )  # fmt: skip
+        train_small_encoder(cfg, out)
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
+    register_train_encoder(app)
 
     @app.command("train")
     def train(
@@ -115,7 +151,7 @@ def register(app: typer.Typer) -> None:
 
         A slide file is tiled and extracted as the run's stores were (RUN/bundle); a store made otherwise is refused.
         """
-        from hwsi.model.mllm import ChatSession
+        from hwsi.model.chat import ChatSession
         from hwsi.train.ask import is_store_path, prepare_slide
         from hwsi.train.inference import load_trained_model, slide_inputs_for
 

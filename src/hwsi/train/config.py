@@ -37,7 +37,7 @@ class DataConfig:
     """Where a job's slides and text are, and which stored features feed the hierarchy."""
 
     stores: str = "stores"  # folder of <slide_id>.h5 (hwsi.store), relative to the job
-    records: str = "text/train.json"  # TRAIN split records (any hwsi.train.records format)
+    records: str = "text/train.json"  # TRAIN split records (any hwsi.data format)
     records_format: RecordsFormat = "auto"
     reports: str = ""  # optional json slide_id -> report (restricted to slides of `records`); "" = longest answer
     captions: str = ""  # optional json slide_id -> caption (stage 2 also trains on captions when given)

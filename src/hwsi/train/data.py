@@ -4,7 +4,7 @@
   ``RUN/cache/inputs-<hash>/<slide_id>.pt`` (hash of the selection settings) and always read back through
   ``load_cached_inputs`` (the first epoch sees exactly what later ones and a resumed run see); an LRU keeps the
   most recent slides in RAM.
-* :func:`load_train_text` — records (any format of :mod:`hwsi.train.records`) matched to the job's stores; records
+* :func:`load_train_text` — records (any format of :mod:`hwsi.data`) matched to the job's stores; records
   without a store are reported (``TrainText.match``), never fatal. Reports per slide come from ``data.reports``
   (restricted to slides that HAVE train records, so val/test reports of a cohort-wide file never train) or, without
   such a file, the longest answer among the slide's records.
@@ -31,7 +31,7 @@ import torch
 from hwsi.errors import ConfigError
 from hwsi.model.inputs import SlideInputs, load_cached_inputs, load_slide_inputs, save_slide_inputs
 from hwsi.train.config import DataConfig
-from hwsi.train.records import Conversation, MatchReport, QAItem, load_records, match_records_to_stores
+from hwsi.data import Conversation, MatchReport, QAItem, load_records, match_records_to_stores
 
 log = logging.getLogger(__name__)
 

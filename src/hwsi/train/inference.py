@@ -2,7 +2,7 @@
 
     model = load_trained_model(run_dir)                  # MLLMHWSI, eval mode, no grad, LoRA merged
     inputs = slide_inputs_for(store_path, run_dir)       # SlideInputs with the run's selection settings
-    chat = ChatSession(model, inputs)                    # hwsi.model.mllm
+    chat = ChatSession(model, inputs)                    # hwsi.model.chat
 
 Weights: the LLM of the run (``model.llm_path`` or ``RUN/stage0/llm``), stage-1 hierarchy + heads, projectors from
 stage 3 when it finished (else stage 2), the stage-3 LoRA adapter merged into the base weights
@@ -29,7 +29,8 @@ def run_config(run_dir: str | Path) -> TrainConfig:
 
 def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | torch.device = "cpu"):
     """The trained MLLMHWSI of ``run_dir`` (see the module docstring), in eval mode with grads off."""
-    from hwsi.train.stages import PROJECTORS_FILE, _load_safetensors, build_model
+    from hwsi.train.stage_common import PROJECTORS_FILE, load_safetensors
+    from hwsi.train.stage_lm import build_model
 
     run = Path(run_dir)
     cfg = run_config(run)
@@ -39,7 +40,7 @@ def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | to
         raise TrainError(f"{run}: no trained projectors (run stage 2, and stage 3 for instruction tuning)")
     model, cfg = build_model(cfg, run, 2)
     if (s3 / PROJECTORS_FILE).is_file():
-        model.projectors.load_state_dict(_load_safetensors(s3 / PROJECTORS_FILE))
+        model.projectors.load_state_dict(load_safetensors(s3 / PROJECTORS_FILE))
         if (s3 / "lora" / "adapter_config.json").is_file():
             from peft import PeftModel
 
@@ -47,7 +48,7 @@ def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | to
             if merge:
                 model.llm = model.llm.merge_and_unload()
     else:
-        model.projectors.load_state_dict(_load_safetensors(s2))
+        model.projectors.load_state_dict(load_safetensors(s2))
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""``hwsi train-encoder``: train the small patch encoder CLIP-style against the FROZEN MiniLM text encoder.
+"""The training loop behind ``hwsi train-encoder`` (registered in :mod:`hwsi.train.commands`): train the small
+patch encoder CLIP-style against the FROZEN MiniLM text encoder.
 
 Data: SynthPath patch–caption pairs (``hwsi.synth.patches.sample_patch_dataset``). The text tower is frozen, so each
 distinct caption is embedded once (cached) and training only runs the small CNN. Loss: symmetric InfoNCE with a

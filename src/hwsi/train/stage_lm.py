@@ -1,0 +1,186 @@
+"""Stage 2: projectors only (hierarchy from stage 1 frozen, LLM frozen); LM loss on the reports (and captions, when
+``data.captions`` is set) of the train records, i.e. the records whose answer is the slide's report/caption; with
+``data.stage2_records: all`` on every train record (as stage 3 sees them), so the projectors learn each finding.
+
+Stage 3: projectors + LoRA (peft, ``stage3.lora_rank/alpha``) on the LLM; LM loss on the answers of every turn of
+every train record (prompt tokens masked by :meth:`hwsi.model.mllm.MLLMHWSI.build_inputs`).
+
+Both stages are ONE template, :func:`run_lm_stage`: the same data loading, model set-up (:func:`stage_model`),
+LM step and engine; they differ only in their samples (:func:`lm_samples`), their trainable parameters and the
+weights they save.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hwsi.errors import ConfigError
+from hwsi.model.inputs import collate_slides
+from hwsi.train.config import TrainConfig, load_train_config, save_train_config
+from hwsi.train.data import ChatSample, SlideCache, TrainText, load_train_text, permute_options
+from hwsi.train.engine import Engine, TrainError, seed_everything
+from hwsi.train.stage_common import (
+    ALIGNMENT_FILE,
+    DTYPES,
+    PROJECTORS_FILE,
+    StageResult,
+    finish_stage,
+    load_part,
+    load_safetensors,
+    resolve_dims,
+    save_safetensors,
+    slide_cache,
+)
+
+
+def _saved_config(out: Path) -> TrainConfig | None:
+    p = out / "config.yaml"
+    return load_train_config(p) if p.is_file() else None
+
+
+def llm_folder(cfg: TrainConfig, out: Path) -> Path:
+    """The LLM of a run: ``model.llm_path`` or, when empty, the stage-0 LLM ``out/stage0/llm``."""
+    p = Path(cfg.model.llm_path).expanduser() if cfg.model.llm_path else out / "stage0" / "llm"
+    if not (p / "config.json").is_file():
+        raise TrainError(f"{p}: no LLM there (set model.llm_path to a local HF folder, or run stage 0 for tiny runs)")
+    return p
+
+
+def build_model(cfg: TrainConfig, out: Path, stage: int):
+    """MLLMHWSI with the LLM of the run and the stage-1 weights loaded (+ stage-2 projectors for stage 3)."""
+    from hwsi.model.llm import load_llm
+    from hwsi.model.mllm import MLLMHWSI
+
+    cfg = _dims_from_run(cfg, out)
+    llm, tok = load_llm(llm_folder(cfg, out), dtype=DTYPES[cfg.llm_dtype])
+    cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])
+    seed_everything(cfg.seed)
+    model = MLLMHWSI.from_config(cfg.model, llm, tok)
+    align = load_safetensors(out / "stage1" / "final" / ALIGNMENT_FILE)
+    load_part(model.hierarchy, align, "hierarchy.")
+    if model.heads is not None:
+        load_part(model.heads, align, "heads.")
+    if stage >= 3:
+        model.projectors.load_state_dict(load_safetensors(out / "stage2" / "final" / PROJECTORS_FILE))
+    return model, cfg
+
+
+def _dims_from_run(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """Dims left at 0 in ``cfg`` taken from the run's saved config (written by the stage that resolved them)."""
+    saved = _saved_config(out)
+    if saved is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    h, hs = cfg.model.hierarchy, saved.model.hierarchy
+    for obj, ref, key in ((h, hs, "patch_dim"), (h.ccaf, hs.ccaf, "in_dim"), (h.vit4k, hs.vit4k, "in_dim"),
+                          (h.slide, hs.slide, "in_dim"), (cfg.model, saved.model, "text_dim")):
+        if getattr(obj, key) == 0:
+            setattr(obj, key, getattr(ref, key))
+    return cfg
+
+
+def _stage_cfg_from_run(cfg: TrainConfig, out: Path, cache: SlideCache, slides: list[str]) -> TrainConfig:
+    saved = _saved_config(out)
+    text_dim = saved.model.text_dim if saved is not None and saved.model.text_dim else None
+    return resolve_dims(cfg, cache.get(slides[0]), text_dim=text_dim)
+
+
+def _lm_step(cache: SlideCache, device: torch.device):
+    def step(m: nn.Module, samples: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = collate_slides([cache.get(s.slide_id) for s in samples]).to(device)
+        return m(batch, [s.messages for s in samples]).loss, {}
+
+    return step
+
+
+def report_samples(text, use_captions: bool = True) -> list[ChatSample]:
+    """Train samples whose (single) answer is the slide's report or caption (stage 2's data)."""
+    targets: dict[str, set[str]] = {}
+    for sid, r in text.reports.items():
+        targets.setdefault(sid, set()).add(r.strip())
+    if use_captions:
+        for sid, c in text.captions.items():
+            targets.setdefault(sid, set()).add(c.strip())
+    out = []
+    for s in text.samples:
+        answers = [m["content"].strip() for m in s.messages if m["role"] == "assistant"]
+        if len(answers) == 1 and answers[0] in targets.get(s.slide_id, ()):
+            out.append(s)
+    return out
+
+
+def stage_model(stage: int, cfg: TrainConfig, out: Path):
+    """The model of stage 2 or 3 with exactly its trainable parameters requiring grad.
+
+    Stage 2: projectors only. Stage 3: LoRA on the LLM (+ projectors when ``stage3.train_projectors``); the base
+    LLM, the hierarchy and the heads stay frozen in both.
+    """
+    model, cfg = build_model(cfg, out, stage)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if stage == 3:
+        seed_everything(cfg.seed + 3)
+        add_lora(model, cfg.stage3)
+        for n, p in model.llm.named_parameters():
+            p.requires_grad_("lora_" in n)
+    for p in model.projectors.parameters():
+        p.requires_grad_(stage == 2 or cfg.stage3.train_projectors)
+    return model, cfg
+
+
+def add_lora(model, s3) -> None:
+    """Wrap ``model.llm`` with peft LoRA (rank/α/dropout/targets of ``s3``); only LoRA weights train in the LLM."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.llm.named_modules()}
+    targets = [t for t in s3.lora_targets if t in names]
+    if not targets:
+        raise ConfigError(f"stage3.lora_targets {list(s3.lora_targets)} match no module of the LLM")
+    lcfg = LoraConfig(r=s3.lora_rank, lora_alpha=s3.lora_alpha, lora_dropout=s3.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    model.llm = get_peft_model(model.llm, lcfg)
+
+
+def lm_samples(stage: int, cfg: TrainConfig, text: TrainText) -> list[ChatSample]:
+    """Stage 2: the report/caption records (``data.stage2_records: reports``) or every record (``all``, with its
+    option permutations, as stage 3). Stage 3: every train record with its option permutations."""
+    if stage == 2 and cfg.data.stage2_records == "reports":
+        return report_samples(text)
+    if stage == 2 and cfg.data.stage2_records != "all":
+        raise ConfigError(f"data.stage2_records must be reports or all, got {cfg.data.stage2_records!r}")
+    return permute_options(text.samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
+
+
+def run_lm_stage(stage: int, cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: int | None,
+                 progress: bool) -> StageResult:
+    """Stage 2 or 3 (module docstring): LM loss on the stage's samples; saves the projectors (+ LoRA for stage 3)."""
+    if stage not in (2, 3):
+        raise ConfigError(f"run_lm_stage runs stage 2 or 3, got {stage}")
+    cache, stores = slide_cache(cfg, job, out)
+    text = load_train_text(job, cfg.data, stores)
+    samples = lm_samples(stage, cfg, text)
+    if not samples:
+        raise TrainError("stage 2: no train record answers with a slide's report/caption" if stage == 2
+                         else "stage 3: no train records with a store")
+    cache.prepare([s.slide_id for s in samples] if stage == 2 else text.slide_ids, progress)
+    cfg = _stage_cfg_from_run(cfg, out, cache, [samples[0].slide_id])
+    model, cfg = stage_model(stage, cfg, out)
+    save_train_config(cfg, out / "config.yaml")
+    name = f"stage{stage}"
+    engine = Engine(out / name, cfg.stage2 if stage == 2 else cfg.stage3, cfg.seed, cfg.precision, progress, name)
+    fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device), resume=resume,
+                     stop_after=stop_after)
+    final = out / name / "final"
+    if fit.finished and engine.is_main:
+        m = engine.unwrap(model)
+        save_safetensors(m.projectors.state_dict(), final / PROJECTORS_FILE)
+        if stage == 3:
+            m.llm.save_pretrained(str(final / "lora"))
+    if stage == 2:
+        return finish_stage(2, out, fit, len(samples), final / PROJECTORS_FILE, {}, engine.is_main)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return finish_stage(3, out, fit, len(samples), final, {"lora_params": n_lora}, engine.is_main)
