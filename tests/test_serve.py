@@ -25,7 +25,7 @@ from hwsi.serve.commands import host_warning
 from hwsi.serve.dzi import DziGeometry, TileCache, TileNotFound
 from hwsi.serve.registry import SlideRegistry
 from hwsi.serve.server import BackgroundServer
-from hwsi.serve.synthetic import make_synthetic_job
+from synthetic_store import make_synthetic_job
 
 SID = "synth-a"
 

@@ -22,7 +22,7 @@ from hwsi.serve.app import create_app
 from hwsi.serve.assistant import EvidenceResult, evidence_from_heatmap, normalise
 from hwsi.serve.dzi import TileSource, open_reader
 from hwsi.serve.server import BackgroundServer
-from hwsi.serve.synthetic import make_synthetic_job
+from synthetic_store import make_synthetic_job
 
 PLAIN = "plain"
 ODD = "ü #%b"  # needs percent-encoding in every URL (space, '#', '%', non-ASCII)

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 
 from hwsi.serve.app import create_app
 from hwsi.serve.assistant import RELEVANCE_SIGNAL, ModelAssistant, StoreEncoders, text_patch_relevance
-from hwsi.serve.synthetic import make_synthetic_job
+from synthetic_store import make_synthetic_job
 
 SID = "synth-a"
-from hwsi.serve.synthetic import hash_text_encode, tiny_model_assistant
+from synthetic_store import hash_text_encode, tiny_model_assistant
 
 tiny_assistant = tiny_model_assistant  # the e2e test imports it from here
 
