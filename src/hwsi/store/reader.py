@@ -68,6 +68,11 @@ class SlideStore:
         """True if dataset or group ``name`` (e.g. ``"spf/selected"``) exists."""
         return name in self._f
 
+    def dataset_info(self, name: str) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
+        """(shape, dtype, attributes) of dataset ``name`` without reading it."""
+        ds = self._require(name, "tile")
+        return tuple(ds.shape), ds.dtype, {k: attr_value(v) for k, v in ds.attrs.items()}
+
     def datasets(self) -> dict[str, np.ndarray]:
         """Every dataset of the store by name (for comparing whole stores; reads everything)."""
         out: dict[str, np.ndarray] = {}
