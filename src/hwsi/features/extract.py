@@ -46,7 +46,15 @@ import numpy as np
 from hwsi.errors import ConfigError, HwsiError, StoreError
 from hwsi.features.spf import SPFBatch, SPFConfig, fill_row, spf_select
 from hwsi.features.vocab import load_vocabulary, vocabulary_fingerprint
-from hwsi.store import SlideStore, StoreMeta, StoreWriter, list_stores, rows_to_columns, update_store
+from hwsi.store import (
+    SlideStore,
+    StoreMeta,
+    StoreWriter,
+    grid_fields,
+    list_stores,
+    rows_to_columns,
+    update_store,
+)
 
 STAGE = "extract"
 
@@ -232,18 +240,8 @@ def grid_from_store(s: SlideStore) -> Any:
         patch_coords=s.patch_coords(),
         patch_fraction=frac,
         patch_tissue=tissue,
-        region_size=int(meta.region_size),
-        patch_size=int(meta.patch_size),
-        region_size_level0=float(meta.region_size_level0),
-        patch_size_level0=float(meta.patch_size_level0),
+        **grid_fields(meta),
         scale=float(meta.region_size_level0) / float(meta.region_size),
-        mpp_level0=float(meta.mpp_level0),
-        target_mpp=float(meta.target_mpp),
-        effective_mpp=float(meta.effective_mpp),
-        read_level=int(meta.read_level),
-        read_downsample=float(meta.read_downsample),
-        level0_width=int(meta.level0_width),
-        level0_height=int(meta.level0_height),
         n_candidates=int(s.attr("n_candidate_regions", tissue.shape[0])),
     )
 

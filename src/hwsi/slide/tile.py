@@ -29,7 +29,7 @@ from hwsi.slide.grid import Grid, GridConfig
 from hwsi.slide.ids import allocate_ids, path_key
 from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
 from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue
-from hwsi.store import SlideStore, StoreMeta, has_stage, list_stores, new_store, store_path
+from hwsi.store import SlideStore, StoreMeta, grid_fields, has_stage, list_stores, new_store, store_path
 from hwsi.utils.atomic import write_json_atomic
 from hwsi.utils.lock import file_lock
 from hwsi.utils.outdir import prepare_output_dir
@@ -162,22 +162,8 @@ def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str
                      tissue: TissueMask, settings: dict[str, Any] | None = None) -> None:
     """Write the tile-stage store atomically (``settings``: the grid and tissue settings, kept as the ``tile``
     attribute so a run can tile a new slide the same way)."""
-    meta = StoreMeta(
-        slide_path=str(slide_path.resolve()),
-        slide_id=slide_id,
-        mpp_level0=grid.mpp_level0,
-        target_mpp=grid.target_mpp,
-        effective_mpp=grid.effective_mpp,
-        region_size=grid.region_size,
-        patch_size=grid.patch_size,
-        region_size_level0=grid.region_size_level0,
-        patch_size_level0=grid.patch_size_level0,
-        level0_width=grid.level0_width,
-        level0_height=grid.level0_height,
-        read_level=grid.read_level,
-        read_downsample=grid.read_downsample,
-        mpp_source=mpp_source,
-    )
+    meta = StoreMeta(slide_path=str(slide_path.resolve()), slide_id=slide_id, mpp_source=mpp_source,
+                     **grid_fields(grid))
     with new_store(out, meta) as w:
         w.set_attr("n_candidate_regions", grid.n_candidates)
         if settings is not None:

@@ -10,10 +10,12 @@ Lowest layer: imports nothing from hwsi but ``hwsi.errors``, ``hwsi.utils`` and 
 
 from hwsi.store.cells import rows_to_columns
 from hwsi.store.layout import (
+    GRID_FIELDS,
     SCHEMA_VERSION,
     STORE_SUFFIX,
     RegionGridShape,
     StoreMeta,
+    grid_fields,
     has_stage,
     list_stores,
     store_path,
@@ -22,6 +24,7 @@ from hwsi.store.reader import MASK_DATASETS, SlideStore, read_store_meta
 from hwsi.store.writer import StoreWriter, new_store, update_store
 
 __all__ = [
+    "GRID_FIELDS",
     "MASK_DATASETS",
     "SCHEMA_VERSION",
     "STORE_SUFFIX",
@@ -29,6 +32,7 @@ __all__ = [
     "SlideStore",
     "StoreMeta",
     "StoreWriter",
+    "grid_fields",
     "has_stage",
     "list_stores",
     "new_store",

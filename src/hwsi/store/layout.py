@@ -86,6 +86,16 @@ class StoreMeta(RegionGridShape):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# the geometry a store shares with :class:`hwsi.slide.grid.Grid` (same names, same units): copied by name
+GRID_FIELDS = ("mpp_level0", "target_mpp", "effective_mpp", "region_size", "patch_size", "region_size_level0",
+               "patch_size_level0", "level0_width", "level0_height", "read_level", "read_downsample")
+
+
+def grid_fields(obj: Any) -> dict[str, Any]:
+    """The :data:`GRID_FIELDS` of a Grid or a :class:`StoreMeta`, by name."""
+    return {name: getattr(obj, name) for name in GRID_FIELDS}
+
+
 _JSON_ATTRS = ("stages", "encoders", "extra")
 
 
