@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from hwsi.serve.app import create_app
     from hwsi.serve.commands import load_assistant
     from hwsi.serve.server import BackgroundServer
-    from hwsi.serve.synthetic import make_synthetic_job
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic job is a test fixture
+    from synthetic_store import make_synthetic_job
 
     tmp = tempfile.TemporaryDirectory(prefix="hwsi-bench-serve-")
     job = args.job
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         assistant = load_assistant(args.model, job)
     elif args.job is None:  # the real adapter + hwsi.model ChatSession over a tiny MLLM sized for the synthetic store
-        from hwsi.serve.synthetic import tiny_model_assistant
+        from synthetic_store import tiny_model_assistant
 
         assistant = tiny_model_assistant(job, Path(tmp.name) / "llm")
     else:

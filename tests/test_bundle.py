@@ -1,5 +1,5 @@
-"""hwsi.train.bundle / hwsi.train.ask on small hand-written stores (the attributes `hwsi tile` and `hwsi extract`
-write): what a run records, and that a store made another way is refused with one line naming it."""
+"""hwsi.train.bundle / hwsi.train.ask on small stores written by hwsi.store's writer (the attributes `hwsi tile`
+and `hwsi extract` record): what a run records, and that a store made another way is refused with one line naming it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from hwsi.errors import ConfigError
+from hwsi.store import StoreMeta, new_store
 from hwsi.train.ask import extract_config, tile_config
 from hwsi.train.bundle import (
     BundleMismatch,
@@ -33,26 +34,28 @@ def identity(path: Path) -> str:
 
 def write_store(path: Path, encoder_dir: Path, *, mpp: float = 0.5, region: int = 1024, patch: int = 64,
                 k: int = 16, vocab: str = "abc123", extract: bool = True, min_patch_tissue: float = 0.25) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.attrs.update(schema_version=1, slide_id=path.stem, target_mpp=mpp, region_size=region, patch_size=patch,
-                       slide_path=f"/slides/{path.stem}.svs",
-                       tile=json.dumps({"grid": {"target_mpp": mpp, "region_size": region, "patch_size": patch,
-                                                 "min_region_tissue": 0.05, "min_patch_tissue": min_patch_tissue,
-                                                 "mpp_tolerance": 0.02},
-                                        "tissue": {"mask_mpp": 16.0}}))
-        stages = ["tile"]
+    """A store's attributes as `hwsi tile` (+ `hwsi extract`) record them (no grid: only the settings matter)."""
+    meta = StoreMeta(slide_path=f"/slides/{path.stem}.svs", slide_id=path.stem, mpp_level0=mpp, target_mpp=mpp,
+                     effective_mpp=mpp, region_size=region, patch_size=patch, region_size_level0=float(region),
+                     patch_size_level0=float(patch), level0_width=4 * region, level0_height=4 * region,
+                     stages=["tile"])
+    with new_store(path, meta) as w:
+        w.set_json_attr("tile", {"grid": {"target_mpp": mpp, "region_size": region, "patch_size": patch,
+                                          "min_region_tissue": 0.05, "min_patch_tissue": min_patch_tissue,
+                                          "mpp_tolerance": 0.02},
+                                 "tissue": {"mask_mpp": 16.0}})
         if extract:
             ident = identity(encoder_dir)
-            f.attrs["extract"] = json.dumps({
+            w.set_json_attr("extract", {
                 "patch_encoder": "hwsi_small_patch", "patch_checkpoint": ident, "region_input": "hwsi_small_patch",
                 "region_checkpoint": ident, "text_encoder": "minilm", "text_checkpoint": "",
                 "vocab_fingerprint": vocab, "k": k, "n_div": 32, "min_tissue": 0.5, "cells": "builtin"})
-            f.attrs["encoders"] = json.dumps({"hwsi_small_patch": 384})
-            f.attrs["patch_encoder"] = f.attrs["region_input"] = "hwsi_small_patch"
-            f["spf/terms"] = np.array(TERMS, dtype=h5py.string_dtype())
-            stages += ["features", "spf", "cells", "extract"]
-        f.attrs["stages"] = json.dumps(stages)
+            w.set_encoder("hwsi_small_patch", 384)
+            w.set_attr("patch_encoder", "hwsi_small_patch")
+            w.set_attr("region_input", "hwsi_small_patch")
+            w.write_spf(np.zeros((0, k), np.int32), np.zeros((0, 1), np.float32), terms=TERMS)
+            for stage in ("features", "spf", "cells", "extract"):
+                w.mark_stage(stage)
     return path
 
 
@@ -177,12 +180,23 @@ def test_referenced_checkpoint_file_is_checked_at_ask_time(tmp_path: Path) -> No
         extract_config(load_bundle(run))
 
 
-def test_store_settings_of_a_hand_written_store_are_unknown_not_wrong(tmp_path: Path) -> None:
+def test_store_settings_not_recorded_are_unknown_not_wrong(tmp_path: Path) -> None:
     p = tmp_path / "bare.h5"
-    with h5py.File(p, "w") as f:
-        f.attrs["schema_version"] = 1
+    meta = StoreMeta("/slides/bare.svs", "bare", 0.5, 0.5, 0.5, 1024, 64, 1024.0, 64.0, 4096, 4096)
+    with new_store(p, meta):  # the file attributes only: no tile or extract settings
+        pass
     sig, extra = read_store_settings(p)
-    assert all(v is None for v in sig.values()) and not extra["has_extract"]
+    assert (sig["target_mpp"], sig["region_size"], sig["patch_size"]) == (0.5, 1024, 64)
+    assert all(v is None for k, v in sig.items() if k not in ("target_mpp", "region_size", "patch_size"))
+    assert not extra["has_extract"] and extra["stages"] == []
+
+
+def test_store_without_its_attributes_is_not_readable(tmp_path: Path) -> None:
+    p = tmp_path / "hand.h5"
+    with h5py.File(p, "w") as f:  # written by hand, not by hwsi.store: no slide_path, sizes, ...
+        f.attrs["schema_version"] = 1
+    with pytest.raises(BundleMismatch, match=r"hand\.h5: not a readable store \(missing attribute 'slide_path'\)"):
+        read_store_settings(p)
 
 
 def test_resuming_a_finished_stage_records_the_bundle_of_an_older_run(job: Path, tmp_path: Path) -> None:

@@ -1,20 +1,28 @@
-"""The cells/* group of a store: columns, CSR offsets, region-by-region appends, reads."""
+"""The cells/* group of a store (hwsi.store.cells, columns from hwsi.cells.columns): columns, CSR offsets,
+region-by-region appends through StoreWriter, reads through SlideStore."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from hwsi.cells import FEATURE_DIM, segment_nuclei
 from hwsi.cells.cellvit import CellVitCells, attach_cells_to_grid
 from hwsi.cells.segment import Nuclei
-from hwsi.cells.store import cell_counts, cells_to_columns, read_cells, rows_to_columns, write_cells
+from hwsi.cells.columns import cells_to_columns
 from hwsi.errors import StoreError
+from hwsi.store import SlideStore, StoreMeta, StoreWriter, new_store, rows_to_columns
 
 G = 4  # 2x2 patches per region
+
+
+def _tiled(path: Path, n_regions: int) -> AbstractContextManager[StoreWriter]:
+    """A new store of ``n_regions`` regions of 2x2 patches of 256 px, at 0.5 µm/px (level 0 = target)."""
+    meta = StoreMeta("/slides/s.tiff", path.stem, 0.5, 0.5, 0.5, 512, 256, 512.0, 256.0, 512 * n_regions, 512)
+    return new_store(path, meta)
 
 
 def _fake(n: int, x0: float = 0.0) -> Nuclei:
@@ -60,40 +68,46 @@ def test_write_append_and_read_region_by_region(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     R = 3
     expected: dict[tuple[int, int], int] = {}
-    with h5py.File(path, "w") as f:
+    with _tiled(path, R) as w:
         for r in range(R):  # one region at a time, as the extract stage does
             counts = rng.integers(0, 4, size=G)
             results = [_fake(int(c), x0=100 * r) if c else None for c in counts]
             cols, emb, offs = cells_to_columns(results, np.full(G, r), np.arange(G), np.zeros((G, 2)), 1.0,
                                                n_regions=R, grid_size=G)
-            write_cells(f, cols, emb, offs, grid_size=G, append=r > 0, attrs={"backend": "builtin"})
+            w.write_cells(cols, emb, offs, grid_size=G, append=r > 0, attrs={"backend": "builtin"})
             for g, c in enumerate(counts):
                 expected[(r, g)] = int(c)
-    with h5py.File(path, "r") as f:
-        assert f["cells/embeddings"].shape == (sum(expected.values()), 3)
-        assert f["cells"].attrs["backend"] == "builtin"
-        counts = cell_counts(f)
+    with SlideStore(path) as s:
+        assert s.cell_embeddings().shape == (sum(expected.values()), 3) and s.cell_dim() == 3
+        assert s.cells_attrs()["backend"] == "builtin"
+        counts = s.cell_counts()
+        offsets = s.cell_offsets()
         for (r, g), c in expected.items():
-            assert counts[r, g] == c
-            cols, emb = read_cells(f, r, g)
+            assert counts[r, g] == c and offsets[r * G + g + 1] - offsets[r * G + g] == c
+            cols, emb = s.cells_of(r, g)
             assert len(emb) == c and (cols["region"] == r).all() and (cols["patch"] == g).all()
             assert (emb[:, 0] == c).all()
-        cols, emb = read_cells(f, 1)
+            a, b = offsets[r * G + g], offsets[r * G + g + 1]
+            np.testing.assert_array_equal(s.cell_column("x", a, b), cols["x"])
+        cols, emb = s.cells_of(1)
         assert len(emb) == sum(c for (r, _), c in expected.items() if r == 1)
         with pytest.raises(StoreError, match="out of range"):
-            read_cells(f, R, 0)
+            s.cells_of(R, 0)
 
 
 def test_append_out_of_order_is_refused(tmp_path: Path) -> None:
-    with h5py.File(tmp_path / "s.h5", "w") as f:
+    with _tiled(tmp_path / "s.h5", 2) as w:
         a = cells_to_columns([_fake(2)], np.array([1]), np.array([0]), np.zeros((1, 2)), 1.0, n_regions=2, grid_size=G)
         b = cells_to_columns([_fake(1)], np.array([0]), np.array([3]), np.zeros((1, 2)), 1.0, n_regions=2, grid_size=G)
-        write_cells(f, *a, grid_size=G)
+        w.write_cells(*a, grid_size=G)
         with pytest.raises(StoreError, match="must come after"):
-            write_cells(f, *b, grid_size=G, append=True)
-    with h5py.File(tmp_path / "t.h5", "w") as f:
+            w.write_cells(*b, grid_size=G, append=True)
+    with _tiled(tmp_path / "t.h5", 1):
+        pass
+    with SlideStore(tmp_path / "t.h5") as s:
+        assert not s.has_cells
         with pytest.raises(StoreError, match="no cells"):
-            read_cells(f, 0, 0)
+            s.cells_of(0, 0)
 
 
 def test_cellvit_cells_through_grid_to_store(tmp_path: Path) -> None:
@@ -107,9 +121,10 @@ def test_cellvit_cells_through_grid_to_store(tmp_path: Path) -> None:
     cols, emb, offs = rows_to_columns(cells.table, cells.embeddings, att.region_idx, att.patch_idx, 2, G)
     assert cols["region"].tolist() == [0, 1] and cols["patch"].tolist() == [0, 0]
     assert emb.shape == (2, 384) and emb[1, 0] == 384
-    with h5py.File(tmp_path / "s.h5", "w") as f:
-        write_cells(f, cols, emb, offs, grid_size=G)
-        c, e = read_cells(f, 1, 0)
+    with _tiled(tmp_path / "s.h5", 2) as w:
+        w.write_cells(cols, emb, offs, grid_size=G)
+    with SlideStore(tmp_path / "s.h5") as s:
+        c, e = s.cells_of(1, 0)
         assert c["x"].tolist() == [600] and e.shape == (1, 384)
 
 

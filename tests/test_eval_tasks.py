@@ -1,6 +1,6 @@
 """hwsi.eval.tasks: every task end to end on a tiny random MLLM over a tiny synthetic SynthPath-like job.
 
-The job is written directly with h5py following hwsi.store's layout (no rendering); the cohort folder holds
+The job's stores are written by hwsi.store's writer (tests/store_builder.py; no rendering); the cohort folder holds
 cohort.json, text/test.jsonl and text/reports.json exactly as hwsi.synth.cohort writes them (same text functions).
 """
 
@@ -10,7 +10,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -32,6 +31,7 @@ from hwsi.model.mllm import MLLMConfig, MLLMHWSI
 from hwsi.model.projectors import ProjectorConfig
 from hwsi.synth.classes import DIAGNOSES, SlideClasses
 from hwsi.synth.text import bench_records, slide_text
+from store_builder import write_extracted_store
 
 DP, DIN, DC, SIDE, K = 16, 12, 8, 4, 4
 H, T = 32, 10
@@ -60,19 +60,13 @@ def write_store(path: Path, seed: int, n_regions: int = 3) -> None:
     coords = np.stack([np.arange(n_regions) * 100, np.zeros(n_regions)], 1).astype(np.int64)
     grid = np.stack(np.meshgrid(np.arange(SIDE), np.arange(SIDE)), -1).reshape(g, 2) * 25
     sel = np.stack([rng.permutation(g)[:K] for _ in range(n_regions)]).astype(np.int32)
-    with h5py.File(path, "w") as f:
-        f.attrs.update(schema_version=1, slide_id=path.stem, region_size_level0=100.0, patch_encoder="enc",
-                       region_input="rin", encoders=json.dumps({"enc": DP, "rin": DIN}))
-        f["regions/coords"] = coords
-        f["regions/tissue"] = np.ones(n_regions, np.float32)
-        f["patches/coords"] = (coords[:, None] + grid[None]).astype(np.int64)
-        f["patches/tissue"] = np.ones((n_regions, g), bool)
-        f["patches/enc"] = rng.normal(size=(n_regions, g, DP)).astype(np.float32)
-        f["patches/rin"] = rng.normal(size=(n_regions, g, DIN)).astype(np.float32)
-        f["spf/relevance"] = rng.uniform(size=(n_regions, g)).astype(np.float32)
-        f["spf/selected"] = sel
-        f["cells/offsets"] = offsets
-        f["cells/embeddings"] = rng.normal(size=(int(offsets[-1]), DC)).astype(np.float32)
+    enc = rng.normal(size=(n_regions, g, DP)).astype(np.float32)
+    rin = rng.normal(size=(n_regions, g, DIN)).astype(np.float32)
+    rel = rng.uniform(size=(n_regions, g)).astype(np.float32)
+    write_extracted_store(path, region_coords=coords, patch_coords=(coords[:, None] + grid[None]).astype(np.int64),
+                          features={"enc": enc, "rin": rin}, selected=sel, relevance=rel, cell_counts=counts,
+                          cell_embeddings=rng.normal(size=(int(offsets[-1]), DC)).astype(np.float32),
+                          region_size_level0=100.0, attrs={"patch_encoder": "enc", "region_input": "rin"})
 
 
 @pytest.fixture(scope="module")

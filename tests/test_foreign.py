@@ -12,7 +12,7 @@ import pytest
 from hwsi.cli import main
 from hwsi.errors import StoreError
 from hwsi.features.foreign import FeatureImportError, import_features, match_coords, read_foreign_features
-from hwsi.store import StoreMeta, store_path, write_meta
+from hwsi.store import StoreMeta, new_store, store_path
 
 PATCH0 = 512  # level-0 patch side: 256 px at 0.5 µm/px on a 0.25 µm/px slide
 SIDE = 2  # 2x2 patches per region
@@ -30,13 +30,8 @@ def make_store(path: Path, region_xy: list[tuple[int, int]]) -> np.ndarray:
     meta = StoreMeta(slide_path="/x/s.tiff", slide_id=path.stem, mpp_level0=0.25, target_mpp=0.5, effective_mpp=0.5,
                      region_size=512, patch_size=256, region_size_level0=1024.0, patch_size_level0=float(PATCH0),
                      level0_width=8000, level0_height=8000, stages=["tile"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        write_meta(f, meta)
-        f["regions/coords"] = np.asarray(region_xy, np.int64)
-        f["regions/tissue"] = np.ones(r, np.float32)
-        f["patches/coords"] = coords
-        f["patches/tissue"] = tissue
+    with new_store(path, meta) as w:
+        w.write_grid(np.asarray(region_xy, np.int64), np.ones(r, np.float32), coords, tissue)
     return coords
 
 

@@ -1,10 +1,9 @@
-"""hwsi.model.inputs: reading a store written directly with h5py (schema of hwsi.store), batching, cache."""
+"""hwsi.model.inputs: reading a store written by hwsi.store's writer (tests/store_builder.py), batching, cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -18,6 +17,7 @@ from hwsi.model.inputs import (
     save_slide_inputs,
     subsample_rows,
 )
+from store_builder import write_extracted_store
 
 DP, DIN, DC = 6, 5, 3
 
@@ -25,7 +25,7 @@ DP, DIN, DC = 6, 5, 3
 def write_tiny_store(
     path: Path, n_regions: int = 4, side: int = 2, k_store: int = 3, seed: int = 0, cells_per_patch: list | None = None
 ) -> dict:
-    """A store following hwsi.store's layout; returns the arrays written (for expectations)."""
+    """A small extracted store; returns the arrays written (for expectations)."""
     rng = np.random.default_rng(seed)
     g = side * side
     feats = rng.normal(size=(n_regions, g, DP)).astype(np.float32)
@@ -41,22 +41,11 @@ def write_tiny_store(
     emb = rng.normal(size=(int(offsets[-1]), DC)).astype(np.float32)
     coords = np.stack([np.arange(n_regions) * 100, np.zeros(n_regions)], 1).astype(np.int64)
     pcoords = (coords[:, None, :] + np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(g, 2)[None] * 25)
-    with h5py.File(path, "w") as f:
-        f.attrs["schema_version"] = 1
-        f.attrs["slide_id"] = path.stem
-        f.attrs["region_size_level0"] = 100.0
-        f["regions/coords"] = coords
-        f["regions/tissue"] = np.ones(n_regions, np.float32)
-        f["patches/coords"] = pcoords.astype(np.int64)
-        tissue = np.ones((n_regions, g), bool)
-        tissue[0, 0] = False
-        f["patches/tissue"] = tissue
-        f["patches/enc"] = feats
-        f["patches/rin"] = rin
-        f["spf/relevance"] = rel
-        f["spf/selected"] = sel
-        f["cells/offsets"] = offsets
-        f["cells/embeddings"] = emb
+    tissue = np.ones((n_regions, g), bool)
+    tissue[0, 0] = False
+    write_extracted_store(path, region_coords=coords, patch_coords=pcoords.astype(np.int64), patch_tissue=tissue,
+                          features={"enc": feats, "rin": rin}, selected=sel, relevance=rel, cell_counts=counts,
+                          cell_embeddings=emb, region_size_level0=100.0)
     return dict(feats=feats, rin=rin, rel=rel, sel=sel, offsets=offsets, emb=emb, coords=coords, pcoords=pcoords)
 
 

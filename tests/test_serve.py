@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import httpx
 import numpy as np
 import pytest
@@ -25,7 +24,8 @@ from hwsi.serve.commands import host_warning
 from hwsi.serve.dzi import DziGeometry, TileCache, TileNotFound
 from hwsi.serve.registry import SlideRegistry
 from hwsi.serve.server import BackgroundServer
-from hwsi.serve.synthetic import make_synthetic_job
+from hwsi.store import SlideStore
+from synthetic_store import make_synthetic_job
 
 SID = "synth-a"
 
@@ -33,10 +33,8 @@ SID = "synth-a"
 # ---- small real assistants for the failure and concurrency cases -------------------------------------------
 class _EchoSession:
     def __init__(self, store: Path, delay: float) -> None:
-        with h5py.File(store, "r") as f:
-            self.rc = f["regions/coords"][:]
-            self.pc = f["patches/coords"][:]
-            self.tissue = f["patches/tissue"][:]
+        with SlideStore(store) as s:
+            self.rc, self.pc, self.tissue = s.region_coords(), s.patch_coords(), s.patch_tissue()
         self.delay = delay
         self.history: list[str] = []
 
@@ -235,7 +233,7 @@ def test_raw_dot_segments_over_http(job: Path) -> None:
             f"/api/slides/../stores/{SID}.h5",
             "/api/slides/..%2f..%2fslides.json",
             f"/static/../../stores/{SID}.h5",
-            "/static/%2e%2e/%2e%2e/store.py",
+            "/static/%2e%2e/%2e%2e/store/layout.py",
             f"/api/slides/{SID}/image_files/../../../slides.json",
             "/api/slides//etc/passwd/thumbnail.jpg",
         ]:
@@ -257,8 +255,8 @@ def test_host_warning() -> None:
 
 # ---- overlays and export --------------------------------------------------------------------------------
 def test_overlays_grid_spf_tissue(client: TestClient, job: Path) -> None:
-    with h5py.File(job / "stores" / f"{SID}.h5", "r") as f:
-        rc, sel, mask = f["regions/coords"][:], f["spf/selected"][:], f["tissue/mask"][:]
+    with SlideStore(job / "stores" / f"{SID}.h5") as s:
+        rc, sel, (mask, _) = s.region_coords(), s.spf_selected(), s.tissue_mask()
     grid = client.get(f"/api/slides/{SID}/overlays/grid").json()
     assert grid["regions"] == rc.tolist() and grid["grid_side"] == 4 and len(grid["patch_tissue"][0]) == 16
     spf = client.get(f"/api/slides/{SID}/overlays/spf").json()
@@ -270,8 +268,8 @@ def test_overlays_grid_spf_tissue(client: TestClient, job: Path) -> None:
 
 
 def test_nuclei_in_view_only(client: TestClient, job: Path) -> None:
-    with h5py.File(job / "stores" / f"{SID}.h5", "r") as f:
-        x, y, t = f["cells/x"][:], f["cells/y"][:], f["cells/type"][:]
+    with SlideStore(job / "stores" / f"{SID}.h5") as s:
+        x, y, t = s.cell_column("x"), s.cell_column("y"), s.cell_column("type")
     assert x.size > 50
     x0, y0 = float(np.median(x)) - 300, float(np.median(y)) - 300
     box = (x0, y0, x0 + 600, y0 + 600)
@@ -307,9 +305,9 @@ def _check_qupath(fc: dict) -> dict[str, int]:
 def test_export_geojson_page_and_cli(client: TestClient, job: Path, tmp_path: Path) -> None:
     from hwsi.cli import main
 
-    with h5py.File(job / "stores" / f"{SID}.h5", "r") as f:
-        n_cells = f["cells/x"].shape[0]
-        n_spf = int((f["spf/selected"][:] >= 0).sum())
+    with SlideStore(job / "stores" / f"{SID}.h5") as s:
+        n_cells = s.cell_column("x").shape[0]
+        n_spf = int((s.spf_selected() >= 0).sum())
     fc = client.get(f"/api/slides/{SID}/export.geojson").json()
     kinds = _check_qupath(fc)
     assert kinds["SPF patch"] == n_spf and sum(v for k, v in kinds.items() if k != "SPF patch") == n_cells

@@ -16,7 +16,7 @@ import pytest
 
 from hwsi.serve.app import create_app
 from hwsi.serve.server import BackgroundServer
-from hwsi.serve.synthetic import make_synthetic_job
+from synthetic_store import make_synthetic_job
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]

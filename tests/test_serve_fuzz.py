@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-import h5py
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +21,8 @@ from hwsi.serve.app import create_app
 from hwsi.serve.assistant import EvidenceResult, evidence_from_heatmap, normalise
 from hwsi.serve.dzi import TileSource, open_reader
 from hwsi.serve.server import BackgroundServer
-from hwsi.serve.synthetic import make_synthetic_job
+from hwsi.store import SlideStore
+from synthetic_store import make_synthetic_job
 
 PLAIN = "plain"
 ODD = "ü #%b"  # needs percent-encoding in every URL (space, '#', '%', non-ASCII)
@@ -35,8 +35,8 @@ TIME_LIMIT_S = 90.0
 
 class _Session:
     def __init__(self, store: Path) -> None:
-        with h5py.File(store, "r") as f:
-            self.rc, self.pc, self.tissue = f["regions/coords"][:], f["patches/coords"][:], f["patches/tissue"][:]
+        with SlideStore(store) as s:
+            self.rc, self.pc, self.tissue = s.region_coords(), s.patch_coords(), s.patch_tissue()
 
     def ask(self, question: str, max_new_tokens: int = 128) -> Iterator[str]:
         yield from question.split()[:max_new_tokens]

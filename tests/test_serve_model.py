@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 
 from hwsi.serve.app import create_app
 from hwsi.serve.assistant import RELEVANCE_SIGNAL, ModelAssistant, StoreEncoders, text_patch_relevance
-from hwsi.serve.synthetic import make_synthetic_job
+from hwsi.store import SlideStore
+from synthetic_store import hash_text_encode, make_synthetic_job, tiny_model_assistant
 
 SID = "synth-a"
-from hwsi.serve.synthetic import hash_text_encode, tiny_model_assistant
 
 tiny_assistant = tiny_model_assistant  # the e2e test imports it from here
 
@@ -38,14 +38,12 @@ def test_store_encoders_from_extract_settings(setup: tuple[Path, ModelAssistant]
 
 
 def test_relevance_is_cosine_over_tissue_patches(setup: tuple[Path, ModelAssistant]) -> None:
-    import h5py
-
     job, _ = setup
     store = job / "stores" / f"{SID}.h5"
     t = hash_text_encode("hash", ["gland formation"])[0]
     heat = text_patch_relevance(store, "synthetic", t, chunk=3)  # chunking must not change the result
-    with h5py.File(store, "r") as f:
-        x, tissue = f["patches/synthetic"][:], f["patches/tissue"][:]
+    with SlideStore(store) as s:
+        x, tissue = s.patch_features("synthetic"), s.patch_tissue()
     cos = (x @ t) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(t) + 1e-12)
     v = cos[tissue]
     np.testing.assert_allclose(heat[tissue], (v - v.min()) / (v.max() - v.min()), atol=1e-5)
@@ -98,9 +96,7 @@ def test_model_load_names_a_bad_run_folder(setup: tuple[Path, ModelAssistant], t
 def test_model_assistant_loads_a_train_run(tmp_path: Path) -> None:
     """`hwsi serve --model RUN` path: a run folder written by hwsi.train (a few steps per stage) loads, answers and
     gives evidence with the store's real text encoder (MiniLM, 384-d like the stores' patch features)."""
-    import h5py
-
-    from hwsi.store import StoreMeta, write_meta
+    from hwsi.store import update_store
     from hwsi.train.stages import run_stage
     from test_train import make_job, tiny_config
 
@@ -108,11 +104,9 @@ def test_model_assistant_loads_a_train_run(tmp_path: Path) -> None:
     out, cfg = tmp_path / "run", tiny_config()
     for s in range(4):
         run_stage(s, cfg, job, out, progress=False)
-    for p in (job / "stores").glob("*.h5"):  # the training fixture's stores lack the file attributes serve reads
-        with h5py.File(p, "a") as f:
-            write_meta(f, StoreMeta(str(p), p.stem, 0.5, 0.5, 0.5, 1000, 500, 1000.0, 500.0, 3000, 1000,
-                                    encoders={"hwsi_small_patch": 384}))
-            f.attrs["extract"] = json.dumps({"patch_encoder": "hwsi_small_patch", "text_encoder": "minilm"})
+    for p in (job / "stores").glob("*.h5"):  # the extract settings serve reads: MiniLM pairs with the features
+        with update_store(p) as w:
+            w.set_json_attr("extract", {"patch_encoder": "hwsi_small_patch", "text_encoder": "minilm"})
     assistant = ModelAssistant.load(out, job)
     chat = assistant.start("s00")
     pieces = list(chat.ask("What is the grade?", 6))

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -44,8 +43,9 @@ def test_cli_on_real_slides(shared_data: Path, tmp_path: Path, capsys: pytest.Ca
         assert m.stages == ["tile"] and m.mpp_level0 == pytest.approx(0.499) and m.effective_mpp == pytest.approx(0.499)
         assert m.region_size == 1024 and m.region_size_level0 == 1024 and (m.level0_width, m.level0_height) == (2220, 2967)
         assert st.patch_coords().shape == (st.n_regions, 16, 2) and st.patch_tissue().dtype == bool
-        assert st.f["tissue/mask"].attrs["downsample"] > 1 and st.f["tissue/mask"].dtype == np.uint8
-        assert st.f["tissue/thumbnail"].ndim == 3
+        _, dtype, attrs = st.dataset_info("tissue/mask")
+        assert attrs["downsample"] > 1 and dtype == np.uint8 and st.tissue_mask()[1] == "tissue/mask"
+        assert st.thumbnail()[0].ndim == 3
     assert (job / "previews" / "cmu-1-small-region.png").stat().st_size > 1000
     reg = json.loads((job / "slides.json").read_text())
     assert reg["cmu-1-small-region"]["mpp"] == pytest.approx(0.499)
@@ -164,8 +164,8 @@ def test_killed_run_leaves_nothing_that_looks_finished(tmp_path: Path) -> None:
     assert len(finished) < 6, "run finished before it could be killed"
     for p in finished:  # anything named like a store is complete and readable
         assert has_stage(p, "tile")
-        with h5py.File(p) as f:
-            assert f["patches/coords"].shape[0] == f["regions/coords"].shape[0]
+        with SlideStore(p) as s:
+            assert s.patch_coords().shape[0] == s.region_coords().shape[0]
     left = list(stores.glob("*.tmp-*"))
     # the rerun finishes the job and removes what the killed run left behind (its writer is dead)
     assert main(["tile", str(src), "--out", str(job), "--region-size", "512", "-q"]) == 0

@@ -1,4 +1,4 @@
-"""hwsi.train: every stage on a tiny synthetic job (h5py stores + WSI-Bench records + facts), CPU, seconds.
+"""hwsi.train: every stage on a tiny synthetic job (stores from hwsi.store's writer + WSI-Bench records + facts), CPU, seconds.
 
 ``make_job`` / ``tiny_config`` are imported by the other test_train*.py files.
 """
@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from hwsi.config import shipped_file
 from hwsi.train.config import TrainConfig, load_train_config
+from store_builder import write_extracted_store
 
 DP, DIN, DC = 384, 8, 5  # patch features in MiniLM's 384-d space (positives need the shared space)
 DIAG = ["benign", "carcinoma", "dysplasia"]
@@ -22,7 +22,7 @@ GRADE = ["low", "high", "none"]
 
 
 def write_store(path: Path, seed: int, n_regions: int = 3, side: int = 2, k_store: int = 3) -> None:
-    """A store with hwsi.store's layout (the datasets hwsi.model.inputs reads)."""
+    """An extracted store (tests/store_builder.py) with the datasets hwsi.model.inputs reads."""
     rng = np.random.default_rng(seed)
     g = side * side
     counts = rng.integers(0, 4, size=n_regions * g)
@@ -30,20 +30,13 @@ def write_store(path: Path, seed: int, n_regions: int = 3, side: int = 2, k_stor
     coords = np.stack([np.arange(n_regions) * 1000, np.zeros(n_regions)], 1).astype(np.int64)
     grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(g, 2)[None] * 250
     sel = np.stack([rng.permutation(g)[:k_store] for _ in range(n_regions)]).astype(np.int32)
-    with h5py.File(path, "w") as f:
-        f.attrs["schema_version"] = 1
-        f.attrs["slide_id"] = path.stem
-        f.attrs["region_size_level0"] = 1000.0
-        f["regions/coords"] = coords
-        f["regions/tissue"] = np.ones(n_regions, np.float32)
-        f["patches/coords"] = (coords[:, None, :] + grid).astype(np.int64)
-        f["patches/tissue"] = np.ones((n_regions, g), bool)
-        f["patches/hwsi_small_patch"] = rng.normal(size=(n_regions, g, DP)).astype(np.float32)
-        f["patches/rin"] = rng.normal(size=(n_regions, g, DIN)).astype(np.float32)
-        f["spf/relevance"] = rng.uniform(size=(n_regions, g)).astype(np.float32)
-        f["spf/selected"] = sel
-        f["cells/offsets"] = offsets
-        f["cells/embeddings"] = rng.normal(size=(int(offsets[-1]), DC)).astype(np.float32)
+    patch = rng.normal(size=(n_regions, g, DP)).astype(np.float32)
+    rin = rng.normal(size=(n_regions, g, DIN)).astype(np.float32)
+    rel = rng.uniform(size=(n_regions, g)).astype(np.float32)
+    write_extracted_store(path, region_coords=coords, patch_coords=(coords[:, None, :] + grid).astype(np.int64),
+                          features={"hwsi_small_patch": patch, "rin": rin}, selected=sel, relevance=rel,
+                          cell_counts=counts, cell_embeddings=rng.normal(size=(int(offsets[-1]), DC)).astype(np.float32),
+                          region_size_level0=1000.0)
 
 
 def make_job(root: Path, n: int = 6, missing: int = 1) -> Path:

@@ -6,14 +6,15 @@ Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell
   morphology/intensity/texture features (:mod:`hwsi.cells.features`);
 * ingest of a CellViT run: :func:`hwsi.cells.cellvit.load_cellvit` (``cells.json`` + token embeddings).
 
-:mod:`hwsi.cells.store` writes/reads the ``cells/*`` group of a slide store (CSR by region and patch);
+:func:`cells_to_columns` (:mod:`hwsi.cells.columns`) turns results into the columns of a slide store's ``cells/*``
+group, which :mod:`hwsi.store.cells` writes and reads (CSR by region and patch);
 :mod:`hwsi.cells.metrics` scores an instance segmentation (F1 at IoU ≥ 0.5, AJI).
 """
 
 from hwsi.cells.cellvit import CellVitCells, CellVitError, attach_cells_to_grid, load_cellvit
 from hwsi.cells.features import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS
 from hwsi.cells.segment import TYPE_NAMES, Nuclei, SegmentConfig, TypeRules, segment_nuclei
-from hwsi.cells.store import cells_to_columns, read_cells, rows_to_columns, write_cells
+from hwsi.cells.columns import cells_to_columns
 
 __all__ = [
     "CellVitCells",
@@ -21,9 +22,6 @@ __all__ = [
     "attach_cells_to_grid",
     "cells_to_columns",
     "load_cellvit",
-    "read_cells",
-    "rows_to_columns",
-    "write_cells",
     "FEATURE_DIM",
     "FEATURE_NAMES",
     "TABLE_COLUMNS",

@@ -62,7 +62,7 @@ class CellVitCells:
 
     @property
     def table(self) -> dict[str, np.ndarray]:
-        """Columnar table (x, y level-0, type, type_prob), the shape :func:`hwsi.cells.store.rows_to_columns` takes."""
+        """Columnar table (x, y level-0, type, type_prob), the shape :func:`hwsi.store.rows_to_columns` takes."""
         return {"x": self.centroids[:, 0], "y": self.centroids[:, 1], "type": self.types, "type_prob": self.type_prob}
 
 

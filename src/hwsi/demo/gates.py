@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,6 +37,7 @@ from hwsi.model.inputs import SlideInputs, load_slide_inputs
 from hwsi.model.slide_vit import SlideViT, SlideViTConfig
 from hwsi.model.vit4k import ViT4K, ViT4KConfig
 from hwsi.synth.classes import ARCH_CROWDED, ARCH_REGULAR, ARCH_SOLID, GLAND, SOLID
+from hwsi.synth.truth import read_truth
 
 
 @dataclass
@@ -82,9 +82,9 @@ def load_gate_slides(pipeline_out: str | Path, k: int = 8, max_cells: int = 32,
         if not store.is_file():
             raise ConfigError(f"{store}: missing (the pipeline's extract step has not run)")
         x = load_slide_inputs(store, patch_encoder, region_input, max_regions=10_000, k=k, max_cells=max_cells)
-        with h5py.File(root / "cohort" / rec["truth"], "r") as f:
-            coords = {tuple(c): i for i, c in enumerate(f["regions/coords"][:].tolist())}
-            arch_all, aty_all, pat_all = f["regions/architecture"][:], f["regions/atypia"][:], f["patches/pattern"][:]
+        truth = read_truth(root / "cohort" / rec["truth"]).data
+        coords = {tuple(c): i for i, c in enumerate(truth["regions/coords"].tolist())}
+        arch_all, aty_all, pat_all = truth["regions/architecture"], truth["regions/atypia"], truth["patches/pattern"]
         rows = [coords.get(tuple(c)) for c in x.region_coords.tolist()]
         if any(r is None for r in rows):
             raise ConfigError(f"{store}: region grid does not match {rec['truth']} (tile at the cohort's grid)")

@@ -67,20 +67,20 @@ def plot_losses(runs: Path, path: Path) -> Path | None:
 
 def evidence_figure(store: Path, path: Path, max_side: int = 900) -> Path:
     """A slide's thumbnail with tissue outline, region grid, SPF-selected patches (yellow) and nuclei (by type)."""
-    import h5py
     from PIL import Image, ImageDraw
 
-    with h5py.File(store, "r") as f:
-        thumb = f["tissue/thumbnail"][:]
-        tds = float(f["tissue/thumbnail"].attrs["downsample"])
-        rcoords = f["regions/coords"][:]
-        pcoords = f["patches/coords"][:]
-        selected = f["spf/selected"][:]
-        rsize = float(f.attrs["region_size_level0"])
-        psize = float(f.attrs["patch_size_level0"])
-        cx = f["cells/x"][:] if "cells/x" in f else np.zeros(0)
-        cy = f["cells/y"][:] if "cells/y" in f else np.zeros(0)
-        ctype = f["cells/type"][:] if "cells/type" in f else np.zeros(0, int)
+    from hwsi.store import SlideStore
+
+    with SlideStore(store) as s:
+        thumb, tds = s.thumbnail()
+        rcoords = s.region_coords()
+        pcoords = s.patch_coords()
+        selected = s.spf_selected()
+        rsize = float(s.meta.region_size_level0)
+        psize = float(s.meta.patch_size_level0)
+        cx = s.cell_column("x") if s.has_cell_column("x") else np.zeros(0)
+        cy = s.cell_column("y") if s.has_cell_column("y") else np.zeros(0)
+        ctype = s.cell_column("type") if s.has_cell_column("type") else np.zeros(0, int)
     img = Image.fromarray(thumb).convert("RGB")
     scale = min(1.0, max_side / max(img.size))
     if scale < 1:

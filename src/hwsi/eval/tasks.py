@@ -35,7 +35,6 @@ deterministic (no sampling, fixed derangement seed, fixed sample order).
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,14 +244,14 @@ def model_device(model: Any) -> Any:
 
 def store_encoders(store: Path, cfg: EvalConfig) -> tuple[str, str]:
     """``(patch_encoder, region_input)`` recorded by ``hwsi extract`` in the store (or given in ``cfg``)."""
-    import h5py
+    from hwsi.store import SlideStore
 
-    with h5py.File(store, "r") as f:
-        settings = json.loads(f.attrs.get("extract", "{}") or "{}")
-        encoders = json.loads(f.attrs.get("encoders", "{}") or "{}")
-        patch = cfg.patch_encoder or str(f.attrs.get("patch_encoder", "") or settings.get("patch_encoder", "")) or next(
+    with SlideStore(store) as s:
+        settings = s.json_attr("extract", {}) or {}
+        encoders = s.meta.encoders
+        patch = cfg.patch_encoder or str(s.attr("patch_encoder", "") or settings.get("patch_encoder", "")) or next(
             iter(encoders), "")
-        region = cfg.region_input or str(f.attrs.get("region_input", "") or settings.get("region_input", "")) or patch
+        region = cfg.region_input or str(s.attr("region_input", "") or settings.get("region_input", "")) or patch
     if not patch:
         raise TaskError(f"{store}: no patch encoder recorded (run `hwsi extract`, or set patch_encoder)")
     return patch, region

@@ -24,7 +24,7 @@ of ``patches/tissue`` (never encoded, never selected) and listed in ``patches/co
 threshold the slide fails (SlideError) and the store stays as it was.
 
 Memory is bounded by one region (its pixels, G feature rows and its cells). The store is updated atomically: a copy
-is written and renamed over the original (:func:`hwsi.features.foreign.store_update`), so a killed run leaves the
+is written and renamed over the original (:func:`hwsi.store.update_store`), so a killed run leaves the
 tiled store intact. A finished slide records ``stages`` += features, spf, cells, extract and the run's settings in the
 ``extract`` attribute (JSON); a rerun skips slides whose settings match (encoders + checkpoint identity, text
 encoder, vocabulary fingerprint, k, n_div, min_tissue, cells backend) and redoes the others. Per-slide failures are recorded
@@ -41,14 +41,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from hwsi.errors import ConfigError, HwsiError, StoreError
-from hwsi.features.foreign import set_encoder_attr, store_update
 from hwsi.features.spf import SPFBatch, SPFConfig, fill_row, spf_select
 from hwsi.features.vocab import load_vocabulary, vocabulary_fingerprint
-from hwsi.store import StoreMeta, create_region_dataset, list_stores, mark_stage, read_meta, write_region_dataset
+from hwsi.store import (
+    SlideStore,
+    StoreMeta,
+    StoreWriter,
+    grid_fields,
+    list_stores,
+    rows_to_columns,
+    update_store,
+)
 
 STAGE = "extract"
 
@@ -222,38 +228,21 @@ def _slide_path_for(job: Path, meta: StoreMeta, store: Path) -> Path:
 RegionStream = Callable[[Path, StoreMeta, Path, int], Iterator[tuple[int, np.ndarray, np.ndarray | None]]]
 
 
-def read_tissue(f: h5py.File) -> tuple[np.ndarray, np.ndarray]:
-    """``patches/tissue`` (R, G) bool and ``patches/tissue_fraction`` (R, G) float32 (0/1 from the mask in stores
-    written before the fraction was stored)."""
-    tissue = f["patches/tissue"][:].astype(bool)
-    frac = f["patches/tissue_fraction"][:] if "patches/tissue_fraction" in f else tissue.astype(np.float32)
-    return tissue, frac
-
-
-def grid_from_store(f: h5py.File, meta: StoreMeta) -> Any:
+def grid_from_store(s: SlideStore) -> Any:
     """Rebuild the :class:`hwsi.slide.Grid` that `hwsi tile` laid out from an open store (no re-tiling)."""
     from hwsi.slide import Grid
 
-    tissue, frac = read_tissue(f)
+    meta = s.meta
+    tissue, frac = s.patch_tissue(), s.patch_tissue_fraction()
     return Grid(
-        region_coords=f["regions/coords"][:],
-        region_tissue=f["regions/tissue"][:],
-        patch_coords=f["patches/coords"][:],
+        region_coords=s.region_coords(),
+        region_tissue=s.region_tissue(),
+        patch_coords=s.patch_coords(),
         patch_fraction=frac,
         patch_tissue=tissue,
-        region_size=int(meta.region_size),
-        patch_size=int(meta.patch_size),
-        region_size_level0=float(meta.region_size_level0),
-        patch_size_level0=float(meta.patch_size_level0),
+        **grid_fields(meta),
         scale=float(meta.region_size_level0) / float(meta.region_size),
-        mpp_level0=float(meta.mpp_level0),
-        target_mpp=float(meta.target_mpp),
-        effective_mpp=float(meta.effective_mpp),
-        read_level=int(meta.read_level),
-        read_downsample=float(meta.read_downsample),
-        level0_width=int(meta.level0_width),
-        level0_height=int(meta.level0_height),
-        n_candidates=int(f.attrs.get("n_candidate_regions", tissue.shape[0])),
+        n_candidates=int(s.attr("n_candidate_regions", tissue.shape[0])),
     )
 
 
@@ -263,8 +252,8 @@ def slide_region_stream(store: Path, meta: StoreMeta, slide_path: Path, threads:
     store, each read once by :func:`hwsi.slide.iter_regions` on the grid recorded in the store."""
     from hwsi.slide import iter_regions, open_slide
 
-    with h5py.File(store, "r") as f:
-        grid = grid_from_store(f, meta)
+    with SlideStore(store) as s:
+        grid = grid_from_store(s)
     with open_slide(slide_path, mpp=meta.mpp_level0, slide_id=meta.slide_id) as slide:
         if tuple(slide.dimensions) != (meta.level0_width, meta.level0_height):
             raise ExtractError(f"{slide_path}: level-0 size {slide.dimensions} differs from the tiled "
@@ -279,7 +268,7 @@ def slide_region_stream(store: Path, meta: StoreMeta, slide_path: Path, threads:
 class _CellWriter:
     """Segments the selected patches of each region and appends their cells in (region, patch) order."""
 
-    def __init__(self, f: h5py.File, meta: StoreMeta, patch_coords: np.ndarray, kind: str) -> None:
+    def __init__(self, f: StoreWriter, meta: StoreMeta, patch_coords: np.ndarray, kind: str) -> None:
         from hwsi.cells import SegmentConfig
 
         self.f = f
@@ -292,12 +281,11 @@ class _CellWriter:
         self.pending: dict[int, tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = {}
         self.next_region = 0
         self.written = 0
-        if "cells" in f:
-            del f["cells"]
+        f.delete_cells()
 
     def segment(self, r: int, patches: np.ndarray, selected: np.ndarray) -> int:
         from hwsi.cells import segment_nuclei
-        from hwsi.cells.store import cells_to_columns
+        from hwsi.cells.columns import cells_to_columns
 
         sel = selected[selected >= 0]
         sel = np.sort(sel)
@@ -315,32 +303,29 @@ class _CellWriter:
         self._flush()
 
     def _flush(self) -> None:
-        from hwsi.cells.store import write_cells
-
         while self.next_region in self.pending:
             cols, emb, offs = self.pending.pop(self.next_region)
             self.next_region += 1
             if len(emb):
-                write_cells(self.f, cols, emb, offs, grid_size=self.grid, append=True)
+                self.f.write_cells(cols, emb, offs, grid_size=self.grid, append=True)
                 self.written += len(emb)
 
     def finish(self) -> None:
-        from hwsi.cells.store import cells_to_columns, write_cells
+        from hwsi.cells.columns import cells_to_columns
 
         if self.pending:
-            raise ExtractError(f"{self.f.filename}: regions {sorted(self.pending)[:5]} never followed region "
+            raise ExtractError(f"{self.f.path}: regions {sorted(self.pending)[:5]} never followed region "
                                f"{self.next_region - 1}; the reader skipped a region")
-        if "cells" not in self.f:  # no cell anywhere: still write an empty, well-formed group
+        if not self.f.has_cells:  # no cell anywhere: still write an empty, well-formed group
             cols, emb, offs = cells_to_columns([], np.zeros(0), np.zeros(0), np.zeros((0, 2)), self.scale,
                                                n_regions=self.n_regions, grid_size=self.grid)
-            write_cells(self.f, cols, emb, offs, grid_size=self.grid)
-        g = self.f["cells"]
-        g.attrs["backend"] = self.kind
-        g.attrs["scope"] = "spf_selected"  # Eq. 3: only patches of R̂_i are segmented
-        g.attrs["mpp"] = float(self.meta.effective_mpp)
+            self.f.write_cells(cols, emb, offs, grid_size=self.grid)
         from hwsi.cells import TYPE_NAMES
 
-        g.attrs["type_names"] = json.dumps({str(k): v for k, v in TYPE_NAMES.items()})
+        self.f.set_cells_attrs(backend=self.kind,
+                               scope="spf_selected",  # Eq. 3: only patches of R̂_i are segmented
+                               mpp=float(self.meta.effective_mpp),
+                               type_names=json.dumps({str(k): v for k, v in TYPE_NAMES.items()}))
 
 
 # ------------------------------------------------------------------------------------------------ one slide
@@ -349,11 +334,11 @@ class _CellWriter:
 def read_extract_settings(path: Path) -> dict[str, Any] | None:
     """The ``extract`` settings recorded in a finished store, or None."""
     try:
-        with h5py.File(path, "r") as f:
-            if STAGE not in json.loads(f.attrs.get("stages", "[]")):
+        with SlideStore(path) as s:
+            if STAGE not in s.stages:
                 return None
-            return json.loads(f.attrs.get("extract", "null"))
-    except (OSError, ValueError):
+            return s.json_attr("extract")
+    except (OSError, ValueError, HwsiError):
         return None
 
 
@@ -370,14 +355,12 @@ def extract_slide(
     t_start = time.perf_counter()
     tm = SlideTimings()
     store = Path(store)
-    if not store.is_file():
-        raise StoreError(store, "no such store (run `hwsi tile` first)")
-    with h5py.File(store, "r") as f:
-        meta = read_meta(f, store)
+    with SlideStore(store) as s:
+        meta = s.meta
         if "tile" not in meta.stages:
             raise StoreError(store, "the store is not tiled yet (run `hwsi tile`)")
-        coords = f["patches/coords"][:]
-        tissue, frac = read_tissue(f)
+        coords = s.patch_coords()
+        tissue, frac = s.patch_tissue(), s.patch_tissue_fraction()
     n_r, n_g = tissue.shape
     if models.region_encoder is None and models.region_name != models.patch_name:  # pragma: no cover - guarded
         raise ExtractError("region encoder missing")
@@ -394,12 +377,12 @@ def extract_slide(
         tau=np.full(n_r, np.nan, np.float32),
     )
     d_p = int(models.patch_encoder.embed_dim)
-    with store_update(store) as f:
-        ds_p = create_region_dataset(f, f"patches/{models.patch_name}", (n_r, n_g, d_p), np.float32)
+    with update_store(store) as f:
+        ds_p = f.create_features(models.patch_name, (n_r, n_g, d_p))
         ds_r = None
         if models.region_encoder is not None:
             d_r = int(models.region_encoder.embed_dim)
-            ds_r = create_region_dataset(f, f"patches/{models.region_name}", (n_r, n_g, d_r), np.float32)
+            ds_r = f.create_features(models.region_name, (n_r, n_g, d_r))
         cells = _CellWriter(f, meta, coords, cells_kind) if cells_kind == "builtin" else None
         seen = np.zeros(n_r, bool)
         t_read0 = time.perf_counter()
@@ -453,24 +436,24 @@ def extract_slide(
         elif cells_kind == "cellvit":
             if cellvit_dir is None:
                 raise ExtractError("--cells cellvit needs a folder")
-            tm.n_cells = _ingest_cellvit(f, meta, coords, f["regions/coords"][:], spf.selected, cellvit_dir)
+            tm.n_cells = _ingest_cellvit(f, meta, coords, f.region_coords(), spf.selected, cellvit_dir)
             tm.cells += time.perf_counter() - t5
         else:  # --cells none: an EMPTY, well-formed cells group (every patch gets CCAF's "no cells" token);
             # cells of an earlier run would no longer match spf/selected
             _write_empty_cells(f, meta, n_r, n_g)
-            f.attrs["stages"] = json.dumps([s for s in json.loads(f.attrs.get("stages", "[]")) if s != "cells"])
+            f.drop_stage("cells")
         _write_spf(f, spf, models, cfg)
         if corrupt.any():
-            write_region_dataset(f, "patches/corrupt", corrupt)
-            f["patches/tissue"][...] = tissue
-        f.attrs["patch_encoder"] = models.patch_name
-        f.attrs["region_input"] = models.region_name
-        set_encoder_attr(f, models.patch_name, d_p)
+            f.write_region_dataset("patches/corrupt", corrupt)
+            f.set_patch_tissue(tissue)
+        f.set_attr("patch_encoder", models.patch_name)
+        f.set_attr("region_input", models.region_name)
+        f.set_encoder(models.patch_name, d_p)
         if ds_r is not None:
-            set_encoder_attr(f, models.region_name, int(ds_r.shape[2]))
+            f.set_encoder(models.region_name, int(ds_r.shape[2]))
         for stage in ("features", "spf") + (("cells",) if cells_kind != "none" else ()) + (STAGE,):
-            mark_stage(f, stage)
-        f.attrs["extract"] = json.dumps(models.settings)
+            f.mark_stage(stage)
+        f.set_json_attr("extract", models.settings)
         tm.write += time.perf_counter() - t5
     tm.total = time.perf_counter() - t_start
     return tm
@@ -483,28 +466,20 @@ def spf_candidates(tissue: np.ndarray, fraction: np.ndarray, min_tissue: float) 
     return cand if cand.any() else tissue
 
 
-def _write_empty_cells(f: h5py.File, meta: StoreMeta, n_r: int, n_g: int) -> None:
-    from hwsi.cells.store import cells_to_columns, write_cells
+def _write_empty_cells(f: StoreWriter, meta: StoreMeta, n_r: int, n_g: int) -> None:
+    from hwsi.cells.columns import cells_to_columns
 
     cols, emb, offs = cells_to_columns([], np.zeros(0), np.zeros(0), np.zeros((0, 2)), 1.0,
                                        n_regions=n_r, grid_size=n_g)
-    write_cells(f, cols, emb, offs, grid_size=n_g, attrs={"backend": "none", "scope": "none"})
+    f.write_cells(cols, emb, offs, grid_size=n_g, attrs={"backend": "none", "scope": "none"})
 
 
-def _write_spf(f: h5py.File, spf: SPFBatch, models: Models, cfg: ExtractConfig) -> None:
-    if "spf" in f:
-        del f["spf"]
-    g = f.create_group("spf")
-    g.create_dataset("selected", data=spf.selected)
-    for name in ("relevance", "kept_eq1", "diverse"):
-        arr = getattr(spf, name)
-        g.create_dataset(name, data=arr, chunks=(1, arr.shape[1]) if arr.shape[0] else None)
-    g.create_dataset("tau", data=spf.tau)
-    g.create_dataset("terms", data=np.array(models.terms, dtype=h5py.string_dtype()))
-    g.create_dataset("text_embeddings", data=models.text_emb)
-    g.attrs.update({"k": cfg.k, "n_div": cfg.n_div, "entities": "vocabulary",
-                    "vocab_fingerprint": models.settings["vocab_fingerprint"],
-                    "text_encoder": models.settings["text_encoder"], "patch_encoder": models.patch_name})
+def _write_spf(f: StoreWriter, spf: SPFBatch, models: Models, cfg: ExtractConfig) -> None:
+    f.write_spf(spf.selected, spf.relevance, kept_eq1=spf.kept_eq1, diverse=spf.diverse, tau=spf.tau,
+                terms=list(models.terms), text_embeddings=models.text_emb,
+                attrs={"k": cfg.k, "n_div": cfg.n_div, "entities": "vocabulary",
+                       "vocab_fingerprint": models.settings["vocab_fingerprint"],
+                       "text_encoder": models.settings["text_encoder"], "patch_encoder": models.patch_name})
 
 
 def find_cellvit_files(folder: Path, slide_id: str) -> tuple[Path, Path | None]:
@@ -529,12 +504,11 @@ def find_cellvit_files(folder: Path, slide_id: str) -> tuple[Path, Path | None]:
                        "cells.json [+ cells.pt], or {slide_id}.json)")
 
 
-def _ingest_cellvit(f: h5py.File, meta: StoreMeta, coords: np.ndarray, region_coords: np.ndarray,
+def _ingest_cellvit(f: StoreWriter, meta: StoreMeta, coords: np.ndarray, region_coords: np.ndarray,
                     selected: np.ndarray, folder: Path) -> int:
     """CellViT backend: read the run's cells (+ tokens), attach them to the grid and keep those in SPF-selected
     patches only (Eq. 3: ∀P_ij ∈ R̂_i). Returns the number of cells written."""
     from hwsi.cells.cellvit import attach_cells_to_grid, load_cellvit
-    from hwsi.cells.store import rows_to_columns, write_cells
 
     cells_path, emb_path = find_cellvit_files(folder, meta.slide_id)
     cv = load_cellvit(cells_path, emb_path)
@@ -553,9 +527,8 @@ def _ingest_cellvit(f: h5py.File, meta: StoreMeta, coords: np.ndarray, region_co
              "type_prob": cv.type_prob.astype(np.float32)}
     emb = cv.embeddings if cv.embeddings is not None else np.zeros((len(cv), 0), np.float32)
     cols, emb_s, offs = rows_to_columns(table, emb, region_idx, patch_idx, n_r, n_g)
-    if "cells" in f:
-        del f["cells"]
-    write_cells(f, cols, emb_s, offs, grid_size=n_g, attrs={
+    f.delete_cells()
+    f.write_cells(cols, emb_s, offs, grid_size=n_g, attrs={
         "backend": "cellvit", "scope": "spf_selected", "source": str(cells_path),
         "embeddings_source": str(emb_path or ""), "n_source_cells": len(cv),
         "n_outside_regions": att.n_unmatched, "n_outside_selected": int((hit & ~keep).sum()),

@@ -22,19 +22,15 @@ attribute of the store updated. The store is updated atomically (copy, write, re
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
+import h5py  # the TRIDENT/CLAM features file only; the slide store is opened through hwsi.store
 import numpy as np
 
 from hwsi.errors import HwsiError, StoreError
-from hwsi.store import copy_for_update, read_meta, write_region_dataset
-from hwsi.utils.atomic import atomic_path
+from hwsi.store import SlideStore, update_store
 
 
 class FeatureImportError(HwsiError):
@@ -44,28 +40,6 @@ class FeatureImportError(HwsiError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
-
-
-@contextlib.contextmanager
-def store_update(path: str | Path) -> Iterator[h5py.File]:
-    """Open a COPY of the finished store ``path`` for writing; rename it over ``path`` when the block succeeds.
-
-    A failure (or a kill) leaves the original untouched and only a ``*.tmp-<pid>`` file behind (deleted on error).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(path, "no such store (run `hwsi tile` first)")
-    with atomic_path(path) as tmp:
-        copy_for_update(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            yield f
-
-
-def set_encoder_attr(f: h5py.File, name: str, dim: int) -> None:
-    """Record ``name -> dim`` in the store's ``encoders`` attribute (JSON dict)."""
-    enc = json.loads(f.attrs.get("encoders", "{}"))
-    enc[name] = int(dim)
-    f.attrs["encoders"] = json.dumps(enc)
 
 
 @dataclass
@@ -204,13 +178,11 @@ def import_features(
     if not name or "/" in name or name.startswith("_"):
         raise FeatureImportError(features_path, f"invalid feature name {name!r} (no '/', not starting with '_')")
     ff = read_foreign_features(features_path)
-    if not store.is_file():
-        raise StoreError(store, "no such store (run `hwsi tile` first)")
-    with h5py.File(store, "r") as f:
-        meta = read_meta(f, store)
-        coords = f["patches/coords"][:]
-        tissue = f["patches/tissue"][:]
-        exists = f"patches/{name}" in f
+    with SlideStore(store) as s:
+        meta = s.meta
+        coords = s.patch_coords()
+        tissue = s.patch_tissue()
+        exists = s.has_features(name)
     if exists and not overwrite:
         raise StoreError(store, f"patches/{name} already exists (pass --overwrite to replace it)")
     if name in ("coords", "tissue"):
@@ -245,11 +217,9 @@ def import_features(
         foreign_patch_size_level0=ff.patch_size_level0,
         store_patch_size_level0=ours_size,
     )
-    with store_update(store) as f:
-        ds = write_region_dataset(f, f"patches/{name}", out.reshape(r, g, d))
-        for k, v in asdict(report).items():
-            ds.attrs[k] = "" if v is None else v
-        ds.attrs["kind"] = "imported"
-        write_region_dataset(f, f"imported/{name}/matched", matched)
-        set_encoder_attr(f, name, d)
+    with update_store(store) as f:
+        attrs = {k: "" if v is None else v for k, v in asdict(report).items()}
+        f.write_features(name, out.reshape(r, g, d), {**attrs, "kind": "imported"})
+        f.write_region_dataset(f"imported/{name}/matched", matched)
+        f.set_encoder(name, d)
     return report

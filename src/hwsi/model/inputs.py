@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from hwsi.errors import StoreError
+from hwsi.store import SlideStore
 
 
 @dataclass
@@ -140,26 +140,23 @@ def load_slide_inputs(
 ) -> SlideInputs:
     """Read one store (schema in :mod:`hwsi.store`) into :class:`SlideInputs` (selection rules: module docstring)."""
     path = Path(store_path)
-    if not path.is_file():
-        raise StoreError(path, "no such store")
-    with h5py.File(path, "r") as f:
+    with SlideStore(path) as s:
         for name in (f"patches/{patch_encoder}", f"patches/{region_input}", "spf/selected", "spf/relevance",
                      "cells/offsets", "cells/embeddings", "regions/coords", "patches/coords"):
-            if name not in f:
+            if not s.has(name):
                 raise StoreError(path, f"missing dataset {name!r} (run `hwsi extract` with these encoders)")
-        slide_id = str(f.attrs.get("slide_id", path.stem))
-        region_size_level0 = float(f.attrs.get("region_size_level0", 1.0))
-        sel_all = f["spf/selected"][:].astype(np.int64)
-        rel_all = f["spf/relevance"][:].astype(np.float32)
+        slide_id = str(s.meta.slide_id or path.stem)
+        region_size_level0 = float(s.meta.region_size_level0)
+        sel_all = s.spf_selected()
+        rel_all = s.spf_relevance()
         n_regions, g = rel_all.shape
         keep = rank_regions(rel_all, sel_all, max_regions)
-        offsets = f["cells/offsets"][:].astype(np.int64)
+        offsets = s.cell_offsets()
         if offsets.shape[0] != n_regions * g + 1:
             raise StoreError(path, f"cells/offsets has {offsets.shape[0]} rows, expected R*G+1 = {n_regions * g + 1}")
-        pf_ds, ri_ds, cell_ds = f[f"patches/{patch_encoder}"], f[f"patches/{region_input}"], f["cells/embeddings"]
-        tissue = f["patches/tissue"][:].astype(bool) if "patches/tissue" in f else np.ones((n_regions, g), bool)
-        pcoords = f["patches/coords"][:].astype(np.int64)
-        dp, din, dc = pf_ds.shape[-1], ri_ds.shape[-1], cell_ds.shape[-1]
+        tissue = s.patch_tissue() if s.has("patches/tissue") else np.ones((n_regions, g), bool)
+        pcoords = s.patch_coords()
+        dp, din, dc = s.feature_dim(patch_encoder), s.feature_dim(region_input), s.cell_dim()
         r = len(keep)
 
         patch_feats = np.zeros((r, k, dp), np.float32)
@@ -174,22 +171,22 @@ def load_slide_inputs(
             if sel.size > k:  # keep the k most relevant, ties in stored order
                 rel = np.nan_to_num(rel_all[ri, sel], nan=-np.inf)
                 sel = sel[np.sort(np.argsort(-rel, kind="stable")[:k])]
-            region_feats = pf_ds[ri]  # one chunk per region
+            region_feats = s.patch_features(patch_encoder, ri)  # one chunk per region
             n = sel.size
             patch_feats[out_i, :n] = region_feats[sel]
             patch_mask[out_i, :n] = True
             selected[out_i, :n] = sel
             relevance[out_i, :n] = rel_all[ri, sel]
             patch_coords[out_i, :n] = pcoords[ri, sel]
-            region_in[out_i] = ri_ds[ri]
+            region_in[out_i] = s.patch_features(region_input, ri)
             lo, hi = offsets[ri * g], offsets[(ri + 1) * g]
-            block = cell_ds[lo:hi] if hi > lo else np.zeros((0, dc), np.float32)
+            block = s.cell_embeddings(lo, hi) if hi > lo else np.zeros((0, dc), np.float32)
             per_patch = []
             for j in sel:
                 a, b = offsets[ri * g + j] - lo, offsets[ri * g + j + 1] - lo
                 per_patch.append(block[a:b][subsample_rows(int(b - a), max_cells)])
             cells.append(per_patch)
-        region_coords = f["regions/coords"][:].astype(np.int64)[keep]
+        region_coords = s.region_coords()[keep]
         grid_mask = tissue[keep]
 
     n_max = max([len(c) for per in cells for c in per] + [1])

@@ -262,7 +262,4 @@ class MLLMHWSI(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-# Re-exported: hwsi.serve.assistant imports ChatSession from here (its owner switches it to hwsi.model.chat).
-from hwsi.model.chat import ChatSession  # noqa: E402
-
-__all__ = ["ROLE_MAP", "ChatSession", "MLLMConfig", "MLLMHWSI", "MLLMInputs", "ensure_image", "normalize_messages"]
+__all__ = ["ROLE_MAP", "MLLMConfig", "MLLMHWSI", "MLLMInputs", "ensure_image", "normalize_messages"]

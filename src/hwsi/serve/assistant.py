@@ -20,7 +20,6 @@ the LLM's internal computation (attention mass on visual tokens would be the alt
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -78,8 +77,8 @@ def evidence_from_heatmap(
     heatmap: np.ndarray,
     region_coords: np.ndarray,
     patch_coords: np.ndarray,
-    region_size0: float,
-    patch_size0: float,
+    region_size_level0: float,
+    patch_size_level0: float,
     top_patches: int = 5,
     top_regions: int = 3,
 ) -> list[Evidence]:
@@ -94,7 +93,7 @@ def evidence_from_heatmap(
     with np.errstate(invalid="ignore"):
         rscore = np.where(np.isfinite(best), best, np.nan)
         rmean = np.nanmean(np.where(np.isfinite(rscore), rscore, np.nan), axis=1)
-    rs, ps = int(round(region_size0)), int(round(patch_size0))
+    rs, ps = int(round(region_size_level0)), int(round(patch_size_level0))
     for r in np.argsort(-np.nan_to_num(rmean, nan=-np.inf))[:top_regions]:
         if not np.isfinite(rmean[r]):
             continue
@@ -135,16 +134,14 @@ class StoreEncoders:
 
     @classmethod
     def read(cls, store: Path) -> "StoreEncoders":
-        import h5py
-
         from hwsi.errors import StoreError
+        from hwsi.store import SlideStore
 
-        with h5py.File(store, "r") as f:
-            settings = json.loads(f.attrs.get("extract", "{}") or "{}")
-            encoders = json.loads(f.attrs.get("encoders", "{}") or "{}")
+        with SlideStore(store) as s:
+            settings = s.json_attr("extract", {}) or {}
+            encoders = s.meta.encoders
             patch = settings.get("patch_encoder") or next(iter(encoders), None)
-            region = f.attrs.get("region_input", settings.get("region_input", patch))
-            region = region.decode() if isinstance(region, bytes) else str(region)
+            region = str(s.attr("region_input", settings.get("region_input", patch)))
             text = settings.get("text_encoder", "minilm")
         if not patch:
             raise StoreError(store, "no patch features recorded (run `hwsi extract`)")
@@ -156,21 +153,21 @@ def text_patch_relevance(store: Path, patch_encoder: str, text_emb: np.ndarray, 
 
     Reads ``patches/<patch_encoder>`` ``chunk`` regions at a time (memory bounded by the chunk, not the slide).
     """
-    import h5py
+    from hwsi.store import SlideStore
 
     t = np.asarray(text_emb, np.float64).reshape(-1)
     t = t / (np.linalg.norm(t) + 1e-12)
-    with h5py.File(store, "r") as f:
-        ds = f[f"patches/{patch_encoder}"]
-        tissue = f["patches/tissue"][:].astype(bool)
-        if ds.shape[-1] != t.shape[0]:
+    with SlideStore(store) as s:
+        dim = s.feature_dim(patch_encoder)
+        tissue = s.patch_tissue()
+        if dim != t.shape[0]:
             raise ValueError(
-                f"text embedding is {t.shape[0]}-d but patches/{patch_encoder} is {ds.shape[-1]}-d: "
+                f"text embedding is {t.shape[0]}-d but patches/{patch_encoder} is {dim}-d: "
                 "they must share one image–text space"
             )
         scores = np.full(tissue.shape, np.nan, np.float64)
-        for r0 in range(0, ds.shape[0], chunk):
-            x = ds[r0 : r0 + chunk].astype(np.float64)
+        for r0 in range(0, tissue.shape[0], chunk):
+            x = s.patch_features(patch_encoder, slice(r0, r0 + chunk)).astype(np.float64)
             n = np.linalg.norm(x, axis=-1)
             scores[r0 : r0 + chunk] = (x @ t) / np.maximum(n, 1e-12)
     return normalise(scores, tissue)
@@ -191,13 +188,13 @@ class ModelChat:
         self.chat = chat
         self.store = store
         self.encoders = encoders
-        import h5py
+        from hwsi.store import SlideStore
 
-        with h5py.File(store, "r") as f:
-            self.region_coords = f["regions/coords"][:]
-            self.patch_coords = f["patches/coords"][:]
-            self.region_size0 = float(f.attrs["region_size_level0"])
-            self.patch_size0 = float(f.attrs["patch_size_level0"])
+        with SlideStore(store) as s:
+            self.region_coords = s.region_coords()
+            self.patch_coords = s.patch_coords()
+            self.region_size_level0 = float(s.meta.region_size_level0)
+            self.patch_size_level0 = float(s.meta.patch_size_level0)
 
     def ask(self, question: str, max_new_tokens: int = 128) -> Iterator[str]:
         """Greedy streamed answer; multi-turn (the chat session keeps the conversation in its KV cache)."""
@@ -207,7 +204,7 @@ class ModelChat:
         emb = self.owner.encode_text(self.encoders.text_encoder, [f"{question} {answer}".strip()])[0]
         heat = text_patch_relevance(self.store, self.encoders.patch_encoder, emb)
         items = evidence_from_heatmap(
-            heat, self.region_coords, self.patch_coords, self.region_size0, self.patch_size0
+            heat, self.region_coords, self.patch_coords, self.region_size_level0, self.patch_size_level0
         )
         return EvidenceResult(heat, items, RELEVANCE_SIGNAL)
 
@@ -272,7 +269,7 @@ class ModelAssistant:
     def start(self, slide_id: str) -> ModelChat:
         from hwsi.errors import StoreError
         from hwsi.model.inputs import load_slide_inputs
-        from hwsi.model.mllm import ChatSession
+        from hwsi.model.chat import ChatSession
 
         entry = self.registry.get(slide_id)
         if entry is None:

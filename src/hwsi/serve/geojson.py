@@ -105,7 +105,7 @@ def evidence_features(items: Iterable[Evidence], label: str = "") -> list[dict[s
 def spf_features(ov: StoreOverlays) -> list[dict[str, Any]]:
     """The SPF-selected patches (question-independent evidence) as annotations classified "SPF patch"."""
     feats = []
-    p = ov.patch_size0
+    p = ov.patch_size_level0
     for s in ov.spf()["patches"]:
         meas = {"relevance": s["relevance"]} if s["relevance"] is not None else None
         feats.append(

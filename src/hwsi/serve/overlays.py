@@ -1,6 +1,8 @@
 """Overlay data read from a slide's store: tissue mask, region/patch grid, SPF selection and nuclei in a box.
 
-Everything is in level-0 pixel coordinates (docs/design.md §3); the viewer maps them to the screen.
+Everything is in level-0 pixel coordinates (docs/design.md §3); the viewer maps them to the screen. The store is
+read through :class:`hwsi.store.SlideStore`; the JSON fields ``region_size``/``patch_size`` of the HTTP API are
+level-0 pixels (the store's ``region_size_level0``/``patch_size_level0``), not the store's target-µm/px sizes.
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-# candidate dataset names of the tissue mask written by `hwsi tile` (first match wins)
-MASK_DATASETS = ("tissue/mask", "tissue_mask", "mask/tissue", "masks/tissue", "tissue")
+from hwsi.store import SlideStore, StoreMeta
 
 # viewer/GeoJSON colours of nucleus types, by type name (RGB); unknown names cycle through _EXTRA
 TYPE_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -47,12 +47,7 @@ class StoreOverlays:
     """Cached, read-only overlay data of one store (small arrays are kept; cell columns are read on demand)."""
 
     path: Path
-    mpp: float
-    width: int
-    height: int
-    region_size0: float
-    patch_size0: float
-    grid_side: int
+    meta: StoreMeta
     region_coords: np.ndarray  # (R, 2)
     patch_coords: np.ndarray  # (R, G, 2)
     patch_tissue: np.ndarray  # (R, G) bool
@@ -62,40 +57,55 @@ class StoreOverlays:
     type_names: dict[int, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def mpp(self) -> float:
+        return float(self.meta.mpp_level0)
+
+    @property
+    def width(self) -> int:
+        return int(self.meta.level0_width)
+
+    @property
+    def height(self) -> int:
+        return int(self.meta.level0_height)
+
+    @property
+    def region_size_level0(self) -> float:
+        return float(self.meta.region_size_level0)
+
+    @property
+    def patch_size_level0(self) -> float:
+        return float(self.meta.patch_size_level0)
+
+    @property
+    def grid_side(self) -> int:
+        return int(self.meta.grid_side)
+
     @classmethod
     def load(cls, path: Path) -> "StoreOverlays":
-        from hwsi.store import read_meta
-
-        with h5py.File(path, "r") as f:
-            meta = read_meta(f, path)
-            pc = f["patches/coords"][:].astype(np.int64)
-            sel = f["spf/selected"][:].astype(np.int64) if "spf/selected" in f else None
-            rel = f["spf/relevance"][:].astype(np.float32) if "spf/relevance" in f else None
-            offs = f["cells/offsets"][:].astype(np.int64) if "cells/offsets" in f else None
+        with SlideStore(path) as s:
+            pc = s.patch_coords()
+            sel = s.spf_selected() if s.has("spf/selected") else None
+            rel = s.spf_relevance() if s.has("spf/relevance") else None
+            offs = s.cell_offsets() if s.has_cells else None
             names = default_type_names()
-            if "cells" in f:
-                raw = f["cells"].attrs.get("type_names")
-                if raw is not None:
-                    try:
-                        parsed = json.loads(raw)
-                        names = (
-                            {int(k): str(v) for k, v in parsed.items()}
-                            if isinstance(parsed, dict)
-                            else {i: str(v) for i, v in enumerate(parsed)}
-                        )
-                    except (ValueError, TypeError):
-                        pass
+            raw = s.cells_attrs().get("type_names")
+            if raw is not None:
+                try:
+                    parsed = json.loads(raw)
+                    names = (
+                        {int(k): str(v) for k, v in parsed.items()}
+                        if isinstance(parsed, dict)
+                        else {i: str(v) for i, v in enumerate(parsed)}
+                    )
+                except (ValueError, TypeError):
+                    pass
             return cls(
                 path=path,
-                mpp=float(meta.mpp_level0),
-                width=int(meta.level0_width),
-                height=int(meta.level0_height),
-                region_size0=float(meta.region_size_level0),
-                patch_size0=float(meta.patch_size_level0),
-                grid_side=int(meta.grid_side),
-                region_coords=f["regions/coords"][:].astype(np.int64).reshape(-1, 2),
+                meta=s.meta,
+                region_coords=s.region_coords(),
                 patch_coords=pc.reshape(pc.shape[0], -1, 2),
-                patch_tissue=f["patches/tissue"][:].astype(bool),
+                patch_tissue=s.patch_tissue(),
                 selected=sel,
                 relevance=rel,
                 offsets=offs,
@@ -104,10 +114,11 @@ class StoreOverlays:
 
     # ---- grid and SPF -------------------------------------------------------------------------------------
     def grid(self) -> dict[str, Any]:
-        """Regions (level-0 top-left), sizes, and per-region patch tissue flags as '0'/'1' strings (row-major)."""
+        """Regions (level-0 top-left), sizes (level-0 px), and per-region patch tissue flags as '0'/'1' strings
+        (row-major)."""
         return {
-            "region_size": self.region_size0,
-            "patch_size": self.patch_size0,
+            "region_size": self.region_size_level0,
+            "patch_size": self.patch_size_level0,
             "grid_side": self.grid_side,
             "regions": self.region_coords.tolist(),
             "patch_tissue": ["".join("1" if t else "0" for t in row) for row in self.patch_tissue],
@@ -127,16 +138,16 @@ class StoreOverlays:
                         v = float(self.relevance[r, g])
                         rel = None if not np.isfinite(v) else round(v, 4)
                     out.append({"region": r, "patch": int(g), "x": int(x), "y": int(y), "relevance": rel})
-        return {"available": self.selected is not None, "patch_size": self.patch_size0, "patches": out}
+        return {"available": self.selected is not None, "patch_size": self.patch_size_level0, "patches": out}
 
     # ---- tissue mask --------------------------------------------------------------------------------------
     def tissue_mask(self) -> tuple[np.ndarray, str]:
         """(mask bool (h, w) covering the whole slide, source name): the store's mask, else the patch flags."""
-        with h5py.File(self.path, "r") as f:
-            for name in MASK_DATASETS:
-                if name in f and isinstance(f[name], h5py.Dataset) and f[name].ndim == 2:
-                    return f[name][:] > 0, name
-        p = self.patch_size0
+        with SlideStore(self.path) as s:
+            found = s.tissue_mask()
+        if found is not None:
+            return found
+        p = self.patch_size_level0
         mw, mh = max(1, int(np.ceil(self.width / p))), max(1, int(np.ceil(self.height / p)))
         mask = np.zeros((mh, mw), bool)
         pc = self.patch_coords.reshape(-1, 2)
@@ -160,7 +171,7 @@ class StoreOverlays:
     def patches_in_box(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
         """Flat indices r*G+g of the patches that intersect the level-0 box."""
         pc = self.patch_coords.reshape(-1, 2)
-        p = self.patch_size0
+        p = self.patch_size_level0
         hit = (pc[:, 0] < x1) & (pc[:, 0] + p > x0) & (pc[:, 1] < y1) & (pc[:, 1] + p > y0)
         return np.nonzero(hit)[0]
 
@@ -183,14 +194,14 @@ class StoreOverlays:
             else:
                 merged.append([a, b])
         cols: dict[str, list[np.ndarray]] = {"x": [], "y": [], "type": [], "area": []}
-        with h5py.File(self.path, "r") as f:
-            has_area = "cells/area_um2" in f
+        with SlideStore(self.path) as s:
+            has_area, has_type = s.has_cell_column("area_um2"), s.has_cell_column("type")
             for a, b in merged:
-                cols["x"].append(f["cells/x"][a:b])
-                cols["y"].append(f["cells/y"][a:b])
-                cols["type"].append(f["cells/type"][a:b] if "cells/type" in f else np.zeros(b - a, np.int64))
+                cols["x"].append(s.cell_column("x", a, b))
+                cols["y"].append(s.cell_column("y", a, b))
+                cols["type"].append(s.cell_column("type", a, b) if has_type else np.zeros(b - a, np.int64))
                 if has_area:
-                    cols["area"].append(f["cells/area_um2"][a:b])
+                    cols["area"].append(s.cell_column("area_um2", a, b))
         x = np.concatenate(cols["x"]).astype(np.float64)
         y = np.concatenate(cols["y"]).astype(np.float64)
         typ = np.concatenate(cols["type"]).astype(np.int64)
@@ -215,12 +226,12 @@ class StoreOverlays:
         """Every nucleus of the slide (for export): x, y, type, radius arrays."""
         if self.offsets is None:
             return {k: np.zeros(0) for k in ("x", "y", "type", "radius")}
-        with h5py.File(self.path, "r") as f:
-            x = f["cells/x"][:].astype(np.float64)
-            y = f["cells/y"][:].astype(np.float64)
-            typ = f["cells/type"][:].astype(np.int64) if "cells/type" in f else np.zeros(x.shape, np.int64)
-            if "cells/area_um2" in f:
-                radius = np.sqrt(np.maximum(f["cells/area_um2"][:].astype(np.float64), 1.0) / np.pi) / self.mpp
+        with SlideStore(self.path) as s:
+            x = s.cell_column("x").astype(np.float64)
+            y = s.cell_column("y").astype(np.float64)
+            typ = s.cell_column("type").astype(np.int64) if s.has_cell_column("type") else np.zeros(x.shape, np.int64)
+            if s.has_cell_column("area_um2"):
+                radius = np.sqrt(np.maximum(s.cell_column("area_um2").astype(np.float64), 1.0) / np.pi) / self.mpp
             else:
                 radius = np.full(x.shape, 3.0 / self.mpp)
         return {"x": x, "y": y, "type": typ, "radius": radius}

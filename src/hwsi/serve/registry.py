@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
-
-from hwsi.store import list_stores, read_meta
+from hwsi.store import list_stores, read_store_meta
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,7 @@ class SlideRegistry:
         skipped: dict[str, str] = {}
         for store in list_stores(self.job):
             try:
-                with h5py.File(store, "r") as f:
-                    meta = read_meta(f, store)
+                meta = read_store_meta(store)
             except Exception as exc:  # a broken store is reported, never served
                 skipped[store.stem] = str(exc)
                 continue

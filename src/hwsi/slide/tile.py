@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hwsi import textio
 from hwsi.batch import BatchItem, BatchResult, lock_path, prepare_job, run_batch
 from hwsi.errors import ConfigError, ConfigFileError, HwsiError, SlideError
@@ -31,8 +29,8 @@ from hwsi.slide.grid import Grid, GridConfig
 from hwsi.slide.ids import allocate_ids, path_key
 from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
 from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue
-from hwsi.store import StoreMeta, has_stage, list_stores, mark_stage, store_path, write_meta, write_region_dataset
-from hwsi.utils.atomic import atomic_path, write_json_atomic
+from hwsi.store import SlideStore, StoreMeta, grid_fields, has_stage, list_stores, new_store, store_path
+from hwsi.utils.atomic import write_json_atomic
 from hwsi.utils.lock import file_lock
 from hwsi.utils.outdir import prepare_output_dir
 
@@ -83,15 +81,11 @@ def read_registry(job: str | Path) -> dict[str, Any]:
 
 def store_slide_path(store: Path) -> str | None:
     """The resolved ``slide_path`` a store records (None if it has none or cannot be read)."""
-    import h5py
-
     try:
-        with h5py.File(store, "r") as f:
-            v = f.attrs.get("slide_path")
-    except (OSError, ValueError):
+        with SlideStore(store) as s:
+            v = s.attr("slide_path")
+    except (OSError, ValueError, HwsiError):
         return None
-    if isinstance(v, bytes):
-        v = v.decode(errors="replace")
     return path_key(v) if isinstance(v, str) and v else None
 
 
@@ -168,41 +162,18 @@ def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str
                      tissue: TissueMask, settings: dict[str, Any] | None = None) -> None:
     """Write the tile-stage store atomically (``settings``: the grid and tissue settings, kept as the ``tile``
     attribute so a run can tile a new slide the same way)."""
-    import h5py
-
-    meta = StoreMeta(
-        slide_path=str(slide_path.resolve()),
-        slide_id=slide_id,
-        mpp_level0=grid.mpp_level0,
-        target_mpp=grid.target_mpp,
-        effective_mpp=grid.effective_mpp,
-        region_size=grid.region_size,
-        patch_size=grid.patch_size,
-        region_size_level0=grid.region_size_level0,
-        patch_size_level0=grid.patch_size_level0,
-        level0_width=grid.level0_width,
-        level0_height=grid.level0_height,
-        read_level=grid.read_level,
-        read_downsample=grid.read_downsample,
-        mpp_source=mpp_source,
-    )
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        write_meta(f, meta)
-        f.attrs["n_candidate_regions"] = grid.n_candidates
+    meta = StoreMeta(slide_path=str(slide_path.resolve()), slide_id=slide_id, mpp_source=mpp_source,
+                     **grid_fields(grid))
+    with new_store(out, meta) as w:
+        w.set_attr("n_candidate_regions", grid.n_candidates)
         if settings is not None:
-            f.attrs["tile"] = json.dumps(settings)
-        write_region_dataset(f, "regions/coords", grid.region_coords.astype(np.int64))
-        f.create_dataset("regions/tissue", data=grid.region_tissue.astype(np.float32))
-        write_region_dataset(f, "patches/coords", grid.patch_coords.astype(np.int64))
-        write_region_dataset(f, "patches/tissue", grid.patch_tissue.astype(bool))
-        write_region_dataset(f, "patches/tissue_fraction", grid.patch_fraction.astype(np.float32))
-        m = f.create_dataset("tissue/mask", data=tissue.mask.astype(np.uint8), compression="gzip")
-        m.attrs["downsample"] = tissue.downsample
-        m.attrs["mpp"] = tissue.mask_mpp
-        m.attrs["saturation_threshold"] = tissue.saturation_threshold
-        t = f.create_dataset("tissue/thumbnail", data=tissue.thumbnail, compression="gzip")
-        t.attrs["downsample"] = tissue.thumbnail_downsample
-        mark_stage(f, STAGE)
+            w.set_json_attr("tile", settings)
+        w.write_grid(grid.region_coords, grid.region_tissue, grid.patch_coords, grid.patch_tissue,
+                     grid.patch_fraction)
+        w.write_tissue_mask(tissue.mask, downsample=tissue.downsample, mpp=tissue.mask_mpp,
+                            saturation_threshold=tissue.saturation_threshold)
+        w.write_thumbnail(tissue.thumbnail, tissue.thumbnail_downsample)
+        w.mark_stage(STAGE)
 
 
 def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) -> dict[str, Any]:

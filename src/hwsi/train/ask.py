@@ -40,18 +40,17 @@ def require_bundle(run: str | Path) -> RunBundle:
 def _state(store: Path, slide: Path, bundle: RunBundle) -> str:
     """``"missing"``, ``"other"`` (another slide file, or tiled another way), ``"tiled"`` (tiled from ``slide`` the
     run's way, not extracted), ``"stale"`` (tiled the run's way, extracted another way) or ``"ready"``."""
-    import h5py
-
+    from hwsi.errors import StoreError
+    from hwsi.store import SlideStore
     from hwsi.train.bundle import read_store_settings
 
     if not store.is_file():
         return "missing"
     try:
-        with h5py.File(store, "r") as f:
-            src = f.attrs.get("slide_path", "")
-    except OSError:
+        with SlideStore(store) as s:
+            src = str(s.attr("slide_path", ""))
+    except (OSError, StoreError):
         return "other"
-    src = src.decode() if isinstance(src, bytes) else str(src)
     if Path(src) != slide.resolve():
         return "other"
     sig, extra = read_store_settings(store)

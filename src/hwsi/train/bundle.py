@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
-
-from hwsi.errors import ConfigError, HwsiError
+from hwsi.errors import ConfigError, HwsiError, StoreError
+from hwsi.store import SlideStore
 from hwsi.utils.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -91,23 +90,8 @@ def checkpoint_source(identity: str) -> str:
     return identity.split("|", 1)[0] if identity else ""
 
 
-def _attr(f: h5py.File, name: str) -> Any:
-    v = f.attrs.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bytes):
-        v = v.decode()
-    return v.item() if hasattr(v, "item") else v
-
-
-def _json_attr(f: h5py.File, name: str) -> dict[str, Any]:
-    raw = _attr(f, name)
-    if not raw:
-        return {}
-    try:
-        v = json.loads(raw)
-    except ValueError:
-        return {}
+def _json_dict(s: SlideStore, name: str) -> dict[str, Any]:
+    v = s.json_attr(name, {})
     return v if isinstance(v, dict) else {}
 
 
@@ -116,22 +100,22 @@ def read_store_settings(store: str | Path) -> tuple[dict[str, Any], dict[str, An
     ``extra``: what re-creating it needs (checkpoint sources, tile settings, vocabulary terms, stages)."""
     path = Path(store)
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise BundleMismatch(f"{path}: not a readable store ({exc})") from exc
+        f = SlideStore(path)
+    except StoreError as exc:
+        raise BundleMismatch(f"{path}: not a readable store ({exc.reason})") from exc
     with f:
         sig: dict[str, Any] = dict.fromkeys(_LABELS)
-        mpp = _attr(f, "target_mpp")
+        mpp = f.attr("target_mpp")
         sig["target_mpp"] = None if mpp is None else round(float(mpp), 6)
         for k in ("region_size", "patch_size"):
-            v = _attr(f, k)
+            v = f.attr(k)
             sig[k] = None if v is None else int(v)
-        tile = _json_attr(f, "tile")
+        tile = _json_dict(f, "tile")
         for k in ("min_region_tissue", "min_patch_tissue"):
             v = tile.get("grid", {}).get(k)
             sig[k] = None if v is None else round(float(v), 6)
-        ex = _json_attr(f, "extract")
-        stages = json.loads(_attr(f, "stages") or "[]")
+        ex = _json_dict(f, "extract")
+        stages = json.loads(f.attr("stages") or "[]")
         extra: dict[str, Any] = {"tile": tile, "stages": stages, "has_extract": bool(ex)}
         if ex:
             for k in ("patch_encoder", "region_input", "text_encoder", "vocab_fingerprint"):
@@ -146,13 +130,14 @@ def read_store_settings(store: str | Path) -> tuple[dict[str, Any], dict[str, An
                     sig[f"{kind}_checkpoint"] = checkpoint_files(ident)
                     extra[f"{kind}_source"] = checkpoint_source(ident)
             extra["cells_spec"] = ex.get("cells")
-        encoders = _json_attr(f, "encoders")
+        encoders = _json_dict(f, "encoders")
         for kind, key in (("patch", "patch_encoder"), ("region", "region_input")):
-            name = sig[key] or _attr(f, key)
+            name = sig[key] or f.attr(key)
             if name and name in encoders:
                 sig[f"{kind}_dim"] = int(encoders[name])
-        if "spf/terms" in f:
-            extra["terms"] = [t.decode() if isinstance(t, bytes) else str(t) for t in f["spf/terms"][:]]
+        terms = f.spf_terms()
+        if terms is not None:
+            extra["terms"] = terms
     return sig, extra
 
 

@@ -1,10 +1,11 @@
-"""A small, self-contained job folder for testing and benchmarking the viewer (no other stage needed).
+"""Test fixture: a small, self-contained job folder for testing and benchmarking the viewer (no other stage run).
 
 Writes a real pyramidal JPEG TIFF (OpenSlide generic-tiff, µm/px tags) with H&E-like tissue blobs and dark
-nuclei, and a store that follows ``hwsi.store``'s schema (regions, patches, tissue mask, SPF selection, cells with
-CSR offsets and cell embeddings, random patch features with ``extract`` settings naming them), plus
-``slides.json``. The nuclei in the store are the ones drawn in the image,
-so the overlay lines up with the pixels.
+nuclei, and a store written through :mod:`hwsi.store`'s own writer (regions, patches, tissue mask, SPF selection,
+cells with CSR offsets and cell embeddings, random patch features with ``extract`` settings naming them), plus
+``slides.json``. The nuclei in the store are the ones drawn in the image (centroids rounded to level-0 pixels, as
+the store keeps them), so the overlay lines up with the pixels. Used by tests/test_serve*.py and
+benchmarks/serve.py (which puts tests/ on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
-from hwsi.store import StoreMeta, mark_stage, write_meta, write_region_dataset
-from hwsi.utils.atomic import atomic_path
+from hwsi.store import StoreMeta, new_store, rows_to_columns
 
 if TYPE_CHECKING:
     from hwsi.serve.assistant import ModelAssistant
@@ -121,9 +120,8 @@ def make_synthetic_job(
         cand = np.nonzero(pt[r])[0]
         order = cand[np.argsort(-rel[r, cand])][:k]
         sel[r, : len(order)] = order
-    # cells of the selected patches, sorted by (region, patch), CSR offsets over r*G+g
-    cx_list, cy_list, ct_list, ca_list = [], [], [], []
-    counts = np.zeros(R * G, np.int64)
+    # cells of the selected patches (hwsi.cells keeps only those), as rows with their (region, patch)
+    cx_list, cy_list, ct_list, ca_list, r_list, g_list = [], [], [], [], [], []
     for r in range(R):
         for g in sorted(int(v) for v in sel[r] if v >= 0):
             x0, y0 = pc[r, g]
@@ -132,9 +130,10 @@ def make_synthetic_job(
             cy_list.append(ny[m])
             ct_list.append(ntype[m])
             ca_list.append(math.pi * nrad_um[m] ** 2)
-            counts[r * G + g] = int(m.sum())
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            r_list.append(np.full(int(m.sum()), r))
+            g_list.append(np.full(int(m.sum()), g))
     cat = lambda xs, dt: (np.concatenate(xs) if xs else np.zeros(0)).astype(dt)  # noqa: E731
+    n_cells = sum(len(v) for v in cx_list)
     mask_ds = 16
     my, mx = np.mgrid[0 : math.ceil(height / mask_ds), 0 : math.ceil(width / mask_ds)]
     mask = _in_tissue((mx + 0.5) * mask_ds, (my + 0.5) * mask_ds, blobs)
@@ -145,31 +144,23 @@ def make_synthetic_job(
         patch_size_level0=float(patch_size), level0_width=width, level0_height=height, mpp_source="tiff-resolution",
         encoders={FEATURE_NAME: feat_dim},
     )
+    table = {"x": cat(cx_list, np.float64), "y": cat(cy_list, np.float64), "type": cat(ct_list, np.int8),
+             "area_um2": cat(ca_list, np.float32)}
+    emb = rng.normal(size=(n_cells, cell_dim)).astype(np.float32)
+    cols, emb, offsets = rows_to_columns(table, emb, cat(r_list, np.int64), cat(g_list, np.int64), R, G)
     store = job / "stores" / f"{slide_id}.h5"
-    with atomic_path(store) as tmp, h5py.File(tmp, "w") as f:
-        write_meta(f, meta)
-        f["regions/coords"] = rc
-        f["regions/tissue"] = pt.mean(1).astype(np.float32)
-        write_region_dataset(f, "patches/coords", pc)
-        f["patches/tissue"] = pt
-        write_region_dataset(f, f"patches/{FEATURE_NAME}", feats)
-        f["tissue/mask"] = mask.astype(np.uint8)
-        f["tissue/mask"].attrs["downsample"] = float(mask_ds)
-        f["spf/relevance"] = rel
-        f["spf/selected"] = sel
-        f["cells/x"] = cat(cx_list, np.float32)
-        f["cells/y"] = cat(cy_list, np.float32)
-        f["cells/type"] = cat(ct_list, np.int8)
-        f["cells/area_um2"] = cat(ca_list, np.float32)
-        f["cells/offsets"] = offsets
-        f["cells/embeddings"] = rng.normal(size=(int(offsets[-1]), cell_dim)).astype(np.float32)
-        f.attrs["region_input"] = FEATURE_NAME
-        f.attrs["extract"] = json.dumps(
-            {"patch_encoder": FEATURE_NAME, "region_input": FEATURE_NAME, "text_encoder": "hash", "k": k}
-        )
-        f["cells"].attrs["type_names"] = json.dumps({"0": "unknown", "1": "small_round", "2": "large_atypical", "3": "elongated"})
+    with new_store(store, meta) as w:
+        w.write_grid(rc, pt.mean(1), pc, pt)
+        w.write_tissue_mask(mask, downsample=float(mask_ds))
+        w.write_features(FEATURE_NAME, feats)
+        w.write_spf(sel, rel)
+        w.write_cells(cols, emb, offsets, grid_size=G, attrs={"type_names": json.dumps(
+            {"0": "unknown", "1": "small_round", "2": "large_atypical", "3": "elongated"})})
+        w.set_attr("region_input", FEATURE_NAME)
+        w.set_json_attr("extract", {"patch_encoder": FEATURE_NAME, "region_input": FEATURE_NAME,
+                                    "text_encoder": "hash", "k": k})
         for s in ("tile", "features", "spf", "cells"):
-            mark_stage(f, s)
+            w.mark_stage(s)
     reg_path = job / "slides.json"
     reg = json.loads(reg_path.read_text()) if reg_path.is_file() else {}
     reg[slide_id] = {"path": str(tiff.resolve()), "mpp": mpp}

@@ -1,4 +1,5 @@
-"""The per-slide HDF5 feature store (docs/design.md §4). Lowest layer: imports nothing else from hwsi but errors/utils.
+"""Layout and attributes of the per-slide HDF5 feature store (docs/design.md §4). Lowest layer: imports nothing
+else from hwsi but errors/utils.
 
 Layout (schema version :data:`SCHEMA_VERSION`; all coordinates are level-0 pixels, (x, y), int64)::
 
@@ -16,8 +17,16 @@ Layout (schema version :data:`SCHEMA_VERSION`; all coordinates are level-0 pixel
     cells/offsets       (R*G+1,)  int64   CSR offsets: cells of patch (r, g) are rows offsets[r*G+g]:offsets[r*G+g+1]
     cells/embeddings    (N, Dc)   float32 c_ijk
 
+    tissue/mask         (h, w)    uint8   tissue mask of `hwsi tile` (attrs downsample, mpp, saturation_threshold)
+    tissue/thumbnail    (h, w, 3) uint8   slide thumbnail (attr downsample: level-0 px per thumbnail px)
+
+Sizes: ``region_size``/``patch_size`` are pixels at the target µm/px (``*_px_target`` in code that also holds
+level-0 sizes); ``region_size_level0``/``patch_size_level0`` are level-0 pixels.
+
 A store is written to a temporary name and renamed when complete (:func:`hwsi.utils.atomic.atomic_path`);
 later stages add to a copy and rename it over the original, so a killed run never leaves a half-written store.
+This module holds the layout and the attribute codec; :mod:`hwsi.store.reader` / :mod:`hwsi.store.writer` open
+stores (nothing outside :mod:`hwsi.store` opens one with h5py).
 """
 
 from __future__ import annotations
@@ -77,6 +86,16 @@ class StoreMeta(RegionGridShape):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# the geometry a store shares with :class:`hwsi.slide.grid.Grid` (same names, same units): copied by name
+GRID_FIELDS = ("mpp_level0", "target_mpp", "effective_mpp", "region_size", "patch_size", "region_size_level0",
+               "patch_size_level0", "level0_width", "level0_height", "read_level", "read_downsample")
+
+
+def grid_fields(obj: Any) -> dict[str, Any]:
+    """The :data:`GRID_FIELDS` of a Grid or a :class:`StoreMeta`, by name."""
+    return {name: getattr(obj, name) for name in GRID_FIELDS}
+
+
 _JSON_ATTRS = ("stages", "encoders", "extra")
 
 
@@ -87,10 +106,15 @@ def write_meta(f: h5py.File, meta: StoreMeta) -> None:
         f.attrs[k] = json.dumps(v) if k in _JSON_ATTRS else v
 
 
-def read_meta(f: h5py.File, path: str | Path = "") -> StoreMeta:
+def check_schema(f: h5py.File, path: str | Path = "") -> None:
+    """Raise :class:`StoreError` naming the file unless it records this hwsi's :data:`SCHEMA_VERSION`."""
     version = int(f.attrs.get("schema_version", -1))
     if version != SCHEMA_VERSION:
         raise StoreError(path or f.filename, f"schema_version {version}, this hwsi reads {SCHEMA_VERSION}")
+
+
+def read_meta(f: h5py.File, path: str | Path = "") -> StoreMeta:
+    check_schema(f, path)
     kw: dict[str, Any] = {}
     for name in StoreMeta.__dataclass_fields__:
         if name not in f.attrs:
@@ -129,6 +153,15 @@ def has_stage(path: str | Path, stage: str) -> bool:
         return False
 
 
+def attr_value(v: Any) -> Any:
+    """An HDF5 attribute as a Python value (bytes decoded, numpy scalars unwrapped)."""
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
 def mark_stage(f: h5py.File, stage: str) -> None:
     stages = json.loads(f.attrs.get("stages", "[]"))
     if stage not in stages:
@@ -155,55 +188,3 @@ def create_region_dataset(f: h5py.File, name: str, shape: tuple[int, ...], dtype
 def copy_for_update(src: str | Path, tmp: str | Path) -> None:
     """Copy a finished store to a temporary path so a later stage can add to it and rename it back."""
     shutil.copyfile(src, tmp)
-
-
-class SlideStore:
-    """Read access to a finished store (use ``with SlideStore(path) as s:``)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise StoreError(self.path, "no such store (run `hwsi tile` first)")
-        try:
-            self.f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise StoreError(self.path, f"not a readable HDF5 file ({exc})") from exc
-        self.meta = read_meta(self.f, self.path)
-
-    def __enter__(self) -> "SlideStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.f.close()
-
-    @property
-    def n_regions(self) -> int:
-        return int(self.f["regions/coords"].shape[0])
-
-    def region_coords(self) -> np.ndarray:
-        return self.f["regions/coords"][:]
-
-    def region_tissue(self) -> np.ndarray:
-        return self.f["regions/tissue"][:]
-
-    def patch_coords(self) -> np.ndarray:
-        return self.f["patches/coords"][:]
-
-    def patch_tissue(self) -> np.ndarray:
-        return self.f["patches/tissue"][:]
-
-    def has(self, name: str) -> bool:
-        return name in self.f
-
-    def patch_features(self, encoder: str, regions: np.ndarray | slice | None = None) -> np.ndarray:
-        key = f"patches/{encoder}"
-        if key not in self.f:
-            raise StoreError(self.path, f"no patch features {encoder!r} (run `hwsi extract`)")
-        ds = self.f[key]
-        return ds[:] if regions is None else ds[regions]
-
-    def stages(self) -> list[str]:
-        return list(self.meta.stages)
