@@ -181,7 +181,7 @@ RELEVANCE_SIGNAL = (
 
 # ---- the real assistant: hwsi.model's cached ChatSession ---------------------------------------------------
 class ModelChat:
-    """One conversation: hwsi.model.mllm.ChatSession (visual prefix prefilled once) + the evidence of each answer."""
+    """One conversation: hwsi.model.chat.ChatSession (visual prefix prefilled once) + the evidence of each answer."""
 
     def __init__(self, owner: "ModelAssistant", chat: Any, store: Path, encoders: StoreEncoders) -> None:
         self.owner = owner
