@@ -140,6 +140,8 @@ def test_bad_input_raises_hwsi_error() -> None:
         segment_nuclei(np.zeros((8, 8, 3), np.uint8), 0.0)
     with pytest.raises(HwsiError, match="min_area"):
         segment_nuclei(np.zeros((8, 8, 3), np.uint8), 0.5, SegmentConfig(min_area_um2=10, max_area_um2=5))
+    with pytest.raises(HwsiError, match="merge_solidity"):
+        segment_nuclei(np.zeros((8, 8, 3), np.uint8), 0.5, SegmentConfig(merge_solidity=1.5))
 
 
 def test_rgba_input_is_accepted() -> None:
