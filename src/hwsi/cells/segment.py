@@ -19,8 +19,9 @@ Pipeline of :func:`segment_nuclei` (every length is given in µm and converted w
 7. per-nucleus measurements (:mod:`hwsi.cells.features`).
 
 Two parameter sets: ``SegmentConfig()`` (the default every pipeline uses, chosen on the two tiles of
-``../shared/data/nuclei``) and :func:`held_out_config` (chosen by leave-one-tile-out and leave-one-dataset-out on
-55 annotated tiles from two public datasets; see docs/cells.md for the measured table and when to run CellViT).
+``../shared/data/nuclei``) and :func:`held_out_config` (chosen on 20 annotated tiles of two public datasets, checked
+leave-one-tile-out, leave-one-dataset-out and on 35 tiles used for no choice; docs/cells.md has the measured table
+and says when to run CellViT instead).
 :func:`plain_watershed` is the baseline both are compared against.
 """
 
@@ -78,9 +79,9 @@ class SegmentConfig:
 
 
 def held_out_config() -> SegmentConfig:
-    """The parameter set chosen by leave-one-tile-out / leave-one-dataset-out on tiles nobody tuned on (CPM-15 and
-    GBM40, 55 tiles at 0.25 and 0.5 µm/px; ``benchmarks/cells.py --select`` reruns the choice and docs/cells.md
-    gives the held-out table). Not the pipeline default: switching it would change every cached pipeline's cells."""
+    """The parameter set chosen on 20 annotated CPM-15 and GBM40 tiles (0.25 and 0.5 µm/px) by the grid of
+    ``benchmarks/cells.py --select``, which also reruns the leave-one-out checks; docs/cells.md gives the held-out
+    table. Not the pipeline default: switching it would change every pipeline's cells."""
     return SegmentConfig(**HELD_OUT_PARAMS)
 
 
