@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hwsi.cells.metrics import aggregated_jaccard_index, match_instances, overlaps, score_segmentation
+from hwsi.cells.metrics import (
+    aggregated_jaccard_index,
+    centroid_hits,
+    match_instances,
+    overlaps,
+    score_segmentation,
+)
 
 
 def _two_object_case() -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +87,25 @@ def test_perfect_permuted_and_empty() -> None:
     assert match_instances(true, empty).f1 == 0.0
     noise = rng.integers(0, 2, size=true.shape).astype(np.int32) * 99
     assert score_segmentation(true, noise).f1 == 0.0
+
+
+def test_centroid_hits_hand_computed() -> None:
+    true, pred = _two_object_case()
+    # S5 centroid (row 1, col 0.5 -> 0) lies in G1, S7 (3, 5) in G2, S9 (0, 4.5 -> 4) on background
+    m = centroid_hits(true, pred)
+    assert (m.tp, m.fp, m.fn) == (2, 1, 0)
+    assert m.pairs.tolist() == [[1, 5], [2, 7]]
+    assert score_segmentation(true, pred).centroid_f1 == pytest.approx(2 * 2 / (2 * 2 + 1))
+    # one nucleus cut in two: both halves hit it, only one counts; the other nucleus is missed
+    split = np.zeros_like(true)
+    split[0, 0:2] = 3
+    split[1, 0:2] = 4
+    m = centroid_hits(true, split)
+    assert (m.tp, m.fp, m.fn) == (1, 1, 1)
+    assert score_segmentation(true, split).count_ratio == 1.0
+    empty = np.zeros_like(true)
+    assert centroid_hits(empty, empty).f1 == 1.0
+    assert centroid_hits(true, empty).f1 == 0.0
 
 
 def test_bad_inputs() -> None:
