@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hwsi.eval.report import dumps
+from hwsi.eval.results import dumps
 from hwsi.eval.tasks import (
     TASKS,
     EvalConfig,
@@ -224,10 +224,10 @@ def test_shuffled_baseline_feeds_other_slides_visual_tokens(cohort: Path, llm_di
     assert s["facts"]["facts"]["diagnosis"]["accuracy"] == 0.0  # test slides all have different diagnoses
     assert s["BLEU-4"] < 0.9
     # the real visual tokens differ between a slide and its replacement
-    from hwsi.eval.tasks import _Slides
+    from hwsi.eval.model_outputs import SlideInputCache
     from hwsi.model.inputs import collate_slides
 
-    sl = _Slides(model, data, EvalConfig())
+    sl = SlideInputCache(model, data, EvalConfig())
     perm = res.metrics["shuffle"]["mapping"]
     with torch.no_grad():
         for a, b in perm.items():
@@ -263,13 +263,14 @@ def test_tasks_needing_heads_are_skipped_with_a_reason(cohort: Path, llm_dir: Pa
 
 def test_cli_writes_json_and_markdown(cohort: Path, model: MLLMHWSI, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import hwsi.eval.model_outputs as model_outputs
     import hwsi.eval.tasks as tasks_mod
     from hwsi.cli import main
 
     from hwsi.train.config import TrainConfig, save_train_config
 
     monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir: model)  # the un-mocked CLI: tests/test_ask.py
-    monkeypatch.setitem(tasks_mod._TEXT_ENCODERS, "hash", HashTextEncoder())
+    monkeypatch.setitem(model_outputs._TEXT_ENCODERS, "hash", HashTextEncoder())
     run_cfg = TrainConfig()
     run_cfg.data.patch_encoder, run_cfg.data.region_input = "enc", "rin"  # the run's config names the store datasets
     (tmp_path / "run").mkdir()

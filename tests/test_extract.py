@@ -182,7 +182,7 @@ def _meta(store: Path) -> StoreMeta:
 
 
 def test_failure_mid_slide_leaves_store_untouched(slide_file: Path, models: Models, tmp_path: Path) -> None:
-    from hwsi.features.extract import slide_region_stream
+    from hwsi.features.region_stream import slide_region_stream
 
     store = tiled_job(slide_file, tmp_path / "job")
     before = store.read_bytes()
@@ -245,7 +245,7 @@ def test_two_extracts_on_one_job_both_succeed(slide_file: Path, models: Models, 
 
 
 def test_corrupt_patches_are_not_encoded(slide_file: Path, models: Models, tmp_path: Path) -> None:
-    from hwsi.features.extract import slide_region_stream
+    from hwsi.features.region_stream import slide_region_stream
 
     store = tiled_job(slide_file, tmp_path / "job")
 
@@ -325,7 +325,7 @@ def test_separate_region_input_encoder(slide_file: Path, models: Models, tmp_pat
 
 
 def test_spf_candidates_min_tissue_with_fallback() -> None:
-    from hwsi.features.extract import spf_candidates
+    from hwsi.features.slide_extraction import spf_candidates
 
     tissue = np.array([True, True, True, False])
     frac = np.array([0.3, 0.6, 1.0, 0.9], np.float32)

@@ -10,12 +10,10 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "hwsi"
 MAX_MODULE_LINES = 500
 
-#: Modules still over the limit, owned by other parts of issue 13: split pending (issue 13). Remove an entry once
-#: its module is split; the test below fails while a listed module is already under the limit.
-OVER_LIMIT_PENDING: dict[str, str] = {
-    "eval/tasks.py": "split pending (issue 13)",
-    "features/extract.py": "split pending (issue 13)",
-}
+#: Modules still over the limit while their split is pending (none since issue 13 split eval/tasks.py and
+#: features/extract.py). Remove an entry once its module is split; the test below fails while a listed module is
+#: already under the limit.
+OVER_LIMIT_PENDING: dict[str, str] = {}
 
 
 def _modules() -> list[Path]:
@@ -64,3 +62,32 @@ def test_lower_packages_never_import_higher_ones(package: str, forbidden: tuple[
         if hits:
             bad[str(path.relative_to(SRC))] = hits
     assert not bad, f"hwsi.{package} imports packages above it: {bad}"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize("package", ["eval", "features"])
+def test_no_import_cycle_inside_package(package: str) -> None:
+    """No cycle among a package's modules, function-level imports included (a lazy import never hides a cycle)."""
+    modules = {_module_name(p): p for p in sorted((SRC / package).rglob("*.py"))}
+    graph = {name: {m for m in _imported_hwsi_modules(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [name, dep] if dep in path else [name, dep]
+                raise AssertionError(f"import cycle in hwsi.{package}: {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

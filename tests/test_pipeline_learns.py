@@ -22,7 +22,8 @@ N_MIN_CLOSED = 500  # 104 held-out slides (80 extra test slides), every fact ask
 def heldout_evidence(pipe) -> dict:
     import torch
 
-    from hwsi.eval.tasks import EvalConfig, _Slides, derangement, generate_answers, load_eval_data
+    from hwsi.eval.model_outputs import SlideInputCache, derangement, generate_answers
+    from hwsi.eval.tasks import EvalConfig, load_eval_data
     from hwsi.eval.vqa import vqa_accuracy
     from hwsi.model.inputs import collate_slides
     from hwsi.train.data import load_train_text, store_ids
@@ -38,7 +39,7 @@ def heldout_evidence(pipe) -> dict:
     ids = sorted({it.slide_id for it in closed})
     perm = derangement(ids, 0)
     model = load_trained_model(p.runs)
-    slides = _Slides(model, merged, EvalConfig())
+    slides = SlideInputCache(model, merged, EvalConfig())
     res: dict = {"n_slides": len(ids), "chance": sum(1 / len(it.options) for it in closed) / len(closed)}
     for name, vis in (("closed_acc", [it.slide_id for it in closed]), ("shuffled_acc", [perm[it.slide_id] for it in closed])):
         acc = vqa_accuracy(generate_answers(model, slides, closed, vis, 24, 8), closed)
@@ -49,7 +50,7 @@ def heldout_evidence(pipe) -> dict:
     m2, _ = build_model(cfg, p.runs, 2)  # stage-2 model: stage-0 LLM, stage-1 hierarchy, stage-2 projectors
     m2.projectors.load_state_dict(load_safetensors(p.runs / "stage2" / "final" / PROJECTORS_FILE))
     m2.eval()
-    slides2 = _Slides(m2, merged, EvalConfig())
+    slides2 = SlideInputCache(m2, merged, EvalConfig())
     losses: dict[str, list[float]] = {"true": [], "shuffled": []}
     for split in ("val", "test"):
         data = copy.deepcopy(cfg.data)

@@ -74,7 +74,8 @@ def oracle_scores(llm_dir: Path, cohort: Path, job: Path, batch_size: int = 8) -
     cannot be won by any visual token; overall and by category."""
     import torch
 
-    from hwsi.eval.tasks import load_eval_data, strip_image_token
+    from hwsi.data import strip_image_token
+    from hwsi.eval.tasks import load_eval_data
     from hwsi.eval.vqa import vqa_accuracy
     from hwsi.model.llm import load_llm
     from hwsi.train.data import findings_text

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from hwsi.errors import HwsiError
+from hwsi import textio
+from hwsi.config import read_yaml
+from hwsi.errors import HwsiError, InputFileError
 
 
 class ClassificationError(HwsiError):
@@ -145,16 +147,11 @@ def load_prompt_sets(path: str | Path) -> list[PromptSet]:
     path = Path(path)
     if not path.is_file():
         raise ClassificationError(f"{path}: prompt file not found")
-    from hwsi import textio
-    from hwsi.errors import InputFileError
-
     try:
         text = textio.read_text(path)
     except InputFileError as exc:
         raise ClassificationError(str(exc)) from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        from hwsi.config import read_yaml
-
         data = read_yaml(path, ClassificationError)
         if not isinstance(data, dict) or not isinstance(data.get("prompts"), dict):
             raise ClassificationError(f"{path}: expected a 'prompts' mapping {{class: [names]}} (TITAN task yaml)")

@@ -41,16 +41,18 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the shuffled-visual derangement."),
     ) -> None:
         """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
-        from hwsi.eval.tasks import (TASKS, EvalConfig, TaskError, check_run_stores, load_eval_data, load_model,
-                                     run_all)
+        # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
+        from hwsi.config import from_dict
+        from hwsi.eval.eval_config import EvalConfig, TaskError
+        from hwsi.eval.eval_data import load_eval_data
+        from hwsi.eval.tasks import TASKS, check_run_stores, load_model, run_all
         from hwsi.train.inference import run_config
+        from hwsi.utils.outdir import prepare_output_dir
 
         names = list(TASKS) if "all" in task else task
         bad = [t for t in names if t not in TASKS]
         if bad:
             raise TaskError(f"unknown task(s) {bad}; choose from {list(TASKS)} or all")
-        from hwsi.config import from_dict
-        from hwsi.utils.outdir import prepare_output_dir
 
         # the typed reader checks the options' values (convention, coco_tokenizer, embedding are Literal fields)
         cfg = from_dict(EvalConfig, dict(

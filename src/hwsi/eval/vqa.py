@@ -14,8 +14,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from hwsi.errors import HwsiError
 from hwsi.data import QAItem, strip_option_letter
+from hwsi.errors import HwsiError
+from hwsi.eval.metrics import generation_scores
 
 
 class VQAError(HwsiError):
@@ -197,8 +198,6 @@ def evaluate_items(
     Items with ``options`` go to :func:`vqa_accuracy`; the others get :func:`open_answer_scores` and
     :func:`hwsi.eval.metrics.generation_scores` (``generation_convention``), overall and per category.
     """
-    from hwsi.eval.metrics import generation_scores
-
     if len(preds) != len(items):
         raise VQAError(f"{len(preds)} predictions but {len(items)} items")
     closed = [(p, it) for p, it in zip(preds, items, strict=True) if it.options]

@@ -1,8 +1,10 @@
-"""Writing evaluation results: JSON (full, with per-sample predictions), Markdown tables and confusion-matrix PNGs.
+"""A task's result (:class:`TaskResult`) and how it is written: JSON (full, with per-sample predictions), Markdown
+tables and confusion-matrix PNGs.
 
-``write_result(result, out_dir)`` writes ``<out>/<task>.json`` and ``<out>/<task>.md``; :func:`summary_markdown`
-joins the tables of several tasks (what ``hwsi demo`` puts into ``report.md``). Numbers in tables are printed with
-3 decimals, NaN as ``n/a``; every table is preceded by the metric convention it uses.
+:func:`write_task` writes ``<out>/<task>.json``, ``<out>/<task>.md`` and, for the classification tasks, the
+confusion-matrix PNG; :func:`summary_markdown` joins the tables of several tasks (what ``hwsi demo`` puts into
+``report.md``). Numbers in tables are printed with 3 decimals, NaN as ``n/a``; every table is preceded by the
+metric convention it uses. matplotlib is imported only when a PNG is drawn.
 """
 
 from __future__ import annotations
@@ -10,13 +12,31 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from hwsi.utils.atomic import write_json_atomic
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hwsi.eval.tasks import TaskResult
+
+@dataclass
+class TaskResult:
+    """Metrics (each block names its convention), per-sample predictions and a Markdown table."""
+
+    name: str
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    markdown: str
+    skipped: str = ""  # reason, when the task could not run
+    config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.name, "skipped": self.skipped, "metrics": self.metrics, "config": self.config,
+                "data": self.data, "predictions": self.predictions}
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -43,8 +63,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 def jsonable(obj: Any) -> Any:
     """Numpy scalars/arrays, tuples, Paths and float dict keys made JSON-friendly; NaN kept (json writes NaN)."""
-    import numpy as np
-
     if isinstance(obj, dict):
         return {(k if isinstance(k, str) else str(k)): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -58,7 +76,7 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_result(result: "TaskResult", out_dir: str | Path) -> dict[str, Path]:
+def write_result(result: TaskResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``<task>.json`` (metrics, predictions, convention, config) and ``<task>.md``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +88,7 @@ def write_result(result: "TaskResult", out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def summary_markdown(results: Iterable["TaskResult"], title: str = "Evaluation") -> str:
+def summary_markdown(results: Iterable[TaskResult], title: str = "Evaluation") -> str:
     """One Markdown document with every task's table (skipped tasks listed with their reason)."""
     parts = [f"# {title}", ""]
     for r in results:
@@ -86,8 +104,6 @@ def confusion_matrix_png(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import numpy as np
-
     m = np.asarray(cm, dtype=np.int64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(labels):
         raise ValueError(f"confusion matrix {m.shape} does not match {len(labels)} labels")
@@ -120,4 +136,25 @@ def dumps(obj: Any) -> str:
     return json.dumps(jsonable(obj), sort_keys=True)
 
 
-__all__ = ["confusion_matrix_png", "dumps", "fmt", "jsonable", "markdown_table", "summary_markdown", "write_result"]
+def write_task(result: TaskResult, out: str | Path, figures: bool = True) -> dict[str, Path]:
+    """Write one task's JSON + Markdown (+ confusion-matrix PNG for classification tasks)."""
+    out = Path(out)
+    if figures and "confusion_matrix" in result.metrics:
+        png = confusion_matrix_png(result.metrics["confusion_matrix"], [str(x) for x in result.metrics["labels"]],
+                                   out / f"{result.name}_confusion.png", title=result.name.replace("_", " "))
+        result.figures["confusion_matrix"] = str(png)
+        result.markdown += f"\n\n![confusion matrix]({png.name})"
+    return write_result(result, out)
+
+
+__all__ = [
+    "TaskResult",
+    "confusion_matrix_png",
+    "dumps",
+    "fmt",
+    "jsonable",
+    "markdown_table",
+    "summary_markdown",
+    "write_result",
+    "write_task",
+]

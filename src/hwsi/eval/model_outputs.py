@@ -1,0 +1,126 @@
+"""What the tasks ask of a trained MLLM-HWSI: slide embeddings (z_WSI or f_WSI) and greedy answers about a slide's
+visual inputs, the per-slide inputs loaded once per run (:class:`SlideInputCache`), the text encoders, and the
+:func:`derangement` of the shuffled-visual baseline.
+
+torch and :mod:`hwsi.model.inputs` (torch) are imported inside the functions that run the model; the text encoders
+(torch, transformers) when one is first built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hwsi.data import QAItem, strip_image_token
+from hwsi.eval.eval_config import EvalConfig, TaskError
+from hwsi.eval.eval_data import EvalData
+from hwsi.store import SlideStore
+
+
+def model_device(model: Any) -> Any:
+    """The device of the model's weights (where its inputs go)."""
+    return model.llm.get_input_embeddings().weight.device
+
+
+def store_encoders(store: Path, cfg: EvalConfig) -> tuple[str, str]:
+    """``(patch_encoder, region_input)`` recorded by ``hwsi extract`` in the store (or given in ``cfg``)."""
+    with SlideStore(store) as s:
+        settings = s.json_attr("extract", {}) or {}
+        encoders = s.meta.encoders
+        patch = cfg.patch_encoder or str(s.attr("patch_encoder", "") or settings.get("patch_encoder", "")) or next(
+            iter(encoders), "")
+        region = cfg.region_input or str(s.attr("region_input", "") or settings.get("region_input", "")) or patch
+    if not patch:
+        raise TaskError(f"{store}: no patch encoder recorded (run `hwsi extract`, or set patch_encoder)")
+    return patch, region
+
+
+class SlideInputCache:
+    """Per-slide model inputs, loaded once per run."""
+
+    def __init__(self, model: Any, data: EvalData, cfg: EvalConfig) -> None:
+        self.model, self.data, self.cfg = model, data, cfg
+        self._cache: dict[str, Any] = {}
+
+    def get(self, slide_id: str) -> Any:
+        from hwsi.model.inputs import load_slide_inputs
+
+        if slide_id not in self._cache:
+            info = self.data.slides[slide_id]
+            patch, region = store_encoders(info.store, self.cfg)
+            mc = self.model.cfg
+            self._cache[slide_id] = load_slide_inputs(info.store, patch, region, mc.max_regions, mc.k, mc.max_cells)
+        return self._cache[slide_id]
+
+
+def resolve_embedding(model: Any, cfg: EvalConfig) -> str:
+    """``z_wsi`` or ``slide_token`` (``auto``: z_wsi when the model has a slide alignment head)."""
+    has_head = model.heads is not None and "slide" in model.heads.heads
+    kind = cfg.embedding if cfg.embedding != "auto" else ("z_wsi" if has_head else "slide_token")
+    if kind not in ("z_wsi", "slide_token"):
+        raise TaskError(f"unknown embedding {cfg.embedding!r}; use auto, z_wsi or slide_token")
+    if kind == "z_wsi" and not has_head:
+        raise TaskError("z_WSI needs the stage-1 slide alignment head (MLLMConfig.text_dim > 0 and the slide scale on)")
+    if not model.hierarchy.cfg.use_slide:
+        raise TaskError("slide embeddings need the slide scale (HierarchyConfig.use_slide)")
+    return kind
+
+
+def slide_embeddings(model: Any, slides: SlideInputCache, ids: Sequence[str], kind: str, batch_size: int = 4) -> np.ndarray:
+    """(N, D) float64 slide embeddings (``z_wsi``: unit vectors in the text space; ``slide_token``: f_WSI)."""
+    import torch
+
+    from hwsi.model.inputs import collate_slides
+
+    dev = model_device(model)
+    rows = []
+    with torch.no_grad():
+        for s in range(0, len(ids), max(1, batch_size)):
+            batch = collate_slides([slides.get(i) for i in ids[s: s + batch_size]]).to(dev)
+            tok = model.hierarchy(batch).slide_token
+            if kind == "z_wsi":
+                tok = model.heads.embed("slide", tok)
+            rows.append(tok.float().cpu().numpy().astype(np.float64))
+    return np.concatenate(rows) if rows else np.zeros((0, 0))
+
+
+def derangement(ids: Sequence[str], seed: int = 0) -> dict[str, str]:
+    """A deterministic permutation of ``ids`` with no fixed point: each slide -> another slide's visual inputs.
+
+    The ids are sorted, shuffled with ``seed`` and each is mapped to the next one in that cycle (needs >= 2 ids).
+    """
+    u = sorted(set(ids))
+    if len(u) < 2:
+        raise TaskError("the shuffled-visual baseline needs at least two slides")
+    order = [u[i] for i in np.random.default_rng([seed, 7919]).permutation(len(u))]
+    return {order[j]: order[(j + 1) % len(order)] for j in range(len(order))}
+
+
+def generate_answers(model: Any, slides: SlideInputCache, items: Sequence[QAItem], visual_ids: Sequence[str],
+                     max_new_tokens: int, batch_size: int = 4) -> list[str]:
+    """Greedy answers: item i is asked about the visual inputs of slide ``visual_ids[i]``."""
+    from hwsi.model.inputs import collate_slides
+
+    dev = model_device(model)
+    out: list[str] = []
+    for s in range(0, len(items), max(1, batch_size)):
+        chunk = items[s: s + batch_size]
+        batch = collate_slides([slides.get(v) for v in visual_ids[s: s + batch_size]]).to(dev)
+        qs = [strip_image_token(it.question) for it in chunk]
+        out.extend(model.generate(batch, qs, max_new_tokens=max_new_tokens, do_sample=False))
+    return out
+
+
+_TEXT_ENCODERS: dict[str, Any] = {}
+
+
+def get_text_encoder(name: str) -> Any:
+    """A cached text encoder from the registry (``hwsi.features.encoders.create_text_encoder``)."""
+    if name not in _TEXT_ENCODERS:
+        from hwsi.features.encoders import create_text_encoder
+
+        _TEXT_ENCODERS[name] = create_text_encoder(name)
+    return _TEXT_ENCODERS[name]
