@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from hwsi.cells import FEATURE_NAMES, SegmentConfig, segment_nuclei
-from hwsi.cells.features import raw_features
+from hwsi.cells.morphology import raw_features
 from hwsi.cells.metrics import match_instances, score_segmentation
 
 TILES = [("image01", 0.5), ("image08", 0.25)]  # ≈20x and ≈40x
@@ -46,7 +46,7 @@ def main() -> None:
         img = np.asarray(Image.open(args.data / "nuclei" / f"{name}.png").convert("RGB"))
         raws.append(raw_features(segment_nuclei(img, mpp, cfg).table))
     raw = np.concatenate(raws)
-    print(f"feature reference over {len(raw)} nuclei (FEATURE_CENTER / FEATURE_SCALE in hwsi.cells.features):")
+    print(f"feature reference over {len(raw)} nuclei (FEATURE_CENTER / FEATURE_SCALE in hwsi.cells.morphology):")
     for i, fname in enumerate(FEATURE_NAMES[:-4]):
         print(f"  {fname:20s} mean {raw[:, i].mean():8.3g}  std {raw[:, i].std():8.3g}")
     for name, mpp in TILES:

@@ -13,7 +13,7 @@ Pipeline of :func:`segment_nuclei` (every length is given in µm and converted w
 5. splitting of touching nuclei: a marker-controlled watershed on the smoothed distance transform, markers being
    the h-maxima (domes standing ``h_um`` above their saddle) of the smoothed distance transform;
 6. size (``min_area_um2``/``max_area_um2``) and shape (``min_solidity``) filters;
-7. per-nucleus measurements (:mod:`hwsi.cells.features`).
+7. per-nucleus measurements (:mod:`hwsi.cells.morphology`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
+from hwsi.cells.morphology import convex_hull_areas, measure_nuclei
+from hwsi.cells.nucleus_types import TypeRules
 from hwsi.errors import ConfigError, HwsiError
 
 # Ruifrok & Johnston stain vectors (rows H, E, DAB), inverted: OD (·, 3) @ HED_FROM_RGB -> (H, E, DAB).
@@ -67,32 +69,12 @@ class SegmentConfig:
 
 
 @dataclass
-class TypeRules:
-    """Rule-based nucleus types. 0 unknown, 1 small round (lymphocyte-like), 2 large/atypical, 3 elongated (stromal).
-
-    Each rule is a product of logistic memberships (softness ``*_soft``) so that ``type_prob`` says how clearly the
-    nucleus satisfies its rule; the unknown class takes the remainder.
-    """
-
-    small_area_um2: float = 40.0  # type 1: area below this ...
-    small_max_ecc: float = 0.8  # ... and eccentricity below this
-    large_area_um2: float = 70.0  # type 2: area above this, or
-    irregular_solidity: float = 0.82  # solidity below this with area above small_area_um2
-    elongated_aspect: float = 2.3  # type 3: major/minor axis ratio above this
-    area_soft: float = 0.15  # softness of area rules, in log-area units
-    ratio_soft: float = 0.15  # softness of ratio / eccentricity / solidity rules
-
-
-TYPE_NAMES: dict[int, str] = {0: "unknown", 1: "small_round", 2: "large_atypical", 3: "elongated"}
-
-
-@dataclass
 class Nuclei:
     """Nuclei found in one image.
 
     ``labels``: (H, W) int32 instance image, 0 background, nucleus i has label i+1 (row i of table/features).
-    ``table``: columnar per-nucleus measurements (see :data:`hwsi.cells.features.TABLE_COLUMNS`), each (N,).
-    ``features``: (N, D) float32 standardised c_ijk vectors (see :data:`hwsi.cells.features.FEATURE_NAMES`).
+    ``table``: columnar per-nucleus measurements (see :data:`hwsi.cells.morphology.TABLE_COLUMNS`), each (N,).
+    ``features``: (N, D) float32 standardised c_ijk vectors (see :data:`hwsi.cells.morphology.FEATURE_NAMES`).
     ``mpp``: µm per pixel of the image.
     """
 
@@ -225,8 +207,6 @@ def filter_instances(
     haematoxylin is blue-purple, pen ink and dust are grey); relabel 1..N in raster order (step 6)."""
     if labels.max() == 0:
         return labels
-    from hwsi.cells.features import convex_hull_areas
-
     n = int(labels.max())
     area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64) * mpp * mpp
     keep = (area >= cfg.min_area_um2) & (area <= cfg.max_area_um2)
@@ -283,8 +263,6 @@ def segment_nuclei(rgb: np.ndarray, mpp: float, cfg: SegmentConfig | None = None
     Returns :class:`Nuclei` (instance labels, columnar table, (N, D) standardised features).
     Raises :class:`HwsiError` on a non-RGB / non-uint8 image, a non-positive mpp or a bad config.
     """
-    from hwsi.cells.features import measure_nuclei
-
     cfg = cfg or SegmentConfig()
     cfg.validate()
     labels, h, e = segment_labels(rgb, mpp, cfg)

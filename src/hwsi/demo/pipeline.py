@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hwsi.config import preset_path
+from hwsi.demo.paths import PipelinePaths
+from hwsi.demo.report import write_report
 from hwsi.errors import ConfigError, HwsiError
 from hwsi.utils.atomic import write_json_atomic
 
@@ -81,39 +83,6 @@ class PipelineConfig:
         if name not in makers:
             raise ConfigError(f"unknown pipeline preset {name!r}; choose one of {sorted(makers)}")
         return makers[name]()
-
-
-@dataclass
-class PipelinePaths:
-    out: Path
-
-    @property
-    def cohort(self) -> Path:
-        return self.out / "cohort"
-
-    @property
-    def job(self) -> Path:
-        return self.out / "job"
-
-    @property
-    def encoder(self) -> Path:
-        return self.out / "encoder"
-
-    @property
-    def runs(self) -> Path:
-        return self.out / "runs"
-
-    @property
-    def eval(self) -> Path:
-        return self.out / "eval"
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report.md"
-
-    @property
-    def state(self) -> Path:
-        return self.out / "pipeline.json"
 
 
 STEPS = ("synth", "tile", "encoder", "extract", "train", "eval", "report")
@@ -282,9 +251,7 @@ class Pipeline:
         return {"tasks": sorted(results)}
 
     def report(self) -> dict[str, Any]:
-        from hwsi.demo.report import write_report
-
-        write_report(self)
+        write_report(self.paths, self.state)
         return {"report": str(self.paths.report)}
 
     def run(self, until: str | None = None) -> "Pipeline":
