@@ -1,6 +1,6 @@
 """The tables of ``hwsi ablate`` (hwsi.demo.ablate): rows, mean ± CI, marginal effects, paired differences.
 
-Paired differences (issue 11's power requirement): every run of a table answers the SAME held-out closed questions,
+Paired differences (the power to tell two rows apart): every run of a table answers the SAME held-out closed questions,
 so a row is compared with the full row question by question — d = correct_full − correct_row over all (seed,
 question) pairs — and the table gives the mean of d with a 95 % interval from a bootstrap over questions (seeds
 kept paired: a question is resampled with all its seeds), which the per-row intervals over seeds cannot give.

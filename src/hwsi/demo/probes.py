@@ -1,4 +1,4 @@
-"""Linear probes of a trained run's stage-1 outputs per scale (docs/design.md §5, issue 11).
+"""Linear probes of a trained run's stage-1 outputs per scale (docs/design.md §5).
 
 For each scale, a logistic regression on the stage-1 alignment output z (the per-scale heads' unit vectors) is
 trained on the train split's slides and scored (balanced accuracy) on the held-out ones, on the SynthPath fact that

@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing patches/<NAME>."),
     ) -> None:
         """Import a TRIDENT / CLAM features file as the patch features of one slide."""
-        from hwsi.features.foreign import import_features
+        from hwsi.features.import_features import import_features
         from hwsi.store import store_path
 
         rep = import_features(store_path(job, slide_id), features, name, tolerance=tolerance, overwrite=overwrite)

@@ -9,7 +9,7 @@ An :class:`ImageEncoder` is a ``torch.nn.Module`` that maps RGB uint8 images to 
 
 hwsi's own checkpoint format (written by :func:`save_encoder`) is a folder with ``encoder.json`` (registry name,
 the full config, embedding size) and ``model.safetensors`` (the state dict). Foreign checkpoints (CONCH, HIPT) are
-read by the builders through :func:`hwsi.features.encoders.foreign.load_foreign_state_dict`.
+read by the builders through :func:`hwsi.features.encoders.checkpoints.load_foreign_state_dict`.
 """
 
 from __future__ import annotations
