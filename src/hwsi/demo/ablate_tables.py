@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
@@ -207,8 +209,6 @@ def paired_difference(a: list[dict[str, int]], b: list[dict[str, int]], n_boot: 
                       seed: int = 0) -> tuple[float, float, float, int]:
     """Mean of correct_a − correct_b over the questions both answered, seeds paired by position, with a 95 %
     bootstrap interval over questions (each resampled with all its seeds): (mean, low, high, n_questions)."""
-    import numpy as np
-
     qs = sorted(set.intersection(*[set(x) for x in a + b])) if a and b else []
     if not qs:
         return float("nan"), float("nan"), float("nan"), 0
