@@ -55,8 +55,8 @@ FEATURE_NAMES: tuple[str, ...] = (
 FEATURE_DIM = len(FEATURE_NAMES)
 
 # Reference centre / scale of the 18 continuous features (type one-hots use centre 0, scale 1): the pooled mean and
-# standard deviation over the 554 nuclei the default segmenter finds on the two real annotated tiles
-# (../shared/data/nuclei image01 at 0.5 µm/px and image08 at 0.25 µm/px), rounded; `benchmarks/cells.py` reprints them.
+# standard deviation over the 554 nuclei the default segmenter finds on the two real annotated tiles of the test
+# data (nuclei image01 at 0.5 µm/px and image08 at 0.25 µm/px), rounded; `benchmarks/cells.py` reprints them.
 FEATURE_CENTER = np.array(
     [3.05, 2.96, 2.01, 1.34, 0.80, 0.89, 0.73, 0.68, 0.47, 0.23, 0.29, 0.14, 0.43, 0.041, 2.16, 3.5, 0.74, 0.75,
      0.0, 0.0, 0.0, 0.0],

@@ -1,4 +1,4 @@
-"""Where one SynthPath pipeline run keeps each step's output under its folder ``OUT`` (see :mod:`hwsi.demo.pipeline`)."""
+"""Where one SynthPath pipeline run keeps each step's output under its folder ``OUT`` (:mod:`hwsi.demo.pipeline`)."""
 
 from __future__ import annotations
 
