@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from hwsi.cells import FEATURE_NAMES, SegmentConfig, segment_nuclei
-from hwsi.cells.features import raw_features
+from hwsi.cells.morphology import raw_features
 from hwsi.cells.metrics import SegmentationScores, score_segmentation
 from hwsi.cells.segment import HELD_OUT_PARAMS, held_out_config, plain_watershed, segment_labels
 
@@ -188,7 +188,7 @@ def features_and_speed(data: Path) -> None:
         img = np.asarray(Image.open(data / "nuclei" / f"{name}.png").convert("RGB"))
         raws.append(raw_features(segment_nuclei(img, mpp, cfg).table))
     raw = np.concatenate(raws)
-    print(f"feature reference over {len(raw)} nuclei (FEATURE_CENTER / FEATURE_SCALE in hwsi.cells.features):")
+    print(f"feature reference over {len(raw)} nuclei (FEATURE_CENTER / FEATURE_SCALE in hwsi.cells.morphology):")
     for i, fname in enumerate(FEATURE_NAMES[:-4]):
         print(f"  {fname:20s} mean {raw[:, i].mean():8.3g}  std {raw[:, i].std():8.3g}")
     for label, c in (("default", cfg), ("held_out", held_out_config())):

@@ -1,5 +1,5 @@
 """Each scale's encoder can learn the fact its scale owns (supervised ceilings on held-out slides), and stage 1
-puts those facts into its tokens (probes beside random init and the raw input): docs/design.md §5, issue 11."""
+puts those facts into its tokens (probes beside random init and the raw input): docs/design.md §5."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Evidence that the tiny CPU pipeline LEARNS (issue 4), on the test preset built once by ``test_pipeline``.
+"""Evidence that the tiny CPU pipeline LEARNS, on the test preset built once by ``test_pipeline``.
 
 Held out = the val and test splits pooled (neither trains any stage). Targets:
 (1) stages 0–3 all finished;
 (2) the stage-3 model's closed-VQA accuracy >= chance + 0.3 and >= 0.25 above the same model answering with
-    another slide's visual tokens (a derangement over the held-out slides); chance = mean of 1/len(options)
-    (issue 11's margins); the slide-scale Extent questions (extent, count of lesional regions) >= shuffled + 0.15;
+    another slide's visual tokens (a derangement over the held-out slides); chance = mean of 1/len(options);
+    the slide-scale Extent questions (extent, count of lesional regions) >= shuffled + 0.15;
 (3) the held-out stage-2 LM loss (reports and captions) with the true visual tokens < with the shuffled ones.
 """
 

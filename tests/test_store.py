@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hwsi"
 # modules outside hwsi.store that use h5py for ANOTHER file format (never for the slide store), with the format
 OTHER_HDF5_FORMATS = {
     "synth/truth.py": "the SynthPath ground-truth sidecar <slide>.truth.h5 (layout in its docstring)",
-    "features/foreign.py": "TRIDENT / CLAM patch-feature files read by `hwsi import-features`",
+    "features/import_features.py": "TRIDENT / CLAM patch-feature files read by `hwsi import-features`",
     "cells/export.py": "the nucleus table written by `hwsi cells --out X.h5` (table/<column>, features)",
 }
 

@@ -5,9 +5,11 @@ Command modules keep heavy imports (torch, transformers) inside the command func
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError
 
 from hwsi import __version__
 from hwsi.errors import HwsiError
@@ -38,8 +40,6 @@ def _root(
 
 
 def _register() -> None:
-    import importlib
-
     for stage in STAGES:
         module = importlib.import_module(f"hwsi.{stage}.commands")
         module.register(app)
@@ -87,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except typer.TyperException as exc:
-        from typer._click.exceptions import NoArgsIsHelpError
-
         if isinstance(exc, NoArgsIsHelpError):
             exc.show()
         else:

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
+from hwsi import textio
 from hwsi.errors import ConfigError, ConfigFileError, InputFileError
+from hwsi.utils.atomic import write_bytes_atomic
 
 C = TypeVar("C")
 
@@ -251,8 +253,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def read_yaml(path: str | Path, error: type[Exception] = ConfigError) -> Any:
     """Parse a YAML file (UTF-8, via :mod:`hwsi.textio`); a missing file or bad YAML raises ``error`` naming it."""
-    from hwsi import textio
-
     try:
         return textio.read_yaml(path, ConfigFileError)
     except InputFileError as exc:
@@ -309,7 +309,5 @@ def load_config(path: str | Path, cls: type[C], section: str | None = None) -> C
 
 def save_config(cfg: Any, path: str | Path) -> None:
     import yaml
-
-    from hwsi.utils.atomic import write_bytes_atomic
 
     write_bytes_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode("utf-8"))

@@ -1,4 +1,4 @@
-"""Bad-input corpus of `hwsi tile / extract / train / eval / ask / cells` (issue 12, items 2, 4, 5, 8).
+"""Bad-input corpus of `hwsi tile / extract / train / eval / ask / cells`.
 
 Every input is generated here at test time. Each exit-2 case runs the real CLI (``hwsi.cli.main``) and asserts:
 exit code 2, ONE stderr line naming the file or option and the reason, no traceback, and no file written in the

@@ -3,7 +3,8 @@
 Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell vectors c_ijk):
 
 * built-in CPU segmentation: :func:`segment_nuclei` (colour deconvolution, threshold, watershed) with
-  morphology/intensity/texture features (:mod:`hwsi.cells.features`);
+  morphology/intensity/texture features (:mod:`hwsi.cells.morphology`) and rule-based types
+  (:mod:`hwsi.cells.nucleus_types`);
 * ingest of a CellViT run: :func:`hwsi.cells.cellvit.load_cellvit` (``cells.json`` + token embeddings).
 
 :func:`cells_to_columns` (:mod:`hwsi.cells.columns`) turns results into the columns of a slide store's ``cells/*``
@@ -12,8 +13,9 @@ group, which :mod:`hwsi.store.cells` writes and reads (CSR by region and patch);
 """
 
 from hwsi.cells.cellvit import CellVitCells, CellVitError, attach_cells_to_grid, load_cellvit
-from hwsi.cells.features import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS
-from hwsi.cells.segment import TYPE_NAMES, Nuclei, SegmentConfig, TypeRules, segment_nuclei
+from hwsi.cells.morphology import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS
+from hwsi.cells.nucleus_types import TYPE_NAMES, TypeRules
+from hwsi.cells.segment import Nuclei, SegmentConfig, segment_nuclei
 from hwsi.cells.columns import cells_to_columns
 
 __all__ = [

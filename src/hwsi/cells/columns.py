@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from hwsi.cells.morphology import FEATURE_DIM, empty_table
 from hwsi.store.cells import rows_to_columns
 
 
@@ -58,8 +59,6 @@ def cells_to_columns(
         r_rows.append(np.full(len(res.features), region_idx[i]))
         p_rows.append(np.full(len(res.features), patch_idx[i]))
     if not tables:
-        from hwsi.cells.features import FEATURE_DIM, empty_table
-
         d = emb_dim if emb_dim is not None else FEATURE_DIM
         return rows_to_columns(empty_table(), np.zeros((0, d), np.float32), np.zeros(0), np.zeros(0),
                                n_regions, grid_size)

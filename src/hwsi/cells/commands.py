@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import typer
 
+from hwsi.config import load_config, read_yaml
+from hwsi.errors import ConfigError, HwsiError
 from hwsi.options import positive_number
-
-if TYPE_CHECKING:
-    import numpy as np
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def parse_region(text: str) -> tuple[int, int, int, int]:
     """``"x,y,w,h"`` (level-0 pixels) → ints; raises :class:`hwsi.errors.ConfigError` when malformed."""
-    from hwsi.errors import ConfigError
-
     try:
         parts = [int(float(v)) for v in text.split(",")]
     except ValueError:
@@ -30,10 +28,7 @@ def parse_region(text: str) -> tuple[int, int, int, int]:
 
 def load_image(path: Path) -> "np.ndarray":
     """Read a PNG/JPEG tile as RGB uint8; :class:`HwsiError` naming the file when unreadable."""
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
-
-    from hwsi.errors import HwsiError
 
     if not path.is_file():
         raise HwsiError(f"{path}: no such file")
@@ -62,16 +57,11 @@ def register(app: typer.Typer) -> None:
 
         Coordinates x, y are pixels of the tile, or level-0 pixels of the slide. Areas and lengths are in µm.
         """
-        import time
-
         from hwsi.cells.export import draw_overlay, table_with_offset, write_nuclei, write_png
         from hwsi.cells.segment import SegmentConfig, segment_nuclei
-        from hwsi.errors import ConfigError, HwsiError
 
         cfg = SegmentConfig()
         if config is not None:
-            from hwsi.config import load_config, read_yaml
-
             raw = read_yaml(config)
             section = "segment" if isinstance(raw, dict) and "segment" in raw else None
             cfg = load_config(config, SegmentConfig, section=section)

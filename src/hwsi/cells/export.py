@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hwsi.cells.features import FEATURE_NAMES
-from hwsi.cells.segment import TYPE_NAMES, Nuclei
+from hwsi.cells.morphology import FEATURE_NAMES
+from hwsi.cells.nucleus_types import TYPE_NAMES
+from hwsi.cells.segment import Nuclei
 from hwsi.errors import HwsiError
 from hwsi.utils.atomic import atomic_path
 

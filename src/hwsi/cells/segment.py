@@ -16,7 +16,7 @@ Pipeline of :func:`segment_nuclei` (every length is given in µm and converted w
    large or elongated nucleus with two distance-transform domes stays whole while touching nuclei, whose union
    has a waist, stay apart;
 6. size (``min_area_um2``/``max_area_um2``) and shape (``min_solidity``) filters;
-7. per-nucleus measurements (:mod:`hwsi.cells.features`).
+7. per-nucleus measurements (:mod:`hwsi.cells.morphology`).
 
 Two parameter sets: ``SegmentConfig()`` (the default every pipeline uses, chosen on the two tiles of
 ``../shared/data/nuclei``) and :func:`held_out_config` (chosen on 20 annotated tiles of two public datasets, checked
@@ -34,6 +34,8 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
+from hwsi.cells.morphology import convex_hull_areas, measure_nuclei
+from hwsi.cells.nucleus_types import TypeRules
 from hwsi.cells.watershed import merge_convex_pieces
 from hwsi.errors import ConfigError, HwsiError
 
@@ -85,30 +87,11 @@ def held_out_config() -> SegmentConfig:
     return SegmentConfig(**HELD_OUT_PARAMS)
 
 
-@dataclass
-class TypeRules:
-    """Rule-based nucleus types. 0 unknown, 1 small round (lymphocyte-like), 2 large/atypical, 3 elongated (stromal).
-
-    Each rule is a product of logistic memberships (softness ``*_soft``) so that ``type_prob`` says how clearly the
-    nucleus satisfies its rule; the unknown class takes the remainder.
-    """
-
-    small_area_um2: float = 40.0  # type 1: area below this ...
-    small_max_ecc: float = 0.8  # ... and eccentricity below this
-    large_area_um2: float = 70.0  # type 2: area above this, or
-    irregular_solidity: float = 0.82  # solidity below this with area above small_area_um2
-    elongated_aspect: float = 2.3  # type 3: major/minor axis ratio above this
-    area_soft: float = 0.15  # softness of area rules, in log-area units
-    ratio_soft: float = 0.15  # softness of ratio / eccentricity / solidity rules
-
-
 # filled in from the leave-one-out selection (benchmarks/cells.py --select); every other field keeps its default
 HELD_OUT_PARAMS: dict[str, float] = dict(
     smooth_um=0.5, min_h=0.08, otsu_weight=0.8, local_offset=0.0, h_um=0.3, merge_solidity=0.95,
     min_area_um2=6.0, max_area_um2=600.0,
 )
-
-TYPE_NAMES: dict[int, str] = {0: "unknown", 1: "small_round", 2: "large_atypical", 3: "elongated"}
 
 
 @dataclass
@@ -116,8 +99,8 @@ class Nuclei:
     """Nuclei found in one image.
 
     ``labels``: (H, W) int32 instance image, 0 background, nucleus i has label i+1 (row i of table/features).
-    ``table``: columnar per-nucleus measurements (see :data:`hwsi.cells.features.TABLE_COLUMNS`), each (N,).
-    ``features``: (N, D) float32 standardised c_ijk vectors (see :data:`hwsi.cells.features.FEATURE_NAMES`).
+    ``table``: columnar per-nucleus measurements (see :data:`hwsi.cells.morphology.TABLE_COLUMNS`), each (N,).
+    ``features``: (N, D) float32 standardised c_ijk vectors (see :data:`hwsi.cells.morphology.FEATURE_NAMES`).
     ``mpp``: µm per pixel of the image.
     """
 
@@ -252,8 +235,6 @@ def filter_instances(
     haematoxylin is blue-purple, pen ink and dust are grey); relabel 1..N in raster order (step 6)."""
     if labels.max() == 0:
         return labels
-    from hwsi.cells.features import convex_hull_areas
-
     n = int(labels.max())
     area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64) * mpp * mpp
     keep = (area >= cfg.min_area_um2) & (area <= cfg.max_area_um2)
@@ -310,8 +291,6 @@ def segment_nuclei(rgb: np.ndarray, mpp: float, cfg: SegmentConfig | None = None
     Returns :class:`Nuclei` (instance labels, columnar table, (N, D) standardised features).
     Raises :class:`HwsiError` on a non-RGB / non-uint8 image, a non-positive mpp or a bad config.
     """
-    from hwsi.cells.features import measure_nuclei
-
     cfg = cfg or SegmentConfig()
     cfg.validate()
     labels, h, e = segment_labels(rgb, mpp, cfg)

@@ -25,7 +25,7 @@ def adjacent_label_pairs(labels: np.ndarray) -> np.ndarray:
 
 def _solidity(points_xy: np.ndarray) -> float:
     """Pixel count over the digital convex-hull area (hull of pixel centres + P/2 + 1, as in
-    :func:`hwsi.cells.features.convex_hull_areas`)."""
+    :func:`hwsi.cells.morphology.convex_hull_areas`)."""
     if len(points_xy) < 3:
         return 1.0
     hull = cv2.convexHull(points_xy)

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from hwsi.demo.ablate_tables import (  # noqa: F401 (public API of this module)
     METRICS,
@@ -37,7 +40,17 @@ from hwsi.demo.ablate_tables import (  # noqa: F401 (public API of this module)
     marginal_effects,
     mean_ci,
 )
+from hwsi.demo.pipeline import Pipeline, PipelineConfig
+from hwsi.demo.probes import ProbeResult, probe_stage1
 from hwsi.errors import ConfigError
+from hwsi.data import strip_image_token
+from hwsi.eval.tasks import EvalConfig, heldout_closed_vqa, load_eval_data, run_task
+from hwsi.eval.vqa import vqa_accuracy
+from hwsi.model.llm import load_llm
+from hwsi.train.data import findings_text
+from hwsi.train.inference import load_trained_model
+from hwsi.train.stage0 import findings_model
+from hwsi.train.stages import run_stage
 from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
 
@@ -50,9 +63,6 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
     """Held-out scores of one trained run: closed VQA on val + test pooled (and its shuffled baseline), overall and
     by question category (morphology, classification, grade, extent: the scales' own evidence, docs/synthpath.md),
     and the linear probe of z_WSI on test with C chosen on val."""
-    from hwsi.eval.tasks import EvalConfig, heldout_closed_vqa, load_eval_data, run_task
-    from hwsi.train.inference import load_trained_model
-
     model = load_trained_model(run)
     cfg = EvalConfig(meteor=False)
     datas = [load_eval_data(cohort, job, split=s) for s in ("val", "test")]
@@ -72,15 +82,6 @@ def oracle_scores(llm_dir: Path, cohort: Path, job: Path, batch_size: int = 8) -
     """The ceiling of the LLM side: the stage-0 LM answering the same held-out closed questions with each slide's
     TRUE findings written as words in the ``<image>`` slot (how stage 0 was trained). A category where this is low
     cannot be won by any visual token; overall and by category."""
-    import torch
-
-    from hwsi.data import strip_image_token
-    from hwsi.eval.tasks import load_eval_data
-    from hwsi.eval.vqa import vqa_accuracy
-    from hwsi.model.llm import load_llm
-    from hwsi.train.data import findings_text
-    from hwsi.train.stage0 import findings_model
-
     facts = json.loads((cohort / "facts.json").read_text())
     llm, tok = load_llm(llm_dir)
     m = findings_model(llm, tok).mllm.eval()
@@ -153,9 +154,6 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
         raise ConfigError(f"--protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if protocol == "clean" and table != 1:
         raise ConfigError("--protocol clean applies to Table 1 (scales), not to Table 2 (loss terms)")
-    from hwsi.demo.pipeline import Pipeline, PipelineConfig
-    from hwsi.train.stages import run_stage
-
     selected = select_rows(table, rows)
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
@@ -185,10 +183,6 @@ def run_ablation(table: int, out: str | Path, seeds: tuple[int, ...] = (0, 1, 2)
 def _train_and_score(out: Path, base: Any, llm: Path, row: Row, seeds: tuple[int, ...], prefix: str) -> None:
     """Stages 1–3 of one row for each seed (a finished stage is not retrained), then its held-out scores. With a
     ``clean-`` prefix, stage 1 is the full row's of the same seed (copied) and only stages 2–3 train."""
-    import shutil
-
-    from hwsi.train.stages import run_stage
-
     for seed in seeds:
         run_dir = out / "rows" / (prefix + row.run_name) / f"seed{seed}"
         if _scored(run_dir):
@@ -220,8 +214,6 @@ def full_row_probes(out: Path, seeds: tuple[int, ...]) -> str:
     """Markdown: linear probes of the full row's stage-1 outputs per scale (:func:`hwsi.demo.probes.probe_stage1`;
     each against the same probe at random init and on the raw input), mean ± CI over the seeds whose stage 1 has
     finished; each seed's probes are kept in its run folder (``probes.json``) and computed once."""
-    from hwsi.demo.probes import ProbeResult, probe_stage1
-
     per_seed: list[list[ProbeResult]] = []
     for seed in seeds:
         run = out / "rows" / TABLE1[-1].run_name / f"seed{seed}"

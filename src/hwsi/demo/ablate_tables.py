@@ -1,6 +1,6 @@
 """The tables of ``hwsi ablate`` (hwsi.demo.ablate): rows, mean ± CI, marginal effects, paired differences.
 
-Paired differences (issue 11's power requirement): every run of a table answers the SAME held-out closed questions,
+Paired differences (the power to tell two rows apart): every run of a table answers the SAME held-out closed questions,
 so a row is compared with the full row question by question — d = correct_full − correct_row over all (seed,
 question) pairs — and the table gives the mean of d with a 95 % interval from a bootstrap over questions (seeds
 kept paired: a question is resampled with all its seeds), which the per-row intervals over seeds cannot give.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 
 def _slug(name: str) -> str:
@@ -207,8 +209,6 @@ def paired_difference(a: list[dict[str, int]], b: list[dict[str, int]], n_boot: 
                       seed: int = 0) -> tuple[float, float, float, int]:
     """Mean of correct_a − correct_b over the questions both answered, seeds paired by position, with a 95 %
     bootstrap interval over questions (each resampled with all its seeds): (mean, low, high, n_questions)."""
-    import numpy as np
-
     qs = sorted(set.intersection(*[set(x) for x in a + b])) if a and b else []
     if not qs:
         return float("nan"), float("nan"), float("nan"), 0

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import typer
+
+from hwsi.config import from_dict
+from hwsi.errors import ConfigError
+from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
+from hwsi.utils.outdir import prepare_output_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -22,12 +28,7 @@ def register(app: typer.Typer) -> None:
                                   "train, eval, report."),
     ) -> None:
         """SynthPath cohort -> tile -> patch encoder -> extract -> train stages 0-3 -> evaluate -> OUT/report.md."""
-        from dataclasses import replace
-
         from hwsi.demo.pipeline import STEPS, Pipeline, PipelineConfig
-        from hwsi.errors import ConfigError
-
-        from hwsi.utils.outdir import prepare_output_dir
 
         if until and until not in STEPS:
             raise ConfigError(f"--until must be one of {', '.join(STEPS)}, got {until!r}")
@@ -63,14 +64,12 @@ def _register_ablate(app: typer.Typer) -> None:
     ) -> None:
         """Train and score every ablation row on SynthPath over several seeds; print mean ± 95% CI."""
         from hwsi.demo.ablate import run_ablation
-        from hwsi.errors import ConfigError
 
         try:
             seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         except ValueError as exc:
             raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
         row_names = tuple(r.strip() for r in rows.split(";") if r.strip())
-        from hwsi.utils.outdir import prepare_output_dir
 
         prepare_output_dir(out, what="--out folder", create=False)
         md = run_ablation(table, out, seed_list, preset, row_names, protocol)
@@ -89,13 +88,9 @@ def _register_gates(app: typer.Typer) -> None:
     ) -> None:
         """Supervised ceilings of each scale's encoder on the fact it owns (held-out slides), and linear probes of
         the trained stage-1 outputs beside random init and the raw input (docs/design.md §5)."""
-        from dataclasses import asdict
-
-        from hwsi.config import from_dict
         from hwsi.demo.gates import GateConfig, gates_table, results_json, run_gates
         from hwsi.demo.probes import probe_stage1, probes_table
         from hwsi.model.vit4k import ViT4KConfig
-        from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
         cfg = GateConfig()  # --stem is checked by the typed reader against ViT4KConfig.stem's Literal
         cfg.vit4k = from_dict(ViT4KConfig, {**asdict(cfg.vit4k), "stem": stem, "pos_grid": pos_grid},

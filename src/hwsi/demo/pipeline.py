@@ -16,14 +16,29 @@ Steps (each resumable: a rerun skips what is finished, so an interrupted demo co
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hwsi.config import preset_path
+from hwsi.config import from_dict, preset_path
+from hwsi.demo.paths import PipelinePaths
+from hwsi.demo.report import write_report
 from hwsi.errors import ConfigError, HwsiError
+from hwsi.eval.tasks import EvalConfig, load_eval_data, run_all
+from hwsi.features.extract import ExtractConfig, run_extract
+from hwsi.slide.grid import GridConfig
+from hwsi.slide.tile import TileConfig, tile_batch
+from hwsi.synth.cohort import write_cohort
+from hwsi.synth.scene import SceneConfig
+from hwsi.train.bundle import load_bundle, record_bundle
+from hwsi.train.config import TrainConfig, load_train_config
+from hwsi.train.data import store_ids
+from hwsi.train.inference import load_trained_model
+from hwsi.train.patch_encoder import TrainEncoderConfig, train_small_encoder
+from hwsi.train.stages import run_stage
 from hwsi.utils.atomic import write_json_atomic
 
 
@@ -83,39 +98,6 @@ class PipelineConfig:
         return makers[name]()
 
 
-@dataclass
-class PipelinePaths:
-    out: Path
-
-    @property
-    def cohort(self) -> Path:
-        return self.out / "cohort"
-
-    @property
-    def job(self) -> Path:
-        return self.out / "job"
-
-    @property
-    def encoder(self) -> Path:
-        return self.out / "encoder"
-
-    @property
-    def runs(self) -> Path:
-        return self.out / "runs"
-
-    @property
-    def eval(self) -> Path:
-        return self.out / "eval"
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report.md"
-
-    @property
-    def state(self) -> Path:
-        return self.out / "pipeline.json"
-
-
 STEPS = ("synth", "tile", "encoder", "extract", "train", "eval", "report")
 
 
@@ -172,9 +154,6 @@ class Pipeline:
 
     # -- steps --------------------------------------------------------------------------------------------------
     def synth(self) -> dict[str, Any]:
-        from hwsi.synth.cohort import write_cohort
-        from hwsi.synth.scene import SceneConfig
-
         c = self.cfg
         base = SceneConfig(width=c.slide_size, height=c.slide_size, mpp=c.mpp, region_size=c.region_size,
                            patch_size=c.patch_size)
@@ -186,9 +165,6 @@ class Pipeline:
         return {"slides": len(res.slides), "splits": splits}
 
     def tile(self) -> dict[str, Any]:
-        from hwsi.slide.grid import GridConfig
-        from hwsi.slide.tile import TileConfig, tile_batch
-
         c = self.cfg
         cfg = TileConfig(grid=GridConfig(target_mpp=c.mpp, region_size=c.region_size, patch_size=c.patch_size),
                          preview=True)
@@ -198,8 +174,6 @@ class Pipeline:
         return res.counts()
 
     def encoder(self) -> dict[str, Any]:
-        from hwsi.train.patch_encoder import TrainEncoderConfig, train_small_encoder
-
         c = self.cfg
         tcfg = TrainEncoderConfig(
             n=c.encoder_n, epochs=c.encoder_epochs, seed=c.seed, patch_px=c.patch_size, mpp=c.mpp,
@@ -210,8 +184,6 @@ class Pipeline:
                 "train_seconds": round(res.train_seconds, 1)}
 
     def extract(self) -> dict[str, Any]:
-        from hwsi.features.extract import ExtractConfig, run_extract
-
         c = self.cfg
         cfg = ExtractConfig(patch_encoder=f"hwsi_small_patch:{self.paths.encoder}", region_input="same",
                             cells="builtin", k=c.k, n_div=c.n_div, min_tissue=c.min_tissue, batch_size=256,
@@ -231,11 +203,6 @@ class Pipeline:
     def train_config(self, extra: dict[str, Any] | None = None) -> Any:
         """The hwsi.train config of this run: the preset with the cohort's TRAIN-split text (absolute paths),
         then ``PipelineConfig.train_overrides``, then ``extra`` (nested dicts of TrainConfig fields)."""
-        import copy
-
-        from hwsi.config import from_dict
-        from hwsi.train.config import TrainConfig, load_train_config
-
         cfg = load_train_config(preset_path(self.cfg.train_config))
         cfg.seed = self.cfg.seed
         text = self.paths.cohort / "text"
@@ -253,8 +220,6 @@ class Pipeline:
         return cfg
 
     def train(self) -> dict[str, Any]:
-        from hwsi.train.stages import run_stage
-
         cfg = self.train_config()
         info: dict[str, Any] = {}
         for stage in (0, 1, 2, 3):
@@ -266,25 +231,17 @@ class Pipeline:
     def record_bundle(self) -> None:
         """``RUN/bundle`` (how the stores were made, :mod:`hwsi.train.bundle`): each training stage writes it; this
         records it for a run trained before hwsi did, so ``hwsi ask SLIDE --run RUN`` works on any finished demo."""
-        from hwsi.train.bundle import load_bundle, record_bundle
-        from hwsi.train.data import store_ids
-
         if load_bundle(self.paths.runs) is None:
             record_bundle(self.paths.job, store_ids(self.paths.job, self.train_config().data), self.paths.runs)
 
     def evaluate(self) -> dict[str, Any]:
-        from hwsi.eval.tasks import EvalConfig, load_eval_data, run_all
-        from hwsi.train.inference import load_trained_model
-
         model = load_trained_model(self.paths.runs)
         data = load_eval_data(self.paths.cohort, self.paths.job, split="test")
         results = run_all(model, data, EvalConfig(), out=self.paths.eval)
         return {"tasks": sorted(results)}
 
     def report(self) -> dict[str, Any]:
-        from hwsi.demo.report import write_report
-
-        write_report(self)
+        write_report(self.paths, self.state)
         return {"report": str(self.paths.report)}
 
     def run(self, until: str | None = None) -> "Pipeline":

@@ -1,4 +1,4 @@
-"""Linear probes of a trained run's stage-1 outputs per scale (docs/design.md §5, issue 11).
+"""Linear probes of a trained run's stage-1 outputs per scale (docs/design.md §5).
 
 For each scale, a logistic regression on the stage-1 alignment output z (the per-scale heads' unit vectors) is
 trained on the train split's slides and scored (balanced accuracy) on the held-out ones, on the SynthPath fact that
@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from hwsi.demo.gates import GateConfig, GateSlide, grid_pooled, load_gate_slides, raw_probe
+from hwsi.model.heads import AlignmentHeads
+from hwsi.model.hierarchy import HierarchicalEncoder
+from hwsi.model.inputs import collate_slides
 from hwsi.synth.classes import ARCH_CROWDED, ARCH_REGULAR, GLAND, SOLID
+from hwsi.train.config import load_train_config
+from hwsi.train.stage_common import ALIGNMENT_FILE, load_part, load_safetensors
 
 
 @dataclass
@@ -53,8 +58,6 @@ def _scale_probe_data(slides: list[GateSlide], tokens: dict[str, Any]) -> dict[s
 
 
 def _tokens_of(model: nn.Module, heads: nn.Module | None, slides: list[GateSlide]) -> dict[str, dict[str, Any]]:
-    from hwsi.model.inputs import collate_slides
-
     out = {}
     with torch.no_grad():
         for s in slides:
@@ -71,11 +74,6 @@ def _tokens_of(model: nn.Module, heads: nn.Module | None, slides: list[GateSlide
 def probe_stage1(pipeline_out: str | Path, run: str | Path, cfg: GateConfig | None = None) -> list[ProbeResult]:
     """Linear probes of a run's stage-1 outputs (alignment heads' z) per scale, on the fact each scale owns,
     beside the same probe at random initialisation and on the raw input (module docstring)."""
-    from hwsi.model.heads import AlignmentHeads
-    from hwsi.model.hierarchy import HierarchicalEncoder
-    from hwsi.train.config import load_train_config
-    from hwsi.train.stage_common import ALIGNMENT_FILE, load_part, load_safetensors
-
     run = Path(run)
     tcfg = load_train_config(run / "config.yaml")
     cfg = cfg or GateConfig(k=tcfg.model.k, max_cells=tcfg.model.max_cells)

@@ -11,14 +11,14 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from hwsi.demo.paths import PipelinePaths
+from hwsi.store import SlideStore
 from hwsi.utils.atomic import atomic_path
 
-if TYPE_CHECKING:
-    from hwsi.demo.pipeline import Pipeline
 
 CELL_COLOURS = {0: (200, 200, 200), 1: (40, 90, 255), 2: (255, 40, 40), 3: (40, 200, 80)}
 
@@ -69,8 +69,6 @@ def evidence_figure(store: Path, path: Path, max_side: int = 900) -> Path:
     """A slide's thumbnail with tissue outline, region grid, SPF-selected patches (yellow) and nuclei (by type)."""
     from PIL import Image, ImageDraw
 
-    from hwsi.store import SlideStore
-
     with SlideStore(store) as s:
         thumb, tds = s.thumbnail()
         rcoords = s.region_coords()
@@ -118,10 +116,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_report(p: "Pipeline") -> Path:
-    """Assemble ``OUT/report.md`` from the pipeline's state, the training run and the evaluation folder."""
-    out = p.paths.out
-    st = p.state["steps"]
+def write_report(paths: PipelinePaths, state: dict[str, Any]) -> Path:
+    """Assemble ``OUT/report.md`` from the pipeline's state (``pipeline.json``), the training run and the evaluation
+    folder."""
+    out = paths.out
+    st = state["steps"]
     lines = ["# hwsi demo — MLLM-HWSI on SynthPath", ""]
     lines += [
         "Everything here was produced by `make demo` (`hwsi demo`) on this machine, deterministic by seed. "
@@ -129,7 +128,7 @@ def write_report(p: "Pipeline") -> Path:
         "patches: glands, regions: architecture, slide: extent; see docs/synthpath.md).", "",
         "## Run", "",
     ]
-    cfg = p.state["config"]
+    cfg = state["config"]
     lines.append(f"- cohort: {cfg['n_slides']} slides of {cfg['slide_size']}² px at {cfg['mpp']} µm/px, regions "
                  f"{cfg['region_size']} px of {(cfg['region_size'] // cfg['patch_size']) ** 2} patches of "
                  f"{cfg['patch_size']} px; splits {st.get('synth', {}).get('splits', {})}")
@@ -151,34 +150,34 @@ def write_report(p: "Pipeline") -> Path:
                 rows.append({"stage": s, "first loss": m.get("first_loss", ""), "final loss": m.get("final_loss", ""),
                              "steps": m.get("steps", ""), "seconds": m.get("seconds", "")})
         lines += ["## Training", "", _md_table(rows, ["stage", "first loss", "final loss", "steps", "seconds"]), ""]
-    png = plot_losses(p.paths.runs, out / "loss_curves.png")
+    png = plot_losses(paths.runs, out / "loss_curves.png")
     if png:
         lines += ["![loss curves](loss_curves.png)", ""]
-    summary = p.paths.eval / "summary.md"
+    summary = paths.eval / "summary.md"
     if summary.is_file():
         body = summary.read_text(encoding="utf-8")
-        rel = os.path.relpath(p.paths.eval, out)
+        rel = os.path.relpath(paths.eval, out)
         body = body.replace("](", f"]({rel}/") if "](" in body else body
         lines += ["## Evaluation (held-out test split)", "", body, ""]
-        for png_path in sorted(p.paths.eval.glob("*_confusion.png")):
+        for png_path in sorted(paths.eval.glob("*_confusion.png")):
             lines += [f"![{png_path.stem}]({os.path.relpath(png_path, out)})", ""]
-    test_ids = _test_slides(p)
+    test_ids = _test_slides(paths)
     if test_ids:
-        store = p.paths.job / "stores" / f"{test_ids[0]}.h5"
+        store = paths.job / "stores" / f"{test_ids[0]}.h5"
         if store.is_file():
             fig = evidence_figure(store, out / "evidence.png")
             lines += ["## Evidence on one held-out slide", "",
                       f"`{test_ids[0]}`: regions (blue), SPF-selected patches (yellow, Eq. 1–2 with the fixed "
                       "vocabulary), nuclei segmented in them (dots: blue small round, red large/atypical, green "
                       "elongated, grey other).", "", f"![evidence]({fig.name})", ""]
-    lines += ["## Look at it", "", "```", f"hwsi serve {p.paths.job} --model {p.paths.runs}", "```", ""]
-    with atomic_path(p.paths.report) as tmp:
+    lines += ["## Look at it", "", "```", f"hwsi serve {paths.job} --model {paths.runs}", "```", ""]
+    with atomic_path(paths.report) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
-    return p.paths.report
+    return paths.report
 
 
-def _test_slides(p: "Pipeline") -> list[str]:
-    cohort = p.paths.cohort / "cohort.json"
+def _test_slides(paths: PipelinePaths) -> list[str]:
+    cohort = paths.cohort / "cohort.json"
     if not cohort.is_file():
         return []
     data = json.loads(cohort.read_text())

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from hwsi.config import from_dict
+from hwsi.utils.outdir import prepare_output_dir
+
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
@@ -42,12 +45,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
         # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
-        from hwsi.config import from_dict
         from hwsi.eval.eval_config import EvalConfig, TaskError
         from hwsi.eval.eval_data import load_eval_data
         from hwsi.eval.tasks import TASKS, check_run_stores, load_model, run_all
         from hwsi.train.inference import run_config
-        from hwsi.utils.outdir import prepare_output_dir
 
         names = list(TASKS) if "all" in task else task
         bad = [t for t in names if t not in TASKS]

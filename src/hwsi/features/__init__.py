@@ -7,7 +7,7 @@ res = spf_select(patch_feats, text_emb, k=16, n_div=32, candidates=tissue)   # E
 * :mod:`hwsi.features.encoders` — registry of image/text encoders (CONCH, HIPT ViT-256, small patch CNN, MiniLM);
 * :mod:`hwsi.features.spf` — Semantic Patch Filtering; :mod:`hwsi.features.vocab` — the fixed SPF vocabulary;
 * :mod:`hwsi.features.extract` — `hwsi extract` (patch features, region input, SPF, cells of R̂_i per slide store);
-* :mod:`hwsi.features.foreign` — `hwsi import-features` (TRIDENT / CLAM features files).
+* :mod:`hwsi.features.import_features` — `hwsi import-features` (TRIDENT / CLAM features files).
 
 Heavy modules (torch, h5py) are imported on use, not here.
 """

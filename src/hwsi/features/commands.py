@@ -11,6 +11,7 @@ import typer
 
 from hwsi.features.extract import ExtractConfig
 from hwsi.options import default_of, positive_int
+from hwsi.store import store_path
 
 _extract = partial(default_of, ExtractConfig)
 
@@ -70,8 +71,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing patches/<NAME>."),
     ) -> None:
         """Import a TRIDENT / CLAM features file as the patch features of one slide."""
-        from hwsi.features.foreign import import_features
-        from hwsi.store import store_path
+        from hwsi.features.import_features import import_features
 
         rep = import_features(store_path(job, slide_id), features, name, tolerance=tolerance, overwrite=overwrite)
         typer.echo(f"{slide_id}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")

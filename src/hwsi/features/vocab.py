@@ -20,7 +20,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from hwsi.errors import ConfigError
+from hwsi import textio
+from hwsi.config import read_yaml
+from hwsi.errors import ConfigError, ConfigFileError
 
 DEFAULT_VOCABULARY: tuple[str, ...] = (
     # cells
@@ -121,13 +123,8 @@ def load_vocabulary(path: str | Path | None = None) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: vocabulary file not found")
-    from hwsi import textio
-    from hwsi.errors import ConfigFileError
-
     text = textio.read_text(p, ConfigFileError)
     if p.suffix.lower() in (".yaml", ".yml"):
-        from hwsi.config import read_yaml
-
         data = read_yaml(p)
         if isinstance(data, dict):
             if "terms" not in data:

@@ -38,6 +38,7 @@ from hwsi.config import NonNegInt, PositiveInt
 from hwsi.model.heads import AlignmentHeads
 from hwsi.model.hierarchy import HierarchicalEncoder, HierarchyConfig, HierarchyOutput
 from hwsi.model.inputs import SlideBatch
+from hwsi.model.llm import load_llm
 from hwsi.model.projectors import ProjectorConfig, Projectors
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ class MLLMHWSI(nn.Module):
     def from_config(cls, cfg: MLLMConfig, llm: nn.Module | None = None, tokenizer=None) -> "MLLMHWSI":
         """Build every part from ``cfg``; the LLM is loaded from ``cfg.llm_path`` unless given."""
         if llm is None:
-            from hwsi.model.llm import load_llm
-
             llm, tokenizer = load_llm(cfg.llm_path)
         hierarchy = HierarchicalEncoder(cfg.hierarchy)
         projectors = Projectors(cfg.hierarchy.dims(), cfg.projector)

@@ -28,6 +28,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hwsi.errors import StoreError
+from hwsi.serve.registry import SlideRegistry
+from hwsi.store import SlideStore
+
 
 @dataclass
 class Evidence:
@@ -134,9 +138,6 @@ class StoreEncoders:
 
     @classmethod
     def read(cls, store: Path) -> "StoreEncoders":
-        from hwsi.errors import StoreError
-        from hwsi.store import SlideStore
-
         with SlideStore(store) as s:
             settings = s.json_attr("extract", {}) or {}
             encoders = s.meta.encoders
@@ -153,8 +154,6 @@ def text_patch_relevance(store: Path, patch_encoder: str, text_emb: np.ndarray, 
 
     Reads ``patches/<patch_encoder>`` ``chunk`` regions at a time (memory bounded by the chunk, not the slide).
     """
-    from hwsi.store import SlideStore
-
     t = np.asarray(text_emb, np.float64).reshape(-1)
     t = t / (np.linalg.norm(t) + 1e-12)
     with SlideStore(store) as s:
@@ -188,7 +187,6 @@ class ModelChat:
         self.chat = chat
         self.store = store
         self.encoders = encoders
-        from hwsi.store import SlideStore
 
         with SlideStore(store) as s:
             self.region_coords = s.region_coords()
@@ -228,8 +226,6 @@ class ModelAssistant:
         system: str | None = None,
         inputs_fn: Callable[[Path], Any] | None = None,
     ) -> None:
-        from hwsi.serve.registry import SlideRegistry
-
         self.model = model.eval()
         self.registry = SlideRegistry(job)
         self.name = name
@@ -267,7 +263,6 @@ class ModelAssistant:
         return np.asarray(enc.encode(texts), np.float32)
 
     def start(self, slide_id: str) -> ModelChat:
-        from hwsi.errors import StoreError
         from hwsi.model.inputs import load_slide_inputs
         from hwsi.model.chat import ChatSession
 

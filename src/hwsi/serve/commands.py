@@ -8,6 +8,10 @@ from pathlib import Path
 
 import typer
 
+from hwsi.errors import HwsiError
+from hwsi.store import list_stores
+from hwsi.utils.atomic import write_bytes_atomic
+
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -45,9 +49,7 @@ def serve(
     """Serve a slide viewer with overlays and an evidence-grounded chat for the slides of JOB."""
     import uvicorn
 
-    from hwsi.errors import HwsiError
     from hwsi.serve.app import create_app
-    from hwsi.store import list_stores
 
     if not (job / "stores").is_dir() or not list_stores(job):
         raise HwsiError(f"{job}: no stores in {job / 'stores'} (run `hwsi tile` and `hwsi extract` first)")
@@ -70,11 +72,9 @@ def export(
     spf: bool = typer.Option(True, help="Include the SPF-selected patches."),
 ) -> None:
     """Write nuclei, SPF patches and answer evidence of one slide as QuPath-compatible GeoJSON."""
-    from hwsi.errors import HwsiError
     from hwsi.serve.geojson import export_geojson
     from hwsi.serve.overlays import StoreOverlays
     from hwsi.serve.registry import SlideRegistry
-    from hwsi.utils.atomic import write_bytes_atomic
 
     entry = SlideRegistry(job).get(slide_id)
     if entry is None:

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from hwsi.slide.open import open_slide
+
 TILE_FORMATS = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
 
 
@@ -47,8 +49,6 @@ class SlideReader(Protocol):
 def open_reader(path: Path, mpp: float | None = None) -> SlideReader:
     """The one way the server opens a slide: :func:`hwsi.slide.open_slide` (whose reads reopen the backend
     handle after a failed read, as OpenSlide needs after a corrupt tile)."""
-    from hwsi.slide.open import open_slide
-
     return open_slide(path, mpp=mpp)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hwsi.cells.nucleus_types import TYPE_NAMES
 from hwsi.store import SlideStore, StoreMeta
 
 # viewer/GeoJSON colours of nucleus types, by type name (RGB); unknown names cycle through _EXTRA
@@ -29,13 +30,8 @@ MAX_NUCLEI = 20000
 
 
 def default_type_names() -> dict[int, str]:
-    """Type names of the built-in nucleus segmenter (hwsi.cells), or generic names if it is not installed."""
-    try:
-        from hwsi.cells.segment import TYPE_NAMES
-
-        return dict(TYPE_NAMES)
-    except Exception:
-        return {0: "unknown"}
+    """Type names of the built-in nucleus segmenter (:data:`hwsi.cells.nucleus_types.TYPE_NAMES`)."""
+    return dict(TYPE_NAMES)
 
 
 def type_colour(name: str, index: int) -> tuple[int, int, int]:

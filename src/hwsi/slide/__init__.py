@@ -10,8 +10,9 @@ Public API::
 """
 
 from hwsi.slide.grid import Grid, GridConfig, build_grid, resolution_plan
+from hwsi.slide.levels import read_level_box
 from hwsi.slide.open import Slide, mpp_from_properties, open_slide
-from hwsi.slide.reader import ReaderConfig, RegionPixels, iter_regions, read_level_box, read_region_pixels
+from hwsi.slide.reader import ReaderConfig, RegionPixels, iter_regions, read_region_pixels
 from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue, tissue_mask_from_rgb
 from hwsi.slide.tile import SlideSpec, TileConfig, collect_slides, tile_batch, tile_slide
 

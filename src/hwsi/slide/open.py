@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hwsi.errors import SlideError
+from hwsi.slide.levels import read_downsampled
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm", ".qptiff")
 MPP_HINT = "pass it with `--mpp X` (µm per pixel at level 0), or a CSV input with columns slide,mpp"
@@ -229,8 +230,6 @@ class Slide:
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """RGB thumbnail whose longer side is ``max_side`` (read in bounded-memory chunks)."""
-        from hwsi.slide.tissue import read_downsampled
-
         w, h = self.dimensions
         ds = max(1.0, max(w, h) / max_side)
         return read_downsampled(self, ds)

@@ -53,10 +53,9 @@ import numpy as np
 
 from hwsi.errors import SlideError
 from hwsi.slide.grid import Grid
+from hwsi.slide.levels import _FALLBACK_BLOCK, CorruptTile, read_level_box
 from hwsi.slide.open import Slide, TiffLevel
 
-CorruptTile = tuple[int, int, int]  # (level, col, row) of a tile (fast path) or 512-px block (fallback)
-_FALLBACK_BLOCK = 512
 
 
 @dataclass
@@ -183,48 +182,7 @@ class _BufferPool:
             self._free.append(mem)
 
 
-# ---- low level: a box of one level ------------------------------------------------------------------------------
-
-
-def _read_tiff_box(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int, lw: int, lh: int,
-                   out: np.ndarray) -> list[CorruptTile]:
-    from imagecodecs import jpeg8_decode
-
-    fd = slide.raw_fd()
-    jpeg = tl.jpeg_colorspace
-    tw, th = tl.tile_width, tl.tile_height
-    ntx = tl.tiles_across
-    x_end, y_end = min(lx + lw, tl.width), min(ly + lh, tl.height)
-    bad: list[CorruptTile] = []
-    if x_end <= max(lx, 0) or y_end <= max(ly, 0):
-        return bad
-    for ty in range(max(ly, 0) // th, (y_end - 1) // th + 1):
-        for tx in range(max(lx, 0) // tw, (x_end - 1) // tw + 1):
-            idx = ty * ntx + tx
-            # intersection of the tile with the box, in level px
-            ix0, iy0 = max(lx, tx * tw), max(ly, ty * th)
-            ix1, iy1 = min(x_end, (tx + 1) * tw), min(y_end, (ty + 1) * th)
-            dst = out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx]
-            off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
-            if n == 0 or off == 0:
-                dst[...] = 255  # sparse TIFF: no tile stored = background, as OpenSlide does
-                continue
-            try:
-                data = os.pread(fd, n, off)
-                if len(data) != n:
-                    raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
-                if jpeg is not None:  # direct libjpeg-turbo decode (tifffile's generic decoder is ~1.5x slower)
-                    seg = jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1])
-                else:
-                    seg = tl.decode(data, idx, jpegtables=tl.jpegtables)[0]
-                if seg is None:
-                    raise ValueError("tile decoded to nothing")
-                seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
-                dst[...] = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw, :3]
-            except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
-                dst[...] = 0
-                bad.append((level, tx, ty))
-    return bad
+# ---- a region straight in patch layout (boxes of one level: hwsi.slide.levels) ----------------------------------
 
 
 def _put_rect(grid5: np.ndarray, p: int, y0: int, x0: int, h: int, w: int, src: np.ndarray | int) -> None:
@@ -302,58 +260,6 @@ def _read_tiff_patches(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int
                 _put_rect(grid5, p, ry, rx, h, w, 0)
                 bad.append((level, tx, ty))
     return bad
-
-
-def _read_backend_box(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int,
-                      out: np.ndarray) -> list[CorruptTile]:
-    ds = slide.level_downsamples[level]
-
-    def read(bx: int, by: int, bw: int, bh: int) -> np.ndarray:
-        return slide.read_region(int(round(bx * ds)), int(round(by * ds)), level, bw, bh)
-
-    try:
-        out[...] = read(lx, ly, lw, lh)
-        return []
-    except Exception:  # noqa: BLE001 - localise the failure below
-        slide.reopen_handle()
-    bad: list[CorruptTile] = []
-    b = _FALLBACK_BLOCK
-    for by in range(ly - ly % b, ly + lh, b):
-        for bx in range(lx - lx % b, lx + lw, b):
-            x0, y0 = max(bx, lx), max(by, ly)
-            x1, y1 = min(bx + b, lx + lw), min(by + b, ly + lh)
-            dst = out[y0 - ly : y1 - ly, x0 - lx : x1 - lx]
-            try:
-                dst[...] = read(x0, y0, x1 - x0, y1 - y0)
-            except Exception:  # noqa: BLE001
-                slide.reopen_handle()
-                dst[...] = 0
-                bad.append((level, bx // b, by // b))
-    return bad
-
-
-def read_level_box(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int,
-                   fast_path: bool = True) -> tuple[np.ndarray, list[CorruptTile]]:
-    """RGB uint8 ``(lh, lw, 3)`` of ``level`` pixels ``[lx, lx+lw) × [ly, ly+lh)`` and the corrupt tiles met.
-
-    Pixels outside the level are white.
-    """
-    out = np.empty((lh, lw, 3), np.uint8)
-    lw_, lh_ = slide.level_dimensions[level]
-    if lx < 0 or ly < 0 or lx + lw > lw_ or ly + lh > lh_:
-        out[...] = 255
-        # read only the inside part; the rest stays white
-        ix0, iy0 = max(lx, 0), max(ly, 0)
-        ix1, iy1 = min(lx + lw, lw_), min(ly + lh, lh_)
-        if ix1 <= ix0 or iy1 <= iy0:
-            return out, []
-        inner = out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx]
-        sub, bad = read_level_box(slide, level, ix0, iy0, ix1 - ix0, iy1 - iy0, fast_path)
-        inner[...] = sub
-        return out, bad
-    if fast_path and slide.tiff_levels is not None:
-        return out, _read_tiff_box(slide, slide.tiff_levels[level], level, lx, ly, lw, lh, out)
-    return out, _read_backend_box(slide, level, lx, ly, lw, lh, out)
 
 
 # ---- regions ----------------------------------------------------------------------------------------------------

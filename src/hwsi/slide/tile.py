@@ -25,9 +25,10 @@ from typing import Any
 from hwsi import textio
 from hwsi.batch import BatchItem, BatchResult, lock_path, prepare_job, run_batch
 from hwsi.errors import ConfigError, ConfigFileError, HwsiError, SlideError
-from hwsi.slide.grid import Grid, GridConfig
+from hwsi.slide.grid import Grid, GridConfig, build_grid, check_fits, resolution_plan
 from hwsi.slide.ids import allocate_ids, path_key
 from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
+from hwsi.slide.preview import save_preview
 from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue
 from hwsi.store import SlideStore, StoreMeta, grid_fields, has_stage, list_stores, new_store, store_path
 from hwsi.utils.atomic import write_json_atomic
@@ -181,7 +182,6 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
-    from hwsi.slide.grid import build_grid, check_fits, resolution_plan
 
     out = store_path(job, spec.slide_id)
     with open_slide(spec.path, mpp=spec.mpp, slide_id=spec.slide_id) as slide:
@@ -193,8 +193,6 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
         write_tile_store(out, slide.path, spec.slide_id, slide.mpp_source, grid, tissue,
                          {"grid": asdict(cfg.grid), "tissue": asdict(cfg.tissue)})
         if cfg.preview:
-            from hwsi.slide.preview import save_preview
-
             save_preview(job / "previews" / f"{spec.slide_id}.png", tissue, grid)
         return {
             "regions": grid.n_regions,

@@ -24,12 +24,12 @@ pixels), at most ``max_mask_side`` px on its longer side, read from the best pyr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from hwsi.errors import SlideError
+from hwsi.slide.levels import iter_downsampled, read_downsampled
 from hwsi.slide.open import Slide
 
 
@@ -65,70 +65,6 @@ class TissueMask:
     def tissue_fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
-
-def iter_downsampled(slide: Slide, downsample: float, chunk: int = 2048,
-                     threads: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(ox, oy, rgb)`` chunks of the slide at ``downsample`` (level-0 px per output px).
-
-    Chunks tile the ``ceil(W/ds) × ceil(H/ds)`` output; each is read from the best pyramid level (at most about
-    ``chunk``² level pixels at once) and resized with INTER_AREA; ``threads`` chunks are read at a time.
-    """
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
-
-    import cv2
-
-    from hwsi.slide.reader import read_level_box
-
-    w0, h0 = slide.dimensions
-    ow, oh = max(1, math.ceil(w0 / downsample)), max(1, math.ceil(h0 / downsample))
-    level = slide.best_level_for_downsample(downsample)
-    lw, lh = slide.level_dimensions[level]
-    sx, sy = w0 / lw, h0 / lh  # per-axis level downsample
-    step = max(1, int(chunk * min(sx, sy) / downsample))  # output px per chunk side
-
-    def read(box: tuple[int, int]) -> tuple[int, int, np.ndarray]:
-        ox, oy = box
-        ow_c, oh_c = min(step, ow - ox), min(step, oh - oy)
-        lx0 = min(lw - 1, int(ox * downsample / sx))
-        ly0 = min(lh - 1, int(oy * downsample / sy))
-        lx1 = max(lx0 + 1, min(lw, math.ceil((ox + ow_c) * downsample / sx)))
-        ly1 = max(ly0 + 1, min(lh, math.ceil((oy + oh_c) * downsample / sy)))
-        img, bad = read_level_box(slide, level, lx0, ly0, lx1 - lx0, ly1 - ly0)
-        if bad:
-            raise SlideError(slide.path, f"corrupt tile(s) in the low-resolution level {level}: {bad[:5]}")
-        if img.shape[:2] != (oh_c, ow_c):
-            img = cv2.resize(img, (ow_c, oh_c), interpolation=cv2.INTER_AREA)
-        return ox, oy, img
-
-    boxes = [(ox, oy) for oy in range(0, oh, step) for ox in range(0, ow, step)]
-    if threads <= 1 or len(boxes) <= 1:
-        for b in boxes:
-            yield read(b)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        pending: collections.deque = collections.deque()
-        it = iter(boxes)
-        for b in it:
-            pending.append(pool.submit(read, b))
-            if len(pending) >= 2 * threads:
-                break
-        while pending:
-            res = pending.popleft().result()
-            nb = next(it, None)
-            if nb is not None:
-                pending.append(pool.submit(read, nb))
-            yield res
-
-
-def read_downsampled(slide: Slide, downsample: float, chunk: int = 2048) -> np.ndarray:
-    """The whole slide at ``downsample`` as one RGB uint8 array (``ceil(W/ds) × ceil(H/ds)``)."""
-    w0, h0 = slide.dimensions
-    ow, oh = max(1, math.ceil(w0 / downsample)), max(1, math.ceil(h0 / downsample))
-    out = np.empty((oh, ow, 3), np.uint8)
-    for ox, oy, img in iter_downsampled(slide, downsample, chunk):
-        out[oy : oy + img.shape[0], ox : ox + img.shape[1]] = img
-    return out
 
 
 def _disk(radius_px: float) -> np.ndarray:

@@ -8,7 +8,7 @@
 * :mod:`~hwsi.synth.text` — reports, captions, VQA in WSI-Bench format.
 * :mod:`~hwsi.synth.cohort` — :func:`write_slide`, :func:`write_cohort` (``hwsi synth``).
 * :mod:`~hwsi.synth.patches` — :func:`sample_patch_dataset` for the CLIP-style patch encoder.
-* :mod:`~hwsi.synth.pyramid` — the pyramidal TIFF writer (owned by the slide stage).
+* :mod:`~hwsi.synth.pyramid` — the pyramidal TIFF writer (the format :mod:`hwsi.slide` reads).
 
 Heavy modules are not imported here; import them from their submodules.
 """

@@ -29,6 +29,8 @@ import numpy as np
 import yaml
 
 from hwsi.synth.classes import DIAGNOSES, SlideClasses, SynthError
+from hwsi.synth.pyramid import write_pyramid_tiff
+from hwsi.synth.render import make_tile_fn
 from hwsi.synth.scene import Scene, SceneConfig
 from hwsi.synth.text import SYNTHPATH_UNIT_RULES, SYNTHPATH_VOCABULARY, SlideText, bench_records, slide_text, train_records
 from hwsi.synth.truth import read_truth, slide_facts, truth_path_for, write_truth
@@ -52,9 +54,6 @@ class SlideRecord:
 def write_slide(out_dir: str | Path, cfg: SceneConfig, slide_id: str = "synth", tile_size: int = 256,
                 quality: int = 85, threads: int | None = 1, overwrite: bool = False) -> SlideRecord:
     """Render ``cfg`` into ``out_dir/<slide_id>.tiff`` (+ ``.truth.h5``), streaming tile by tile."""
-    from hwsi.synth.pyramid import write_pyramid_tiff
-    from hwsi.synth.render import make_tile_fn
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

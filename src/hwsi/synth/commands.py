@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from hwsi.utils.outdir import prepare_output_dir
+
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the hwsi app."""
@@ -33,7 +35,6 @@ def register(app: typer.Typer) -> None:
         from hwsi.synth.classes import parse_classes
         from hwsi.synth.cohort import write_cohort, write_slide
         from hwsi.synth.scene import SceneConfig
-        from hwsi.utils.outdir import prepare_output_dir
 
         prepare_output_dir(out, what="--out folder", create=False)
         if size:

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from hwsi.synth.classes import ARCHITECTURES, CELL_TYPES, PATTERNS, SynthError
+from hwsi.synth.render import sprite_bank
 from hwsi.synth.scene import Scene
 from hwsi.utils.atomic import atomic_path
 
@@ -72,8 +73,6 @@ def lesion_location(scene: Scene) -> str:
 
 def write_truth(path: str | Path, scene: Scene, slide_id: str) -> Path:
     """Write the sidecar of ``scene`` atomically; returns its path."""
-    from hwsi.synth.render import sprite_bank
-
     cfg = scene.cfg
     nuc = scene.nuclei()
     area = np.zeros(nuc["x"].size, dtype=np.float32)

@@ -15,9 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hwsi.errors import ConfigError, HwsiError
-from hwsi.train.bundle import (MANIFEST, BundleMismatch, RunBundle, check_store, checkpoint_files, load_bundle,
-                               show_value)
+from hwsi.config import from_dict
+from hwsi.errors import ConfigError, HwsiError, StoreError
+from hwsi.features.extract import ExtractConfig, checkpoint_identity, extract_slide, load_models
+from hwsi.features.vocab import DEFAULT_VOCABULARY, vocabulary_fingerprint
+from hwsi.slide.grid import GridConfig
+from hwsi.slide.tile import TileConfig, collect_slides, tile_slide, update_registry
+from hwsi.slide.tissue import TissueConfig
+from hwsi.store import SlideStore, store_path
+from hwsi.train.bundle import (
+    MANIFEST, BundleMismatch, RunBundle, check_store, checkpoint_files, load_bundle, read_store_settings, show_value,
+)
 
 ASK_JOB = "ask"
 
@@ -40,10 +48,6 @@ def require_bundle(run: str | Path) -> RunBundle:
 def _state(store: Path, slide: Path, bundle: RunBundle) -> str:
     """``"missing"``, ``"other"`` (another slide file, or tiled another way), ``"tiled"`` (tiled from ``slide`` the
     run's way, not extracted), ``"stale"`` (tiled the run's way, extracted another way) or ``"ready"``."""
-    from hwsi.errors import StoreError
-    from hwsi.store import SlideStore
-    from hwsi.train.bundle import read_store_settings
-
     if not store.is_file():
         return "missing"
     try:
@@ -68,11 +72,6 @@ def _state(store: Path, slide: Path, bundle: RunBundle) -> str:
 
 def tile_config(bundle: RunBundle) -> Any:
     """The :class:`hwsi.slide.tile.TileConfig` the run's stores were tiled with."""
-    from hwsi.config import from_dict
-    from hwsi.slide.grid import GridConfig
-    from hwsi.slide.tile import TileConfig
-    from hwsi.slide.tissue import TissueConfig
-
     t = bundle.tile or {}
     where = str(bundle.folder / MANIFEST)
     return TileConfig(grid=from_dict(GridConfig, t.get("grid", {}), where),
@@ -86,7 +85,6 @@ def _encoder_spec(bundle: RunBundle, slot: str, name: str) -> str:
     if ck.get("bundled"):
         return f"{name}:{bundle.folder / ck['bundled']}"
     src = Path(ck["source"])
-    from hwsi.features.extract import checkpoint_identity
 
     if not src.exists():
         raise ConfigError(f"{bundle.folder / MANIFEST}: the {name} checkpoint {src} the run was trained with is not "
@@ -102,9 +100,6 @@ def _encoder_spec(bundle: RunBundle, slot: str, name: str) -> str:
 def extract_config(bundle: RunBundle, cells: str | None = None) -> Any:
     """The :class:`hwsi.features.extract.ExtractConfig` the run's stores were extracted with (``cells`` overrides
     the cells backend, e.g. ``cellvit:DIR`` holding this slide's CellViT output)."""
-    from hwsi.features.extract import ExtractConfig
-    from hwsi.features.vocab import DEFAULT_VOCABULARY, vocabulary_fingerprint
-
     s, where = bundle.signature, bundle.folder / MANIFEST
     if not bundle.recorded_extract or not s.get("patch_encoder"):
         raise ConfigError(f"{where}: the run's stores recorded no `hwsi extract` settings (imported features?); "
@@ -136,10 +131,6 @@ def extract_config(bundle: RunBundle, cells: str | None = None) -> Any:
 def prepare_slide(slide: str | Path, run: str | Path, job: str | Path | None = None, mpp: float | None = None,
                   cells: str | None = None, log: Callable[[str], None] = print) -> Path:
     """The store of ``slide`` made the run's way in ``job`` (default ``RUN/ask``); tiles and extracts as needed."""
-    from hwsi.features.extract import extract_slide, load_models
-    from hwsi.slide.tile import collect_slides, tile_slide, update_registry
-    from hwsi.store import store_path
-
     run = Path(run)
     bundle = require_bundle(run)
     own_job = job is None

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from hwsi.errors import ConfigError, HwsiError, StoreError
+from hwsi.slide.grid import GridConfig
+from hwsi.slide.tissue import TissueConfig
 from hwsi.store import SlideStore
 from hwsi.utils.atomic import write_json_atomic
 
@@ -213,9 +215,6 @@ def bundle_from_stores(stores: list[Path], job: str | Path = "") -> tuple[RunBun
 def _tile_settings(job: Path, sig: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Grid + tissue settings of the stores: the store's own ``tile`` attribute, else ``JOB/tile_config.json``
     when its grid matches the stores, else the defaults with the stores' µm/px and sizes."""
-    from hwsi.slide.grid import GridConfig
-    from hwsi.slide.tissue import TissueConfig
-
     grid_keys = ("target_mpp", "region_size", "patch_size")
     if extra.get("tile", {}).get("grid"):
         return {**extra["tile"], "source": "store"}

@@ -13,11 +13,17 @@ Multi-GPU / DeepSpeed ZeRO-3 (same code, same flags)::
 
 from __future__ import annotations
 
+import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from hwsi.errors import ConfigError
+from hwsi.options import default_of
+from hwsi.utils.outdir import prepare_output_dir
 
 
 def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: dict) -> list[str]:
@@ -64,9 +70,6 @@ def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: d
 def register_train_encoder(app: typer.Typer) -> None:
     """Add ``hwsi train-encoder`` to a typer app (called from :func:`register`); option defaults are
     :class:`~hwsi.train.patch_encoder.TrainEncoderConfig`'s (:func:`hwsi.options.default_of`)."""
-    from functools import partial
-
-    from hwsi.options import default_of
     from hwsi.train.patch_encoder import TrainEncoderConfig
 
     _enc = partial(default_of, TrainEncoderConfig)
@@ -86,7 +89,6 @@ def register_train_encoder(app: typer.Typer) -> None:
     ) -> None:
         """Train the small patch encoder (hwsi_small_patch) CLIP-style against frozen MiniLM on SynthPath."""
         from hwsi.train.patch_encoder import TrainEncoderConfig, train_small_encoder
-        from hwsi.utils.outdir import prepare_output_dir
 
         prepare_output_dir(out, what="--out folder", create=False)
         cfg = TrainEncoderConfig(
@@ -113,13 +115,10 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Run one training stage of MLLM-HWSI (paper §3.6); metrics in RUN/stageN/metrics.csv."""
-        import logging
-
         from hwsi.train.config import load_train_config
         from hwsi.train.stages import run_stage
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        from hwsi.utils.outdir import prepare_output_dir
 
         cfg = load_train_config(config)
         run = prepare_output_dir(out or job / "runs" / config.stem, what="run folder (--out)", create=False)
@@ -156,13 +155,9 @@ def register(app: typer.Typer) -> None:
         from hwsi.train.inference import load_trained_model, slide_inputs_for
 
         if mpp is not None and not mpp > 0:
-            from hwsi.errors import ConfigError
-
             raise ConfigError(f"--mpp must be > 0, got {mpp}")
         if is_store_path(slide):
             if job is not None or mpp is not None or cells is not None:
-                from hwsi.errors import ConfigError
-
                 raise ConfigError(f"{slide}: --job, --mpp and --cells are for a slide file, not a store")
             store = slide
         else:

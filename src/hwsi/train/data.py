@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,10 +29,12 @@ from typing import Any
 
 import torch
 
-from hwsi.errors import ConfigError
+from hwsi import textio
+from hwsi.errors import ConfigError, ConfigFileError
 from hwsi.model.inputs import SlideInputs, load_cached_inputs, load_slide_inputs, save_slide_inputs
 from hwsi.train.config import DataConfig
 from hwsi.data import Conversation, MatchReport, QAItem, load_records, match_records_to_stores
+from hwsi.features.vocab import entities_from_report
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +128,6 @@ def record_messages(rec: Conversation | QAItem) -> list[dict[str, str]]:
 
 
 def _read_map(path: Path, what: str) -> dict[str, Any]:
-    from hwsi import textio
-    from hwsi.errors import ConfigFileError
-
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
     data = textio.read_json(path, ConfigFileError)
@@ -204,8 +204,6 @@ def _dedupe(xs: list[str], cap: int) -> list[str]:
 
 def report_units(report: str, max_words: int = 64, max_phrases: int = 64, max_sentences: int = 32) -> ReportUnits:
     """Words, phrases, sentences of a report (see the module docstring for the rules)."""
-    from hwsi.features.vocab import entities_from_report
-
     text = " ".join(report.split())
     sentences = _dedupe([s.strip() for s in _SENT.split(text)], max_sentences)
     phrases = entities_from_report(text, max_words=4, max_entities=max_phrases)
@@ -291,8 +289,6 @@ def permute_options(samples: list[ChatSample], n: int, seed: int = 0, text_answe
     ``"C) focal"``); the closed-choice scorer accepts an option's letter or its text (hwsi.eval.vqa.parse_choice).
     A tiny LM can learn to name the right option long before it learns to copy the letter printed before it.
     """
-    import random
-
     if n <= 0 and not text_answers:
         return list(samples)
     rng = random.Random(seed)

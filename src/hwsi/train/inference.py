@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 
 from hwsi.model.inputs import SlideInputs, load_slide_inputs
+from hwsi.train.bundle import check_stores
 from hwsi.train.config import TrainConfig, load_train_config
 from hwsi.train.engine import TrainError
+from hwsi.train.stage_common import PROJECTORS_FILE, load_safetensors
+from hwsi.train.stage_lm import build_model
 
 
 def run_config(run_dir: str | Path) -> TrainConfig:
@@ -29,9 +32,6 @@ def run_config(run_dir: str | Path) -> TrainConfig:
 
 def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | torch.device = "cpu"):
     """The trained MLLMHWSI of ``run_dir`` (see the module docstring), in eval mode with grads off."""
-    from hwsi.train.stage_common import PROJECTORS_FILE, load_safetensors
-    from hwsi.train.stage_lm import build_model
-
     run = Path(run_dir)
     cfg = run_config(run)
     s3 = run / "stage3" / "final"
@@ -62,8 +62,6 @@ def slide_inputs_for(store: str | Path, run_dir: str | Path | None = None,
     With ``run_dir`` the store is first checked against the run's bundle (:func:`hwsi.train.bundle.check_store`):
     a store made another way (encoder, µm/px, region size, SPF settings) is a BundleMismatch, never a silent answer."""
     if run_dir is not None:
-        from hwsi.train.bundle import check_stores
-
         check_stores([Path(store)], run_dir, hint=" (`hwsi ask SLIDE_FILE --run RUN` makes it the run's way)")
     cfg = cfg or run_config(run_dir)  # type: ignore[arg-type]
     m = cfg.model

@@ -9,13 +9,17 @@ val/test text. It stands in for Qwen's pretraining: real runs set ``model.llm_pa
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hwsi.errors import ConfigError
-from hwsi.model.hierarchy import HierarchicalEncoder
+from hwsi.model.hierarchy import HierarchicalEncoder, HierarchyConfig
+from hwsi.model.llm import build_tiny_llm, load_llm
+from hwsi.model.mllm import MLLMHWSI, MLLMConfig
+from hwsi.model.projectors import ProjectorConfig, Projectors
 from hwsi.train.config import TrainConfig
 from hwsi.train.data import ChatSample, findings_text, load_train_text, permute_options, store_ids
 from hwsi.train.engine import Engine, TrainError, seed_everything
@@ -49,10 +53,6 @@ class FindingsLM(nn.Module):
 
 def findings_model(llm: nn.Module, tokenizer, max_length: int = 0) -> FindingsLM:
     """Stage 0's module around ``llm``: every LLM weight trains, nothing else exists to train."""
-    from hwsi.model.hierarchy import HierarchyConfig
-    from hwsi.model.mllm import MLLMConfig, MLLMHWSI
-    from hwsi.model.projectors import ProjectorConfig, Projectors
-
     width = llm.get_input_embeddings().weight.shape[1]
     text_only = MLLMHWSI(HierarchicalEncoder(HierarchyConfig.tiny()),
                          Projectors({}, ProjectorConfig(hidden=1, llm_dim=width, markers=False)), llm, tokenizer,
@@ -74,8 +74,6 @@ def stage0_corpus(samples: list[ChatSample], findings: dict[str, str]) -> list[s
 
 def run_stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: int | None,
             progress: bool) -> StageResult:
-    from hwsi.model.llm import build_tiny_llm, load_llm
-
     if cfg.model.llm_path:
         raise ConfigError("stage 0 pretrains the tiny stand-in LLM; this config names a real LLM "
                           f"(model.llm_path={cfg.model.llm_path!r}), so skip stage 0")
@@ -115,8 +113,6 @@ def run_stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
         engine.unwrap(model).mllm.llm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if output.exists():
-            import shutil
-
             shutil.rmtree(output)
         tmp.replace(output)
     return finish_stage(0, out, fit, len(samples), output, {"vocab": len(tok)}, engine.is_main)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hwsi.errors import ConfigError
+from hwsi.features.encoders import create_text_encoder
 from hwsi.model.heads import AlignmentHeads
 from hwsi.model.hierarchy import HierarchicalEncoder
 from hwsi.model.inputs import SlideBatch, collate_slides
@@ -163,8 +164,6 @@ def _targets_to(t: AlignmentTargets, device: torch.device) -> AlignmentTargets:
 
 def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after: int | None,
             progress: bool) -> StageResult:
-    from hwsi.features.encoders import create_text_encoder
-
     cache, stores = slide_cache(cfg, job, out)
     text = load_train_text(job, cfg.data, stores)
     slides = [s for s in text.slide_ids if s in text.reports]

@@ -20,6 +20,8 @@ from torch import nn
 
 from hwsi.errors import ConfigError
 from hwsi.model.inputs import collate_slides
+from hwsi.model.llm import load_llm
+from hwsi.model.mllm import MLLMHWSI
 from hwsi.train.config import TrainConfig, load_train_config, save_train_config
 from hwsi.train.data import ChatSample, SlideCache, TrainText, load_train_text, permute_options
 from hwsi.train.engine import Engine, TrainError, seed_everything
@@ -52,9 +54,6 @@ def llm_folder(cfg: TrainConfig, out: Path) -> Path:
 
 def build_model(cfg: TrainConfig, out: Path, stage: int):
     """MLLMHWSI with the LLM of the run and the stage-1 weights loaded (+ stage-2 projectors for stage 3)."""
-    from hwsi.model.llm import load_llm
-    from hwsi.model.mllm import MLLMHWSI
-
     cfg = _dims_from_run(cfg, out)
     llm, tok = load_llm(llm_folder(cfg, out), dtype=DTYPES[cfg.llm_dtype])
     cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])

@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 
 from hwsi.errors import ConfigError
+from hwsi.train.bundle import record_bundle
 from hwsi.train.config import TrainConfig
 from hwsi.train.data import store_ids
 from hwsi.train.engine import seed_everything
@@ -71,8 +72,6 @@ def record_run_bundle(stage: int, cfg: TrainConfig, job: Path, out: Path, fresh:
     finished stage is resumed (so runs trained before it existed get one); a job made another way than the run's
     earlier stages is a ConfigError (``fresh``: stage 1 from scratch replaces it). Stage 0 reads no features."""
     if stage in (1, 2, 3):
-        from hwsi.train.bundle import record_bundle
-
         stores = store_ids(job, cfg.data)
         if stores:
             record_bundle(job, stores, out, replace=fresh)

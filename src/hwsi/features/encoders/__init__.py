@@ -20,7 +20,7 @@ from hwsi.features.encoders.base import (
     read_own_meta,
     save_encoder,
 )
-from hwsi.features.encoders.foreign import LoadReport, load_foreign_state_dict, read_state_dict
+from hwsi.features.encoders.checkpoints import LoadReport, load_foreign_state_dict, read_state_dict
 from hwsi.features.encoders.registry import (
     create_encoder,
     create_text_encoder,

@@ -9,7 +9,7 @@ An :class:`ImageEncoder` is a ``torch.nn.Module`` that maps RGB uint8 images to 
 
 hwsi's own checkpoint format (written by :func:`save_encoder`) is a folder with ``encoder.json`` (registry name,
 the full config, embedding size) and ``model.safetensors`` (the state dict). Foreign checkpoints (CONCH, HIPT) are
-read by the builders through :func:`hwsi.features.encoders.foreign.load_foreign_state_dict`.
+read by the builders through :func:`hwsi.features.encoders.checkpoints.load_foreign_state_dict`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwsi.errors import HwsiError
+from hwsi.config import from_dict
+from hwsi.errors import ConfigError, HwsiError
 
 OWN_FORMAT = "hwsi-encoder"
 OWN_FORMAT_VERSION = 1
@@ -52,9 +53,6 @@ def make_config(cls: type[C], overrides: dict[str, Any], where: str = "") -> C:
     """Config dataclass ``cls`` with ``overrides``, read by the project's one typed reader
     (:func:`hwsi.config.from_dict`: unknown keys, wrong types and values out of range are refused, naming the key;
     JSON lists become tuples); its :class:`~hwsi.errors.ConfigError` comes back as an :class:`EncoderError`."""
-    from hwsi.config import from_dict
-    from hwsi.errors import ConfigError
-
     try:
         return from_dict(cls, overrides, where or cls.__name__)
     except ConfigError as exc:

@@ -28,7 +28,7 @@ from hwsi.features.encoders.base import (
     make_config,
     seeded_init,
 )
-from hwsi.features.encoders.foreign import load_foreign_state_dict, read_state_dict
+from hwsi.features.encoders.checkpoints import load_foreign_state_dict, read_state_dict
 from hwsi.features.encoders.registry import register_encoder
 from hwsi.features.encoders.vit import VisionTransformer
 

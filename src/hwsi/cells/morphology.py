@@ -21,8 +21,8 @@ texture_grad       float32  mean gradient magnitude of H inside the nucleus (OD 
 texture_lvar       float32  mean local variance of H in a ~1 µm window inside the nucleus (chromatin texture)
 nn_dist_um         float32  distance to the nearest other nucleus centroid in the same image (50 µm if none)
 n_neighbors        float32  number of other centroids within 15 µm
-type               int8     rule-based type (:data:`hwsi.cells.segment.TYPE_NAMES`)
-type_prob          float32  membership of the chosen type (see :class:`hwsi.cells.segment.TypeRules`)
+type               int8     rule-based type (:data:`hwsi.cells.nucleus_types.TYPE_NAMES`)
+type_prob          float32  membership of the chosen type (see :class:`hwsi.cells.nucleus_types.TypeRules`)
 =================  =======  ============================================================================
 
 Features (:data:`FEATURE_NAMES`, D = :data:`FEATURE_DIM` = 22, float32): each raw value (log for sizes) minus a
@@ -34,13 +34,11 @@ once on the real annotated H&E tiles at 0.25 and 0.5 µm/px), then clipped to [-
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    from hwsi.cells.segment import TypeRules
+from hwsi.cells.nucleus_types import TypeRules, classify_types
 
 TABLE_COLUMNS: tuple[str, ...] = (
     "x", "y", "area_um2", "perimeter_um", "eccentricity", "solidity", "major_axis_um", "minor_axis_um",
@@ -57,8 +55,8 @@ FEATURE_NAMES: tuple[str, ...] = (
 FEATURE_DIM = len(FEATURE_NAMES)
 
 # Reference centre / scale of the 18 continuous features (type one-hots use centre 0, scale 1): the pooled mean and
-# standard deviation over the 554 nuclei the default segmenter finds on the two real annotated tiles
-# (../shared/data/nuclei image01 at 0.5 µm/px and image08 at 0.25 µm/px), rounded; `benchmarks/cells.py` reprints them.
+# standard deviation over the 554 nuclei the default segmenter finds on the two real annotated tiles of the test
+# data (nuclei image01 at 0.5 µm/px and image08 at 0.25 µm/px), rounded; `benchmarks/cells.py` reprints them.
 FEATURE_CENTER = np.array(
     [3.05, 2.96, 2.01, 1.34, 0.80, 0.89, 0.73, 0.68, 0.47, 0.23, 0.29, 0.14, 0.43, 0.041, 2.16, 3.5, 0.74, 0.75,
      0.0, 0.0, 0.0, 0.0],
@@ -112,30 +110,6 @@ def _crack_lengths(labels: np.ndarray, n: int) -> np.ndarray:
     return counts
 
 
-def _type_rules(
-    area: np.ndarray, ecc: np.ndarray, solidity: np.ndarray, aspect: np.ndarray, rules: "TypeRules"
-) -> tuple[np.ndarray, np.ndarray]:
-    def sig(z: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-
-    la = np.log(np.maximum(area, 1e-6))
-    small = sig((math.log(rules.small_area_um2) - la) / rules.area_soft) * sig(
-        (rules.small_max_ecc - ecc) / (rules.ratio_soft / 2)
-    )
-    large_by_size = sig((la - math.log(rules.large_area_um2)) / rules.area_soft)
-    irregular = sig((rules.irregular_solidity - solidity) / (rules.ratio_soft / 3)) * sig(
-        (la - math.log(rules.small_area_um2)) / rules.area_soft
-    )
-    large = np.maximum(large_by_size, irregular)
-    elong = sig((np.log(aspect) - math.log(rules.elongated_aspect)) / rules.ratio_soft)
-    scores = np.stack([np.zeros_like(area), small, large, elong], axis=1)
-    best = scores[:, 1:].max(axis=1)
-    scores[:, 0] = 1.0 - best
-    t = scores.argmax(axis=1)
-    prob = scores[np.arange(len(t)), t]
-    return t.astype(np.int8), prob.astype(np.float32)
-
-
 def _neighbors(x: np.ndarray, y: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
     n = len(x)
     if n < 2:
@@ -166,11 +140,9 @@ def empty_table() -> dict[str, np.ndarray]:
 
 
 def measure_nuclei(
-    labels: np.ndarray, h: np.ndarray, e: np.ndarray, mpp: float, rules: "TypeRules | None" = None
+    labels: np.ndarray, h: np.ndarray, e: np.ndarray, mpp: float, rules: TypeRules | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Measure every nucleus of ``labels`` (1..N consecutive) → (table, features (N, D) float32)."""
-    from hwsi.cells.segment import TypeRules
-
     rules = rules or TypeRules()
     n = int(labels.max()) if labels.size else 0
     if n == 0:
@@ -226,7 +198,7 @@ def measure_nuclei(
     nn, nb = _neighbors(mx, my, mpp)
     aspect = np.divide(major, minor, out=np.full_like(major, 10.0), where=minor > 0)
     aspect = np.clip(aspect, 1.0, 10.0)
-    ntype, tprob = _type_rules(area, ecc, solidity, aspect, rules)
+    ntype, tprob = classify_types(area, ecc, solidity, aspect, rules)
 
     f32 = np.float32
     table: dict[str, np.ndarray] = {

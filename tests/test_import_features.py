@@ -1,4 +1,4 @@
-"""Import of TRIDENT / CLAM features files into a store (hwsi.features.foreign)."""
+"""Import of TRIDENT / CLAM features files into a store (hwsi.features.import_features)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from hwsi.cli import main
 from hwsi.errors import StoreError
-from hwsi.features.foreign import FeatureImportError, import_features, match_coords, read_foreign_features
+from hwsi.features.import_features import FeatureImportError, import_features, match_coords, read_foreign_features
 from hwsi.store import StoreMeta, new_store, store_path
 
 PATCH0 = 512  # level-0 patch side: 256 px at 0.5 µm/px on a 0.25 µm/px slide
