@@ -6,7 +6,9 @@ res = spf_select(patch_feats, text_emb, k=16, n_div=32, candidates=tissue)   # E
 ```
 * :mod:`hwsi.features.encoders` — registry of image/text encoders (CONCH, HIPT ViT-256, small patch CNN, MiniLM);
 * :mod:`hwsi.features.spf` — Semantic Patch Filtering; :mod:`hwsi.features.vocab` — the fixed SPF vocabulary;
-* :mod:`hwsi.features.extract` — `hwsi extract` (patch features, region input, SPF, cells of R̂_i per slide store);
+* :mod:`hwsi.features.extract` — `hwsi extract` (patch features, region input, SPF, cells of R̂_i per slide store),
+  over :mod:`~hwsi.features.extract_config`, :mod:`~hwsi.features.frozen_models`, :mod:`~hwsi.features.region_stream`,
+  :mod:`~hwsi.features.slide_extraction` (one slide) and :mod:`~hwsi.features.extract_cells` (the cells step);
 * :mod:`hwsi.features.import_features` — `hwsi import-features` (TRIDENT / CLAM features files).
 
 Heavy modules (torch, h5py) are imported on use, not here.
