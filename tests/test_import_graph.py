@@ -24,8 +24,9 @@ PACKAGE = SRC / "hwsi"
 #   0 errors                             the exception types
 #   1 textio, utils, options             UTF-8 text/YAML/CSV readers, atomic writes and locks, CLI option helpers
 #   2 config                             the typed config reader (textio, utils)
-#   3 store, batch, data, synth          the slide store (hwsi.store), the per-slide batch runner, the dataset record
-#                                        parsers, the SynthPath generator: shared inputs, none imports a stage
+#   3 store, batch, data, synth, nn      the slide store (hwsi.store), the per-slide batch runner, the dataset record
+#                                        parsers, the SynthPath generator, the shared torch blocks (hwsi.nn: the
+#                                        transformer block of the encoders and the hierarchy): none imports a stage
 #   4 slide -> 5 cells -> 6 features -> 7 model -> 8 train   the stages, in data-flow order (train also reads
 #                                        synth's patch-caption pairs for the small patch encoder, and data's records)
 #   9 eval                               scores a trained run (train.inference, model, features)
@@ -38,7 +39,7 @@ LAYER: dict[str, int] = {
     "errors": 0,
     "textio": 1, "utils": 1, "options": 1,
     "config": 2,
-    "store": 3, "batch": 3, "data": 3, "synth": 3,
+    "store": 3, "batch": 3, "data": 3, "synth": 3, "nn": 3,
     "slide": 4,
     "cells": 5,
     "features": 6,

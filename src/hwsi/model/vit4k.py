@@ -32,7 +32,7 @@ from torch import nn
 
 from hwsi.config import NonNegInt, PositiveFloat, PositiveInt
 from hwsi.errors import ConfigError
-from hwsi.model.blocks import Block, init_vit_weights
+from hwsi.nn.transformer import Block, init_vit_weights
 
 
 @dataclass
