@@ -191,3 +191,26 @@ def test_cli_defaults_are_the_config_defaults() -> None:
         assert len(shared) == n_shared, (command, [f.name for f in shared])
         for f in shared:
             assert params[f.name] == f.default, (command, f.name)
+
+
+def test_eval_cli_defaults_are_eval_config_defaults() -> None:
+    """`hwsi eval` takes its option defaults from EvalConfig (``--seed`` is ``shuffle_seed``)."""
+    import typer
+
+    from hwsi.eval.commands import register
+    from hwsi.eval.eval_config import EvalConfig
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command so typer keeps sub-command names
+        """no-op"""
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["eval"].params}  # type: ignore[attr-defined]
+    field_of = {"seed": "shuffle_seed"}
+    shared = {"convention", "coco_tokenizer", "limit", "label_key", "prompt_set", "text_encoder", "embedding",
+              "max_new_tokens", "batch_size", "seed"}
+    defaults = EvalConfig()
+    for name in shared:
+        assert params[name] == getattr(defaults, field_of.get(name, name)), name

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
 from hwsi.config import from_dict
+from hwsi.eval.eval_config import EvalConfig, TaskError
+from hwsi.options import default_of
 from hwsi.utils.outdir import prepare_output_dir
+
+
+_eval = partial(default_of, EvalConfig)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,27 +31,26 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., "--model", help="Training run folder (hwsi.train)."),
         job: Path = typer.Option(None, "--job", help="Job folder with stores/<slide_id>.h5 (default: DATA/job)."),
         out: Path = typer.Option(Path("eval_out"), "--out", help="Output folder: <task>.json, <task>.md, summary.md."),
-        convention: str = typer.Option("wsi-bench", "--convention", help="Generation metrics: wsi-bench or coco."),
-        coco_tokenizer: str = typer.Option("ptb", "--coco-tokenizer", help="coco only: ptb (Java) or simple."),
-        limit: int = typer.Option(0, "--limit", help="First N test samples per task (0 = all)."),
+        convention: str = typer.Option(_eval("convention"), "--convention", help="Generation metrics: wsi-bench or coco."),
+        coco_tokenizer: str = typer.Option(_eval("coco_tokenizer"), "--coco-tokenizer", help="coco only: ptb (Java) or simple."),
+        limit: int = typer.Option(_eval("limit"), "--limit", help="First N test samples per task (0 = all)."),
         split: str = typer.Option("test", "--split", help="Evaluated split (SynthPath: test or val)."),
         labels: Path = typer.Option(None, "--labels", help="Record-file data: CSV slide_id,label[,split] for the "
                                     "classification / retrieval tasks."),
-        label_key: str = typer.Option("diagnosis", "--label-key", help="SynthPath label: a fact name or 'label'."),
+        label_key: str = typer.Option(_eval("label_key"), "--label-key", help="SynthPath label: a fact name or 'label'."),
         prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt file (CONCH/MI-Zero json or TITAN "
                                      "yaml); default: the packaged SynthPath prompts."),
-        prompt_set: int = typer.Option(0, "--prompt-set", help="Index of the prompt set in the file."),
-        text_encoder: str = typer.Option("minilm", "--text-encoder", help="Text encoder (registry name)."),
-        embedding: str = typer.Option("auto", "--embedding", help="Slide embedding: auto, z_wsi or slide_token."),
-        max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="0 = per task (report 256, caption 96, vqa 64)."),
-        batch_size: int = typer.Option(4, "--batch-size", help="Slides per forward / generate call."),
+        prompt_set: int = typer.Option(_eval("prompt_set"), "--prompt-set", help="Index of the prompt set in the file."),
+        text_encoder: str = typer.Option(_eval("text_encoder"), "--text-encoder", help="Text encoder (registry name)."),
+        embedding: str = typer.Option(_eval("embedding"), "--embedding", help="Slide embedding: auto, z_wsi or slide_token."),
+        max_new_tokens: int = typer.Option(_eval("max_new_tokens"), "--max-new-tokens", help="0 = per task (report 256, caption 96, vqa 64)."),
+        batch_size: int = typer.Option(_eval("batch_size"), "--batch-size", help="Slides per forward / generate call."),
         no_shuffle: bool = typer.Option(False, "--no-shuffle", help="Skip the shuffled-visual-tokens baseline."),
         no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (the slow metric)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the shuffled-visual derangement."),
+        seed: int = typer.Option(_eval("shuffle_seed"), "--seed", help="Seed of the shuffled-visual derangement."),
     ) -> None:
         """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
         # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
-        from hwsi.eval.eval_config import EvalConfig, TaskError
         from hwsi.eval.eval_data import load_eval_data
         from hwsi.eval.tasks import TASKS, check_run_stores, load_model, run_all
         from hwsi.train.inference import run_config
