@@ -260,7 +260,7 @@ def test_overlays_grid_spf_tissue(client: TestClient, job: Path) -> None:
     grid = client.get(f"/api/slides/{SID}/overlays/grid").json()
     assert grid["regions"] == rc.tolist() and grid["grid_side"] == 4 and len(grid["patch_tissue"][0]) == 16
     spf = client.get(f"/api/slides/{SID}/overlays/spf").json()
-    assert len(spf["patches"]) == int((sel >= 0).sum()) and spf["patch_size"] == 128
+    assert len(spf["patches"]) == int((sel >= 0).sum()) and spf["patch_size_level0"] == 128
     r = client.get(f"/api/slides/{SID}/overlays/tissue.png")
     assert r.headers["x-mask-source"] == "tissue/mask"
     png = np.asarray(Image.open(io.BytesIO(r.content)))

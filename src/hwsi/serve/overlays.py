@@ -1,8 +1,8 @@
 """Overlay data read from a slide's store: tissue mask, region/patch grid, SPF selection and nuclei in a box.
 
 Everything is in level-0 pixel coordinates (docs/design.md §3); the viewer maps them to the screen. The store is
-read through :class:`hwsi.store.SlideStore`; the JSON fields ``region_size``/``patch_size`` of the HTTP API are
-level-0 pixels (the store's ``region_size_level0``/``patch_size_level0``), not the store's target-µm/px sizes.
+read through :class:`hwsi.store.SlideStore`; the HTTP API's JSON fields ``region_size_level0`` /
+``patch_size_level0`` are level-0 pixels (the store's fields of those names), never the store's target-µm/px sizes.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class StoreOverlays:
         """Regions (level-0 top-left), sizes (level-0 px), and per-region patch tissue flags as '0'/'1' strings
         (row-major)."""
         return {
-            "region_size": self.region_size_level0,
-            "patch_size": self.patch_size_level0,
+            "region_size_level0": self.region_size_level0,
+            "patch_size_level0": self.patch_size_level0,
             "grid_side": self.grid_side,
             "regions": self.region_coords.tolist(),
             "patch_tissue": ["".join("1" if t else "0" for t in row) for row in self.patch_tissue],
@@ -134,7 +134,7 @@ class StoreOverlays:
                         v = float(self.relevance[r, g])
                         rel = None if not np.isfinite(v) else round(v, 4)
                     out.append({"region": r, "patch": int(g), "x": int(x), "y": int(y), "relevance": rel})
-        return {"available": self.selected is not None, "patch_size": self.patch_size_level0, "patches": out}
+        return {"available": self.selected is not None, "patch_size_level0": self.patch_size_level0, "patches": out}
 
     # ---- tissue mask --------------------------------------------------------------------------------------
     def tissue_mask(self) -> tuple[np.ndarray, str]:

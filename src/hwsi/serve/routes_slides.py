@@ -55,8 +55,8 @@ def slides_router(state: ServerState) -> APIRouter:
             {
                 "dzi_info": {"tile_size": g.tile_size, "overlap": g.overlap, "max_level": g.max_level, "format": "jpeg"},
                 "tiles": f"/api/slides/{url_id(e.slide_id)}/image_files/",
-                "region_size": ov.region_size_level0,
-                "patch_size": ov.patch_size_level0,
+                "region_size_level0": ov.region_size_level0,
+                "patch_size_level0": ov.patch_size_level0,
                 "n_regions": int(ov.region_coords.shape[0]),
                 "overlays": {
                     "tissue": True,

@@ -54,10 +54,10 @@ function heatColour(v) {  // 0..1 -> blue..yellow..red
 
 viewer.overlays.push((ctx) => {   // heatmap of the latest answer
   if (!on("ov-heatmap") || !state.heatmap || !state.grid) return;
-  const g = state.grid, p = g.patch_size;
+  const g = state.grid, p = g.patch_size_level0;
   state.heatmap.forEach((row, r) => {
     const [rx, ry] = g.regions[r];
-    if (!inView(rx, ry, g.region_size, g.region_size)) return;
+    if (!inView(rx, ry, g.region_size_level0, g.region_size_level0)) return;
     row.forEach((v, i) => {
       if (v === null) return;
       const x = rx + (i % g.grid_side) * p, y = ry + Math.floor(i / g.grid_side) * p;
@@ -69,9 +69,9 @@ viewer.overlays.push((ctx) => {   // heatmap of the latest answer
 
 viewer.overlays.push((ctx) => {   // region and patch grid
   if (!on("ov-grid") || !state.grid) return;
-  const g = state.grid, p = g.patch_size, showPatches = p * viewer.scale >= 6;
+  const g = state.grid, p = g.patch_size_level0, showPatches = p * viewer.scale >= 6;
   g.regions.forEach(([rx, ry], r) => {
-    if (!inView(rx, ry, g.region_size, g.region_size)) return;
+    if (!inView(rx, ry, g.region_size_level0, g.region_size_level0)) return;
     if (showPatches) {
       ctx.strokeStyle = "rgba(255,255,255,0.35)"; ctx.lineWidth = 1;
       const t = g.patch_tissue[r];
@@ -83,13 +83,13 @@ viewer.overlays.push((ctx) => {   // region and patch grid
       ctx.setLineDash([]);
     }
     ctx.strokeStyle = "rgba(0,230,255,0.9)"; ctx.lineWidth = 2;
-    ctx.strokeRect(...rectScreen(rx, ry, g.region_size, g.region_size));
+    ctx.strokeRect(...rectScreen(rx, ry, g.region_size_level0, g.region_size_level0));
   });
 });
 
 viewer.overlays.push((ctx) => {   // SPF-selected patches
   if (!on("ov-spf") || !state.spf) return;
-  const p = state.spf.patch_size;
+  const p = state.spf.patch_size_level0;
   ctx.strokeStyle = "#00a0ff"; ctx.lineWidth = 2;
   for (const s of state.spf.patches) if (inView(s.x, s.y, p, p)) ctx.strokeRect(...rectScreen(s.x + 2 / viewer.scale, s.y + 2 / viewer.scale, p - 4 / viewer.scale, p - 4 / viewer.scale));
 });
