@@ -30,7 +30,7 @@ from PIL import Image
 
 from hwsi.cells import FEATURE_NAMES, SegmentConfig, segment_nuclei
 from hwsi.cells.morphology import raw_features
-from hwsi.cells.metrics import SegmentationScores, score_segmentation
+from hwsi.cells.segmentation_metrics import SegmentationScores, score_segmentation
 from hwsi.cells.segment import HELD_OUT_PARAMS, held_out_config, plain_watershed, segment_labels
 
 TUNED_ON = [("image01", 0.5), ("image08", 0.25)]  # ≈20x and ≈40x, ../shared/data/nuclei

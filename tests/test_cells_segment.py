@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hwsi.cells import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS, SegmentConfig, segment_nuclei
-from hwsi.cells.metrics import match_instances, score_segmentation
+from hwsi.cells.segmentation_metrics import match_instances, score_segmentation
 from hwsi.cells.segment import held_out_config, plain_watershed
 from hwsi.cells.watershed import adjacent_label_pairs, merge_convex_pieces
 from hwsi.errors import HwsiError

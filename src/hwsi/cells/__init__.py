@@ -9,7 +9,7 @@ Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell
 
 :func:`cells_to_columns` (:mod:`hwsi.cells.columns`) turns results into the columns of a slide store's ``cells/*``
 group, which :mod:`hwsi.store.cells` writes and reads (CSR by region and patch);
-:mod:`hwsi.cells.metrics` scores an instance segmentation (F1 at IoU ≥ 0.5, AJI).
+:mod:`hwsi.cells.segmentation_metrics` scores an instance segmentation (F1 at IoU ≥ 0.5, AJI).
 """
 
 from hwsi.cells.cellvit import CellVitCells, CellVitError, attach_cells_to_grid, load_cellvit

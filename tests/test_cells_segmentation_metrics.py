@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hwsi.cells.metrics import (
+from hwsi.cells.segmentation_metrics import (
     aggregated_jaccard_index,
     centroid_hits,
     match_instances,
