@@ -1,4 +1,4 @@
-"""CLI commands of hwsi.eval (registered by hwsi.cli): ``hwsi eval``."""
+"""CLI commands of hwsi.eval (registered by hwsi.cli): ``hwsi eval`` and ``hwsi score``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import typer
 
 from hwsi.config import from_dict
-from hwsi.eval.eval_config import EvalConfig, TaskError
+from hwsi.eval.eval_config import EvalConfig, ScoreConfig, TaskError
 from hwsi.options import default_of
 from hwsi.utils.outdir import prepare_output_dir
 
 
 _eval = partial(default_of, EvalConfig)
+_score = partial(default_of, ScoreConfig)
 
 
 def register(app: typer.Typer) -> None:
@@ -82,4 +83,43 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{name}: " + (f"skipped ({r.skipped})" if r.skipped else f"written {out / (name + '.json')}"))
         typer.echo(f"summary: {out / 'summary.md'}")
         if all(r.skipped for r in results.values()):
+            raise typer.Exit(1)
+
+    @app.command("score")
+    def score(
+        predictions: Path = typer.Argument(..., help="Another tool's answer file: WSI-LLaVA model_vqa jsonl, SlideChat "
+                                           "test csv, NLP_Metric / WSI-Relevance inputs, hwsi eval <task>.json, or a "
+                                           "json/jsonl/csv with question ids and answers (docs/scoring-peers.md)."),
+        data: Path = typer.Option(..., "--data", help="The benchmark: WSI-Bench test jsonl, SlideBench-VQA json/csv, "
+                                  "WSI-VQA json, or a SynthPath cohort folder (facts scored too)."),
+        convention: str = typer.Option(_score("convention"), "--convention", help="Text metrics: wsi-bench or coco."),
+        coco_tokenizer: str = typer.Option(_score("coco_tokenizer"), "--coco-tokenizer",
+                                           help="coco only: ptb (Java) or simple."),
+        out: Path = typer.Option(Path("score_out"), "--out", help="Output folder: answers.*, <task>.json, <task>.md, "
+                                 "summary.md."),
+        fmt: str = typer.Option("auto", "--format", help="Layout of PREDICTIONS: auto, slidechat-csv, nlp-metric, "
+                                "wsi-relevance-csv, llava, wsi-llava, hwsi-eval, generic."),
+        id_key: str = typer.Option("", "--id-key", help="Column / key of the question id (default: the layout's)."),
+        answer_key: str = typer.Option("", "--answer-key", help="Column / key of the answer (default: the layout's)."),
+        missing: str = typer.Option(_score("missing"), "--missing", help="Questions without an answer: skip (left "
+                                    "out, counted) or wrong (scored as empty answers)."),
+        split: str = typer.Option(_score("split"), "--split", help="SynthPath cohort only: the split's records."),
+        no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (the slow metric)."),
+    ) -> None:
+        """Score another tool's answers to a benchmark with hwsi eval's tables (closed accuracy + parse failures,
+        open text metrics, facts); JSON + Markdown in --out, the tables printed."""
+        from hwsi.eval.peer_predictions import read_peer_predictions
+        from hwsi.eval.score import load_benchmark, score_predictions, write_scores
+
+        cfg = from_dict(ScoreConfig, dict(convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor,
+                                          missing=missing, split=split), "hwsi score options")
+        prepare_output_dir(out, what="--out folder", create=False)
+        bench = load_benchmark(data, split=cfg.split)
+        preds = read_peer_predictions(predictions, fmt, id_key=id_key, answer_key=answer_key)
+        results = score_predictions(preds, bench, cfg)
+        prepare_output_dir(out, what="--out folder")
+        summary = write_scores(results, out, f"Scores of {preds.path.name} on {bench.source}")
+        typer.echo(summary.read_text(encoding="utf-8").rstrip())
+        typer.echo(f"written: {summary} and " + ", ".join(f"{r.name}.json" for r in results))
+        if all(r.skipped for r in results[1:]):
             raise typer.Exit(1)

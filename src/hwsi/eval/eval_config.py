@@ -1,5 +1,6 @@
-"""Settings of an evaluation run (:class:`EvalConfig`, every field recorded in each task's JSON) and the error a
-task raises when it cannot run on this model/data (:class:`TaskError`)."""
+"""Settings of an evaluation run (:class:`EvalConfig`, every field recorded in each task's JSON), of scoring another
+tool's answers (:class:`ScoreConfig`, ``hwsi score``), and the error a task raises when it cannot run on this
+model/data (:class:`TaskError`)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ class EvalConfig:
 
     def tokens_for(self, task: str) -> int:
         return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 128)
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of ``hwsi score`` (hwsi.eval.score; every field recorded in each result JSON)."""
+
+    convention: Literal["wsi-bench", "coco"] = "wsi-bench"  # text metrics (hwsi.eval.metrics)
+    coco_tokenizer: Literal["ptb", "simple"] = "ptb"  # coco only
+    meteor: bool = True
+    missing: Literal["skip", "wrong"] = "skip"  # questions without an answer: left out, or scored as empty answers
+    split: str = "test"  # SynthPath cohort folder: the records of text/<split>.jsonl

@@ -5,7 +5,7 @@ closed-ended VQA of several held-out splits (:func:`heldout_closed_vqa`, the lea
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hwsi.data import QAItem
@@ -18,13 +18,18 @@ from hwsi.eval.results import TaskResult, markdown_table
 from hwsi.eval.vqa import evaluate_items, vqa_accuracy
 
 
-def _task_items(data: EvalData, task: str, limit: int) -> list[QAItem]:
+def items_of_task(items: Sequence[QAItem], task: str) -> list[QAItem]:
+    """The items ``task`` scores: ``report`` / ``caption`` those of its categories (:data:`TASK_CATEGORIES`,
+    compared case-insensitively), ``vqa`` every other item; in the given order."""
     if task in TASK_CATEGORIES:
         cats = TASK_CATEGORIES[task]
-        items = [it for it in data.items if it.category.lower() in cats]
-    else:
-        skip = {c for v in TASK_CATEGORIES.values() for c in v}
-        items = [it for it in data.items if it.category.lower() not in skip]
+        return [it for it in items if it.category.lower() in cats]
+    skip = {c for v in TASK_CATEGORIES.values() for c in v}
+    return [it for it in items if it.category.lower() not in skip]
+
+
+def _task_items(data: EvalData, task: str, limit: int) -> list[QAItem]:
+    items = items_of_task(data.items, task)
     if limit <= 0 or limit >= len(items):
         return items
     # round-robin over slides (1st item of every slide, then 2nd, ...) so a limited run still spans slides
@@ -37,15 +42,21 @@ def _task_items(data: EvalData, task: str, limit: int) -> list[QAItem]:
     return [items[i] for _, i in sorted(keyed)[:limit]]
 
 
-def _score_generation(task: str, preds: list[str], items: list[QAItem], data: EvalData, cfg: EvalConfig) -> dict[str, Any]:
+def score_generation(task: str, preds: Sequence[str], items: Sequence[QAItem],
+                     facts_of: Mapping[str, Mapping[str, Any] | None], cfg: EvalConfig) -> dict[str, Any]:
+    """Scores of answers ``preds`` to ``items`` for ``task``: ``vqa`` by :func:`evaluate_items` (closed accuracy with
+    its parse-failure rate, open text metrics), ``report``/``caption`` by :func:`generation_scores`; beside them the
+    FACT accuracy of the items whose slide has facts in ``facts_of`` (slide id -> SynthPath facts or None). The
+    per-sample fact rows are under ``"_fact_rows"`` (item index -> row), for the caller to pop."""
+    preds = list(preds)
     if task == "vqa":
         out = evaluate_items(preds, items, generation_convention=cfg.convention, meteor=cfg.meteor)
     else:
         out = generation_scores(preds, [it.answer for it in items], convention=cfg.convention,  # type: ignore[arg-type]
                                 tokenizer=cfg.coco_tokenizer, meteor=cfg.meteor)
-    with_facts = [i for i, it in enumerate(items) if data.slides[it.slide_id].facts]
+    with_facts = [i for i, it in enumerate(items) if facts_of.get(it.slide_id)]
     if with_facts:
-        fa = fact_accuracy([preds[i] for i in with_facts], [data.slides[items[i].slide_id].facts for i in with_facts],
+        fa = fact_accuracy([preds[i] for i in with_facts], [facts_of[items[i].slide_id] or {} for i in with_facts],
                            [items[i].answer for i in with_facts])
         out["facts"] = {k: v for k, v in fa.items() if k != "per_sample"}
         out["_fact_rows"] = dict(zip(with_facts, fa["per_sample"], strict=True))
@@ -68,16 +79,30 @@ def _generation_row(name: str, m: dict[str, Any], task: str, fact_names: list[st
     return row
 
 
+def generation_table(task: str, named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """The Markdown table of a generation task: one row per ``(name, scores of score_generation)``; the fact columns
+    are those the first row's scores hold."""
+    first = named[0][1] if named else {}
+    fact_names = [k for k in FACT_NAMES if k in first.get("facts", {}).get("facts", {})]
+    if task == "vqa":
+        head = ["", "closed acc", "parse fail", "open token F1", "BLEU-1", "BLEU-4", "ROUGE-L", "METEOR"]
+    else:
+        head = ["", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR"]
+    head += ["fact acc (mean)", "all facts"] + [f"{k}" for k in fact_names]
+    return markdown_table(head, [_generation_row(name, dict(m), task, fact_names) for name, m in named])
+
+
 def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> TaskResult:
     """``vqa``, ``report`` or ``caption`` with fact accuracy and the shuffled-visual baseline."""
     items = _task_items(data, task, cfg.limit)
     if not items:
         raise TaskError(f"no {task} records for split {data.split!r} matched to stores")
     slides = SlideInputCache(model, data, cfg)
+    facts_of = {sid: info.facts for sid, info in data.slides.items()}
     n_tok = cfg.tokens_for(task)
     own = [it.slide_id for it in items]
     preds = generate_answers(model, slides, items, own, n_tok, cfg.batch_size)
-    model_m = _score_generation(task, preds, items, data, cfg)
+    model_m = score_generation(task, preds, items, facts_of, cfg)
     metrics: dict[str, Any] = {"task": task, "max_new_tokens": n_tok, "decoding": "greedy"}
     shuf_preds: list[str] | None = None
     perm: dict[str, str] = {}
@@ -88,7 +113,7 @@ def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> T
             metrics["shuffled"] = {"skipped": str(exc)}
         else:
             shuf_preds = generate_answers(model, slides, items, [perm[s] for s in own], n_tok, cfg.batch_size)
-            metrics["shuffled"] = _score_generation(task, shuf_preds, items, data, cfg)
+            metrics["shuffled"] = score_generation(task, shuf_preds, items, facts_of, cfg)
             # the convention names the public path (re-exported by hwsi.eval.tasks); recorded in the JSON as before
             metrics["shuffle"] = {"convention": "derangement of the evaluated slides' visual inputs "
                                   "(hwsi.eval.tasks.derangement): slide s answered with the visual tokens of pi(s) != s",
@@ -108,15 +133,9 @@ def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> T
             if i in shuf_fact_rows:
                 row["shuffled_facts"] = shuf_fact_rows[i]
         predictions.append(row)
-    fact_names = [k for k in FACT_NAMES if k in model_m.get("facts", {}).get("facts", {})]
-    if task == "vqa":
-        head = ["", "closed acc", "parse fail", "open token F1", "BLEU-1", "BLEU-4", "ROUGE-L", "METEOR"]
-    else:
-        head = ["", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR"]
-    head += ["fact acc (mean)", "all facts"] + [f"{k}" for k in fact_names]
-    rows = [_generation_row("model", model_m, task, fact_names)]
+    named = [("model", model_m)]
     if shuf_preds is not None:
-        rows.append(_generation_row("shuffled visual tokens", metrics["shuffled"], task, fact_names))
+        named.append(("shuffled visual tokens", metrics["shuffled"]))
     title = {"vqa": "VQA", "report": "Report generation", "caption": "Captioning"}[task]
     conv = model_m.get("convention", cfg.convention)
     fconv = model_m.get("facts", {}).get("convention", "")
@@ -125,7 +144,7 @@ def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> T
         f"Conventions: text metrics {conv}" + (f" (tokenizer: {model_m['tokenizer']})" if "tokenizer" in model_m else "")
         + f". Facts: {fconv}. Shuffled: every slide answered with another slide's visual tokens (derangement, "
           f"seed {cfg.shuffle_seed}).",
-        markdown_table(head, rows),
+        generation_table(task, named),
     ])
     return TaskResult(task, metrics, predictions, md)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hwsi.utils.atomic import write_json_atomic
+from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
 
 @dataclass
@@ -82,7 +82,7 @@ def write_result(result: TaskResult, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{result.name}.json", "md": out / f"{result.name}.md"}
     write_json_atomic(paths["json"], jsonable(result.to_dict()))
-    paths["md"].write_text(result.markdown + "\n", encoding="utf-8")
+    write_bytes_atomic(paths["md"], (result.markdown + "\n").encode("utf-8"))
     for name, fig in result.figures.items():
         paths[name] = Path(fig)
     return paths
@@ -94,6 +94,13 @@ def summary_markdown(results: Iterable[TaskResult], title: str = "Evaluation") -
     for r in results:
         parts += [r.markdown, ""]
     return "\n".join(parts)
+
+
+def write_summary(results: Iterable[TaskResult], out_dir: str | Path, title: str = "Evaluation") -> Path:
+    """Write ``<out>/summary.md`` (:func:`summary_markdown`) atomically; returns its path."""
+    path = Path(out_dir) / "summary.md"
+    write_bytes_atomic(path, (summary_markdown(results, title) + "\n").encode("utf-8"))
+    return path
 
 
 def confusion_matrix_png(
@@ -156,5 +163,6 @@ __all__ = [
     "markdown_table",
     "summary_markdown",
     "write_result",
+    "write_summary",
     "write_task",
 ]

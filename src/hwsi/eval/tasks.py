@@ -51,7 +51,7 @@ from hwsi.eval.eval_config import EvalConfig, TaskError, TextEncoderLike
 from hwsi.eval.eval_data import EvalData, load_eval_data
 from hwsi.eval.generation_tasks import heldout_closed_vqa, task_generation
 from hwsi.eval.model_outputs import derangement
-from hwsi.eval.results import TaskResult, summary_markdown, write_task
+from hwsi.eval.results import TaskResult, write_summary, write_task
 from hwsi.train.bundle import check_stores
 
 TASKS: tuple[str, ...] = (
@@ -117,7 +117,7 @@ def run_all(model: Any, data: EvalData, cfg: EvalConfig | None = None, tasks: Se
         out = Path(out)
         for r in results.values():
             write_task(r, out, figures=figures)
-        (out / "summary.md").write_text(summary_markdown(results.values()) + "\n", encoding="utf-8")
+        write_summary(results.values(), out)
     return results
 
 

@@ -2,8 +2,11 @@
 
 Closed-ended convention (``"closed-choice"``): a model answer is mapped to an option index by :func:`parse_choice`;
 an answer that cannot be mapped counts as wrong *and* as a parse failure, and the failure rate is reported next to
-the accuracy. Open-ended convention (``"open-normalised"``): SQuAD-style normalisation (lower case, punctuation and
-the articles a/an/the removed, whitespace collapsed), then exact match, normalised match and token F1.
+the accuracy. A yes/no question (``option_kind`` ``"yes-no"``: WSI-Bench's polar questions, whose answers are
+sentences such as "Yes, ... no evidence of ...") is first read by its answer's leading word, the rule that resolves
+the references (:func:`parse_item_choice`). Open-ended convention (``"open-normalised"``): SQuAD-style normalisation
+(lower case, punctuation and the articles a/an/the removed, whitespace collapsed), then exact match, normalised match
+and token F1.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hwsi.data import QAItem, strip_option_letter
+from hwsi.data.choices import resolve_answer_index
 from hwsi.errors import HwsiError
 from hwsi.eval.metrics import generation_scores
 
@@ -105,6 +109,18 @@ def parse_choice(answer_text: str, options: Sequence[str]) -> int | None:
     return None
 
 
+def parse_item_choice(answer_text: str, item: QAItem) -> int | None:
+    """The option of ``item`` an answer picks: for a yes/no item (``metadata["option_kind"] == "yes-no"``) its
+    leading word first (``Yes``/``Indeed``/``Correct`` -> yes, ``No``/``Neither``/``There is no`` -> no, as
+    :func:`hwsi.data.choices.resolve_answer_index` reads the references), else :func:`parse_choice`."""
+    assert item.options is not None
+    if item.metadata.get("option_kind") == "yes-no":
+        lead = resolve_answer_index(answer_text.strip(), item.options, "yes-no")
+        if lead is not None:
+            return lead
+    return parse_choice(answer_text, item.options)
+
+
 def _gold_index(item: QAItem) -> int | None:
     if item.answer_index is not None:
         return item.answer_index
@@ -132,7 +148,7 @@ def vqa_accuracy(preds: Sequence[str], items: Sequence[QAItem]) -> dict[str, Any
             no_gold += 1
             continue
         n += 1
-        choice = parse_choice(pred, item.options)
+        choice = parse_item_choice(pred, item)
         if choice is None:
             failures += 1
         ok = int(choice == gold)
@@ -141,8 +157,8 @@ def vqa_accuracy(preds: Sequence[str], items: Sequence[QAItem]) -> dict[str, Any
         per_cat[item.category][0] += ok
         per_cat[item.category][1] += 1
     return {
-        "convention": "closed-choice: option letter or option text (hwsi.eval.vqa.parse_choice); "
-        "unparsed answers count as wrong",
+        "convention": "closed-choice: option letter or option text (hwsi.eval.vqa.parse_choice; yes/no questions by "
+        "the answer's leading word first); unparsed answers count as wrong",
         "accuracy": correct / n if n else float("nan"),
         "n": n,
         "n_correct": correct,
@@ -222,4 +238,5 @@ def evaluate_items(
     return out
 
 
-__all__ = ["VQAError", "evaluate_items", "normalize_answer", "open_answer_scores", "parse_choice", "token_f1", "vqa_accuracy"]
+__all__ = ["VQAError", "evaluate_items", "normalize_answer", "open_answer_scores", "parse_choice", "parse_item_choice",
+           "token_f1", "vqa_accuracy"]
