@@ -169,6 +169,27 @@ def test_slidechat_fixed_wrong_option_and_shuffled_answers(slidebench: Path, tmp
     assert abs(acc - expected) < 0.05 and acc < 0.45
 
 
+def test_slidechat_csv_joins_the_released_slidebench_csv_by_id(slidebench: Path, tmp_path: Path) -> None:
+    """The released SlideBench-VQA csv (columns of hwsi.data.SLIDEBENCH_CSV_COLUMNS; stand-in built from the json
+    copy's questions) carries the ``ID`` SlideChat copies into its output: the join is by id."""
+    samples = json.loads(slidebench.read_text(encoding="utf-8"))["samples"][:120]
+    bench_csv = tmp_path / "SlideBench-VQA(TCGA).csv"
+    with bench_csv.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", "A", "B", "C", "D",
+                    "Answer"])
+        for i, s in enumerate(samples):
+            broad, _, narrow = s["category"].partition(" - ")
+            w.writerow([i + 1, s["slide_id"], "BRCA", broad, narrow, s["question"],
+                        *[c.split(") ", 1)[1] for c in s["choices"]], s["answer"]])
+    # the model answered the first 100 with the true letter, the last 20 with the next letter (wrong)
+    outs = [s["answer"] if i < 100 else LETTERS[(LETTERS.index(s["answer"]) + 1) % 4] for i, s in enumerate(samples)]
+    pred = _slidechat_csv(tmp_path / "out.csv", samples, outs, ids=[i + 1 for i in range(len(samples))])
+    res = score_predictions(read_peer_predictions(pred), load_benchmark(bench_csv))
+    assert res[0].metrics["matched"] == 120 and res[0].metrics["matched_by_content"] == 0
+    assert res[1].metrics["model"]["closed"]["accuracy"] == pytest.approx(100 / 120)
+
+
 # ------------------------------------------------------------------------------------------------- WSI-VQA
 def test_wsi_vqa_generic_csv_closed_and_open(wsi_vqa: Path, tmp_path: Path) -> None:
     bench = load_benchmark(wsi_vqa)
@@ -271,3 +292,62 @@ def test_wrong_benchmark_missing_files_and_bad_options_exit_2(slidebench: Path, 
     assert rc == 2 and "is an existing file, not a folder" in err
     with pytest.raises(PredictionFileError, match="unknown predictions format"):
         read_peer_predictions(pred, fmt="xlsx")
+
+
+# ------------------------------------------------------------------------- SynthPath: facts; coco convention
+@pytest.fixture(scope="module")
+def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SynthPath cohort folder as hwsi.synth.cohort writes it (cohort.json + text/test.jsonl), 5 test slides."""
+    from hwsi.synth.classes import DIAGNOSES, SlideClasses
+    from hwsi.synth.text import bench_records, slide_text
+
+    root = tmp_path_factory.mktemp("cohort")
+    (root / "text").mkdir()
+    slides, texts = [], []
+    for i, dx in enumerate(DIAGNOSES):
+        cls = SlideClasses(dx, "none" if dx == "benign" else ("focal", "extensive")[i % 2])
+        facts = cls.facts()
+        facts.update(n_tissue_regions=3, n_lesion_regions=1 if cls.extent == "focal" else 2)
+        sid = f"synth_{i:04d}"
+        slides.append({"slide_id": sid, "classes": cls.to_dict(), "label": cls.label, "split": "test", "facts": facts})
+        texts.append(slide_text(sid, facts, seed=0))
+    (root / "cohort.json").write_text(json.dumps({"seed": 0, "n": len(slides), "slides": slides}))
+    (root / "text" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench_records(texts, 0)))
+    return root
+
+
+def test_synthpath_reports_get_fact_accuracy(synth_cohort: Path, tmp_path: Path, capsys) -> None:
+    recs = [json.loads(x) for x in (synth_cohort / "text" / "test.jsonl").read_text().splitlines()]
+    reports = [r for r in recs if r["metadata"] == "Report"]
+    true = _jsonl(tmp_path / "true.jsonl", [{"question_id": r["question_id"], "image": r["image"],
+                                             "question": r["question"], "answer": r["T-answer"],
+                                             "T-answer": r["T-answer"], "metadata": r["metadata"]} for r in reports])
+    rc, stdout, err = _run(capsys, str(true), "--data", str(synth_cohort), "--out", str(tmp_path / "a"),
+                           "--no-meteor")
+    assert rc == 0, err
+    facts = json.loads((tmp_path / "a" / "report.json").read_text())["metrics"]["model"]["facts"]
+    assert facts["mean_accuracy"] == 1.0 and facts["all_correct"] == 1.0
+    assert "| true.jsonl | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | - | 1.000 | 1.000 |" in stdout
+    # each slide given the next slide's report (five different diagnoses): the diagnosis fact is always wrong
+    rolled = [dict(r, answer=reports[(i + 1) % len(reports)]["T-answer"]) for i, r in
+              enumerate(json.loads(x) for x in true.read_text().splitlines())]
+    _jsonl(tmp_path / "rolled.jsonl", rolled)
+    rc, _, err = _run(capsys, str(tmp_path / "rolled.jsonl"), "--data", str(synth_cohort), "--out",
+                      str(tmp_path / "b"), "--no-meteor")
+    assert rc == 0, err
+    facts = json.loads((tmp_path / "b" / "report.json").read_text())["metrics"]["model"]["facts"]
+    assert facts["facts"]["diagnosis"]["accuracy"] == 0.0 and facts["all_correct"] == 0.0
+
+
+def test_coco_convention_gives_cider(synth_cohort: Path, tmp_path: Path, capsys) -> None:
+    recs = [json.loads(x) for x in (synth_cohort / "text" / "test.jsonl").read_text().splitlines()]
+    caps = [{"question_id": r["question_id"], "answer": r["T-answer"]} for r in recs if r["metadata"] == "Caption"]
+    pred = _jsonl(tmp_path / "caps.jsonl", caps)
+    rc, _, err = _run(capsys, str(pred), "--data", str(synth_cohort), "--convention", "coco", "--coco-tokenizer",
+                      "simple", "--no-meteor", "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    m = json.loads((tmp_path / "o" / "caption.json").read_text())["metrics"]["model"]
+    assert m["convention"] == "coco" and m["tokenizer"].startswith("simple") and "CIDEr" in m
+    assert m["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and m["ROUGE-L"] == pytest.approx(1.0)
+    table = (tmp_path / "o" / "caption.md").read_text()
+    assert "| METEOR | CIDEr | fact acc (mean) |" in table

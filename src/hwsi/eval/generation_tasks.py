@@ -65,7 +65,8 @@ def score_generation(task: str, preds: Sequence[str], items: Sequence[QAItem],
     return out
 
 
-def _generation_row(name: str, m: dict[str, Any], task: str, fact_names: list[str]) -> list[Any]:
+def _generation_row(name: str, m: dict[str, Any], task: str, fact_names: list[str],
+                    cider: bool = False) -> list[Any]:
     if task == "vqa":
         closed, open_ = m.get("closed", {}), m.get("open", {})
         row = [name, closed.get("accuracy"), closed.get("parse_failure_rate"), open_.get("token_f1"),
@@ -73,6 +74,8 @@ def _generation_row(name: str, m: dict[str, Any], task: str, fact_names: list[st
     else:
         row = [name, m.get("BLEU-1"), m.get("BLEU-2"), m.get("BLEU-3"), m.get("BLEU-4"), m.get("ROUGE-L"),
                m.get("METEOR")]
+    if cider:
+        row.append((m.get("open", {}) if task == "vqa" else m).get("CIDEr"))
     f = m.get("facts", {})
     row += [f.get("mean_accuracy"), f.get("all_correct")] + [f.get("facts", {}).get(k, {}).get("accuracy")
                                                             for k in fact_names]
@@ -88,8 +91,10 @@ def generation_table(task: str, named: Sequence[tuple[str, Mapping[str, Any]]]) 
         head = ["", "closed acc", "parse fail", "open token F1", "BLEU-1", "BLEU-4", "ROUGE-L", "METEOR"]
     else:
         head = ["", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR"]
-    head += ["fact acc (mean)", "all facts"] + [f"{k}" for k in fact_names]
-    return markdown_table(head, [_generation_row(name, dict(m), task, fact_names) for name, m in named])
+    # CIDEr (coco convention only) gets a column when the first row has it
+    cider = "CIDEr" in (first.get("open", {}) if task == "vqa" else first)
+    head += ["CIDEr"] * cider + ["fact acc (mean)", "all facts"] + [f"{k}" for k in fact_names]
+    return markdown_table(head, [_generation_row(name, dict(m), task, fact_names, cider) for name, m in named])
 
 
 def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> TaskResult:

@@ -32,7 +32,6 @@ a record without an id or with an empty answer is kept and counted by the scorer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -145,7 +144,8 @@ def _content(rec: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def read_peer_predictions(path: str | Path, fmt: str = "auto", id_key: str = "", answer_key: str = "") -> PeerPredictions:
+def read_peer_predictions(path: str | Path, fmt: str = "auto", id_key: str = "",
+                          answer_key: str = "") -> PeerPredictions:
     """Every answer of a predictions file (layouts: module docstring). ``id_key`` / ``answer_key`` override the
     layout's columns. A file that is not one of the layouts -> :class:`PredictionFileError` naming it."""
     path = Path(path)
@@ -181,21 +181,11 @@ def read_peer_predictions(path: str | Path, fmt: str = "auto", id_key: str = "",
     return PeerPredictions(path, fmt, ik, ak, answers)
 
 
-def answers_by_id(answers: Sequence[PeerAnswer]) -> dict[str, list[PeerAnswer]]:
-    """The answers grouped by question id, in file order (answers without an id left out)."""
-    out: dict[str, list[PeerAnswer]] = {}
-    for a in answers:
-        if a.question_id is not None:
-            out.setdefault(a.question_id, []).append(a)
-    return out
-
-
 __all__ = [
     "PEER_FORMATS",
     "PeerAnswer",
     "PeerFormat",
     "PeerPredictions",
     "PredictionFileError",
-    "answers_by_id",
     "read_peer_predictions",
 ]
