@@ -110,6 +110,19 @@ def test_wsi_llava_true_answers_on_a_subset_score_one_and_count_the_rest(wsi_ben
     assert "WSI-Precision and WSI-Relevance" in (out / "report.md").read_text()
 
 
+def test_yes_no_answers_are_read_by_their_leading_word(wsi_bench: Path) -> None:
+    """WSI-Bench answers its polar questions in sentences: "Yes, ... There is no evidence of ..." names both options,
+    which parse_choice alone calls ambiguous; the leading word decides (as it resolves the references)."""
+    from hwsi.eval.vqa import parse_choice, parse_item_choice
+
+    items = [it for it in load_benchmark(wsi_bench).items if it.metadata.get("option_kind") == "yes-no"
+             and it.answer_index is not None]
+    both = [it for it in items if parse_choice(it.answer, it.options) is None]
+    assert len(both) >= 20  # real references that name yes and no, or start with "Indeed" / "Correct"
+    assert all(parse_item_choice(it.answer, it) == it.answer_index for it in items)
+    assert parse_item_choice("No. There is no necrosis, yes.", items[0]) == 1
+
+
 def test_first_wsi_llava_layout_with_a_fixed_answer_scores_the_share_of_that_answer(wsi_bench: Path,
                                                                                     tmp_path: Path) -> None:
     """Every Morphology yes/no question answered "No." (Code/eval/model_vqa.py layout, answer in "text")."""

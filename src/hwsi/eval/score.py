@@ -114,7 +114,8 @@ def join_answers(items: list[QAItem], answers: list[PeerAnswer]) -> Join:
             by_content.setdefault(key, []).append(it.question_id)
     join = Join({})
     for a in answers:
-        qid, via_content = (a.question_id, False) if a.question_id in ids else (None, False)
+        qid = a.question_id if a.question_id in ids else None
+        via_content = False
         if qid is None and a.content is not None:
             hits = by_content.get(_content_key(*a.content), [])
             if len(hits) == 1:
