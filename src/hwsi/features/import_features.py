@@ -116,6 +116,11 @@ def _read_h5(path: Path, *, need_features: bool) -> dict[str, Any]:
     with f:
         wanted = ("features", "coords") if need_features else ("coords",)
         missing = [k for k in wanted if k not in f or not isinstance(f[k], h5py.Dataset)]
+        if missing == ["features"] and detect_format({k: attr_value(v) for k, v in f["coords"].attrs.items()}) \
+                != "unknown":
+            raise FeatureImportError(path, "a patches file (coordinates only, no 'features'): give it with --patches "
+                                           "and the features file of the same slide as FEATURES (CLAM: "
+                                           "FEAT/h5_files/<slide>.h5, TRIDENT: features_<encoder>/<slide>.h5)")
         if missing:
             what = ("a TRIDENT/CLAM features file with 'features' and 'coords'" if need_features
                     else "a CLAM/TRIDENT patches file with 'coords'")
@@ -282,8 +287,8 @@ def import_features(store: str | Path, features_path: str | Path, cfg: ImportCon
         exists = s.has_features(name)
     if exists and not cfg.overwrite:
         raise StoreError(store, f"patches/{name} already exists (pass --overwrite to replace it)")
-    rule, eff = check_scale(features_path, ff.footprint, meta, cfg.size_rtol)
     _check_slide_size(features_path, ff.footprint, meta)
+    rule, eff = check_scale(features_path, ff.footprint, meta, cfg.size_rtol)
     ours = float(meta.patch_size_level0)
     r, g = tissue.shape
     side = ff.footprint.size_level0 or ours

@@ -97,11 +97,12 @@ def diagnose(coords: np.ndarray, unmatched: np.ndarray, facts: GridFacts) -> str
                 "coordinates not in level-0 pixels")
     side = facts.patch_side
     step = grid_step(c)
-    if step is not None and abs(step[0] / side - 1) > 0.05:
+    if step is not None and abs(step[0] - side) > 1.0:
         fix = (f"re-tile with --target-mpp {facts.retile_mpp:.4g} to put the store on the foreign grid, or "
                if facts.retile_mpp else "")
         return (f"the coordinates step by {step[0]} px ({step[1]:.0%} of neighbour steps) but the store's patches "
-                f"are {side:g} level-0 px: a different patch size or level; {fix}raise --tolerance (at most 0.5) "
+                f"are {side:g} level-0 px (the grids drift apart by {abs(step[0] - side):.3g} px a patch): a different "
+                f"patch size or level; {fix}raise --tolerance (at most 0.5) "
                 "to take the nearest patch")
     dx, dy = grid_offset(c[unmatched], side)
     tol = facts.tolerance * side
