@@ -44,7 +44,7 @@ from hwsi.features.import_layouts import (
     squeeze_features,
     trident_magnification,
 )
-from hwsi.features.import_match import GridFacts, diagnose, grid_step, match_coords
+from hwsi.features.import_match import GridFacts, diagnose, grid_step, match_coords, px
 from hwsi.store import SlideStore, StoreMeta, update_store
 
 __all__ = ["FeatureImportError", "ForeignFeatures", "ImportConfig", "ImportReport", "import_features",
@@ -257,7 +257,7 @@ def check_scale(path: Path, fp: Footprint, meta: StoreMeta, size_rtol: float) ->
     retile = meta.mpp_level0 * size0 / meta.patch_size
     raise FeatureImportError(
         path,
-        f"foreign patches are {size0:g} level-0 px ({fp.source}) but the store's are {ours:g} "
+        f"foreign patches are {px(size0)} level-0 px ({fp.source}) but the store's are {px(ours)} "
         f"(target {meta.target_mpp:g} µm/px, patch {meta.patch_size} px){detail}: re-tile with --target-mpp "
         f"{retile:.4g}, or extract the features at this store's scale",
     )

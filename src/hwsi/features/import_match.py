@@ -71,6 +71,11 @@ def grid_offset(coords: np.ndarray, side: float) -> tuple[float, float]:
     return float(np.median(r[:, 0])), float(np.median(r[:, 1]))
 
 
+def px(v: float) -> str:
+    """A level-0 size for a message: one decimal at most (486.5, 512)."""
+    return f"{round(float(v), 1):g}"
+
+
 @dataclass
 class GridFacts:
     """What the diagnosis needs about the store (level-0 px)."""
@@ -101,14 +106,14 @@ def diagnose(coords: np.ndarray, unmatched: np.ndarray, facts: GridFacts) -> str
         fix = (f"re-tile with --target-mpp {facts.retile_mpp:.4g} to put the store on the foreign grid, or "
                if facts.retile_mpp else "")
         return (f"the coordinates step by {step[0]} px ({step[1]:.0%} of neighbour steps) but the store's patches "
-                f"are {side:g} level-0 px (the grids drift apart by {abs(step[0] - side):.3g} px a patch): a different "
+                f"are {px(side)} level-0 px (the grids drift apart by {abs(step[0] - side):.3g} px a patch): a different "
                 f"patch size or level; {fix}raise --tolerance (at most 0.5) "
                 "to take the nearest patch")
     dx, dy = grid_offset(c[unmatched], side)
     tol = facts.tolerance * side
     if max(abs(dx), abs(dy)) > tol:
         return (f"the foreign grid is offset from the store's by about ({dx:+.0f}, {dy:+.0f}) level-0 px, more than "
-                f"--tolerance {facts.tolerance:g} of a {side:g} px patch (CLAM starts each tissue contour's grid at "
+                f"--tolerance {facts.tolerance:g} of a {px(side)} px patch (CLAM starts each tissue contour's grid at "
                 "the contour's corner); raise --tolerance (at most 0.5) to take the nearest patch")
     return (f"the unmatched patches lie outside the store's {facts.n_regions} tissue regions (`hwsi tile` kept less "
             "tissue than the foreign tool, or the slides differ)")
