@@ -1,5 +1,5 @@
 """`hwsi import-features` on what CLAM writes: the real patches file of ../shared/data/foreign/clam and features
-files built the way CLAM's extract_features_fp.py writes them (mahmoodlab/CLAM @22825ea: ``save_hdf5(output_path,
+files built the way CLAM's extract_features_fp.py writes them (mahmoodlab/CLAM @53e2409: ``save_hdf5(output_path,
 {'features', 'coords'}, attr_dict=None, mode='w' then 'a')`` per batch, features float32, coords int32; the .pt is
 ``torch.save(torch.from_numpy(features))``)."""
 

@@ -135,7 +135,6 @@ def _read_h5(path: Path, *, need_features: bool) -> dict[str, Any]:
             ds = f["features"]
             out["features"] = np.asarray(ds[()])
             out["features_attrs"] = {k: attr_value(v) for k, v in ds.attrs.items()}
-            out["features_chunks"] = ds.chunks
             out["coords_dtype"] = f["coords"].dtype
     return out
 
@@ -175,7 +174,7 @@ def read_foreign_features(path: str | Path, patches: str | Path | None = None,
             raise FeatureImportError(path, "a .pt features file has no coordinates: give the patches .h5 of the "
                                            "same run with --patches (CLAM: RESULTS/patches/, TRIDENT: .../patches/)")
         raw: dict[str, Any] = {"features": read_pt_features(path), "coords": None, "coords_attrs": {},
-                               "file_attrs": {}, "features_attrs": {}, "features_chunks": None}
+                               "file_attrs": {}, "features_attrs": {}}
     else:
         raw = _read_h5(path, need_features=True)
     feats = squeeze_features(path, raw["features"])
@@ -204,9 +203,9 @@ def read_foreign_features(path: str | Path, patches: str | Path | None = None,
     assert coords is not None
     if len(coords) != len(feats) and not (len(feats) == 0 and len(coords) == 0):
         raise FeatureImportError(path, f"{len(feats)} feature rows but {len(coords)} coords")
-    if fmt == "unknown" and not raw["coords_attrs"] and raw["features_chunks"] and raw["features_chunks"][0] == 32 \
-            and raw.get("coords_dtype") == np.int32:
-        fmt = "clam"  # CLAM's save_hdf5: chunks of 32 rows, int32 coords, attr_dict=None
+    bare = not (raw["coords_attrs"] or raw["features_attrs"] or raw["file_attrs"])
+    if fmt == "unknown" and bare and np.issubdtype(raw.get("coords_dtype", np.float64), np.integer):
+        fmt = "clam"  # CLAM's save_hdf5(..., attr_dict=None): integer coords, no attribute anywhere
     footprint = _settle_footprint(path, footprint, patch_size_level0, coords)
     encoder = raw["features_attrs"].get("encoder", "")
     return ForeignFeatures(feats, coords, footprint, fmt, attrs, patches_file,
@@ -298,8 +297,9 @@ def import_features(store: str | Path, features_path: str | Path, cfg: ImportCon
     if n and n_ok < cfg.min_matched * n:
         facts = GridFacts(meta.level0_width, meta.level0_height, ours, r, cfg.tolerance,
                           meta.mpp_level0 * side / meta.patch_size if ff.footprint.size_level0 else None)
+        why = diagnose(ff.coords, ~ok, facts)
         raise FeatureImportError(features_path, f"only {n_ok}/{n} foreign patches matched the store's grid (below "
-                                                f"--min-matched {cfg.min_matched:g}): {diagnose(ff.coords, ~ok, facts)}")
+                                                f"--min-matched {cfg.min_matched:g}): {why}")
     d = ff.features.shape[1]
     matched = np.zeros(r * g, dtype=bool)
     matched[target[ok]] = True

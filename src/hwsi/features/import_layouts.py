@@ -3,11 +3,11 @@
 
 * **TRIDENT** (mahmoodlab/TRIDENT 0.3.0, ``trident/IO.py::coords_to_h5``) puts on ``coords``: ``patch_size`` (px at
   the target magnification), ``patch_size_level0 = patch_size * level0_magnification // target_magnification``,
-  ``level0_magnification`` (TRIDENT's bucket of the slide's µm/px: < 0.16 → 80, < 0.2 → 60, < 0.3 → 40, < 0.6 → 20,
-  < 1.2 → 10, < 2.4 → 5), ``target_magnification``, ``overlap``, ``name``, ``savetodir``, ``level0_width``,
-  ``level0_height``. The footprint comes from the MAGNIFICATION, not the µm/px: a "40×" slide at 0.2631 µm/px gets
+  ``level0_magnification`` (TRIDENT's bucket of the slide's µm/px: < 0.16 → 80, < 0.2 → 60, < 0.3 → 40,
+  < 0.6 → 20, < 1.2 → 10, < 2.4 → 5), ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
+  ``level0_width``, ``level0_height``. The footprint comes from the MAGNIFICATION, not the µm/px: a "40×" slide at 0.2631 µm/px gets
   512 level-0 px for 256 px at "20×", where a 0.5 µm/px rule gives 486.5.
-* **CLAM** (mahmoodlab/CLAM @22825ea, ``wsi_core/WholeSlideImage.py::process_contour``) puts ``patch_size``,
+* **CLAM** (mahmoodlab/CLAM @53e2409, ``wsi_core/WholeSlideImage.py::process_contour``) puts ``patch_size``,
   ``patch_level``, ``downsample`` (of that level), ``downsampled_level_dim``, ``level_dim`` (the slide's size at
   ``patch_level``), ``name``, ``save_path`` on the ``coords`` of the PATCHES file only; its features files carry no
   attribute at all. Footprint = ``patch_size × downsample``.
@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numpy._core.multiarray import _reconstruct  # type: ignore[import-not-found]
 
 from hwsi.errors import HwsiError
 
@@ -122,11 +124,7 @@ def read_pt_features(path: Path) -> np.ndarray:
     """Features of a ``.pt`` file: CLAM's ``pt_files/<slide>.pt`` (``torch.save`` of a float tensor (N, D)) or
     TRIDENT's ``saveas='pt'`` (``torch.save`` of a numpy array). Loaded with ``weights_only=True`` (numpy's array
     reconstruction allowed, nothing else)."""
-    import pickle
-
     import torch
-
-    from numpy._core.multiarray import _reconstruct
 
     # numpy >= 2 pickles name numpy._core, numpy 1.x ones numpy.core
     np_globals: list[Any] = [np.ndarray, np.dtype, _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]

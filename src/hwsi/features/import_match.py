@@ -106,9 +106,8 @@ def diagnose(coords: np.ndarray, unmatched: np.ndarray, facts: GridFacts) -> str
         fix = (f"re-tile with --target-mpp {facts.retile_mpp:.4g} to put the store on the foreign grid, or "
                if facts.retile_mpp else "")
         return (f"the coordinates step by {step[0]} px ({step[1]:.0%} of neighbour steps) but the store's patches "
-                f"are {px(side)} level-0 px (the grids drift apart by {abs(step[0] - side):.3g} px a patch): a different "
-                f"patch size or level; {fix}raise --tolerance (at most 0.5) "
-                "to take the nearest patch")
+                f"are {px(side)} level-0 px (the grids drift apart by {abs(step[0] - side):.3g} px a patch): a "
+                f"different patch size or level; {fix}raise --tolerance (at most 0.5) to take the nearest patch")
     dx, dy = grid_offset(c[unmatched], side)
     tol = facts.tolerance * side
     if max(abs(dx), abs(dy)) > tol:
