@@ -124,7 +124,7 @@ def test_wrong_scale_and_bad_files(tmp_path: Path) -> None:
     src = tmp_path / "big.h5"
     write_trident(src, np.ones((4, 2), np.float32), ours.reshape(-1, 2), target_mag=10)
     with pytest.raises(FeatureImportError, match=r"big\.h5: foreign patches are 1024 level-0 px \(TRIDENT attributes "
-                       r"\(big\.h5\)\) but the store's are 512 .*TRIDENT's patches are 256 px at 10× \(≈ 256 µm\), "
+                       r"of big\.h5\) but the store's are 512 .*TRIDENT's patches are 256 px at 10× \(≈ 256 µm\), "
                        r"the store's 256 px at 0.5 µm/px \(128 µm\)"):
         import_features(sp, src, cfg("x"))
     bad = tmp_path / "bad.h5"

@@ -91,12 +91,12 @@ def test_clam_features_alone_and_with_patches_file(clam_patches: Path, tmp_path:
 
     ff = read_foreign_features(src)
     assert ff.source_format == "clam" and ff.patch_size_level0 == 512
-    assert ff.footprint.source.startswith("assumed: the coordinates' grid step")
+    assert ff.footprint.source.startswith("assumed = the coordinates' grid step, 99% of neighbour steps")
     rep = import_features(sp, src, ImportConfig(name="r50"))
     # CLAM starts each tissue contour's grid at its corner: at the default tolerance (128 px) 1437 of 1481 match
     assert (rep.n_foreign, rep.n_matched, rep.n_duplicates) == (1481, 1437, 0)
     assert rep.scale_rule == "mpp" and rep.foreign_effective_mpp is None  # patch px unknown without attributes
-    assert "assumed: the coordinates' grid step" in rep.summary()
+    assert "footprint 512 level-0 px (assumed = the coordinates' grid step" in rep.summary()
 
     # with its patches file (the file or its folder): the attributes give footprint, level and the slide's size
     for patches in (clam_patches, clam_patches.parent):
@@ -105,7 +105,7 @@ def test_clam_features_alone_and_with_patches_file(clam_patches: Path, tmp_path:
         pf.write_bytes(clam_patches.read_bytes())
         patches = pf if patches.is_file() else pf.parent  # CLAM names patch files <slide_id>.h5
         rep = import_features(sp, src, ImportConfig(name="r50", patches=str(patches), tolerance=0.5, overwrite=True))
-        assert rep.footprint_source == f"CLAM attributes (patches file {SLIDE_ID}.h5)"
+        assert rep.footprint_source == f"CLAM attributes of patches file {SLIDE_ID}.h5"
         assert rep.n_matched == 1481 and rep.foreign_effective_mpp == 0.25 and rep.patches_file == str(pf)
     with SlideStore(sp) as s:
         got = s.patch_features("r50").reshape(-1, 8)
@@ -158,7 +158,7 @@ def test_wrong_slide_and_wrong_grid(clam_patches: Path, shared_data: Path, tmp_p
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.endswith("cmu-1-small-region.h5: made on a slide of 39839×45988 level-0 px (CLAM attributes "
-                        "(patches file TCGA-2V-A95S_patches.h5)) but the store's slide cmu-1-small-region is "
+                        "of patches file TCGA-2V-A95S_patches.h5) but the store's slide cmu-1-small-region is "
                         "2220×2967: wrong slide")
     # without the patches file, the footprint is stated: then NOTHING matches, and the import says why
     rc = main(["import-features", str(job), str(src), "--name", "r50", "--patch-size-level0", "256"])
@@ -186,7 +186,7 @@ def test_offset_grid_and_tolerance(tmp_path: Path) -> None:
     xy2 = np.stack(np.meshgrid(np.arange(0, 8000, 300), np.arange(0, 8000, 300)), -1).reshape(-1, 2)
     src2 = tmp_path / "s_300.h5"
     save_hdf5_like_clam(src2, np.ones((len(xy2), 2), np.float32), xy2)
-    with pytest.raises(FeatureImportError, match=r"s_300\.h5: foreign patches are 300 level-0 px \(assumed: "):
+    with pytest.raises(FeatureImportError, match=r"s_300\.h5: foreign patches are 300 level-0 px \(assumed = "):
         import_features(sp, src2, ImportConfig(name="g"))
     with pytest.raises(FeatureImportError, match=r"the coordinates step by 300 px \(100% of neighbour steps\) but "
                                                  r"the store's patches are 512 level-0 px"):

@@ -218,14 +218,14 @@ def _settle_footprint(path: Path, fp: Footprint | None, stated: float | None, co
             raise FeatureImportError(path, f"--patch-size-level0 {stated:g} disagrees with the {fp.size_level0:g} "
                                            f"level-0 px of the {fp.source}")
         if fp is None or fp.size_level0 is None:
-            return Footprint(float(stated), "stated (--patch-size-level0)", fp.patch_size if fp else None)
+            return Footprint(float(stated), "stated with --patch-size-level0", fp.patch_size if fp else None)
     if fp is not None and fp.size_level0 is not None:
         return fp
     step = grid_step(coords)
     if step is None:
-        return fp or Footprint(None, "unknown (no attributes, too few patches to see a grid)")
-    return Footprint(float(step[0]), f"assumed: the coordinates' grid step ({step[1]:.0%} of neighbour steps; no "
-                                     "attributes state the patch size: give --patches or --patch-size-level0)",
+        return fp or Footprint(None, "unknown: no attributes, too few patches to see a grid")
+    return Footprint(float(step[0]), f"assumed = the coordinates' grid step, {step[1]:.0%} of neighbour steps; no "
+                                     "attribute states it, give --patches or --patch-size-level0",
                      fp.patch_size if fp else None)
 
 

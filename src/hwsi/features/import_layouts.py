@@ -43,7 +43,7 @@ class Footprint:
     """The level-0 side of one foreign patch and where that number came from."""
 
     size_level0: float | None
-    source: str  # e.g. "TRIDENT attributes", "CLAM patches file X", "stated (--patch-size-level0)", "assumed: ..."
+    source: str  # "TRIDENT attributes of F", "CLAM attributes of patches file F", "stated ...", "assumed ..."
     patch_size: int | None = None  # px the encoder saw (at the foreign tool's target scale), when known
     trident_rule: bool = False  # patch_size_level0 == patch_size * level0_magnification // target_magnification
     level0_magnification: float | None = None
@@ -103,7 +103,7 @@ def footprint_from_attrs(attrs: dict[str, Any], source: str) -> Footprint | None
         rule = (size0 is not None and patch is not None and src_mag is not None and bool(dst_mag)
                 and int(patch * src_mag // dst_mag) == int(size0))  # type: ignore[operator]
         w, h = _number(attrs, "level0_width"), _number(attrs, "level0_height")
-        return Footprint(size0, f"TRIDENT attributes ({source})", int(patch) if patch else None, rule, src_mag,
+        return Footprint(size0, f"TRIDENT attributes of {source}", int(patch) if patch else None, rule, src_mag,
                          dst_mag, (int(w), int(h)) if w and h else None)
     if fmt == "clam":
         ds = _number(attrs, "downsample")
@@ -115,7 +115,7 @@ def footprint_from_attrs(attrs: dict[str, Any], source: str) -> Footprint | None
         slide = None
         if isinstance(dims, list) and len(dims) == 2 and ds is not None:
             slide = (int(round(dims[0] * ds)), int(round(dims[1] * ds)))
-        return Footprint(size0, f"CLAM attributes ({source})", int(patch) if patch else None,
+        return Footprint(size0, f"CLAM attributes of {source}", int(patch) if patch else None,
                          slide_size_level0=slide)
     return None
 
