@@ -161,3 +161,37 @@ def test_cli_import_features(tmp_path: Path) -> None:
     with h5py.File(store_path(job, "slideA")) as f:
         assert f["patches/uni_v1"].shape == (1, 4, 5)
     assert main(["import-features", str(job), str(src), "--slide-id", "nope", "--name", "u"]) == 2
+
+
+def test_diagnosis_when_patches_fall_outside_the_tissue_regions() -> None:
+    from hwsi.features.import_match import GridFacts, diagnose, grid_offset, grid_step
+
+    xy = np.stack(np.meshgrid(np.arange(0, 5120, 512), np.arange(0, 5120, 512)), -1).reshape(-1, 2)
+    assert grid_step(xy) == (512, 1.0) and grid_offset(xy + 30, 512) == (30.0, 30.0)
+    assert grid_step(xy[:1]) is None
+    why = diagnose(xy, np.ones(len(xy), bool), GridFacts(8000, 8000, 512.0, 4, 0.25))
+    assert why == ("the unmatched patches lie outside the store's 4 tissue regions (`hwsi tile` kept less tissue "
+                   "than the foreign tool, or the slides differ)")
+
+
+def test_stated_size_patches_option_and_cli_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job"
+    ours = make_store(store_path(job, "s"), [(0, 0)])
+    src = tmp_path / "s.h5"
+    write_trident(src, np.ones((4, 5), np.float32), ours.reshape(-1, 2))
+    with pytest.raises(FeatureImportError, match=r"s\.h5: --patch-size-level0 256 disagrees with the 512 level-0 px "
+                                                 r"of the TRIDENT attributes of s\.h5"):
+        read_foreign_features(src, patch_size_level0=256)
+    (tmp_path / "p").mkdir()
+    with pytest.raises(FeatureImportError, match=r"p: no patches file for s\.h5 \(looked for s\.h5, s_patches\.h5, "
+                                                 r"patches/s\.h5, patches/s_patches\.h5\)"):
+        read_foreign_features(src, tmp_path / "p")
+    with pytest.raises(FeatureImportError, match=r"nope: patches file or folder not found \(--patches\)"):
+        read_foreign_features(src, tmp_path / "nope")
+    capsys.readouterr()
+    assert main(["import-features", str(job), str(src), "--name", "u", "--tolerance", "0.7"]) == 2
+    assert "Invalid value for '--tolerance': must be a number in (0, 0.5], got 0.7" in capsys.readouterr().err
+    assert main(["import-features", str(job), str(src), "--name", "u", "--min-matched", "1.5"]) == 2
+    assert main(["import-features", str(job), str(src), "--name", "_u"]) == 2
+    assert "invalid feature name '_u'" in capsys.readouterr().err
+    assert main(["import-features", str(job), str(src), "--name", "u", "--min-matched", "1"]) == 0
