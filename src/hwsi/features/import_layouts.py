@@ -2,7 +2,8 @@
 (docs/formats-features.md). The HDF5 files themselves are read by :mod:`hwsi.features.import_features`.
 
 * **TRIDENT** (mahmoodlab/TRIDENT 0.3.0 @a91fa84, ``trident/IO.py::coords_to_h5``) puts on ``coords``:
-  ``patch_size`` (px at the target magnification), ``patch_size_level0 = patch_size * level0_magnification // target_magnification``,
+  ``patch_size`` (px at the target magnification),
+  ``patch_size_level0 = patch_size * level0_magnification // target_magnification``,
   ``level0_magnification`` (TRIDENT's bucket of the slide's µm/px: < 0.16 → 80, < 0.2 → 60, < 0.3 → 40,
   < 0.6 → 20, < 1.2 → 10, < 2.4 → 5), ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
   ``level0_width``, ``level0_height``. The footprint comes from the MAGNIFICATION, not the µm/px: a "40×" slide
