@@ -11,6 +11,7 @@ import pytest
 
 from hwsi.cli import main
 from hwsi.errors import StoreError
+from hwsi.features.import_config import ImportConfig
 from hwsi.features.import_features import FeatureImportError, import_features, match_coords, read_foreign_features
 from hwsi.store import StoreMeta, new_store, store_path
 
@@ -35,14 +36,36 @@ def make_store(path: Path, region_xy: list[tuple[int, int]]) -> np.ndarray:
     return coords
 
 
-def write_trident(path: Path, feats: np.ndarray, coords: np.ndarray, size0: int = PATCH0) -> None:
+def cfg(name: str, **kw: object) -> ImportConfig:
+    return ImportConfig(name=name, **kw)  # type: ignore[arg-type]
+
+
+def save_h5_like_trident(path: Path, assets: dict[str, np.ndarray], attributes: dict[str, dict]) -> None:
+    """As TRIDENT 0.3.0 ``trident/IO.py::save_h5`` writes: each asset chunked by ONE row, first axis resizable,
+    attributes on the dataset (a dict as JSON, None as the string 'None')."""
     with h5py.File(path, "w") as f:
-        f["features"] = feats
-        ds = f.create_dataset("coords", data=coords)
-        ds.attrs["patch_size"] = 256
-        ds.attrs["patch_size_level0"] = size0
-        ds.attrs["target_magnification"] = 20
-        ds.attrs["level0_magnification"] = 40
+        for key, val in assets.items():
+            ds = f.create_dataset(key, shape=val.shape, maxshape=(None,) + val.shape[1:], chunks=(1,) + val.shape[1:],
+                                  dtype=val.dtype)
+            ds[:] = val
+            for k, v in attributes.get(key, {}).items():
+                ds.attrs[k] = json.dumps(v) if isinstance(v, dict) else ("None" if v is None else v)
+
+
+def trident_coords_attrs(patch_size: int, src_mag: int, target_mag: int, width: int, height: int,
+                         name: str = "s") -> dict:
+    """The ``coords`` attributes of TRIDENT's ``coords_to_h5`` (``patch_size_level0`` from MAGNIFICATION)."""
+    return {"patch_size": patch_size, "patch_size_level0": patch_size * src_mag // target_mag,
+            "level0_magnification": src_mag, "target_magnification": target_mag, "overlap": 0, "name": name,
+            "savetodir": "/out/20x_256px_0px_overlap", "level0_width": width, "level0_height": height}
+
+
+def write_trident(path: Path, feats: np.ndarray, coords: np.ndarray, target_mag: int = 20) -> None:
+    """A TRIDENT features file for a 0.25 µm/px "40×" slide of 8000² (the ``make_store`` one)."""
+    attrs = trident_coords_attrs(256, 40, target_mag, 8000, 8000)
+    save_h5_like_trident(path, {"features": feats, "coords": coords.astype(np.int64)},
+                         {"features": {"name": "s", "savetodir": "/out/features_uni_v1", "encoder": "uni_v1"},
+                          "coords": attrs})
 
 
 def test_trident_import_maps_coords_and_reports(tmp_path: Path) -> None:
@@ -55,7 +78,7 @@ def test_trident_import_maps_coords_and_reports(tmp_path: Path) -> None:
     ff = rng.normal(size=(9, 6)).astype(np.float32)
     src = tmp_path / "s1_trident.h5"
     write_trident(src, ff, fc)
-    rep = import_features(sp, src, "uni")
+    rep = import_features(sp, src, cfg("uni"))
     assert rep.source_format == "trident" and rep.foreign_patch_size_level0 == PATCH0
     assert (rep.n_foreign, rep.n_matched, rep.n_unmatched, rep.n_duplicates) == (9, 7, 2, 1)
     # tissue patches without a feature: region 1 patch 3 (patch 7 overall); region 0 patch 3 is background
@@ -70,9 +93,10 @@ def test_trident_import_maps_coords_and_reports(tmp_path: Path) -> None:
         assert f["patches/uni"].attrs["n_unmatched"] == 2
         assert f.attrs["stages"] == json.dumps(["tile"])
     assert not list(sp.parent.glob("*.tmp-*"))
+    assert rep.scale_rule == "mpp" and rep.foreign_effective_mpp == 0.5 and rep.encoder == "uni_v1"
     with pytest.raises(StoreError, match="already exists"):
-        import_features(sp, src, "uni")
-    import_features(sp, src, "uni", overwrite=True)
+        import_features(sp, src, cfg("uni"))
+    import_features(sp, src, cfg("uni", overwrite=True))
 
 
 def test_clam_import_with_level_attrs_and_3d_features(tmp_path: Path) -> None:
@@ -88,7 +112,7 @@ def test_clam_import_with_level_attrs_and_3d_features(tmp_path: Path) -> None:
         ds.attrs["downsample"] = np.array([2.0, 2.0])
     fr = read_foreign_features(src)
     assert fr.source_format == "clam" and fr.patch_size_level0 == 512.0 and fr.features.shape == (4, 3)
-    rep = import_features(sp, src, "clam_r50")
+    rep = import_features(sp, src, cfg("clam_r50"))
     assert rep.n_matched == 4 and rep.n_unmatched == 0
     with h5py.File(sp) as f:
         np.testing.assert_array_equal(f["patches/clam_r50"][0], ff[0][::-1])
@@ -98,9 +122,11 @@ def test_wrong_scale_and_bad_files(tmp_path: Path) -> None:
     sp = tmp_path / "s3.h5"
     ours = make_store(sp, [(0, 0)])
     src = tmp_path / "big.h5"
-    write_trident(src, np.ones((4, 2), np.float32), ours.reshape(-1, 2), size0=1024)
-    with pytest.raises(FeatureImportError, match=r"big\.h5: foreign patches are 1024 level-0 px but the store's are 512"):
-        import_features(sp, src, "x")
+    write_trident(src, np.ones((4, 2), np.float32), ours.reshape(-1, 2), target_mag=10)
+    with pytest.raises(FeatureImportError, match=r"big\.h5: foreign patches are 1024 level-0 px \(TRIDENT attributes "
+                       r"of big\.h5\) but the store's are 512 .*TRIDENT's patches are 256 px at 10× \(≈ 256 µm\), "
+                       r"the store's 256 px at 0.5 µm/px \(128 µm\)"):
+        import_features(sp, src, cfg("x"))
     bad = tmp_path / "bad.h5"
     with h5py.File(bad, "w") as f:
         f["feats"] = np.ones((2, 2))
@@ -117,7 +143,7 @@ def test_wrong_scale_and_bad_files(tmp_path: Path) -> None:
     with pytest.raises(FeatureImportError, match="not a readable HDF5"):
         read_foreign_features(noth5)
     with pytest.raises(StoreError, match="no such store"):
-        import_features(tmp_path / "none.h5", src, "x")
+        import_features(tmp_path / "none.h5", src, cfg("x"))
 
 
 def test_match_coords_tolerance() -> None:
@@ -135,3 +161,37 @@ def test_cli_import_features(tmp_path: Path) -> None:
     with h5py.File(store_path(job, "slideA")) as f:
         assert f["patches/uni_v1"].shape == (1, 4, 5)
     assert main(["import-features", str(job), str(src), "--slide-id", "nope", "--name", "u"]) == 2
+
+
+def test_diagnosis_when_patches_fall_outside_the_tissue_regions() -> None:
+    from hwsi.features.import_match import GridFacts, diagnose, grid_offset, grid_step
+
+    xy = np.stack(np.meshgrid(np.arange(0, 5120, 512), np.arange(0, 5120, 512)), -1).reshape(-1, 2)
+    assert grid_step(xy) == (512, 1.0) and grid_offset(xy + 30, 512) == (30.0, 30.0)
+    assert grid_step(xy[:1]) is None
+    why = diagnose(xy, np.ones(len(xy), bool), GridFacts(8000, 8000, 512.0, 4, 0.25))
+    assert why == ("the unmatched patches lie outside the store's 4 tissue regions (`hwsi tile` kept less tissue "
+                   "than the foreign tool, or the slides differ)")
+
+
+def test_stated_size_patches_option_and_cli_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job"
+    ours = make_store(store_path(job, "s"), [(0, 0)])
+    src = tmp_path / "s.h5"
+    write_trident(src, np.ones((4, 5), np.float32), ours.reshape(-1, 2))
+    with pytest.raises(FeatureImportError, match=r"s\.h5: --patch-size-level0 256 disagrees with the 512 level-0 px "
+                                                 r"of the TRIDENT attributes of s\.h5"):
+        read_foreign_features(src, patch_size_level0=256)
+    (tmp_path / "p").mkdir()
+    with pytest.raises(FeatureImportError, match=r"p: no patches file for s\.h5 \(looked for s\.h5, s_patches\.h5, "
+                                                 r"patches/s\.h5, patches/s_patches\.h5\)"):
+        read_foreign_features(src, tmp_path / "p")
+    with pytest.raises(FeatureImportError, match=r"nope: patches file or folder not found \(--patches\)"):
+        read_foreign_features(src, tmp_path / "nope")
+    capsys.readouterr()
+    assert main(["import-features", str(job), str(src), "--name", "u", "--tolerance", "0.7"]) == 2
+    assert "Invalid value for '--tolerance': must be a number in (0, 0.5], got 0.7" in capsys.readouterr().err
+    assert main(["import-features", str(job), str(src), "--name", "u", "--min-matched", "1.5"]) == 2
+    assert main(["import-features", str(job), str(src), "--name", "_u"]) == 2
+    assert "invalid feature name '_u'" in capsys.readouterr().err
+    assert main(["import-features", str(job), str(src), "--name", "u", "--min-matched", "1"]) == 0

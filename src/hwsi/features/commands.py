@@ -9,11 +9,21 @@ from pathlib import Path
 
 import typer
 
+from hwsi.errors import HwsiError
 from hwsi.features.extract import ExtractConfig
-from hwsi.options import default_of, positive_int
+from hwsi.features.import_config import ImportConfig
+from hwsi.options import default_of, fraction, positive_int, positive_number
 from hwsi.store import store_path
 
 _extract = partial(default_of, ExtractConfig)
+_import = partial(default_of, ImportConfig)
+
+
+def tolerance_fraction(value: float) -> float:
+    """A match tolerance in (0, 0.5] patch sides (beyond half a side the nearest patch is always taken)."""
+    if not 0 < value <= 0.5:
+        raise typer.BadParameter(f"must be a number in (0, 0.5], got {value!r}")
+    return value
 
 
 def register(app: typer.Typer) -> None:
@@ -64,14 +74,41 @@ def register(app: typer.Typer) -> None:
     @app.command("import-features")
     def import_features_cmd(
         job: Path = typer.Argument(..., help="Job folder with JOB/stores/<slide_id>.h5."),
-        features: Path = typer.Argument(..., help="TRIDENT or CLAM features .h5 ('features' (N, D), 'coords' (N, 2))."),
-        slide_id: str = typer.Option(..., "--slide-id", help="Slide whose store receives the features."),
+        features: Path = typer.Argument(..., help="A TRIDENT / CLAM features file (.h5, or .pt with --patches), or a "
+                                                  "folder of them named <slide_id>.h5|.pt (docs/formats-features.md)."),
         name: str = typer.Option(..., "--name", help="Dataset name: written as patches/<NAME>."),
-        tolerance: float = typer.Option(0.25, "--tolerance", help="Max coordinate offset, in patch sides."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing patches/<NAME>."),
+        slide_id: str | None = typer.Option(None, "--slide-id",
+                                            help="Slide whose store receives a single file (default: its file stem)."),
+        patches: Path | None = typer.Option(None, "--patches",
+                                            help="The patches .h5 of the same run (CLAM's patches/<slide>.h5, "
+                                                 "TRIDENT's patches/<slide>_patches.h5), or their folder: coordinates "
+                                                 "for .pt files, patch size and level for CLAM features files."),
+        patch_size_level0: float | None = typer.Option(_import("patch_size_level0"), "--patch-size-level0",
+                                                       callback=positive_number,
+                                                       help="Level-0 side of the foreign patches, for files that do "
+                                                            "not state it (CLAM features .h5 without --patches)."),
+        min_matched: float = typer.Option(_import("min_matched"), "--min-matched", callback=fraction,
+                                          help="Fail the slide when fewer than this fraction of the foreign patches "
+                                               "match the store's grid."),
+        tolerance: float = typer.Option(_import("tolerance"), "--tolerance", callback=tolerance_fraction,
+                                        help="Max patch-centre offset, in the store's patch sides (0-0.5]."),
+        overwrite: bool = typer.Option(_import("overwrite"), "--overwrite", help="Replace an existing patches/<NAME>."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (folder input)."),
     ) -> None:
-        """Import a TRIDENT / CLAM features file as the patch features of one slide."""
+        """Import TRIDENT / CLAM patch features as patches/<NAME> of the slides' stores."""
+        cfg = ImportConfig(name=name, tolerance=tolerance, min_matched=min_matched,
+                           patch_size_level0=patch_size_level0, patches=str(patches) if patches else None,
+                           overwrite=overwrite)
+        if features.is_dir():
+            from hwsi.features.import_batch import import_features_batch
+
+            if slide_id is not None:
+                raise HwsiError(f"{features}: --slide-id names the slide of ONE file; a folder's files are named "
+                                "by slide id")
+            result = import_features_batch(job, features, cfg, show_progress=not quiet)
+            raise typer.Exit(result.exit_code)
         from hwsi.features.import_features import import_features
 
-        rep = import_features(store_path(job, slide_id), features, name, tolerance=tolerance, overwrite=overwrite)
-        typer.echo(f"{slide_id}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")
+        sid = slide_id or features.stem
+        rep = import_features(store_path(job, sid), features, cfg)
+        typer.echo(f"{sid}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")

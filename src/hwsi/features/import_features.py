@@ -1,23 +1,23 @@
-"""Import patch features computed by TRIDENT or CLAM into a slide store (docs/design.md §4, last paragraph).
+"""Import patch features computed by TRIDENT or CLAM into a slide store (docs/formats-features.md; docs/design.md §4).
 
-Both tools write one HDF5 file per slide with
+Layouts read (attributes: :mod:`hwsi.features.import_layouts`):
 
-* ``features`` (N, D) float — one row per patch (CLAM may store (1, N, D) or (N, 1, D); squeezed here),
-* ``coords`` (N, 2) int — the level-0 TOP-LEFT (x, y) of each patch.
+* TRIDENT features ``.h5``: ``features`` (N, D) (``(0,)`` for a slide without tissue), ``coords`` (N, 2) level-0
+  top-lefts with the patching attributes; ``features`` attrs ``name``, ``savetodir``, ``encoder``.
+* CLAM features ``.h5`` (``extract_features_fp.py``): ``features`` (N, D) float32 and ``coords`` (N, 2) int32,
+  chunked by 32 rows, NO attributes. The footprint comes from CLAM's patches file (``--patches``), from
+  ``--patch-size-level0``, or is assumed equal to the coordinates' grid step (said so in the report).
+* ``.pt`` features (CLAM ``pt_files/``, TRIDENT ``saveas='pt'``): no coordinates, so the patches file is required.
 
-Attributes on ``coords`` give the patch footprint when present: TRIDENT writes ``patch_size_level0`` (and
-``patch_size``, ``target_magnification``...); CLAM writes ``patch_size`` and ``patch_level`` (and in patch files
-``downsample``); the footprint is then ``patch_size × downsample`` (or ``patch_size`` at level 0).
+Each foreign patch is matched to the store's patch (``patches/coords``, written by ``hwsi tile``) whose centre is
+nearest in Chebyshev distance, if that distance is at most ``tolerance`` × the store's level-0 patch side (default
+0.25). Fewer than ``min_matched`` (default 0.5) of the foreign patches matched fails the slide, saying why
+(:func:`hwsi.features.import_match.diagnose`). A footprint differing from the store's by more than ``size_rtol``
+(5%) is refused, unless TRIDENT's magnification rule explains it (then accepted, and the effective µm/px recorded).
 
-Each foreign patch is matched to the patch of our grid (``patches/coords`` of the store, written by ``hwsi tile``)
-whose top-left is nearest in Chebyshev distance, if that distance is at most ``tolerance`` × our level-0 patch side
-(default 0.25). A footprint that differs from ours by more than ``size_rtol`` (5%) is an error: the features would
-describe a different scale. Foreign patches without a match (outside our regions, or off-grid) are counted, as are
-two foreign rows falling on one of our patches (the nearer wins).
-
-Written: ``patches/<name>`` (R, G, D) float32, one region per chunk, zeros where no feature was matched;
-``imported/<name>/matched`` (R, G) bool; the counts and the source as attributes of ``patches/<name>``; ``encoders``
-attribute of the store updated. The store is updated atomically (copy, write, rename over).
+Written: ``patches/<name>`` (R, G, D) float32, zeros where no feature was matched; ``imported/<name>/matched``
+(R, G) bool; the :class:`ImportReport` as attributes of ``patches/<name>``; ``encoders`` attribute of the store.
+The store is updated atomically (copy, write, rename over).
 """
 
 from __future__ import annotations
@@ -26,20 +26,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py  # the TRIDENT/CLAM features file only; the slide store is opened through hwsi.store
+import h5py  # the TRIDENT/CLAM files only; the slide store is opened through hwsi.store
 import numpy as np
 
-from hwsi.errors import HwsiError, StoreError
-from hwsi.store import SlideStore, update_store
+from hwsi.errors import StoreError
+from hwsi.features.import_config import ImportConfig
+from hwsi.features.import_layouts import (
+    FeatureImportError,
+    Footprint,
+    ScaleRule,
+    SourceFormat,
+    attr_value,
+    check_coords,
+    detect_format,
+    footprint_from_attrs,
+    read_pt_features,
+    squeeze_features,
+    trident_magnification,
+)
+from hwsi.features.import_match import GridFacts, diagnose, grid_step, match_coords, px
+from hwsi.store import SlideStore, StoreMeta, update_store
 
-
-class FeatureImportError(HwsiError):
-    """A foreign features file cannot be read or does not fit the slide's store; names the file."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+__all__ = ["FeatureImportError", "ForeignFeatures", "ImportConfig", "ImportReport", "import_features",
+           "match_coords", "read_foreign_features"]
 
 
 @dataclass
@@ -48,18 +57,25 @@ class ForeignFeatures:
 
     features: np.ndarray
     coords: np.ndarray
-    patch_size_level0: float | None
-    source_format: str  # "trident" | "clam" | "unknown"
+    footprint: Footprint
+    source_format: SourceFormat
     attrs: dict[str, Any]
+    patches_file: str = ""
+    encoder: str = ""
+
+    @property
+    def patch_size_level0(self) -> float | None:
+        return self.footprint.size_level0
 
 
 @dataclass
 class ImportReport:
-    """Outcome of :func:`import_features`."""
+    """Outcome of :func:`import_features` (also written as attributes of ``patches/<name>``)."""
 
     name: str
     source: str
     source_format: str
+    patches_file: str
     n_foreign: int
     n_matched: int
     n_unmatched: int
@@ -67,159 +83,242 @@ class ImportReport:
     n_tissue_missing: int
     dim: int
     foreign_patch_size_level0: float | None
+    footprint_source: str
     store_patch_size_level0: float
+    scale_rule: ScaleRule
+    foreign_effective_mpp: float | None  # µm/px of the pixels the foreign encoder saw, on this slide
+    store_effective_mpp: float
+    min_matched: float
+    encoder: str
+    written: bool
 
     def summary(self) -> str:
-        return (
-            f"{self.n_matched}/{self.n_foreign} foreign patches matched ({self.n_unmatched} unmatched, "
-            f"{self.n_duplicates} duplicates); {self.n_tissue_missing} tissue patches without a feature"
-        )
+        if self.n_foreign == 0:
+            what = "nothing written" if not self.written else f"patches/{self.name} all zeros"
+            return (f"no patches in the file (the tool found no tissue): {what}; {self.n_tissue_missing} tissue "
+                    "patches without a feature")
+        scale = ""
+        if self.foreign_patch_size_level0 is not None:
+            scale = f"; footprint {self.foreign_patch_size_level0:g} level-0 px ({self.footprint_source})"
+            if self.scale_rule == "trident-magnification":
+                scale += ", accepted by TRIDENT's magnification rule"
+            if self.foreign_effective_mpp is not None:
+                scale += f", effective {self.foreign_effective_mpp:.4g} µm/px"
+        return (f"{self.n_matched}/{self.n_foreign} foreign patches matched ({self.n_unmatched} unmatched, "
+                f"{self.n_duplicates} duplicates); {self.n_tissue_missing} tissue patches without a feature{scale}")
 
 
-def _attr(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def read_foreign_features(path: str | Path) -> ForeignFeatures:
-    """Read ``features`` and ``coords`` (+ footprint attributes) of a TRIDENT or CLAM features ``.h5``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatureImportError(path, "features file not found")
+def _read_h5(path: Path, *, need_features: bool) -> dict[str, Any]:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise FeatureImportError(path, f"not a readable HDF5 file ({exc})") from exc
     with f:
-        missing = [k for k in ("features", "coords") if k not in f]
+        wanted = ("features", "coords") if need_features else ("coords",)
+        missing = [k for k in wanted if k not in f or not isinstance(f[k], h5py.Dataset)]
+        if missing == ["features"] and detect_format({k: attr_value(v) for k, v in f["coords"].attrs.items()}) \
+                != "unknown":
+            raise FeatureImportError(path, "a patches file (coordinates only, no 'features'): give it with --patches "
+                                           "and the features file of the same slide as FEATURES (CLAM: "
+                                           "FEAT/h5_files/<slide>.h5, TRIDENT: features_<encoder>/<slide>.h5)")
         if missing:
-            raise FeatureImportError(path, f"missing dataset(s) {missing}; found {sorted(f.keys())} "
-                                     "(expected a TRIDENT/CLAM features file with 'features' and 'coords')")
-        feats = np.asarray(f["features"][()])
-        coords = np.asarray(f["coords"][()])
-        attrs = {k: _attr(v) for k, v in f["coords"].attrs.items()}
-        file_attrs = {k: _attr(v) for k, v in f.attrs.items()}
-    if feats.ndim == 3 and 1 in feats.shape[:2]:
-        feats = feats.reshape(-1, feats.shape[-1]) if feats.shape[0] == 1 else feats[:, 0, :]
-    if coords.ndim == 3 and coords.shape[0] == 1:
-        coords = coords[0]
-    if feats.ndim != 2:
-        raise FeatureImportError(path, f"'features' must be (N, D), got shape {feats.shape}")
-    if coords.ndim != 2 or coords.shape[1] != 2:
-        raise FeatureImportError(path, f"'coords' must be (N, 2), got shape {coords.shape}")
-    if len(coords) != len(feats):
+            what = ("a TRIDENT/CLAM features file with 'features' and 'coords'" if need_features
+                    else "a CLAM/TRIDENT patches file with 'coords'")
+            raise FeatureImportError(path, f"missing dataset(s) {missing}; found {sorted(f.keys())} (expected {what})")
+        out: dict[str, Any] = {
+            "coords": np.asarray(f["coords"][()]),
+            "coords_attrs": {k: attr_value(v) for k, v in f["coords"].attrs.items()},
+            "file_attrs": {k: attr_value(v) for k, v in f.attrs.items()},
+            "has_features": "features" in f,
+        }
+        if need_features:
+            ds = f["features"]
+            out["features"] = np.asarray(ds[()])
+            out["features_attrs"] = {k: attr_value(v) for k, v in ds.attrs.items()}
+            out["coords_dtype"] = f["coords"].dtype
+    return out
+
+
+def resolve_patches_file(patches: str | Path, features_path: Path) -> Path:
+    """``patches`` itself if a file, else the patches file of ``features_path``'s slide in that folder:
+    ``<stem>.h5`` (CLAM ``patches/``), ``<stem>_patches.h5`` (TRIDENT ``patches/``), or either under ``patches/``."""
+    p = Path(patches)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FeatureImportError(p, "patches file or folder not found (--patches)")
+    stem = features_path.stem
+    tried = [p / f"{stem}.h5", p / f"{stem}_patches.h5", p / "patches" / f"{stem}.h5",
+             p / "patches" / f"{stem}_patches.h5"]
+    for t in tried:
+        if t.is_file():
+            return t
+    raise FeatureImportError(p, f"no patches file for {features_path.name} (looked for "
+                                f"{', '.join(str(t.relative_to(p)) for t in tried)})")
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    return bool(np.array_equal(a[np.lexsort(a.T[::-1])], b[np.lexsort(b.T[::-1])]))
+
+
+def read_foreign_features(path: str | Path, patches: str | Path | None = None,
+                          patch_size_level0: float | None = None) -> ForeignFeatures:
+    """Read a TRIDENT / CLAM features ``.h5`` or ``.pt`` (+ its patches file, + a stated footprint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureImportError(path, "features file not found")
+    if path.suffix == ".pt":
+        if patches is None:
+            raise FeatureImportError(path, "a .pt features file has no coordinates: give the patches .h5 of the "
+                                           "same run with --patches (CLAM: RESULTS/patches/, TRIDENT: .../patches/)")
+        raw: dict[str, Any] = {"features": read_pt_features(path), "coords": None, "coords_attrs": {},
+                               "file_attrs": {}, "features_attrs": {}}
+    else:
+        raw = _read_h5(path, need_features=True)
+    feats = squeeze_features(path, raw["features"])
+    coords = None if raw["coords"] is None else check_coords(path, raw["coords"])
+    attrs = {**raw["file_attrs"], **raw["coords_attrs"]}
+    fmt = detect_format(raw["coords_attrs"])
+    footprint = footprint_from_attrs(raw["coords_attrs"], path.name)
+    patches_file = ""
+    if patches is not None:
+        pf = resolve_patches_file(patches, path)
+        patches_file = str(pf)
+        praw = _read_h5(pf, need_features=False)
+        pcoords = check_coords(pf, praw["coords"])
+        if coords is None:
+            if len(pcoords) != len(feats):
+                raise FeatureImportError(path, f"{len(feats)} feature rows but the patches file {pf} has "
+                                               f"{len(pcoords)} coords: not the same patching run")
+            coords = pcoords
+        elif not _same_rows(coords, pcoords):
+            raise FeatureImportError(path, f"its {len(coords)} coords are not those of the patches file {pf} "
+                                           f"({len(pcoords)} coords): not the same slide or patching run")
+        attrs = {**praw["coords_attrs"], **attrs}
+        if fmt == "unknown":
+            fmt = detect_format(praw["coords_attrs"])
+        footprint = footprint or footprint_from_attrs(praw["coords_attrs"], f"patches file {pf.name}")
+    assert coords is not None
+    if len(coords) != len(feats) and not (len(feats) == 0 and len(coords) == 0):
         raise FeatureImportError(path, f"{len(feats)} feature rows but {len(coords)} coords")
-    if not np.isfinite(feats).all():
-        raise FeatureImportError(path, "'features' contain NaN or inf")
-    size0: float | None = None
-    fmt = "unknown"
-    if "patch_size_level0" in attrs:
-        size0, fmt = float(attrs["patch_size_level0"]), "trident"
-    elif "patch_size" in attrs and ("patch_level" in attrs or "downsample" in attrs):
-        fmt = "clam"
-        ds = attrs.get("downsample")
-        if ds is not None:
-            ds_val = float(np.ravel(ds)[0])
-            size0 = float(attrs["patch_size"]) * ds_val
-        elif int(attrs["patch_level"]) == 0:
-            size0 = float(attrs["patch_size"])
-    elif "patch_size" in attrs:
-        fmt = "clam"
-    merged = {**file_attrs, **attrs}
-    return ForeignFeatures(feats.astype(np.float32), np.rint(coords).astype(np.int64), size0, fmt, merged)
+    bare = not (raw["coords_attrs"] or raw["features_attrs"] or raw["file_attrs"])
+    if fmt == "unknown" and bare and np.issubdtype(raw.get("coords_dtype", np.float64), np.integer):
+        fmt = "clam"  # CLAM's save_hdf5(..., attr_dict=None): integer coords, no attribute anywhere
+    footprint = _settle_footprint(path, footprint, patch_size_level0, coords)
+    encoder = raw["features_attrs"].get("encoder", "")
+    return ForeignFeatures(feats, coords, footprint, fmt, attrs, patches_file,
+                           "" if encoder in (None, "None") else str(encoder))
 
 
-def match_coords(
-    foreign: np.ndarray, ours: np.ndarray, max_dist: float
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Match foreign top-lefts (N, 2) to our flat patch top-lefts (M, 2) in Chebyshev distance ≤ ``max_dist``.
-
-    Returns (target (N,) int64 index into ours or −1, distance (N,), number of duplicates dropped). When several
-    foreign rows hit one of our patches, the nearest (then the first) keeps it.
-    """
-    from scipy.spatial import cKDTree
-
-    n = len(foreign)
-    target = np.full(n, -1, dtype=np.int64)
-    dist = np.full(n, np.inf)
-    if n == 0 or len(ours) == 0:
-        return target, dist, 0
-    tree = cKDTree(np.asarray(ours, dtype=np.float64))
-    d, j = tree.query(np.asarray(foreign, dtype=np.float64), k=1, p=np.inf)
-    ok = d <= max_dist
-    target[ok] = j[ok]
-    dist[ok] = d[ok]
-    # resolve duplicates: order by (target, distance, row) and keep the first of each target
-    idx = np.flatnonzero(ok)
-    order = idx[np.lexsort((idx, dist[idx], target[idx]))]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = target[order][1:] != target[order][:-1]
-    dup = order[~first]
-    target[dup] = -1
-    return target, dist, int(len(dup))
+def _settle_footprint(path: Path, fp: Footprint | None, stated: float | None, coords: np.ndarray) -> Footprint:
+    if stated is not None:
+        if fp is not None and fp.size_level0 is not None and abs(fp.size_level0 / stated - 1) > 0.05:
+            raise FeatureImportError(path, f"--patch-size-level0 {stated:g} disagrees with the {fp.size_level0:g} "
+                                           f"level-0 px of the {fp.source}")
+        if fp is None or fp.size_level0 is None:
+            return Footprint(float(stated), "stated with --patch-size-level0", fp.patch_size if fp else None)
+    if fp is not None and fp.size_level0 is not None:
+        return fp
+    step = grid_step(coords)
+    if step is None:
+        return fp or Footprint(None, "unknown: no attributes, too few patches to see a grid")
+    return Footprint(float(step[0]), f"assumed = the coordinates' grid step, {step[1]:.0%} of neighbour steps; no "
+                                     "attribute states it, give --patches or --patch-size-level0",
+                     fp.patch_size if fp else None)
 
 
-def import_features(
-    store: str | Path,
-    features_path: str | Path,
-    name: str,
-    *,
-    tolerance: float = 0.25,
-    size_rtol: float = 0.05,
-    overwrite: bool = False,
-) -> ImportReport:
-    """Write the features of a TRIDENT/CLAM file as ``patches/<name>`` of ``store`` (see the module docstring)."""
-    store = Path(store)
-    if not name or "/" in name or name.startswith("_"):
-        raise FeatureImportError(features_path, f"invalid feature name {name!r} (no '/', not starting with '_')")
-    ff = read_foreign_features(features_path)
+def check_scale(path: Path, fp: Footprint, meta: StoreMeta, size_rtol: float) -> tuple[ScaleRule, float | None]:
+    """Whether the foreign footprint is the store's scale: by µm/px, or by TRIDENT's magnification rule; returns
+    the rule and the effective µm/px of the foreign patches on this slide, or raises naming the mismatch."""
+    ours = float(meta.patch_size_level0)
+    if fp.size_level0 is None:
+        return "unchecked", None
+    size0 = fp.size_level0
+    eff = meta.mpp_level0 * size0 / fp.patch_size if fp.patch_size else None
+    if abs(size0 / ours - 1.0) <= size_rtol:
+        return "mpp", eff
+    detail = ""
+    if fp.trident_rule and fp.patch_size and fp.target_magnification:
+        nominal_f = fp.patch_size * 10.0 / fp.target_magnification  # TRIDENT: µm/px = 10 / magnification
+        nominal_s = meta.patch_size * meta.target_mpp
+        bucket = trident_magnification(meta.mpp_level0)
+        if abs(nominal_f / nominal_s - 1) <= size_rtol and bucket == fp.level0_magnification:
+            return "trident-magnification", eff
+        if bucket != fp.level0_magnification:
+            detail = (f"; TRIDENT took level 0 as {fp.level0_magnification:g}× but the store's slide is "
+                      f"{meta.mpp_level0:.4g} µm/px ({bucket}× by TRIDENT's own rule): wrong slide or --mpp")
+        else:
+            detail = (f"; TRIDENT's patches are {fp.patch_size} px at {fp.target_magnification:g}× "
+                      f"(≈ {nominal_f:g} µm), the store's {meta.patch_size} px at {meta.target_mpp:g} µm/px "
+                      f"({nominal_s:g} µm)")
+    retile = meta.mpp_level0 * size0 / meta.patch_size
+    raise FeatureImportError(
+        path,
+        f"foreign patches are {px(size0)} level-0 px ({fp.source}) but the store's are {px(ours)} "
+        f"(target {meta.target_mpp:g} µm/px, patch {meta.patch_size} px){detail}: re-tile with --target-mpp "
+        f"{retile:.4g}, or extract the features at this store's scale",
+    )
+
+
+def _check_slide_size(path: Path, fp: Footprint, meta: StoreMeta) -> None:
+    if fp.slide_size_level0 is None:
+        return
+    w, h = fp.slide_size_level0
+    if abs(w / meta.level0_width - 1) > 0.01 or abs(h / meta.level0_height - 1) > 0.01:
+        raise FeatureImportError(path, f"made on a slide of {w}×{h} level-0 px ({fp.source}) but the store's slide "
+                                       f"{meta.slide_id} is {meta.level0_width}×{meta.level0_height}: wrong slide")
+
+
+def import_features(store: str | Path, features_path: str | Path, cfg: ImportConfig) -> ImportReport:
+    """Write the features of a TRIDENT/CLAM file as ``patches/<cfg.name>`` of ``store`` (module docstring)."""
+    store, features_path = Path(store), Path(features_path)
+    name = cfg.name
+    if not name or "/" in name or name.startswith("_") or name in ("coords", "tissue"):
+        raise FeatureImportError(features_path, f"invalid feature name {name!r} (no '/', not starting with '_', "
+                                                "not 'coords' or 'tissue')")
+    ff = read_foreign_features(features_path, cfg.patches, cfg.patch_size_level0)
     with SlideStore(store) as s:
         meta = s.meta
         coords = s.patch_coords()
         tissue = s.patch_tissue()
         exists = s.has_features(name)
-    if exists and not overwrite:
+    if exists and not cfg.overwrite:
         raise StoreError(store, f"patches/{name} already exists (pass --overwrite to replace it)")
-    if name in ("coords", "tissue"):
-        raise FeatureImportError(features_path, f"feature name {name!r} is reserved")
-    ours_size = float(meta.patch_size_level0)
-    if ff.patch_size_level0 is not None and abs(ff.patch_size_level0 / ours_size - 1.0) > size_rtol:
-        raise FeatureImportError(
-            features_path,
-            f"foreign patches are {ff.patch_size_level0:g} level-0 px but the store's are {ours_size:g} "
-            f"(target {meta.target_mpp} µm/px, patch {meta.patch_size} px): re-tile with a matching patch size "
-            "/ µm/px, or extract the features at this store's scale",
-        )
+    _check_slide_size(features_path, ff.footprint, meta)
+    rule, eff = check_scale(features_path, ff.footprint, meta, cfg.size_rtol)
+    ours = float(meta.patch_size_level0)
     r, g = tissue.shape
-    target, _, n_dup = match_coords(ff.coords, coords.reshape(-1, 2), tolerance * ours_size)
-    d = ff.features.shape[1]
-    out = np.zeros((r * g, d), dtype=np.float32)
-    matched = np.zeros(r * g, dtype=bool)
+    side = ff.footprint.size_level0 or ours
+    target, _, n_dup = match_coords(ff.coords + side / 2, coords.reshape(-1, 2) + ours / 2, cfg.tolerance * ours)
     ok = target >= 0
-    out[target[ok]] = ff.features[ok]
+    n, n_ok = len(ff.coords), int(ok.sum())
+    if n and n_ok < cfg.min_matched * n:
+        facts = GridFacts(meta.level0_width, meta.level0_height, ours, r, cfg.tolerance,
+                          meta.mpp_level0 * side / meta.patch_size if ff.footprint.size_level0 else None)
+        why = diagnose(ff.coords, ~ok, facts)
+        raise FeatureImportError(features_path, f"only {n_ok}/{n} foreign patches matched the store's grid (below "
+                                                f"--min-matched {cfg.min_matched:g}): {why}")
+    d = ff.features.shape[1]
+    matched = np.zeros(r * g, dtype=bool)
     matched[target[ok]] = True
-    matched = matched.reshape(r, g)
     report = ImportReport(
-        name=name,
-        source=str(Path(features_path).resolve()),
-        source_format=ff.source_format,
-        n_foreign=len(ff.features),
-        n_matched=int(ok.sum()),
-        n_unmatched=int(len(ff.features) - ok.sum()),
-        n_duplicates=n_dup,
-        n_tissue_missing=int((tissue & ~matched).sum()),
-        dim=d,
-        foreign_patch_size_level0=ff.patch_size_level0,
-        store_patch_size_level0=ours_size,
+        name=name, source=str(features_path.resolve()), source_format=ff.source_format,
+        patches_file=ff.patches_file, n_foreign=n, n_matched=n_ok, n_unmatched=n - n_ok, n_duplicates=n_dup,
+        n_tissue_missing=int((tissue & ~matched.reshape(r, g)).sum()), dim=d,
+        foreign_patch_size_level0=ff.footprint.size_level0, footprint_source=ff.footprint.source,
+        store_patch_size_level0=ours, scale_rule=rule, foreign_effective_mpp=eff,
+        store_effective_mpp=float(meta.effective_mpp), min_matched=cfg.min_matched, encoder=ff.encoder,
+        written=d > 0,
     )
+    if d == 0:  # TRIDENT's empty slide, features (0,): the dimension is unknown, nothing to write
+        return report
+    out = np.zeros((r * g, d), dtype=np.float32)
+    out[target[ok]] = ff.features[ok]
     with update_store(store) as f:
         attrs = {k: "" if v is None else v for k, v in asdict(report).items()}
         f.write_features(name, out.reshape(r, g, d), {**attrs, "kind": "imported"})
-        f.write_region_dataset(f"imported/{name}/matched", matched)
+        f.write_region_dataset(f"imported/{name}/matched", matched.reshape(r, g))
         f.set_encoder(name, d)
     return report
