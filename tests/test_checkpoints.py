@@ -251,3 +251,17 @@ def test_truncated_and_empty_and_foreign_files(tmp_path: Path) -> None:
     st.write_bytes(st.read_bytes()[:100])
     with pytest.raises(EncoderError, match="model.safetensors: cannot read checkpoint: the file is incomplete"):
         read_state_dict(st)
+
+
+# ------------------------------------------------------------------------------------- the command a user runs
+def test_extract_cli_names_the_pointer_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hwsi.cli import main
+
+    (tmp_path / "job" / "stores").mkdir(parents=True)
+    (tmp_path / "job" / "stores" / "a.h5").write_bytes(b"")  # the encoders are built before any store is opened
+    ptr = tmp_path / "vit256_small_dino.pth"
+    lfs_pointer(ptr)
+    assert main(["extract", str(tmp_path / "job"), "--patch-encoder", f"hipt_vit256:{ptr}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {ptr}: this is a Git LFS pointer (")
+    assert "Traceback" not in "\n".join(err)
