@@ -211,3 +211,13 @@ def test_eval_cli_bad_record_one_line_exit_2_and_skip(shared_data: Path, tmp_pat
     assert (f"warning: {data}: 2749 records (wsi-bench-train); skipped 1 bad record(s): {STAGING_1814}: "
             in err)
     assert "no-run" in err.strip().splitlines()[-1]
+
+
+def test_train_and_eval_offer_the_option() -> None:
+    from typer.testing import CliRunner
+
+    from hwsi.cli import app
+
+    for cmd in ("train", "eval"):
+        res = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and "--skip-bad-records" in res.output, cmd
