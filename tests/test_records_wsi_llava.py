@@ -179,7 +179,7 @@ def test_every_shared_text_file_loads(shared_data: Path) -> None:
         skip = path.name == "Staging_choice_train.json"  # its record 1814 is bad (the tests above)
         loaded = load_records_report(path, skip_bad=skip)
         assert loaded.records and len(loaded.skipped) == int(skip), path
-    assert len(seen) == 16, seen  # 6 prompt files, 10 record files
+    assert len(seen) >= 16, seen  # 6 prompt files, 10 record files today
 
 
 # ------------------------------------------------------------------------------------------------ train / eval
