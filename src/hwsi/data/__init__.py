@@ -3,14 +3,15 @@
 One parser module per record format, all parsing into the typed model of :mod:`hwsi.data.records`:
 
 =========================== ==================================================================================
-:mod:`hwsi.data.llava`      ``wsi-bench-train`` and ``slidechat`` (LLaVA conversation json)
+:mod:`hwsi.data.llava`      ``wsi-bench-train``, ``slidechat`` (LLaVA conversation json) and ``wsi-llava-test``
 :mod:`hwsi.data.wsi_bench`  ``wsi-bench-test`` (jsonl of questions with ``T-answer``)
 :mod:`hwsi.data.slidebench` ``slidebench-json`` and ``slidebench-csv`` (SlideBench-VQA)
 :mod:`hwsi.data.wsi_vqa`    ``wsi-vqa``
 :mod:`hwsi.data.histgen`    ``histgen`` (reports)
 =========================== ==================================================================================
 
-:func:`load_records` (:mod:`hwsi.data.load`) detects a file's format and dispatches to its parser;
+:func:`load_records` (:mod:`hwsi.data.load`) detects a file's format and dispatches to its parser
+(:func:`load_records_report` also says which malformed records ``skip_bad=True`` left out);
 :func:`match_records_to_stores` (:mod:`hwsi.data.matching`) binds records to the available per-slide stores;
 :mod:`hwsi.data.choices` reads the answer options of closed-ended questions. This package sits below
 ``hwsi.train`` and ``hwsi.eval`` and imports neither.
@@ -18,10 +19,12 @@ One parser module per record format, all parsing into the typed model of :mod:`h
 
 from hwsi.data.records import (
     FORMATS,
+    BadRecords,
     Conversation,
     QAItem,
     Record,
     RecordError,
+    RecordLoad,
     Turn,
     slide_id_from_image_ref,
     slide_ids_from_image_ref,
@@ -32,11 +35,12 @@ from hwsi.data.choices import parse_options_from_question, strip_option_letter
 from hwsi.data.histgen import HISTGEN_REPORT_PROMPT
 from hwsi.data.slidebench import SLIDEBENCH_CSV_COLUMNS
 from hwsi.data.wsi_bench import WSI_BENCH_CATEGORIES
-from hwsi.data.load import detect_format, load_records
+from hwsi.data.load import detect_format, load_records, load_records_report
 from hwsi.data.matching import MatchReport, match_records_to_stores
 
 __all__ = [
     "FORMATS",
+    "BadRecords",
     "HISTGEN_REPORT_PROMPT",
     "SLIDEBENCH_CSV_COLUMNS",
     "WSI_BENCH_CATEGORIES",
@@ -45,9 +49,11 @@ __all__ = [
     "QAItem",
     "Record",
     "RecordError",
+    "RecordLoad",
     "Turn",
     "detect_format",
     "load_records",
+    "load_records_report",
     "match_records_to_stores",
     "parse_options_from_question",
     "slide_id_from_image_ref",

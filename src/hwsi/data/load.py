@@ -7,6 +7,10 @@ Formats (``load_records(path, fmt=...)``; ``fmt="auto"`` detects them from the c
 ``wsi-bench-train``  LLaVA json list ``{"id", "image": "<dir>/<slide>.pt", "conversations": [...]}``
 ``slidechat``        same shape with ``"image": ["<slide>.csv", ...]``
 ``wsi-bench-test``   jsonl (or json list) ``{"question_id", "image", "question", "T-answer", "metadata"}``
+``wsi-llava-test``   WSI-LLaVA's per-task test json: the LLaVA shape with one question and one answer per record,
+                     options inside the question (``"... A) x B) y"``), answer a letter -> closed :class:`QAItem`
+                     (auto: a conversation list whose file name ends in ``_test``/``-test`` and whose records all
+                     have two turns)
 ``slidebench-json``  ``{"samples": [{"slide_id", "question", "choices": ["A) ..."], "answer": "C", "category",
                      "features_path"}]}`` (the reformatted SlideBench-VQA copy)
 ``slidebench-csv``   SlideBench-VQA csv, columns ``ID, Slide, Tumor, Broad Category, Narrow Category, Question,
@@ -14,6 +18,9 @@ Formats (``load_records(path, fmt=...)``; ``fmt="auto"`` detects them from the c
 ``wsi-vqa``          json list ``{"Id": "<TCGA patient>", "Question", "Choice": [...] (closed only), "Answer"}``
 ``histgen``          ``{"train": [{"id", "report", "image_path": [...], "split"}], "val": [...], "test": [...]}``
 ==================== ==================================================================================
+
+A malformed record is a :class:`RecordError` naming the file and the record (index and id). With
+``skip_bad=True`` it is left out instead and reported by :func:`load_records_report` (count, where, why).
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from typing import Any
 
 from hwsi import textio
 from hwsi.data.histgen import parse_histgen
-from hwsi.data.llava import parse_llava
-from hwsi.data.records import FORMATS, Record, RecordError
+from hwsi.data.llava import parse_llava, parse_llava_qa
+from hwsi.data.records import FORMATS, BadRecords, Record, RecordError, RecordLoad
 from hwsi.data.slidebench import parse_slidebench_csv, parse_slidebench_json
 from hwsi.data.wsi_bench import parse_wsi_bench_test
 from hwsi.data.wsi_vqa import parse_wsi_vqa
@@ -35,6 +42,11 @@ def _read_json(path: Path) -> Any:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return [(f"line {n}", value) for n, value in textio.read_jsonl(path, RecordError)]
+
+
+def _is_test_name(path: Path) -> bool:
+    stem = path.stem.lower()
+    return stem == "test" or stem.endswith(("_test", "-test"))
 
 
 def _detect_from_data(data: Any, path: Path) -> str:
@@ -54,6 +66,9 @@ def _detect_from_data(data: Any, path: Path) -> str:
         if not isinstance(first, dict):
             raise RecordError(path, "unknown record format: the list does not hold objects", "record 0")
         if "conversations" in first:
+            if _is_test_name(path) and all(isinstance(x, dict) and isinstance(x.get("conversations"), list)
+                                           and len(x["conversations"]) == 2 for x in data):
+                return "wsi-llava-test"
             return "slidechat" if isinstance(first.get("image"), list) else "wsi-bench-train"
         if "T-answer" in first:
             return "wsi-bench-test"
@@ -79,12 +94,20 @@ def detect_format(path: str | Path) -> str:
     return _detect_from_data(_read_json(path), path)
 
 
-def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) -> list[Record]:
+def load_records(path: str | Path, fmt: str = "auto", split: str | None = None, skip_bad: bool = False
+                 ) -> list[Record]:
     """Parse every record of a file into :class:`Conversation` / :class:`QAItem` objects.
 
     ``fmt`` is ``"auto"`` or one of :data:`FORMATS`. ``split`` selects one HistGen split (default: all, in file
-    order). Malformed input raises :class:`RecordError` naming the file and the line (jsonl, csv) or record.
+    order). Malformed input raises :class:`RecordError` naming the file and the line (jsonl, csv) or record;
+    ``skip_bad`` leaves malformed records out instead (:func:`load_records_report` says which).
     """
+    return load_records_report(path, fmt, split, skip_bad).records
+
+
+def load_records_report(path: str | Path, fmt: str = "auto", split: str | None = None, skip_bad: bool = False
+                        ) -> RecordLoad:
+    """:func:`load_records` with what was skipped: a :class:`RecordLoad` (records, skipped errors, summary)."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(path, "record file not found")
@@ -92,8 +115,14 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
         fmt = detect_format(path)
     if fmt not in FORMATS:
         raise RecordError(path, f"unknown format {fmt!r}; known: {list(FORMATS)}")
+    bad = BadRecords(skip=skip_bad)
+    records = _parse(path, fmt, split, bad)
+    return RecordLoad(path=path, format=fmt, records=records, skipped=bad.errors)
+
+
+def _parse(path: Path, fmt: str, split: str | None, bad: BadRecords) -> list[Record]:
     if fmt == "slidebench-csv":
-        return list(parse_slidebench_csv(path))
+        return list(parse_slidebench_csv(path, bad))
     if fmt == "wsi-bench-test":
         if path.suffix.lower() == ".jsonl":
             rows = _read_jsonl(path)
@@ -102,23 +131,25 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
             if not isinstance(data, list):
                 raise RecordError(path, "expected a JSON list of WSI-Bench test records")
             rows = [(f"record {i}", x) for i, x in enumerate(data)]
-        return list(parse_wsi_bench_test(rows, path))
+        return list(parse_wsi_bench_test(rows, path, bad))
     if path.suffix.lower() == ".jsonl":
         data: Any = [x for _, x in _read_jsonl(path)]
     else:
         data = _read_json(path)
-    if fmt in ("wsi-bench-train", "slidechat"):
+    if fmt in ("wsi-bench-train", "slidechat", "wsi-llava-test"):
         if not isinstance(data, list):
             raise RecordError(path, f"expected a JSON list of {fmt} records")
-        return list(parse_llava(data, path, "wsi-bench" if fmt == "wsi-bench-train" else "slidechat"))
+        if fmt == "wsi-llava-test":
+            return list(parse_llava_qa(data, path, bad))
+        return list(parse_llava(data, path, "wsi-bench" if fmt == "wsi-bench-train" else "slidechat", bad))
     if fmt == "slidebench-json":
         if not isinstance(data, dict) or "samples" not in data:
             raise RecordError(path, "expected an object with a 'samples' list")
-        return list(parse_slidebench_json(data, path))
+        return list(parse_slidebench_json(data, path, bad))
     if fmt == "wsi-vqa":
         if not isinstance(data, list):
             raise RecordError(path, "expected a JSON list of WSI-VQA records")
-        return list(parse_wsi_vqa(data, path))
+        return list(parse_wsi_vqa(data, path, bad))
     if not isinstance(data, dict):
         raise RecordError(path, "expected an object with train/val/test lists (HistGen)")
-    return list(parse_histgen(data, path, split))
+    return list(parse_histgen(data, path, split, bad))

@@ -16,7 +16,8 @@ is removed (TCGA file names contain dots, so ``Path.stem`` would be wrong for an
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
@@ -29,6 +30,7 @@ FORMATS: tuple[str, ...] = (
     "wsi-bench-train",
     "slidechat",
     "wsi-bench-test",
+    "wsi-llava-test",
     "slidebench-json",
     "slidebench-csv",
     "wsi-vqa",
@@ -122,6 +124,50 @@ class QAItem:
 
 
 Record = Conversation | QAItem
+
+
+@dataclass
+class BadRecords:
+    """The per-record errors of one file. By default (``skip`` False) the first one is raised; with ``skip`` each
+    bad record is left out and its :class:`RecordError` kept in ``errors`` (the parsers wrap each record in
+    :meth:`guard`). Errors of the file as a whole (not JSON, unknown format) are always raised."""
+
+    skip: bool = False
+    errors: list[RecordError] = field(default_factory=list)
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Parse one record inside this block: a :class:`RecordError` is raised, or recorded when skipping."""
+        try:
+            yield
+        except RecordError as exc:
+            if not self.skip:
+                raise
+            self.errors.append(exc)
+
+
+@dataclass
+class RecordLoad:
+    """What :func:`hwsi.data.load_records_report` read from one file: the records and the bad ones it skipped."""
+
+    path: Path
+    format: str
+    records: list[Record]
+    skipped: list[RecordError] = field(default_factory=list)
+
+    @property
+    def skipped_where(self) -> list[str]:
+        """Where each skipped record is (``"record 1814 (id=...)"``), in file order."""
+        return [str(e.where) for e in self.skipped]
+
+    def summary(self, most: int = 5) -> str:
+        """``"2749 records (wsi-bench-train); skipped 1 bad record(s): record 1814 (id=...): <reason>"``."""
+        text = f"{len(self.records)} records ({self.format})"
+        if self.skipped:
+            shown = "; ".join(f"{e.where}: {e.reason}" for e in self.skipped[:most])
+            more = f"; ... and {len(self.skipped) - most} more" if len(self.skipped) > most else ""
+            text += f"; skipped {len(self.skipped)} bad record(s): {shown}{more}"
+        return text.replace("\r", " ").replace("\n", " ")
 
 
 # --------------------------------------------------------------------------------------------------- slide ids

@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         no_shuffle: bool = typer.Option(False, "--no-shuffle", help="Skip the shuffled-visual-tokens baseline."),
         no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (the slow metric)."),
         seed: int = typer.Option(_eval("shuffle_seed"), "--seed", help="Seed of the shuffled-visual derangement."),
+        skip_bad_records: bool = typer.Option(False, "--skip-bad-records", help="Record-file data: leave malformed "
+                                              "records out (count and where printed) instead of failing."),
     ) -> None:
         """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
         # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
@@ -68,7 +70,10 @@ def register(app: typer.Typer) -> None:
             text_encoder=text_encoder, prompt_file=str(prompts or ""), prompt_set=prompt_set, label_key=label_key,
             embedding=embedding), "hwsi eval options")
         prepare_output_dir(out, what="--out folder", create=False)
-        ev = load_eval_data(data, job, split=split, label_key=label_key, labels_csv=labels)
+        ev = load_eval_data(data, job, split=split, label_key=label_key, labels_csv=labels,
+                            skip_bad_records=skip_bad_records)
+        if ev.skipped_records:
+            typer.echo(f"warning: {data}: {ev.records_summary}", err=True)
         typer.echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
         if ev.missing_stores:
             typer.echo(f"warning: {len(ev.missing_stores)} slides have no store: {ev.missing_stores[:10]}")

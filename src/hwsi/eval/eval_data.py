@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hwsi import textio
-from hwsi.data import QAItem, load_records, match_records_to_stores
+from hwsi.data import QAItem, load_records, load_records_report, match_records_to_stores
 from hwsi.eval.eval_config import TaskError
 
 
@@ -35,6 +35,8 @@ class EvalData:
     unmatched: list[tuple[str, str]] = field(default_factory=list)  # (record id, slide id) without a store
     missing_stores: list[str] = field(default_factory=list)  # slides of the data set without a store
     match_summary: str = ""
+    skipped_records: list[str] = field(default_factory=list)  # bad records left out (skip_bad_records), where
+    records_summary: str = ""
 
     def split_ids(self, split: str) -> list[str]:
         """Slide ids of ``split`` (sorted)."""
@@ -50,6 +52,8 @@ class EvalData:
             "unmatched_slide_ids": sorted({s for _, s in self.unmatched}),
             "missing_stores": self.missing_stores,
             "match": self.match_summary,
+            "n_skipped_records": len(self.skipped_records),
+            "skipped_records": self.skipped_records,
         }
 
 
@@ -75,6 +79,7 @@ def load_eval_data(
     split: str = "test",
     label_key: str = "diagnosis",
     labels_csv: str | Path | None = None,
+    skip_bad_records: bool = False,
 ) -> EvalData:
     """Evaluation data mapped to the job's stores by slide id.
 
@@ -82,8 +87,10 @@ def load_eval_data(
     ``text/reports.json``, labels and facts from cohort.json; ``job`` defaults to ``DATA/job``) or a record file of
     any format :func:`hwsi.data.load_records` reads (labels for the embedding tasks then come from
     ``labels_csv``: columns ``slide_id, label[, split]``). Records whose slide has no store are listed in
-    ``unmatched``; cohort slides without a store in ``missing_stores``.
+    ``unmatched``; cohort slides without a store in ``missing_stores``. ``skip_bad_records`` leaves malformed
+    records of a record file out (listed in ``skipped_records``) instead of failing.
     """
+    loaded = None
     data = Path(data)
     if data.is_dir() and (data / "cohort.json").is_file():
         job = Path(job) if job is not None else data / "job"
@@ -109,7 +116,8 @@ def load_eval_data(
         if job is None:
             raise TaskError(f"{data}: a record file needs --job (the folder of the slides' stores)")
         stores = store_index(job)
-        records = load_records(data)
+        loaded = load_records_report(data, skip_bad=skip_bad_records)
+        records = loaded.records
         labels = _read_labels_csv(Path(labels_csv)) if labels_csv else {}
         slides = {sid: SlideInfo(sid, p, labels.get(sid, (None, split))[1], labels.get(sid, (None, ""))[0])
                   for sid, p in stores.items()}
@@ -124,4 +132,5 @@ def load_eval_data(
     for it in items:
         if it.category.lower() == "report" and it.slide_id not in reports:
             reports[it.slide_id] = it.answer
-    return EvalData(source, split, slides, items, reports, list(report.unmatched), missing, report.summary())
+    return EvalData(source, split, slides, items, reports, list(report.unmatched), missing, report.summary(),
+                    loaded.skipped_where if loaded else [], loaded.summary() if loaded else "")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from hwsi.errors import ConfigError
+from hwsi.features.encoders.checkpoints import check_folder_not_lfs_pointers
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<|endoftext|>"
@@ -39,6 +40,7 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: not a Hugging Face model folder (no config.json); give a local path")
+    check_folder_not_lfs_pointers(path, lambda reason, p: ConfigError(f"{p}: {reason}"))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{path}: the tokenizer has no chat_template (an -Instruct/chat model is needed)")

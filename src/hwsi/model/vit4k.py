@@ -32,6 +32,7 @@ from torch import nn
 
 from hwsi.config import NonNegInt, PositiveFloat, PositiveInt
 from hwsi.errors import ConfigError
+from hwsi.features.encoders.checkpoints import read_state_dict
 from hwsi.nn.transformer import Block, init_vit_weights
 
 
@@ -178,7 +179,8 @@ def load_hipt_vit4k(model: ViT4K, path: str | Path) -> ViT4K:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: ViT-4K checkpoint not found")
-    state = clean_hipt_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # LFS pointers, truncated files and DINO's full training checkpoints (args: argparse.Namespace) as for ViT-256
+    state = clean_hipt_state_dict(read_state_dict(path, unwrap=("teacher", "state_dict", "model")))
     own = model.state_dict()
     missing = sorted(k for k in set(own) - set(state) if not k.startswith("stem."))  # stem.*: ours, not HIPT's
     if missing:

@@ -113,6 +113,8 @@ def register(app: typer.Typer) -> None:
         stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
                                                  help="Stop (checkpointed) after this many optimizer steps in total."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        skip_bad_records: bool = typer.Option(False, "--skip-bad-records", help="Leave malformed text records out "
+                                              "(count and where logged) instead of failing (data.skip_bad_records)."),
     ) -> None:
         """Run one training stage of MLLM-HWSI (paper §3.6); metrics in RUN/stageN/metrics.csv."""
         from hwsi.train.config import load_train_config
@@ -121,6 +123,7 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
         cfg = load_train_config(config)
+        cfg.data.skip_bad_records = cfg.data.skip_bad_records or skip_bad_records
         run = prepare_output_dir(out or job / "runs" / config.stem, what="run folder (--out)", create=False)
         res = run_stage(stage, cfg, job, run, resume=resume, stop_after=stop_after, progress=progress)
         m = res.metrics

@@ -27,8 +27,8 @@ from hwsi.errors import ConfigError
 from hwsi.model.losses import HCALossConfig
 from hwsi.model.mllm import MLLMConfig
 
-RecordsFormat = Literal["auto", "wsi-bench-train", "slidechat", "wsi-bench-test", "slidebench-json", "slidebench-csv",
-                        "wsi-vqa", "histgen"]
+RecordsFormat = Literal["auto", "wsi-bench-train", "slidechat", "wsi-bench-test", "wsi-llava-test", "slidebench-json",
+                        "slidebench-csv", "wsi-vqa", "histgen"]
 Beta = Annotated[float, Range(0, 1, hi_open=True)]
 
 
@@ -39,6 +39,7 @@ class DataConfig:
     stores: str = "stores"  # folder of <slide_id>.h5 (hwsi.store), relative to the job
     records: str = "text/train.json"  # TRAIN split records (any hwsi.data format)
     records_format: RecordsFormat = "auto"
+    skip_bad_records: bool = False  # leave malformed records out (count and where logged) instead of failing
     reports: str = ""  # optional json slide_id -> report (restricted to slides of `records`); "" = longest answer
     captions: str = ""  # optional json slide_id -> caption (stage 2 also trains on captions when given)
     facts: str = ""  # json slide_id -> {name: value} ground-truth findings (stage 0 only; SynthPath facts.json)

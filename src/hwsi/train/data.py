@@ -33,7 +33,7 @@ from hwsi import textio
 from hwsi.errors import ConfigError, ConfigFileError
 from hwsi.model.inputs import SlideInputs, load_cached_inputs, load_slide_inputs, save_slide_inputs
 from hwsi.train.config import DataConfig
-from hwsi.data import Conversation, MatchReport, QAItem, load_records, match_records_to_stores
+from hwsi.data import Conversation, MatchReport, QAItem, load_records_report, match_records_to_stores
 from hwsi.features.vocab import entities_from_report
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class TrainText:
     captions: dict[str, str] = field(default_factory=dict)
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     match: MatchReport | None = None
+    skipped_records: list[str] = field(default_factory=list)  # where the bad records left out are (skip_bad_records)
 
     @property
     def slide_ids(self) -> list[str]:
@@ -155,7 +156,10 @@ def load_train_text(job: Path, data: DataConfig, stores: dict[str, Path] | None 
                     need_stores: bool = True) -> TrainText:
     """Records -> samples matched to stores; reports, captions and facts of those slides (module docstring)."""
     path = resolve(job, data.records)
-    records = load_records(path, data.records_format)
+    loaded = load_records_report(path, data.records_format, skip_bad=data.skip_bad_records)
+    records = loaded.records
+    if loaded.skipped:
+        log.warning("records %s: %s", path, loaded.summary())
     match = None
     if stores or need_stores:
         records, match = match_records_to_stores(records, list(stores or {}))
@@ -178,7 +182,7 @@ def load_train_text(job: Path, data: DataConfig, stores: dict[str, Path] | None 
     facts = {}
     if data.facts:
         facts = {k: v for k, v in _read_map(resolve(job, data.facts), "facts").items() if k in train_ids}
-    return TrainText(samples, reports, captions, facts, match)
+    return TrainText(samples, reports, captions, facts, match, loaded.skipped_where)
 
 
 _SENT = re.compile(r"(?<=[.!?])\s+")

@@ -45,7 +45,7 @@ from hwsi.features.encoders.base import (
     make_config,
     seeded_init,
 )
-from hwsi.features.encoders.checkpoints import load_foreign_state_dict, read_state_dict
+from hwsi.features.encoders.checkpoints import check_not_lfs_pointer, load_foreign_state_dict, read_state_dict
 from hwsi.features.encoders.registry import register_encoder, register_text_encoder
 from hwsi.features.encoders.text import TextEncoder
 from hwsi.features.encoders.vit import VisionTransformer
@@ -292,6 +292,7 @@ class ConchTextEncoder(TextEncoder):
             f = _find_tokenizer_file(Path(self.config.tokenizer))
             if f is None:
                 raise EncoderError("no tokenizer JSON here", self.config.tokenizer)
+            check_not_lfs_pointer(f)
             from transformers import PreTrainedTokenizerFast
 
             try:

@@ -4,9 +4,13 @@ Architecture (HIPT ``vit_small``): patch 16, width 384, depth 12, 6 heads, MLP r
 position table for a 14x14 grid (+CLS, DINO pre-training at 224 px) interpolated bicubically to the 16x16 grid of a
 256 px input the way DINO's ``interpolate_pos_encoding`` does; mean = std = 0.5 per channel.
 
-Weights: HIPT's ``vit256_small_dino.pth`` — the DINO checkpoint dict whose ``teacher`` entry holds keys
-``module.backbone.<vit key>`` (plus ``module.head.*`` of the DINO projection head, ignored here). Loaded with
-``torch.load(weights_only=True)`` through :func:`load_foreign_state_dict` (every ViT weight must be present).
+Weights: HIPT's ``vit256_small_dino.pth`` — a full DINO training checkpoint as ``main_dino.py`` saves it
+(``student``, ``teacher``, ``optimizer``, ``epoch``, ``args`` (an ``argparse.Namespace``), ``dino_loss`` and, with
+fp16, ``fp16_scaler``; ~704 MB). As HIPT's own ``get_vit256`` does, the ``teacher`` entry is used and ``module.`` /
+``backbone.`` prefixes are stripped (the DINO projection head ``head.*`` is ignored here); a bare state dict works
+too. Read by :func:`~hwsi.features.encoders.checkpoints.read_state_dict` (weights only, ``argparse.Namespace`` the
+one extra global; a Git LFS pointer is named as such) and copied by :func:`load_foreign_state_dict` (every ViT
+weight must be present).
 
 On CPU without these weights, the region (ViT-4K) input is the small patch encoder's 384-d embedding
 (``hwsi_small_patch``): a random ViT-S/16 costs ~36 s per 4096² region here and carries no morphology.

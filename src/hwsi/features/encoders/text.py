@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hwsi.features.encoders.base import EncoderError, make_config
+from hwsi.features.encoders.checkpoints import check_folder_not_lfs_pointers
 from hwsi.features.encoders.registry import register_text_encoder
 
 
@@ -97,6 +98,7 @@ class MiniLMTextEncoder(TextEncoder):
         path = Path(config.model_path) if config.model_path else minilm_path()
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
             raise EncoderError("not a sentence-transformers model folder (no modules.json/config.json)", path)
+        check_folder_not_lfs_pointers(path)
         try:
             self.st = SentenceTransformer(str(path), device="cpu")
         except Exception as exc:  # pragma: no cover - depends on the folder's content
