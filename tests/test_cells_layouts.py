@@ -149,3 +149,16 @@ def test_real_cellvit_file_rejected_on_a_small_slide(shared_data: Path, tmp_path
     err = json.loads((job / "errors" / "JP2K-33003-2.extract.json").read_text())
     text = json.dumps(err, ensure_ascii=False)
     assert "JP2K-33003-2_cell_detection.geojson: 37927 of 37927 cells (100 %) lie outside the slide (1024×1024" in text
+    # the same slide with a CellViT-Inference folder whose cells lie on it: ingested, types coded by the table
+    ok = tmp_path / "cellvit_ok"
+    _cells_json(ok / "JP2K-33003-2" / "cells.json", n=5, x0=100.0)
+    cfg = ExtractConfig(k=4, n_div=8, cells=f"cellvit:{ok}")
+    assert run_extract(job, cfg, show_progress=False, models=load_models(cfg, log=lambda m: None)).exit_code == 0
+    import h5py
+
+    with h5py.File(job / "stores" / "JP2K-33003-2.h5") as f:
+        attrs = dict(f["cells"].attrs)
+        assert set(f["cells/type"][:].tolist()) <= {4}
+    assert json.loads(attrs["type_names"]) == {"0": "unknown", "4": "neoplastic"}
+    assert json.loads(attrs["type_source_names"]) == {"Background": 0, "Neoplastic": 4}
+    assert attrs["n_source_cells"] == 5 and attrs["n_outside_slide"] == 0

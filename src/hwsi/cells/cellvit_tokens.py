@@ -16,6 +16,7 @@ a tensor (N, D), a dict with one of :data:`TOKEN_KEYS` (and optional ``positions
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,6 @@ def _tensor(v: Any) -> bool:
 
 def _load_torch(path: Path) -> tuple[Any, str | None]:
     """(object, CellViT class path or None) of a torch file, through the weights_only unpickler."""
-    import pickle
-
     import torch
 
     raw = path.read_bytes()

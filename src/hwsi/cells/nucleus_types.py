@@ -113,7 +113,7 @@ class TypeMapping:
         for src, code in self.codes.items():
             note = " (not in the table)" if src in self.unknown else " (by its base class)" \
                 if src in self.by_base_class else ""
-            parts.append(f"{src}→{ALL_TYPE_NAMES[code]}{note}")
+            parts.append(f"{src or '(unclassified)'}→{ALL_TYPE_NAMES[code]}{note}")
         return ", ".join(parts)
 
 
