@@ -100,7 +100,8 @@ def cells_from_geojson(path: Path, data: Any) -> CellVitCells:
         else [data] if isinstance(data, dict) else data
     if not isinstance(feats, list):
         raise CellVitError(path, "expected a GeoJSON FeatureCollection or a list of Features")
-    props_of = [ft.get("properties") or {} if isinstance(ft, dict) else {} for ft in feats]
+    props_of = [ft["properties"] if isinstance(ft, dict) and isinstance(ft.get("properties"), dict) else {}
+                for ft in feats]
     kinds = [object_type(p) for p in props_of]
     has_cell_objects = any(k in CELL_OBJECTS for k in kinds)
     cents: list[np.ndarray] = []
