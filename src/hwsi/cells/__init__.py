@@ -5,7 +5,10 @@ Two backends behind one result shape (a columnar per-nucleus table + (N, D) cell
 * built-in CPU segmentation: :func:`segment_nuclei` (colour deconvolution, threshold, watershed) with
   morphology/intensity/texture features (:mod:`hwsi.cells.morphology`) and rule-based types
   (:mod:`hwsi.cells.nucleus_types`);
-* ingest of a CellViT run: :func:`hwsi.cells.cellvit.load_cellvit` (``cells.json`` + token embeddings).
+* ingest of a CellViT run or a QuPath export: :func:`hwsi.cells.cellvit.load_cellvit` (``cells.json`` / GeoJSON +
+  token embeddings; formats and layouts: docs/formats-cells.md).
+
+Every backend codes nucleus types with the one table of :mod:`hwsi.cells.nucleus_types`.
 
 :func:`cells_to_columns` (:mod:`hwsi.cells.columns`) turns results into the columns of a slide store's ``cells/*``
 group, which :mod:`hwsi.store.cells` writes and reads (CSR by region and patch);
@@ -14,7 +17,7 @@ group, which :mod:`hwsi.store.cells` writes and reads (CSR by region and patch);
 
 from hwsi.cells.cellvit import CellVitCells, CellVitError, attach_cells_to_grid, load_cellvit
 from hwsi.cells.morphology import FEATURE_DIM, FEATURE_NAMES, TABLE_COLUMNS
-from hwsi.cells.nucleus_types import TYPE_NAMES, TypeRules
+from hwsi.cells.nucleus_types import NUCLEUS_TYPES, TYPE_NAMES, TypeRules, map_type_names
 from hwsi.cells.segment import Nuclei, SegmentConfig, segment_nuclei
 from hwsi.cells.columns import cells_to_columns
 
@@ -27,7 +30,9 @@ __all__ = [
     "FEATURE_DIM",
     "FEATURE_NAMES",
     "TABLE_COLUMNS",
+    "NUCLEUS_TYPES",
     "TYPE_NAMES",
+    "map_type_names",
     "Nuclei",
     "SegmentConfig",
     "TypeRules",

@@ -1,90 +1,43 @@
 """Ingest of a CellViT run (docs/design.md §5 "Cells", backend b): detections + per-cell token embeddings.
 
-Formats read (facts about CellViT's outputs, re-implemented here; all coordinates are level-0 pixels):
+Formats (docs/formats-cells.md; all coordinates are level-0 pixels):
 
-* ``cells.json`` / ``cell_detection.json``: ``{"wsi_metadata": {...}, "type_map": {"0": "Background", ...},
+* ``cells.json`` / ``cell_detection.json`` (plain or ``.snappy``): ``{"wsi_metadata": {...}, "type_map": {...},
   "cells": [cell, ...]}`` or a bare list of cells. A cell is ``{"bbox": [[r0, c0], [r1, c1]], "centroid": [x, y],
-  "contour": [[x, y], ...], "type": int, "type_prob": float, ...}`` (``cell_detection.json`` has no contour).
-  The centroid is (x, y); CellViT's bbox is (row, col) corners and is kept as given. A missing centroid is taken
-  from the contour mean, then from the bbox centre.
-* ``cells.geojson`` / ``cell_detection.geojson``: a list of GeoJSON Features, one per cell type, with
-  ``geometry`` MultiPolygon (contours) or MultiPoint (centroids) and ``properties.classification.name``.
-  These group cells by type, so their order cannot be matched to embeddings (refused with embeddings).
-* embeddings: ``cells.pt`` — a tensor (N, D), a dict with one of ``x``/``cell_tokens``/``embeddings``/``tokens``/
-  ``features`` (and optional ``positions``), or CellViT's pickled graph object (a torch-geometric ``Data`` subclass
-  with ``x`` = tokens and ``positions``), read WITHOUT torch-geometric by a restricted unpickler that only builds
-  tensors and plain containers; or ``.npy`` (N, D). 384-d for CellViT-256, 1280-d for CellViT-SAM-H.
+  "contour": [[x, y], ...], "type": int, "type_prob": float, ...}`` (``cell_detection.json`` has no contour or
+  type_prob). ``type_map`` is ``{"1": "Neoplastic", ...}`` (CellViT++ / CellViT-Inference) or ``{"Neoplastic": 1,
+  ...}`` (CellViT v1); without one, CellViT's PanNuke ids are assumed. The file's ids are mapped BY NAME into the
+  type table (:mod:`hwsi.cells.nucleus_types`). The centroid is (x, y); CellViT's bbox is (row, col) corners and
+  is kept as given. A missing centroid is taken from the contour mean, then from the bbox centre.
+* GeoJSON (CellViT's per-type features, QuPath exports): :mod:`hwsi.cells.geojson_cells`. These have no cell order
+  that tokens could follow, so they are refused together with embeddings.
+* embeddings (``cells.pt``, ``.npy``): :mod:`hwsi.cells.cellvit_tokens`. Where to find all of these for a slide:
+  :mod:`hwsi.cells.cellvit_layouts`; the check against the slide: :mod:`hwsi.cells.cellvit_checks`.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hwsi.errors import HwsiError
+from hwsi.cells.cell_files import CellVitCells, CellVitError, read_json_file
+from hwsi.cells.cellvit_tokens import KNOWN_DIMS, read_cell_embeddings
+from hwsi.cells.geojson_cells import cells_from_geojson
+from hwsi.cells.nucleus_types import ALL_TYPE_NAMES, PANNUKE_IDS, map_type_names
+
+__all__ = ["KNOWN_DIMS", "Attachment", "CellVitCells", "CellVitError", "attach_cells_to_grid", "load_cellvit",
+           "read_cell_embeddings", "read_cellvit_cells"]
 
 
-class CellVitError(HwsiError):
-    """A CellViT output file is missing, malformed or inconsistent with its companion file."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-
-KNOWN_DIMS = {384: "CellViT-256", 1280: "CellViT-SAM-H"}
-_TOKEN_KEYS = ("x", "cell_tokens", "embeddings", "tokens", "features")
-
-
-@dataclass
-class CellVitCells:
-    """Cells of a CellViT run, level-0 coordinates. ``embeddings`` is None when no token file was given."""
-
-    centroids: np.ndarray  # (N, 2) float64 x, y
-    types: np.ndarray  # (N,) int16
-    type_prob: np.ndarray  # (N,) float32
-    type_map: dict[int, str]
-    bbox: np.ndarray | None = None  # (N, 2, 2) as in the file (CellViT: (row, col) corners)
-    contours: list[np.ndarray] | None = None  # N arrays (k, 2) x, y
-    embeddings: np.ndarray | None = None  # (N, D) float32
-    source: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def table(self) -> dict[str, np.ndarray]:
-        """Columnar table (x, y level-0, type, type_prob), the shape :func:`hwsi.store.rows_to_columns` takes."""
-        return {"x": self.centroids[:, 0], "y": self.centroids[:, 1], "type": self.types, "type_prob": self.type_prob}
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CellVitError(path, "no such file")
-    if path.suffix == ".snappy":
-        raise CellVitError(path, "snappy-compressed CellViT output is not supported; rerun CellViT without "
-                                 "compression or decompress it to plain JSON first")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CellVitError(path, f"not valid JSON ({exc})") from exc
-
-
-def _type_map(raw: Any) -> dict[int, str]:
+def source_type_map(raw: Any) -> dict[int, str]:
+    """The file's id → class name: ``{"0": "Background", ...}`` (CellViT++) or ``{"Background": 0, ...}`` (v1)."""
     if not isinstance(raw, dict):
         return {}
     out: dict[int, str] = {}
     for k, v in raw.items():
-        # CellViT writes {"0": "Background", ...}; accept the inverse {"Background": 0} as well
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[int(v)] = str(k)
         else:
@@ -95,10 +48,10 @@ def _type_map(raw: Any) -> dict[int, str]:
     return out
 
 
-def _cells_from_list(path: Path, cells: list, type_map: dict[int, str], meta: dict) -> CellVitCells:
+def _cells_from_list(path: Path, cells: list, file_map: dict[int, str], meta: dict[str, Any]) -> CellVitCells:
     n = len(cells)
     cent = np.zeros((n, 2), dtype=np.float64)
-    types = np.zeros(n, dtype=np.int16)
+    ids = np.zeros(n, dtype=np.int64)
     prob = np.ones(n, dtype=np.float32)
     bbox = np.full((n, 2, 2), np.nan, dtype=np.float64)
     contours: list[np.ndarray] = []
@@ -118,7 +71,7 @@ def _cells_from_list(path: Path, cells: list, type_map: dict[int, str], meta: di
                 cent[i] = bbox[i].mean(axis=0)[::-1]  # (row, col) -> (x, y)
             else:
                 raise CellVitError(path, f"cell {i} has no centroid, contour or bbox")
-            types[i] = int(c.get("type", 0))
+            ids[i] = int(c.get("type", 0))
             prob[i] = float(c.get("type_prob", 1.0))
         except (TypeError, ValueError) as exc:
             raise CellVitError(path, f"cell {i} is malformed ({exc})") from exc
@@ -126,196 +79,54 @@ def _cells_from_list(path: Path, cells: list, type_map: dict[int, str], meta: di
         any_contour |= len(con) > 0
     if not np.isfinite(cent).all():
         raise CellVitError(path, "non-finite centroid coordinates")
-    return CellVitCells(cent, types, prob, type_map, bbox if np.isfinite(bbox).any() else None,
-                        contours if any_contour else None, None, str(path), meta)
-
-
-def _cells_from_geojson(path: Path, feats: list) -> CellVitCells:
-    cents: list[np.ndarray] = []
-    types: list[np.ndarray] = []
-    contours: list[np.ndarray] = []
-    names: dict[str, int] = {}
-    for j, ft in enumerate(feats):
-        try:
-            geom = ft["geometry"]
-            props = ft.get("properties", {})
-            cls = props.get("classification", {}).get("name", "unknown") if isinstance(props, dict) else "unknown"
-            t = names.setdefault(str(cls), len(names))
-            gtype = geom["type"]
-            coords = geom["coordinates"]
-            if gtype == "MultiPoint":
-                pts = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-                cents.append(pts)
-                contours.extend(np.zeros((0, 2)) for _ in range(len(pts)))
-            elif gtype == "Point":
-                cents.append(np.asarray(coords, dtype=np.float64).reshape(1, 2))
-                contours.append(np.zeros((0, 2)))
-            elif gtype in ("MultiPolygon", "Polygon"):
-                polys = coords if gtype == "MultiPolygon" else [coords]
-                pts = []
-                for poly in polys:
-                    ring = np.asarray(poly[0], dtype=np.float64).reshape(-1, 2)
-                    if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
-                        ring = ring[:-1]
-                    pts.append(ring.mean(axis=0))
-                    contours.append(ring)
-                cents.append(np.asarray(pts, dtype=np.float64).reshape(-1, 2))
-            else:
-                raise CellVitError(path, f"feature {j}: unsupported geometry {gtype!r}")
-            types.append(np.full(len(cents[-1]), t, dtype=np.int16))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CellVitError(path, f"feature {j} is not a CellViT GeoJSON feature ({exc})") from exc
-    cent = np.concatenate(cents) if cents else np.zeros((0, 2))
-    ty = np.concatenate(types) if types else np.zeros(0, np.int16)
-    has_contours = any(len(c) for c in contours)
-    return CellVitCells(cent, ty, np.ones(len(cent), np.float32), {v: k for k, v in names.items()}, None,
-                        contours if has_contours else None, None, str(path), {"grouped_by_type": True})
+    if not file_map:
+        file_map = dict(PANNUKE_IDS)
+        meta = {**meta, "type_map_assumed": "PanNuke"}
+    missing = sorted(set(np.unique(ids).tolist()) - set(file_map))
+    if missing:
+        raise CellVitError(path, f"type id(s) {missing[:10]} are not in the file's type_map {file_map}")
+    mapping = map_type_names(file_map.values())
+    lut = {i: mapping.codes[name] for i, name in file_map.items()}
+    types = np.array([lut[int(t)] for t in ids], dtype=np.int16)
+    present = sorted({int(t) for t in types})
+    meta = {**meta, "type_mapping": mapping, "source_type_ids": {name: i for i, name in file_map.items()}}
+    return CellVitCells(cent, types, prob, {c: ALL_TYPE_NAMES[c] for c in present},
+                        bbox if np.isfinite(bbox).any() else None, contours if any_contour else None, None,
+                        str(path), meta)
 
 
 def read_cellvit_cells(path: str | Path) -> CellVitCells:
-    """Read ``cells.json``, ``cell_detection.json`` or their ``.geojson`` variants (see the module docstring)."""
+    """Read ``cells.json``, ``cell_detection.json`` (plain or ``.snappy``) or a CellViT / QuPath GeoJSON."""
     path = Path(path)
-    data = _read_json(path)
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        data = data.get("features", [])
+    data = read_json_file(path)
+    if isinstance(data, dict) and data.get("type") in ("FeatureCollection", "Feature"):
+        return cells_from_geojson(path, data)
     if isinstance(data, list) and data and isinstance(data[0], dict) and "geometry" in data[0]:
-        return _cells_from_geojson(path, data)
+        return cells_from_geojson(path, data)
     if isinstance(data, dict):
         if "cells" not in data or not isinstance(data["cells"], list):
             raise CellVitError(path, "expected a list of cells or an object with a \"cells\" list")
         meta = data.get("wsi_metadata", {}) if isinstance(data.get("wsi_metadata"), dict) else {}
-        return _cells_from_list(path, data["cells"], _type_map(data.get("type_map")), meta)
+        return _cells_from_list(path, data["cells"], source_type_map(data.get("type_map")),
+                                {"wsi_metadata": meta})
     if isinstance(data, list):
         return _cells_from_list(path, data, {}, {})
     raise CellVitError(path, f"expected a list of cells or an object, got {type(data).__name__}")
-
-
-# --- embeddings --------------------------------------------------------------------------------------------
-class _Opaque:
-    """Stand-in for a class that is not loaded (e.g. torch-geometric's Data): keeps its state, runs nothing."""
-
-    _args: tuple = ()
-    _state: Any = None  # objects rebuilt by copyreg skip __init__
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._args = args
-        self._state: Any = kwargs or None
-
-    def __setstate__(self, state: Any) -> None:
-        self._state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # dict-like subclasses rebuilt item by item
-        if not isinstance(self._state, dict):
-            self._state = {}
-        self._state[key] = value
-
-
-_ALLOWED_TORCH = ("torch._utils", "torch._tensor", "torch.storage", "torch.serialization")
-
-
-def _restricted_pickle_module() -> Any:
-    import torch
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if module.startswith(_ALLOWED_TORCH) and (name.startswith("_rebuild") or name.endswith("Storage")):
-                return super().find_class(module, name)
-            if module == "torch" and (name.endswith("Storage") or name in ("Size", "device", "Tensor")
-                                      or isinstance(getattr(torch, name, None), torch.dtype)):
-                return super().find_class(module, name)
-            if module == "collections" and name == "OrderedDict":
-                return super().find_class(module, name)
-            if module in ("copyreg", "copy_reg") and name in ("_reconstructor", "__newobj__"):
-                return super().find_class(module, name)
-            if module == "builtins" and name in ("object", "dict", "list", "tuple", "set", "frozenset"):
-                return super().find_class(module, name)
-            return type(name, (_Opaque,), {"__module__": f"_opaque.{module}"})
-
-    class Module:
-        pass
-
-    mod = Module()
-    mod.Unpickler = Unpickler  # type: ignore[attr-defined]
-    mod.load = lambda fh, **kw: Unpickler(fh, **kw).load()  # type: ignore[attr-defined]
-    mod.__name__ = "hwsi_restricted_pickle"  # type: ignore[attr-defined]
-    return mod
-
-
-def _find_tokens(obj: Any, depth: int = 0) -> tuple[Any, Any]:
-    """(tokens, positions) found in a loaded object: a tensor/array, a dict, or an opaque object's state."""
-    import torch
-
-    if depth > 6:
-        return None, None
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        return obj, None
-    if isinstance(obj, _Opaque):
-        return _find_tokens(obj._state, depth + 1)
-    if isinstance(obj, dict):
-        for k in _TOKEN_KEYS:
-            v = obj.get(k)
-            if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 2:
-                return v, obj.get("positions")
-        for v in obj.values():
-            if isinstance(v, (dict, _Opaque)):
-                t, p = _find_tokens(v, depth + 1)
-                if t is not None:
-                    return t, p
-    return None, None
-
-
-def read_cell_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read per-cell token embeddings → (tokens (N, D) float32, positions (N, 2) or None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CellVitError(path, "no such file")
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise CellVitError(path, f"not a plain .npy array ({exc})") from exc
-        tokens, positions = arr, None
-    else:
-        import torch
-
-        raw = path.read_bytes()
-        try:
-            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a pickled CellViT graph object: retry with the restricted unpickler
-            try:
-                obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False,
-                                 pickle_module=_restricted_pickle_module())
-            except Exception as exc:  # noqa: BLE001
-                raise CellVitError(path, f"not a readable torch file ({type(exc).__name__}: {exc})") from exc
-        tokens, positions = _find_tokens(obj)
-        if tokens is None:
-            raise CellVitError(path, f"no (N, D) token tensor found (looked for a tensor or keys {list(_TOKEN_KEYS)})")
-    tokens = np.asarray(tokens.detach().cpu().numpy() if hasattr(tokens, "detach") else tokens)
-    if tokens.ndim != 2:
-        raise CellVitError(path, f"token embeddings must be (N, D), got shape {tokens.shape}")
-    if not np.issubdtype(tokens.dtype, np.floating) or not np.isfinite(tokens).all():
-        raise CellVitError(path, "token embeddings must be finite floats")
-    if positions is not None:
-        positions = np.asarray(positions.detach().cpu().numpy() if hasattr(positions, "detach") else positions,
-                               dtype=np.float64)
-        if positions.shape != (len(tokens), 2):
-            raise CellVitError(path, f"positions shape {positions.shape} does not match {len(tokens)} tokens")
-    return tokens.astype(np.float32), positions
 
 
 def load_cellvit(cells_path: str | Path, embeddings_path: str | Path | None = None,
                  expected_dim: int | None = None) -> CellVitCells:
     """Read a CellViT run: cells (+ token embeddings, checked for one token per cell, in order).
 
-    Raises :class:`CellVitError` naming the file when counts differ, when the cells file groups cells by type
-    (GeoJSON, no order to match tokens to), or when ``expected_dim`` is given and differs.
+    Raises :class:`CellVitError` naming the file when counts differ, when the cells file is GeoJSON (no cell order
+    to match tokens to), or when ``expected_dim`` is given and differs.
     """
     cells = read_cellvit_cells(cells_path)
     if embeddings_path is None:
         return cells
-    if cells.metadata.get("grouped_by_type"):
-        raise CellVitError(cells_path, "GeoJSON groups cells by type, so tokens cannot be matched to cells; "
-                                       "use cells.json with cells.pt")
+    if "order" in cells.metadata:
+        raise CellVitError(cells_path, f"GeoJSON ({cells.metadata['order']}) has no cell order that tokens could "
+                                       "follow, so tokens cannot be matched to cells; use cells.json with cells.pt")
     tokens, positions = read_cell_embeddings(embeddings_path)
     if len(tokens) != len(cells):
         raise CellVitError(embeddings_path, f"{len(tokens)} token embeddings but {len(cells)} cells in {cells_path}")

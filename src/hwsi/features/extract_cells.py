@@ -1,20 +1,26 @@
 """The cells step of `hwsi extract` (Eq. 3: cells of the SPF-selected patches only, ∀P_ij ∈ R̂_i).
 
 :class:`CellWriter` segments each region's selected patches with the built-in nucleus segmentation and appends
-their cells in (region, patch) order; :func:`ingest_cellvit` keeps the selected patches' cells of a CellViT run
-(``--cells cellvit:DIR``); :func:`write_empty_cells` writes the empty, well-formed group of ``--cells none``.
+their cells in (region, patch) order; :func:`load_cellvit_run` reads and checks a CellViT / QuPath output
+(``--cells cellvit:DIR``, before any region is encoded) and :func:`ingest_cellvit` keeps its selected patches'
+cells; :func:`write_empty_cells` writes the empty, well-formed group of ``--cells none``.
 hwsi.cells (scipy, scikit-image: ~2 s to import) is imported where it is used, so `hwsi --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hwsi.features.extract_config import ExtractError
 from hwsi.store import StoreMeta, StoreWriter, rows_to_columns
+
+if TYPE_CHECKING:
+    from hwsi.cells.cell_files import CellVitCells
 
 
 class CellWriter:
@@ -88,36 +94,49 @@ def write_empty_cells(f: StoreWriter, meta: StoreMeta, n_r: int, n_g: int) -> No
     f.write_cells(cols, emb, offs, grid_size=n_g, attrs={"backend": "none", "scope": "none"})
 
 
-def find_cellvit_files(folder: Path, slide_id: str) -> tuple[Path, Path | None]:
-    """The CellViT outputs of ``slide_id`` in ``folder``: (cells file, token embeddings file or None).
+def find_cellvit_files(folder: Path, slide_id: str, slide_file: str | None = None) -> tuple[Path, Path | None]:
+    """The CellViT / QuPath outputs of ``slide_id`` in ``folder``: (cells file, token embeddings file or None), in
+    any layout of :mod:`hwsi.cells.cellvit_layouts`; :class:`ExtractError` listing the paths tried if none."""
+    from hwsi.cells.cell_files import CellVitError
+    from hwsi.cells.cellvit_layouts import find_cellvit_outputs
 
-    Looked up, in order: ``<folder>/<id>/cell_detection/``, ``<folder>/<id>/``, then ``<folder>/<id>.<ext>``;
-    cells: ``cells.json``, ``cell_detection.json``, ``cells.geojson``, ``cell_detection.geojson``; tokens:
-    ``cells.pt``, ``cells.npy``, ``cell_tokens.npy`` (or ``<id>.pt``/``<id>.npy`` beside ``<id>.json``).
-    """
-    for d in (folder / slide_id / "cell_detection", folder / slide_id):
-        for name in ("cells.json", "cell_detection.json", "cells.geojson", "cell_detection.geojson"):
-            if (d / name).is_file():
-                emb = next((d / e for e in ("cells.pt", "cells.npy", "cell_tokens.npy") if (d / e).is_file()), None)
-                return d / name, emb
-    for ext in (".json", ".geojson"):
-        c = folder / f"{slide_id}{ext}"
-        if c.is_file():
-            emb = next((folder / f"{slide_id}{e}" for e in (".pt", ".npy") if (folder / f"{slide_id}{e}").is_file()),
-                       None)
-            return c, emb
-    raise ExtractError(f"{folder}: no CellViT output for slide {slide_id!r} (expected {slide_id}/cell_detection/"
-                       "cells.json [+ cells.pt], or {slide_id}.json)")
+    try:
+        found = find_cellvit_outputs(folder, slide_id, slide_file)
+    except CellVitError as exc:
+        raise ExtractError(str(exc)) from exc
+    return found.cells, found.embeddings
+
+
+@dataclass
+class CellVitRun:
+    """A slide's cells read from another tool (CellViT / QuPath), checked against the slide, before extraction."""
+
+    cells: "CellVitCells"
+    cells_path: Path
+    embeddings_path: Path | None
+    n_outside_slide: int
+
+
+def load_cellvit_run(meta: StoreMeta, folder: Path) -> CellVitRun:
+    """Find, read and check the slide's cell outputs in ``folder`` — before any region is encoded, so a missing or
+    mismatched file fails the slide at once (docs/formats-cells.md)."""
+    from hwsi.cells.cellvit import load_cellvit
+    from hwsi.cells.cellvit_checks import check_cells_on_slide
+
+    cells_path, emb_path = find_cellvit_files(folder, meta.slide_id, meta.slide_path)
+    cv = load_cellvit(cells_path, emb_path)
+    fit = check_cells_on_slide(cv, meta.level0_width, meta.level0_height, meta.mpp_level0)
+    return CellVitRun(cv, cells_path, emb_path, fit.n_outside_slide)
 
 
 def ingest_cellvit(f: StoreWriter, meta: StoreMeta, coords: np.ndarray, region_coords: np.ndarray,
-                    selected: np.ndarray, folder: Path) -> int:
-    """CellViT backend: read the run's cells (+ tokens), attach them to the grid and keep those in SPF-selected
-    patches only (Eq. 3: ∀P_ij ∈ R̂_i). Returns the number of cells written."""
-    from hwsi.cells.cellvit import attach_cells_to_grid, load_cellvit
+                   selected: np.ndarray, run: CellVitRun) -> int:
+    """CellViT backend: attach the run's cells (+ tokens) to the grid and keep those in SPF-selected patches only
+    (Eq. 3: ∀P_ij ∈ R̂_i). Returns the number of cells written."""
+    from hwsi.cells.cellvit import attach_cells_to_grid
 
-    cells_path, emb_path = find_cellvit_files(folder, meta.slide_id)
-    cv = load_cellvit(cells_path, emb_path)
+    cv, cells_path, emb_path = run.cells, run.cells_path, run.embeddings_path
+    mapping = cv.metadata.get("type_mapping")
     n_r, n_g = coords.shape[:2]
     side = int(round(n_g**0.5))
     att = attach_cells_to_grid(cv.centroids, region_coords, meta.region_size_level0, meta.patch_size_level0, side)
@@ -138,6 +157,9 @@ def ingest_cellvit(f: StoreWriter, meta: StoreMeta, coords: np.ndarray, region_c
         "backend": "cellvit", "scope": "spf_selected", "source": str(cells_path),
         "embeddings_source": str(emb_path or ""), "n_source_cells": len(cv),
         "n_outside_regions": att.n_unmatched, "n_outside_selected": int((hit & ~keep).sum()),
-        "has_embeddings": cv.embeddings is not None,
+        "has_embeddings": cv.embeddings is not None, "n_outside_slide": run.n_outside_slide,
+        "type_names": json.dumps({str(k): v for k, v in sorted({0: "unknown", **cv.type_map}.items())}),
+        "type_source_names": json.dumps(mapping.codes if mapping else {}),
+        "unknown_type_names": json.dumps(list(mapping.unknown) if mapping else []),
     })
     return int(keep.sum())

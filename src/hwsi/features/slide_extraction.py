@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hwsi.errors import StoreError
-from hwsi.features.extract_cells import CellWriter, ingest_cellvit, write_empty_cells
+from hwsi.features.extract_cells import CellWriter, ingest_cellvit, load_cellvit_run, write_empty_cells
 from hwsi.features.extract_config import STAGE, ExtractConfig, ExtractError, SlideTimings
 from hwsi.features.frozen_models import Models
 from hwsi.features.region_stream import RegionStream, slide_path_for, slide_region_stream
@@ -43,6 +43,11 @@ def extract_slide(
     slide_path = slide_path_for(job or store.parent.parent, meta, store) if region_stream is None else Path(meta.slide_path)
     corrupt = np.zeros((n_r, n_g), bool)
     cells_kind = cfg.cells.partition(":")[0]
+    cellvit_run = None
+    if cells_kind == "cellvit":  # read and check the cell outputs before encoding anything
+        if cellvit_dir is None:
+            raise ExtractError("--cells cellvit needs a folder")
+        cellvit_run = load_cellvit_run(meta, cellvit_dir)
     spf_cfg = SPFConfig(k=cfg.k, n_div=cfg.n_div)
     spf = SPFBatch(
         selected=np.full((n_r, cfg.k), -1, np.int32),
@@ -108,10 +113,8 @@ def extract_slide(
         t5 = time.perf_counter()
         if cells is not None:
             cells.finish()
-        elif cells_kind == "cellvit":
-            if cellvit_dir is None:
-                raise ExtractError("--cells cellvit needs a folder")
-            tm.n_cells = ingest_cellvit(f, meta, coords, f.region_coords(), spf.selected, cellvit_dir)
+        elif cellvit_run is not None:
+            tm.n_cells = ingest_cellvit(f, meta, coords, f.region_coords(), spf.selected, cellvit_run)
             tm.cells += time.perf_counter() - t5
         else:  # --cells none: an EMPTY, well-formed cells group (every patch gets CCAF's "no cells" token);
             # cells of an earlier run would no longer match spf/selected

@@ -15,16 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from hwsi.cells.nucleus_types import TYPE_NAMES
+from hwsi.cells.nucleus_types import TYPE_COLOURS, TYPE_NAMES
 from hwsi.store import SlideStore, StoreMeta
 
-# viewer/GeoJSON colours of nucleus types, by type name (RGB); unknown names cycle through _EXTRA
-TYPE_COLOURS: dict[str, tuple[int, int, int]] = {
-    "unknown": (150, 150, 150),
-    "small_round": (40, 90, 230),
-    "large_atypical": (230, 40, 40),
-    "elongated": (30, 170, 60),
-}
+# viewer/GeoJSON colours of nucleus types: the type table's, by type name (RGB); other names cycle through _EXTRA
 _EXTRA = [(200, 120, 0), (160, 40, 200), (0, 170, 170), (220, 0, 140), (120, 80, 40)]
 MAX_NUCLEI = 20000
 
