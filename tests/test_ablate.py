@@ -255,3 +255,39 @@ def test_full_row_probes_average_the_seeds_cached_probes(tmp_path) -> None:
     md = full_row_probes(tmp_path, (0, 1, 2))  # seed 2 has no run: left out
     assert "seeds 2;" in md
     assert "| regions | crowded vs regular | 0.950 ± 0.635 | 0.600 ± 0.000 | 0.500 ± 0.000 | 10 / 20 |" in md
+
+
+def test_cli_stage1_epochs_needs_stage1_probes(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from hwsi.cli import main
+
+    assert main(["ablate", "--table", "1", "--out", str(tmp_path / "a"), "--stage1-epochs", "60"]) == 2
+    assert "--stage1-epochs applies only with --stage1-probes" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_stage1_probes_table_from_the_rows_probed_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """Finished stage-1 runs with cached probes are tabulated without building anything; an untrained run is left
+    out with a message and shows as '–'."""
+    import json
+
+    from hwsi.demo.ablate import select_rows
+    from hwsi.demo.stage1_sweep import stage1_probes
+
+    rows = select_rows(1, ("WSI", "cell+WSI"))
+    for run_name, seed, slide in (("wsi", 0, 0.643), ("wsi", 1, 1.0), ("cell_wsi", 0, 1.0)):
+        run = tmp_path / "rows" / run_name / f"seed{seed}"
+        (run / "stage1").mkdir(parents=True)
+        (run / "stage1" / "result.json").write_text("{}")
+        probes = [{"scale": "slide", "fact": "extent", "trained": slide, "random_init": 0.55, "raw": 0.5,
+                   "n_train": 34, "n_test": 62}]
+        if run_name == "cell_wsi":
+            probes.insert(0, {"scale": "cells", "fact": "atypia", "trained": 0.99, "random_init": 0.998, "raw": 1.0,
+                              "n_train": 1791, "n_test": 3327})
+        (run / "probes.json").write_text(json.dumps(probes))
+    md = stage1_probes(tmp_path, 1, rows, (0, 1), "test").read_text()
+    assert not (tmp_path / "base").exists()  # nothing needed training or probing
+    assert "stage 1 not trained yet" in capsys.readouterr().out
+    assert "| WSI | slide | extent | 0.643 (0.550) | 1.000 (0.550) |" in md
+    assert "| cell+WSI | cells | atypia | 0.990 (0.998) | – |" in md
+    assert "| cell+WSI | slide | extent | 1.000 (0.550) | – |" in md
+    assert (tmp_path / "stage1-probes.md").read_text() == md

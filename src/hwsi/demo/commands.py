@@ -61,6 +61,11 @@ def _register_ablate(app: typer.Typer) -> None:
                                  "(default: every row of the table)."),
         protocol: str = typer.Option("paper", "--protocol", help="Table 1: paper (a scale off in stage 1 and the "
                                      "LLM input) or clean (stage 1 with every scale; the LLM input only)."),
+        stage1_probes: bool = typer.Option(False, "--stage1-probes", help="Only stage 1 of each row and seed, and "
+                                           "linear probes of its outputs per scale (minutes, not hours)."),
+        stage1_epochs: int = typer.Option(None, "--stage1-epochs", min=1, help="With --stage1-probes: retrain "
+                                          "stage 1 with this many epochs into OUT/stage1-e<N> (default: probe the "
+                                          "table's own runs)."),
     ) -> None:
         """Train and score every ablation row on SynthPath over several seeds; print mean ± 95% CI."""
         from hwsi.demo.ablate import run_ablation
@@ -72,6 +77,15 @@ def _register_ablate(app: typer.Typer) -> None:
         row_names = tuple(r.strip() for r in rows.split(";") if r.strip())
 
         prepare_output_dir(out, what="--out folder", create=False)
+        if stage1_epochs is not None and not stage1_probes:
+            raise ConfigError("--stage1-epochs applies only with --stage1-probes")
+        if stage1_probes:
+            from hwsi.demo.ablate import select_rows
+            from hwsi.demo.stage1_sweep import stage1_probes as sweep
+
+            md = sweep(out, table, select_rows(table, row_names), seed_list, preset, stage1_epochs)
+            typer.echo(md.read_text())
+            return
         md = run_ablation(table, out, seed_list, preset, row_names, protocol)
         typer.echo(md.read_text())
 
