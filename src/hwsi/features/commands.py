@@ -10,8 +10,9 @@ from pathlib import Path
 import typer
 
 from hwsi.features.extract import ExtractConfig
-from hwsi.options import default_of, positive_int
+from hwsi.options import default_of, positive_int, positive_number
 from hwsi.store import store_path
+from hwsi.utils.launch import CLAIM_TIMEOUT_HELP, DEFAULT_CLAIM_TIMEOUT_S, SHARD_HELP, resolve_shard, shard_option
 
 _extract = partial(default_of, ExtractConfig)
 
@@ -48,6 +49,9 @@ def register(app: typer.Typer) -> None:
         slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
         overwrite: bool = typer.Option(_extract("overwrite"), "--overwrite", help="Redo slides already extracted."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        shard: str | None = typer.Option(None, "--shard", callback=shard_option, help=SHARD_HELP),
+        claim_timeout: float = typer.Option(DEFAULT_CLAIM_TIMEOUT_S, "--claim-timeout",
+                                            callback=positive_number, help=CLAIM_TIMEOUT_HELP),
     ) -> None:
         """Fill the stores with patch features, region-encoder inputs, SPF selections and cells."""
         from hwsi.features.extract import run_extract
@@ -58,7 +62,8 @@ def register(app: typer.Typer) -> None:
             vocab=str(vocab) if vocab else None,
             overwrite=overwrite, slide_ids=list(slide),
         )
-        result = run_extract(job, cfg, show_progress=not quiet)
+        result = run_extract(job, cfg, show_progress=not quiet, shard=resolve_shard(shard),
+                             claim_timeout_s=claim_timeout)
         raise typer.Exit(result.exit_code)
 
     @app.command("import-features")
