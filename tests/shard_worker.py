@@ -24,7 +24,8 @@ _real_tile_slide = tile.tile_slide
 def _tile_slide_then_fail(spec, job, cfg=None):  # type: ignore[no-untyped-def]
     kill_at, stop_at = os.environ.get("HWSI_TEST_KILL_AT"), os.environ.get("HWSI_TEST_STOP_AT")
     if spec.slide_id in (kill_at, stop_at):
-        tmp_path_for(store_path(job, spec.slide_id)).write_bytes(b"half a store")  # the writer's temporary
+        if spec.slide_id == kill_at:  # the temporary a writer killed mid-store leaves
+            tmp_path_for(store_path(job, spec.slide_id)).write_bytes(b"half a store")
         sys.stderr.write(f"worker {os.getpid()}: {'killed' if spec.slide_id == kill_at else 'stopped'} in "
                          f"{spec.slide_id}\n")
         sys.stderr.flush()

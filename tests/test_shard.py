@@ -171,6 +171,18 @@ def test_manifest_rows_of_concurrent_workers_are_all_kept(tmp_path: Path) -> Non
     assert "| tile | 40 | 40 | 0 | 0 | 0 | 20.0 | 0.50 |" in summary
 
 
+def test_a_manifest_line_still_being_appended_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / ".locks").mkdir()
+    m = Manifest(tmp_path, "tile", Worker("node", 7, "0/1", "none"), ["a", "b"])
+    m.add("a", "done", 1.0)
+    whole = m.part.read_bytes()
+    line = whole.splitlines()[-1]
+    assert line.startswith(b"a,tile,done,1.000,,node,7,0/1,,") and line.endswith(b"Z")
+    with open(m.part, "ab") as fh:  # the next row, cut short by a reader arriving mid-write
+        fh.write(line.replace(b"a,", b"b,", 1)[:-3])
+    assert [r["slide"] for r in read_rows(m.part)] == ["a"]
+
+
 def test_merge_keeps_the_run_that_did_the_work() -> None:
     def row(status: str, t: str, pid: str = "1") -> dict[str, str]:
         return {"slide": "s1", "stage": "tile", "status": status, "seconds": "1", "error": "", "host": "h",
@@ -200,3 +212,30 @@ def test_one_process_batch_is_unchanged_and_writes_the_manifest(tmp_path: Path) 
                                                                      ("c", "failed", "0/1")]
     assert rows[2]["error"] == "ValueError: broken slide"
     assert not list((tmp_path / "job" / ".claims").iterdir())  # every claim released
+
+
+def test_a_claim_left_by_a_worker_that_died_during_the_run_is_taken_over(tmp_path: Path) -> None:
+    """While this worker is on slide a, another worker of this host dies on slide b (its claim and half a store
+    stay): this worker takes b over at once, deletes that temporary and notes the takeover in the manifest."""
+    from hwsi.utils.atomic import host_name
+
+    job = tmp_path / "job"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = job / "stores" / f"b.h5.tmp-{dead.pid}-0abc1234@{host_name()}"
+    alive_tmp = job / "stores" / f"b.h5.tmp-{os.getpid()}-0abc1234@{host_name()}"  # ours: never touched
+
+    def process(item: BatchItem[str]) -> None:
+        if item.slide_id == "a":
+            _foreign_claim(job, "b", age_s=0, host=host_name(), pid=dead.pid)
+            tmp.write_bytes(b"half a store")
+            alive_tmp.write_bytes(b"a store being written")
+
+    res = run_batch([BatchItem("a", "a"), BatchItem("b", "b")], job, "tile", process, lambda it: False,
+                    show_progress=False)
+    assert res.exit_code == 0 and [o.status for o in res.outcomes] == ["done", "done"]
+    assert not tmp.exists() and alive_tmp.read_bytes() == b"a store being written"
+    note = {r["slide"]: r["note"] for r in read_rows(job / "manifest.csv")}["b"]
+    assert note == (f"took over the stale claim of {host_name()}:{dead.pid} (shard 1/2, since earlier): its process "
+                    f"{dead.pid} on {host_name()} is gone")
+    assert "took over the stale claim" in (job / "summary.md").read_text()

@@ -10,7 +10,8 @@ holds JSON: ``slide``, ``stage``, ``host``, ``pid``, ``start`` (ISO time), ``sta
   timeout; clocks of the nodes must agree to well within it, as NTP does).
 
 A stale claim is taken over by replacing the file atomically (a temporary written beside it, then renamed over
-it), and the takeover is logged. Creating, judging and taking over a claim happen under the slide's lock
+it), and the takeover is logged. The heartbeat is a thread of its own: a process alive but stuck in a slide keeps
+its claim (the timeout catches dead, stopped and unreachable workers). Creating, judging and taking over a claim happen under the slide's lock
 (``JOB/.locks/<slide_id>.<stage>.lock``, held for milliseconds, never while the slide is worked on), so two
 workers never both take over one stale claim. A worker releases its claim when the slide is finished, and only if
 the file still holds its own token (a worker that was too slow finds its claim taken over and leaves it).

@@ -1,14 +1,15 @@
 """The job manifest ``JOB/manifest.csv`` and ``JOB/summary.md``: what every worker did to every slide.
 
 Concurrent writers: each worker (process) appends its rows to its OWN part file,
-``JOB/.manifest/<stage>.<host>.<pid>.<token>.csv``, rewritten atomically after each slide (only that worker ever
-writes it, so no row can be lost to a race). The merged ``manifest.csv`` and ``summary.md`` are rebuilt from all
+``JOB/.manifest/<stage>.<host>.<pid>.<token>.csv``, one fsynced line per slide (only that worker ever writes it,
+so no row can be lost to a race; a line still being written is dropped by readers until it is whole). The merged ``manifest.csv`` and ``summary.md`` are rebuilt from all
 parts under one lock (``JOB/.locks/manifest.lock``) and written atomically (temporary + rename): a writer reads
 every part while holding the lock, and every worker writes its part BEFORE it takes the lock, so the last rebuild
-of a job holds every row. Rebuilding is throttled (at most every few seconds) and always done when a worker ends;
+of a job holds every row. Rebuilding is throttled (every 5 s, or half a second per part when there are many) and always done when a worker
+ends;
 one part per worker (not one file per slide) keeps a rebuild at a few files to read, whatever the cohort's size.
 
-``manifest.csv`` columns: ``slide, stage, status, seconds, error, host, pid, shard, finished, note`` — one row per
+``manifest.csv`` columns: ``slide, stage, status, seconds, error, host, pid, shard, note, finished`` — one row per
 (slide, stage), the latest (``finished``, ISO time) across all runs of the job, except that a later "skipped"
 (already complete) never hides the "done" row of the run that did the work.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -28,8 +30,10 @@ from hwsi.utils.atomic import host_name, write_bytes_atomic
 from hwsi.utils.lock import file_lock
 
 MANIFEST_DIR = ".manifest"
-COLUMNS = ("slide", "stage", "status", "seconds", "error", "host", "pid", "shard", "finished", "note")
+COLUMNS = ("slide", "stage", "status", "seconds", "error", "host", "pid", "shard", "note", "finished")  # finished
+# last: a line cut short while being appended never ends in a whole timestamp, so readers can tell
 STATUSES = ("done", "skipped", "failed")
+_FINISHED_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,11 @@ def _csv(rows: Sequence[dict[str, str]]) -> bytes:
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a manifest or manifest part (a missing or unreadable file: no rows)."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return [{c: r.get(c) or "" for c in COLUMNS} for r in csv.DictReader(fh)]
-    except (OSError, UnicodeDecodeError, csv.Error):
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            rows = [{c: r.get(c) or "" for c in COLUMNS} for r in csv.DictReader(fh)]
+    except (OSError, csv.Error):
         return []
+    return [r for r in rows if r["status"] in STATUSES and _FINISHED_RE.match(r["finished"])]
 
 
 def merge_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
@@ -85,29 +90,44 @@ class Manifest:
         self.rows: list[dict[str, str]] = []
         self.part = self.job / MANIFEST_DIR / f"{stage}.{worker.host}.{worker.pid}.{secrets.token_hex(4)}.csv"
         self.rebuild_every_s = rebuild_every_s
+        self._interval_s = rebuild_every_s
         self._last_rebuild = 0.0
 
     def add(self, slide_id: str, status: str, seconds: float, error: str = "", note: str = "") -> None:
-        """Record one slide in this worker's part (atomically) and rebuild the job files when due."""
+        """Record one slide in this worker's part and rebuild the job files when due.
+
+        The part is created atomically with its header and then appended to, one flushed and fsynced line per
+        slide (a reader may meet a last line still being written: :func:`read_rows` drops a row that is not whole,
+        the next rebuild has it)."""
         now = time.time()
-        self.rows.append({
+        row = {
             "slide": slide_id, "stage": self.stage, "status": status, "seconds": f"{seconds:.3f}",
             "error": " ".join(error.split()), "host": self.worker.host, "pid": str(self.worker.pid),
             "shard": self.worker.shard, "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
             + f".{int(now * 1e6) % 1_000_000:06d}Z", "note": " ".join(note.split()),
-        })
-        write_bytes_atomic(self.part, _csv(self.rows))
-        if time.monotonic() - self._last_rebuild >= self.rebuild_every_s:
+        }
+        if not self.rows:
+            write_bytes_atomic(self.part, _csv([]))
+        self.rows.append(row)
+        with open(self.part, "ab") as fh:
+            fh.write(_csv([row]).split(b"\n", 1)[1])
+            fh.flush()
+            os.fsync(fh.fileno())
+        if time.monotonic() - self._last_rebuild >= self._interval_s:
             self.publish()
 
     def publish(self) -> Path:
-        """Rebuild ``manifest.csv`` and ``summary.md`` from every worker's part, under the manifest lock."""
+        """Rebuild ``manifest.csv`` and ``summary.md`` from every worker's part, under the manifest lock. The next
+        rebuild is due after ``rebuild_every_s`` or half a second per part read, whichever is longer (64 workers:
+        one rebuild per worker every 32 s, so the lock stays mostly free)."""
         self._last_rebuild = time.monotonic()
         with file_lock(self.job / ".locks" / "manifest.lock"):
-            rows = [r for p in sorted((self.job / MANIFEST_DIR).glob("*.csv")) for r in read_rows(p)]
+            parts = sorted((self.job / MANIFEST_DIR).glob("*.csv"))
+            rows = [r for p in parts for r in read_rows(p)]
             merged = merge_rows(rows)
             write_bytes_atomic(self.job / "manifest.csv", _csv(merged))
             write_bytes_atomic(self.job / "summary.md", summary_markdown(merged, rows, self).encode("utf-8"))
+        self._interval_s = max(self.rebuild_every_s, 0.5 * len(parts))
         return self.job / "manifest.csv"
 
 

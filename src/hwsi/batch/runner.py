@@ -39,7 +39,7 @@ from hwsi.batch.claims import (
 )
 from hwsi.batch.manifest import MANIFEST_DIR, Manifest, Worker
 from hwsi.errors import HwsiError
-from hwsi.utils.atomic import host_name, write_json_atomic
+from hwsi.utils.atomic import host_name, pid_alive, write_json_atomic
 from hwsi.utils.launch import Shard
 from hwsi.utils.outdir import prepare_output_dir
 
@@ -111,9 +111,11 @@ def shard_indices(slide_ids: Sequence[str], shard: Shard) -> list[int]:
 
 
 def _remove_dead_temporaries(job: Path, slide_id: str, dead: ClaimRecord | None) -> None:
-    """Delete the temporaries the worker of a stale claim left for this slide (``<slide_id>.*.tmp-<pid>-*@<host>``
-    in the job's folders): its process is gone or hung past the timeout, and the slide is redone from scratch."""
-    if dead is None or (dead.host == host_name() and dead.pid == os.getpid()):
+    """Delete the temporaries a DEAD worker left for this slide (``<slide_id>.*.tmp-<pid>-*@<host>`` in the job's
+    folders) when its claim is taken over. Only a process of this host that no longer exists counts as dead: a
+    worker on another node whose claim went stale by the timeout may be hung and finish later (its rename would
+    then fail), so its temporaries are left (docs/cluster.md)."""
+    if dead is None or dead.host != host_name() or dead.pid == os.getpid() or pid_alive(dead.pid):
         return
     pattern = f"{glob.escape(slide_id)}.*.tmp-{dead.pid}-*@{glob.escape(dead.host)}"
     for folder in [job, *(p for p in job.iterdir() if p.is_dir())]:
