@@ -112,10 +112,10 @@ def test_a_claim_is_exclusive_and_released_only_by_its_holder(tmp_path: Path) ->
 
 
 def test_the_heartbeat_keeps_a_long_slide_claimed(tmp_path: Path) -> None:
-    a = try_claim(tmp_path, "s1", "tile", "0/1", timeout_s=0.4)
-    time.sleep(1.0)  # 2.5 timeouts: alive only thanks to the heartbeat
-    assert claim_state(tmp_path, "s1", "tile", 0.4)[0] == "live"
-    assert try_claim(tmp_path, "s1", "tile", "0/1", timeout_s=0.4).claim is None
+    a = try_claim(tmp_path, "s1", "tile", "0/1", timeout_s=1.0)
+    time.sleep(2.5)  # 2.5 timeouts: alive only thanks to the heartbeat (every 0.25 s)
+    assert claim_state(tmp_path, "s1", "tile", 1.0)[0] == "live"
+    assert try_claim(tmp_path, "s1", "tile", "0/1", timeout_s=1.0).claim is None
     assert a.claim is not None and a.claim.release()
 
 
@@ -239,3 +239,29 @@ def test_a_claim_left_by_a_worker_that_died_during_the_run_is_taken_over(tmp_pat
     assert note == (f"took over the stale claim of {host_name()}:{dead.pid} (shard 1/2, since earlier): its process "
                     f"{dead.pid} on {host_name()} is gone")
     assert "took over the stale claim" in (job / "summary.md").read_text()
+
+
+def test_stealing_takes_only_what_is_left_over(tmp_path: Path) -> None:
+    """Shard 0/2 of a..f (own: a, c, e): of the other shard's b, d, f it takes only f (b is complete, d failed in an
+    earlier run: a later run retries it, not a thief); its own e, failed by another worker during this run (here:
+    while this worker was on a), is not tried twice."""
+    from hwsi.batch import error_record_path
+
+    job = tmp_path / "job"
+    (job / "errors").mkdir(parents=True)
+    error_record_path(job, "d", "tile").write_text("{}")
+    os.utime(error_record_path(job, "d", "tile"), (time.time() - 60, time.time() - 60))
+    seen: list[str] = []
+
+    def process(item: BatchItem[str]) -> None:
+        seen.append(item.slide_id)
+        if item.slide_id == "a":
+            error_record_path(job, "e", "tile").write_text("{}")
+
+    items = [BatchItem(s, s) for s in "abcdef"]
+    res = run_batch(items, job, "tile", process, lambda it: it.slide_id == "b", show_progress=False,
+                    shard=Shard(0, 2, "--shard"))
+    assert seen == ["a", "c", "f"]
+    assert [(o.slide_id, o.status) for o in res.outcomes] == [("a", "done"), ("c", "done"), ("e", "skipped"),
+                                                              ("f", "done")]
+    assert res.outcomes[2].message == "failed in another worker during this run (errors/e.tile.json)"
