@@ -104,10 +104,10 @@ class Claim:
     def _heartbeat(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
             rec = read_claim(self.path)
-            if rec is None or rec.token != self.record.token:
-                self.lost = True
+            if (rec is None and not self.path.exists()) or (rec is not None and rec.token != self.record.token):
+                self.lost = True  # taken over (and maybe finished and released by the other worker)
                 return
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # an unreadable moment (NFS) is not a loss: beat, look again later
                 os.utime(self.path)
 
     def release(self) -> bool:
