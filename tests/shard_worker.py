@@ -4,7 +4,10 @@ With ``HWSI_TEST_KILL_AT=<slide_id>`` the worker dies (SIGKILL) in the middle of
 claimed it and after a temporary store was begun, exactly what a node crash or an OOM kill leaves behind. With
 ``HWSI_TEST_STOP_AT=<slide_id>`` it stops itself (SIGSTOP) there instead: a hung worker whose process is still
 alive (its claim goes stale only by the timeout); sent SIGCONT it carries on and tiles the slide for real.
-Everything around that moment — claims, stealing, the manifest, tile_slide itself — is the real code.
+With ``HWSI_TEST_SLOW_FINISH_RANK=<rank>`` the torchrun rank of that number takes 3 s longer to write
+``slides.json`` at its end (a slow shared file system), so a rank that ended first and exited would have torchrun
+stop it in the middle. Everything around those moments — claims, stealing, the manifest, tile_slide itself — is the
+real code.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import hwsi.slide.tile as tile
 from hwsi.cli import main
@@ -33,6 +37,16 @@ def _tile_slide_then_fail(spec, job, cfg=None):  # type: ignore[no-untyped-def]
     return _real_tile_slide(spec, job, cfg)
 
 
+_real_update_registry = tile.update_registry
+
+
+def _slow_update_registry(*args, **kwargs):  # type: ignore[no-untyped-def]
+    time.sleep(3.0)
+    return _real_update_registry(*args, **kwargs)
+
+
 if __name__ == "__main__":
     tile.tile_slide = _tile_slide_then_fail
+    if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("HWSI_TEST_SLOW_FINISH_RANK"):
+        tile.update_registry = _slow_update_registry
     sys.exit(main(sys.argv[1:]))

@@ -191,6 +191,7 @@ def test_merge_keeps_the_run_that_did_the_work() -> None:
     assert merge_rows([row("done", "2"), row("skipped", "3")])[0]["status"] == "done"
     assert merge_rows([row("failed", "1"), row("done", "2")])[0]["status"] == "done"
     assert merge_rows([row("done", "1"), row("failed", "2")])[0]["status"] == "failed"
+    assert merge_rows([row("failed", "1"), row("skipped", "2", pid="2")])[0]["status"] == "failed"
 
 
 def test_one_process_batch_is_unchanged_and_writes_the_manifest(tmp_path: Path) -> None:

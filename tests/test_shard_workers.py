@@ -69,11 +69,13 @@ def worker(*args: str, **env: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+def torchrun(*args: str, script: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 -m hwsi.cli ARGS`` (``script``: tests/shard_worker.py ARGS)."""
     if not TORCHRUN.is_file():
         pytest.skip(f"{TORCHRUN}: torchrun is not installed beside this Python")
-    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "hwsi.cli", *args],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    target = [str(REPO / "tests" / "shard_worker.py")] if script else ["-m", "hwsi.cli"]
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *target, *args],
+                          env=_env(**env), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +203,27 @@ def test_two_extract_processes_on_one_job_never_fail_each_other(reference: Path,
     parts = [r for p in (job / ".manifest").glob("extract.*.csv") for r in read_rows(p)]
     assert sorted(r["slide"] for r in parts if r["status"] == "done") == [f"slide{k}" for k in range(N_SLIDES)]
     assert_same_stores(job, reference)
+
+
+def test_torchrun_over_real_slides_with_failures_matches_one_process(shared_data: Path, tmp_path: Path) -> None:
+    """The real slides of ../shared/data/slides (one good H&E, four that fail: no µm/px, a 72-dpi default, too
+    small, a DICOM OpenSlide rejects). Under torchrun a rank that exits 1 makes torchrun stop the others at once,
+    so each rank finishes its summary and registry before the ranks meet at the end: slides.json, the store and the
+    failures are those of one process, even with rank 1 writing slides.json 3 s after rank 0 is done."""
+    src = shared_data / "slides"
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = hwsi("tile", str(src), "--out", str(one), *GRID, "-q")
+    assert r1.returncode == 1, r1.stderr
+    r2 = torchrun("tile", str(src), "--out", str(two), *GRID, "-q", script=True, HWSI_TEST_SLOW_FINISH_RANK="1")
+    assert r2.returncode != 0, r2.stderr  # slides failed: torchrun reports the ranks' exit 1
+    assert sorted(shard_lines(r2.stderr, "tile")) == ["0/2", "1/2"]
+    assert len(re.findall(r"\d+ done, \d+ skipped, \d+ failed", r2.stderr)) == 2, r2.stderr  # no rank cut short
+    assert [p.name for p in list_stores(two)] == [p.name for p in list_stores(one)] == ["cmu-1-small-region.h5"]
+    assert (two / "stores" / "cmu-1-small-region.h5").read_bytes() == (one / "stores" / "cmu-1-small-region.h5"
+                                                                         ).read_bytes()
+    assert (two / "slides.json").read_bytes() == (one / "slides.json").read_bytes()
+    assert sorted(p.name for p in (two / "errors").iterdir()) == sorted(p.name for p in (one / "errors").iterdir())
+    status = {r["slide"]: r["status"] for r in read_rows(two / "manifest.csv")}
+    assert status == {r["slide"]: r["status"] for r in read_rows(one / "manifest.csv")} == {
+        "boxes": "failed", "cmu-1-small-region": "done", "kidney-48-5": "failed", "small": "failed",
+        "small_dicom": "failed"}

@@ -110,6 +110,11 @@ class Claim:
             with contextlib.suppress(OSError):  # an unreadable moment (NFS) is not a loss: beat, look again later
                 os.utime(self.path)
 
+    def still_ours(self) -> bool:
+        """True while the claim file holds this claim (not taken over by another worker)."""
+        rec = read_claim(self.path)
+        return not self.lost and rec is not None and rec.token == self.record.token
+
     def release(self) -> bool:
         """Stop the heartbeat and delete the claim file if it is still ours; False if it had been taken over."""
         self._stop.set()

@@ -11,7 +11,7 @@ one part per worker (not one file per slide) keeps a rebuild at a few files to r
 
 ``manifest.csv`` columns: ``slide, stage, status, seconds, error, host, pid, shard, note, finished`` — one row per
 (slide, stage), the latest (``finished``, ISO time) across all runs of the job, except that a later "skipped"
-(already complete) never hides the "done" row of the run that did the work.
+never hides the "done" or "failed" row of the worker that did or tried the work.
 """
 
 from __future__ import annotations
@@ -69,12 +69,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def merge_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """One row per (slide, stage): the latest by ``finished``; a later "skipped" keeps the earlier "done"."""
+    """One row per (slide, stage): the latest by ``finished``; a later "skipped" keeps an earlier "done" or
+    "failed" (the row of the worker that did, or tried, the work)."""
     best: dict[tuple[str, str], dict[str, str]] = {}
     for r in sorted(rows, key=lambda r: r["finished"]):
         key = (r["slide"], r["stage"])
         cur = best.get(key)
-        if cur is not None and r["status"] == "skipped" and cur["status"] == "done":
+        if cur is not None and r["status"] == "skipped" and cur["status"] in ("done", "failed"):
             continue
         best[key] = r
     return sorted(best.values(), key=lambda r: (r["stage"], r["slide"]))

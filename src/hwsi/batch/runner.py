@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -135,13 +136,16 @@ def run_batch(
     console: Any | None = None,
     shard: Shard | None = None,
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S,
+    on_finished: Callable[[], None] | None = None,
 ) -> BatchResult:
     """Run ``process`` on every item not yet done; record failures; never let one slide stop the batch.
 
     With ``shard`` i/N this worker first does its own slides (:func:`shard_indices`), then takes the slides other
     workers have left (not complete, no error record, not claimed by a live worker; from the end of the list,
     where their owners are furthest away), then waits for the slides live workers hold and takes over those whose
-    claim goes stale (``claim_timeout_s``). Without a shard it is the whole batch, as one process always was."""
+    claim goes stale (``claim_timeout_s``). Without a shard it is the whole batch, as one process always was.
+    ``on_finished`` (the command's own last writes, e.g. `hwsi tile`'s registry) runs after the summary and, under
+    torchrun, before the ranks wait for each other (:func:`_wait_for_torchrun_peers`)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -151,6 +155,9 @@ def run_batch(
     worker = Worker.here(str(shard), shard.source)
     manifest = Manifest(job, stage, worker, [it.slide_id for it in items])
     started = time.time()
+    end_marker = _torchrun_end_marker(job, stage)
+    if end_marker is not None:
+        end_marker[0].unlink(missing_ok=True)
     outcomes: dict[int, SlideOutcome] = {}
     own = shard_indices([it.slide_id for it in items], shard)
     own_set = set(own)
@@ -191,10 +198,12 @@ def run_batch(
         err_path.unlink(missing_ok=True)
         return SlideOutcome(item.slide_id, "done", time.perf_counter() - t0, info=info)
 
-    def keep(n: int, out: SlideOutcome, note: str = "") -> None:
+    def keep(n: int, out: SlideOutcome, note: str = "", row: bool = True) -> None:
         if n in own_set or out.status != "skipped":  # another shard's complete slide is not this worker's
             outcomes[n] = out
-            manifest.add(out.slide_id, out.status, out.seconds, out.message if out.status == "failed" else "", note)
+            if row:
+                manifest.add(out.slide_id, out.status, out.seconds, out.message if out.status == "failed" else "",
+                             note)
 
     def run_claimed(n: int, attempt: ClaimAttempt) -> None:
         item, note = items[n], ""
@@ -206,13 +215,15 @@ def run_batch(
             _remove_dead_temporaries(job, item.slide_id, attempt.took_over)
         try:
             out = run_one(item)
-        finally:
-            kept = attempt.claim.release()
-        if not kept:
+        except BaseException:
+            attempt.claim.release()
+            raise
+        if not attempt.claim.still_ours():
             lost = "its claim was taken over while this worker was on it (slower than --claim-timeout?)"
             log(f"hwsi {stage}: {item.slide_id}: {lost}")
             note = "; ".join(x for x in (note, lost) if x)
-        keep(n, out, note)
+        keep(n, out, note)  # the row is in this worker's part BEFORE the claim goes: a worker waiting on it sees it
+        attempt.claim.release()
 
     def failed_since_start(item: BatchItem[T]) -> bool:
         try:
@@ -230,7 +241,7 @@ def run_batch(
             return True
         if failed_since_start(item):  # another worker of this run took it and failed: not tried twice
             keep(n, SlideOutcome(item.slide_id, "skipped", message="failed in another worker during this run "
-                                 f"(errors/{item.slide_id}.{stage}.json)"))
+                                 f"(errors/{item.slide_id}.{stage}.json)"), row=False)  # that worker's row says it
             return True
         attempt = try_claim(job, item.slide_id, stage, str(shard), claim_timeout_s)
         if attempt.claim is None:
@@ -288,7 +299,36 @@ def run_batch(
         manifest.publish()
     result = BatchResult(stage, [outcomes[n] for n in sorted(outcomes)])
     print_summary(result, console)
+    if on_finished is not None:
+        on_finished()
+    _wait_for_torchrun_peers(job, stage, end_marker, poll_s)
     return result
+
+
+def _torchrun_end_marker(job: Path, stage: str) -> tuple[Path, str, int] | None:
+    """``(this rank's end marker, the glob of its launch's markers, WORLD_SIZE)`` under torchrun, else None."""
+    env = os.environ
+    run_id, rank, world = env.get("TORCHELASTIC_RUN_ID"), env.get("RANK", ""), env.get("WORLD_SIZE", "")
+    if not run_id or not rank.isdigit() or not world.isdigit():
+        return None
+    launch = re.sub(r"[^A-Za-z0-9._-]", "_", f"{run_id}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}.w{world}")
+    folder = job / MANIFEST_DIR
+    return folder / f"{stage}.{launch}.rank{rank}.end", f"{glob.escape(stage)}.{glob.escape(launch)}.rank*.end", \
+        int(world)
+
+
+def _wait_for_torchrun_peers(job: Path, stage: str, marker: tuple[Path, str, int] | None, poll_s: float) -> None:
+    """Under torchrun, a rank that exits with 1 (one of its slides failed) makes torchrun stop every other rank at
+    once, also one still finishing its last slide. So each rank, at the end of its batch, writes an end marker
+    and waits until every rank of its launch (``TORCHELASTIC_RUN_ID``, restart, world size) has written one; a rank
+    that dies makes torchrun stop them all, so this never waits for a dead one. A rank deletes its marker of an
+    earlier launch with the same id when it starts (``--rdzv-id`` reused on one job)."""
+    if marker is None:
+        return
+    path, pattern, world = marker
+    path.write_text(f"{host_name()} {os.getpid()}\n")
+    while len(list(path.parent.glob(pattern))) < world:
+        time.sleep(poll_s)
 
 
 def print_summary(result: BatchResult, console: Any) -> None:

@@ -269,8 +269,9 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
         store = store_path(job, item.slide_id)
         return has_stage(store, STAGE) and holds(store, item.payload)
 
-    result = run_batch(items, job, STAGE, process, is_done, overwrite=overwrite, show_progress=show_progress,
-                       shard=shard, claim_timeout_s=claim_timeout_s)
-    update_registry(job, specs, infos)
-    write_json_atomic(job / "tile_config.json", asdict(cfg))
-    return result
+    def finish() -> None:
+        update_registry(job, specs, infos)
+        write_json_atomic(job / "tile_config.json", asdict(cfg))
+
+    return run_batch(items, job, STAGE, process, is_done, overwrite=overwrite, show_progress=show_progress,
+                     shard=shard, claim_timeout_s=claim_timeout_s, on_finished=finish)
