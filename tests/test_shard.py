@@ -266,3 +266,31 @@ def test_stealing_takes_only_what_is_left_over(tmp_path: Path) -> None:
     assert [(o.slide_id, o.status) for o in res.outcomes] == [("a", "done"), ("c", "done"), ("e", "skipped"),
                                                               ("f", "done")]
     assert res.outcomes[2].message == "failed in another worker during this run (errors/e.tile.json)"
+
+
+def _tiny_slides(folder: Path, n: int) -> Path:
+    import numpy as np
+
+    from hwsi.synth.pyramid import write_pyramid_tiff
+
+    folder.mkdir()
+    for k in range(n):
+        write_pyramid_tiff(folder / f"t{k}.tiff", 512, 512, 0.5,
+                           lambda x0, y0, w, h: np.full((h, w, 3), (222, 140, 180), np.uint8), min_level_side=256)
+    return folder
+
+
+def test_the_log_says_which_source_set_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    src = _tiny_slides(tmp_path / "slides", 3)
+    args = ["tile", str(src), "--out", str(tmp_path / "job"), "--region-size", "256", "--patch-size", "128", "-q"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # --array=1-2, the second task
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    assert main(args) == 0
+    assert "hwsi tile: shard 1/2 (from slurm-array) on " in capsys.readouterr().err
+    assert main([*args, "--shard", "0/3"]) == 0  # the option wins over the environment
+    err = capsys.readouterr().err
+    assert "hwsi tile: shard 0/3 (from --shard) on " in err and "1 of 3 slides are this shard's (t0)" in err
+    rows = read_rows(tmp_path / "job" / "manifest.csv")
+    assert [(r["slide"], r["status"]) for r in rows] == [("t0", "done"), ("t1", "done"), ("t2", "done")]
