@@ -155,7 +155,9 @@ def run_batch(
     worker = Worker.here(str(shard), shard.source)
     manifest = Manifest(job, stage, worker, [it.slide_id for it in items])
     started = time.time()
-    end_marker = _torchrun_end_marker(job, stage)
+    # only when torchrun set the shard: then every rank runs this batch (a library call inside a torchrun training,
+    # made by one rank, must not wait for the others)
+    end_marker = _torchrun_end_marker(job, stage) if "torchrun" in shard.source else None
     if end_marker is not None:
         end_marker[0].unlink(missing_ok=True)
     outcomes: dict[int, SlideOutcome] = {}
