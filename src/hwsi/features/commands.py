@@ -14,6 +14,7 @@ from hwsi.features.extract import ExtractConfig
 from hwsi.features.import_config import ImportConfig
 from hwsi.options import default_of, fraction, positive_int, positive_number
 from hwsi.store import store_path
+from hwsi.utils.launch import CLAIM_TIMEOUT_HELP, DEFAULT_CLAIM_TIMEOUT_S, SHARD_HELP, resolve_shard, shard_option
 
 _extract = partial(default_of, ExtractConfig)
 _import = partial(default_of, ImportConfig)
@@ -58,6 +59,9 @@ def register(app: typer.Typer) -> None:
         slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
         overwrite: bool = typer.Option(_extract("overwrite"), "--overwrite", help="Redo slides already extracted."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        shard: str | None = typer.Option(None, "--shard", callback=shard_option, help=SHARD_HELP),
+        claim_timeout: float = typer.Option(DEFAULT_CLAIM_TIMEOUT_S, "--claim-timeout",
+                                            callback=positive_number, help=CLAIM_TIMEOUT_HELP),
     ) -> None:
         """Fill the stores with patch features, region-encoder inputs, SPF selections and cells."""
         from hwsi.features.extract import run_extract
@@ -68,7 +72,8 @@ def register(app: typer.Typer) -> None:
             vocab=str(vocab) if vocab else None,
             overwrite=overwrite, slide_ids=list(slide),
         )
-        result = run_extract(job, cfg, show_progress=not quiet)
+        result = run_extract(job, cfg, show_progress=not quiet, shard=resolve_shard(shard),
+                             claim_timeout_s=claim_timeout)
         raise typer.Exit(result.exit_code)
 
     @app.command("import-features")

@@ -42,7 +42,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hwsi.batch import BatchItem, prepare_job, run_batch
+from hwsi.batch import DEFAULT_CLAIM_TIMEOUT_S, BatchItem, prepare_job, run_batch
 from hwsi.errors import HwsiError
 from hwsi.features.extract_cells import find_cellvit_files
 from hwsi.features.extract_config import STAGE, ExtractConfig, ExtractError, SlideTimings
@@ -50,6 +50,7 @@ from hwsi.features.frozen_models import Models, checkpoint_identity, load_models
 from hwsi.features.region_stream import RegionStream, slide_region_stream
 from hwsi.features.slide_extraction import extract_slide, spf_candidates
 from hwsi.store import SlideStore, list_stores
+from hwsi.utils.launch import Shard
 
 
 def read_extract_settings(path: Path) -> dict[str, Any] | None:
@@ -69,11 +70,13 @@ def is_extracted(store: Path, settings: dict[str, Any]) -> bool:
 
 
 def run_extract(job: str | Path, cfg: ExtractConfig, *, show_progress: bool = True,
-                region_stream: RegionStream | None = None, models: Models | None = None) -> Any:
+                region_stream: RegionStream | None = None, models: Models | None = None,
+                shard: Shard | None = None, claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> Any:
     """`hwsi extract JOB`: every store of the job, TRIDENT-style batch semantics (skip done, record errors).
 
     ``models`` (from :func:`load_models` with the same ``cfg``) skips building the encoders again; returns the
-    :class:`hwsi.batch.BatchResult` (``exit_code`` 1 if a slide failed)."""
+    :class:`hwsi.batch.BatchResult` (``exit_code`` 1 if a slide failed); ``shard``: this worker's share of the
+    stores (:func:`hwsi.batch.run_batch`)."""
     job = Path(job)
     stores = list_stores(job)
     if not stores:
@@ -100,7 +103,8 @@ def run_extract(job: str | Path, cfg: ExtractConfig, *, show_progress: bool = Tr
                 "patches/s": round(tm.n_patches / max(tm.total, 1e-9), 1)}
 
     return run_batch(items, job, STAGE, process, lambda it: is_extracted(it.payload, models.settings),
-                     overwrite=cfg.overwrite, show_progress=show_progress)
+                     overwrite=cfg.overwrite, show_progress=show_progress, shard=shard,
+                     claim_timeout_s=claim_timeout_s)
 
 
 def default_threads() -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from hwsi.options import fraction, open_fraction, positive_int, positive_number
+from hwsi.utils.launch import CLAIM_TIMEOUT_HELP, DEFAULT_CLAIM_TIMEOUT_S, SHARD_HELP, resolve_shard, shard_option
 
 
 def register(app: typer.Typer) -> None:
@@ -29,6 +30,9 @@ def register(app: typer.Typer) -> None:
         preview: bool = typer.Option(False, "--preview", help="Write JOB/previews/<slide_id>.png."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already tiled."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        shard: str | None = typer.Option(None, "--shard", callback=shard_option, help=SHARD_HELP),
+        claim_timeout: float = typer.Option(DEFAULT_CLAIM_TIMEOUT_S, "--claim-timeout",
+                                            callback=positive_number, help=CLAIM_TIMEOUT_HELP),
     ) -> None:
         """Decompose slides into tissue regions and patches: one HDF5 store per slide in OUT/stores/."""
         from hwsi.slide.grid import GridConfig
@@ -44,5 +48,6 @@ def register(app: typer.Typer) -> None:
         )
         grid.validate()
         result = tile_batch(source, out, TileConfig(grid=grid, preview=preview, threads=threads), mpp=mpp,
-                            overwrite=overwrite, show_progress=not quiet)
+                            overwrite=overwrite, show_progress=not quiet, shard=resolve_shard(shard),
+                            claim_timeout_s=claim_timeout)
         raise typer.Exit(result.exit_code)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hwsi import textio
-from hwsi.batch import BatchItem, BatchResult, lock_path, prepare_job, run_batch
+from hwsi.batch import DEFAULT_CLAIM_TIMEOUT_S, BatchItem, BatchResult, lock_path, prepare_job, run_batch
 from hwsi.errors import ConfigError, ConfigFileError, HwsiError, SlideError
 from hwsi.slide.grid import Grid, GridConfig, build_grid, check_fits, resolution_plan
 from hwsi.slide.ids import allocate_ids, path_key
@@ -32,6 +32,7 @@ from hwsi.slide.preview import save_preview
 from hwsi.slide.tissue import TissueConfig, TissueMask, compute_tissue
 from hwsi.store import SlideStore, StoreMeta, grid_fields, has_stage, list_stores, new_store, store_path
 from hwsi.utils.atomic import write_json_atomic
+from hwsi.utils.launch import Shard
 from hwsi.utils.lock import file_lock
 from hwsi.utils.outdir import prepare_output_dir
 
@@ -237,8 +238,10 @@ def claim_slides(source: str | Path, job: Path, mpp: float | None = None) -> tup
 
 
 def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = None, mpp: float | None = None,
-               overwrite: bool = False, show_progress: bool = True) -> BatchResult:
-    """`hwsi tile` on every slide of ``source``: finished slides skipped, failures recorded, summary printed."""
+               overwrite: bool = False, show_progress: bool = True, shard: Shard | None = None,
+               claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> BatchResult:
+    """`hwsi tile` on every slide of ``source``: finished slides skipped, failures recorded, summary printed
+    (``shard``: this worker's share of the slides, :func:`hwsi.batch.run_batch`)."""
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
@@ -266,7 +269,9 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
         store = store_path(job, item.slide_id)
         return has_stage(store, STAGE) and holds(store, item.payload)
 
-    result = run_batch(items, job, STAGE, process, is_done, overwrite=overwrite, show_progress=show_progress)
-    update_registry(job, specs, infos)
-    write_json_atomic(job / "tile_config.json", asdict(cfg))
-    return result
+    def finish() -> None:
+        update_registry(job, specs, infos)
+        write_json_atomic(job / "tile_config.json", asdict(cfg))
+
+    return run_batch(items, job, STAGE, process, is_done, overwrite=overwrite, show_progress=show_progress,
+                     shard=shard, claim_timeout_s=claim_timeout_s, on_finished=finish)
