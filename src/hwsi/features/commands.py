@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from hwsi.devices import device_option, dtype_option
 from hwsi.features.extract import ExtractConfig
 from hwsi.options import default_of, positive_int
 from hwsi.store import store_path
@@ -48,6 +49,11 @@ def register(app: typer.Typer) -> None:
         slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
         overwrite: bool = typer.Option(_extract("overwrite"), "--overwrite", help="Redo slides already extracted."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        device: str = device_option(_extract("device"), " All three encoders run there (docs/devices.md)."),
+        dtype: str = dtype_option(_extract("dtype"), " The encoders' weights and compute."),
+        feature_dtype: str = typer.Option(_extract("feature_dtype"), "--feature-dtype",
+                                          help="Stored patch features: float32, or float16 (half the store; read "
+                                               "back as float32)."),
     ) -> None:
         """Fill the stores with patch features, region-encoder inputs, SPF selections and cells."""
         from hwsi.features.extract import run_extract
@@ -56,7 +62,8 @@ def register(app: typer.Typer) -> None:
             patch_encoder=patch_encoder, region_input=region_input, text_encoder=text_encoder, cells=cells,
             batch_size=batch_size, threads=threads, k=k, n_div=n_div, min_tissue=min_tissue,
             vocab=str(vocab) if vocab else None,
-            overwrite=overwrite, slide_ids=list(slide),
+            overwrite=overwrite, slide_ids=list(slide), device=device, dtype=dtype,  # type: ignore[arg-type]
+            feature_dtype=feature_dtype,  # type: ignore[arg-type]
         )
         result = run_extract(job, cfg, show_progress=not quiet)
         raise typer.Exit(result.exit_code)

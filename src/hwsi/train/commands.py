@@ -21,6 +21,7 @@ from typing import Optional
 
 import typer
 
+from hwsi.devices import device_option, dtype_option, resolve_placement
 from hwsi.errors import ConfigError
 from hwsi.options import default_of
 from hwsi.utils.outdir import prepare_output_dir
@@ -113,6 +114,8 @@ def register(app: typer.Typer) -> None:
         stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
                                                  help="Stop (checkpointed) after this many optimizer steps in total."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        device: Optional[str] = device_option(None, " Default: the config's `device` (auto)."),
+        dtype: Optional[str] = dtype_option(None, " The LLM's; default: the config's `llm_dtype`."),
     ) -> None:
         """Run one training stage of MLLM-HWSI (paper §3.6); metrics in RUN/stageN/metrics.csv."""
         from hwsi.train.config import load_train_config
@@ -121,6 +124,8 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
         cfg = load_train_config(config)
+        cfg.device = device or cfg.device
+        cfg.llm_dtype = dtype or cfg.llm_dtype  # type: ignore[assignment]
         run = prepare_output_dir(out or job / "runs" / config.stem, what="run folder (--out)", create=False)
         res = run_stage(stage, cfg, job, run, resume=resume, stop_after=stop_after, progress=progress)
         m = res.metrics
@@ -145,6 +150,8 @@ def register(app: typer.Typer) -> None:
                                             "cellvit:DIR with this slide's CellViT output."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
         top: int = typer.Option(3, "--top", min=0, help="Top regions and patches to print per question (0: none)."),
+        device: str = device_option("cpu"),
+        dtype: Optional[str] = dtype_option(None, " The LLM's; default: the run's llm_dtype."),
     ) -> None:
         """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence.
 
@@ -152,8 +159,9 @@ def register(app: typer.Typer) -> None:
         """
         from hwsi.model.chat import ChatSession
         from hwsi.train.ask import is_store_path, prepare_slide
-        from hwsi.train.inference import load_trained_model, slide_inputs_for
+        from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
 
+        place = resolve_placement(device, dtype or run_config(run).llm_dtype)  # one line before any work
         if mpp is not None and not mpp > 0:
             raise ConfigError(f"--mpp must be > 0, got {mpp}")
         if is_store_path(slide):
@@ -163,10 +171,10 @@ def register(app: typer.Typer) -> None:
         else:
             store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True))
         inputs = slide_inputs_for(store, run)
-        model = load_trained_model(run)
+        model = load_trained_model(run, placement=place)
         chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens)
-        typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix)",
-                   err=True)
+        typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix), "
+                   f"on {place.describe()}", err=True)
         questions = iter(question) if question else _stdin_questions()
         cache: dict = {}
         for q in questions:
