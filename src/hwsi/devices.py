@@ -131,7 +131,9 @@ def _device_value(value: str | None) -> str | None:
     return None if value is None else value.strip().lower()
 
 
-def _dtype_choice(allowed: tuple[str, ...]):
+def choice_check(allowed: tuple[str, ...]):
+    """A typer callback accepting one of ``allowed`` (or the option left unset)."""
+
     def check(value: str | None) -> str | None:
         if value is not None and value not in allowed:
             raise typer.BadParameter(f"must be {', '.join(allowed)}, got {value!r}")
@@ -147,7 +149,7 @@ def device_option(default: str | None, help_extra: str = "") -> Any:
 
 def dtype_option(default: str | None, help_extra: str = "") -> Any:
     """``--dtype`` (float32, bfloat16, float16); ``default`` None = the run's configured one."""
-    return typer.Option(default, "--dtype", callback=_dtype_choice(DTYPE_NAMES),
+    return typer.Option(default, "--dtype", callback=choice_check(DTYPE_NAMES),
                         help=f"Weights' dtype: float32, bfloat16 or float16 (CUDA only).{help_extra}")
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import typer
 
-from hwsi.devices import device_option, dtype_option
+from hwsi.devices import choice_check, device_option, dtype_option
 from hwsi.features.extract import ExtractConfig
 from hwsi.options import default_of, positive_int
-from hwsi.store import store_path
+from hwsi.store import FEATURE_DTYPES, store_path
 
 _extract = partial(default_of, ExtractConfig)
 
@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(_extract("device"), " All three encoders run there (docs/devices.md)."),
         dtype: str = dtype_option(_extract("dtype"), " The encoders' weights and compute."),
         feature_dtype: str = typer.Option(_extract("feature_dtype"), "--feature-dtype",
+                                          callback=choice_check(FEATURE_DTYPES),
                                           help="Stored patch features: float32, or float16 (half the store; read "
                                                "back as float32)."),
     ) -> None:
