@@ -123,7 +123,8 @@ def test_a_trained_run_answers_in_bf16_close_to_float32(tmp_path: Path) -> None:
     """`hwsi ask --dtype bfloat16`'s path: load_trained_model with a bf16 placement, ChatSession's greedy answer."""
     from test_train import make_job, tiny_config
 
-    from hwsi.train.inference import load_trained_model, slide_inputs_for
+    from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
+    from hwsi.train.plan import visual_tokens
     from hwsi.train.stages import run_stage
 
     job = make_job(tmp_path, n=4)
@@ -140,6 +141,7 @@ def test_a_trained_run_answers_in_bf16_close_to_float32(tmp_path: Path) -> None:
     q = "What is the grade?"
     a, b = _RecordingChat(ref, inputs, max_new_tokens=6), _RecordingChat(model, inputs, max_new_tokens=6)
     ref_answer, answer = a.ask(q), b.ask(q)
+    assert a.n_visual == b.n_visual == visual_tokens(run_config(run).model, inputs.n_regions)  # hwsi plan's count
     assert isinstance(answer, str) and isinstance(ref_answer, str)
     # logits of the first answer token (cached visual prefix + the question), within the stated tolerance
     _check_greedy([int(a.logits[1].argmax())], a.logits[1:2], b.logits[1:2])

@@ -135,6 +135,21 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"run folder: {run}" + (f"; output: {res.output}" if res.output else
                                           f"; resume with --resume (checkpoint {res.checkpoint})"))
 
+    @app.command("plan")
+    def plan(
+        config: Path = typer.Option(..., "--config", help="A YAML file, or a shipped preset: tiny, demo or paper."),
+        regions: Optional[int] = typer.Option(None, "--regions", min=1, help="Regions per slide (default: the "
+                                              "config's model.max_regions)."),
+        gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs the ZeRO-3 shards are spread over."),
+    ) -> None:
+        """The full model's parameters (total, trained per stage, LoRA), visual tokens per slide and memory per GPU
+        under ZeRO-3, built on the meta device: no weights, no GPU (docs/devices.md)."""
+        from hwsi.train.config import load_train_config
+        from hwsi.train.plan import build_plan
+
+        for line in build_plan(load_train_config(config), regions=regions, gpus=gpus).lines():
+            typer.echo(line)
+
     @app.command("ask")
     def ask(
         slide: Path = typer.Argument(..., help="A slide file (tiled and extracted the run's way into --job, cached "
