@@ -119,19 +119,28 @@ def test_tiny_llm_greedy_generation_in_bf16(tmp_path: Path) -> None:
     assert gen.shape[1] - ids.shape[1] == k
 
 
-def test_a_trained_run_answers_in_bf16_close_to_float32(tmp_path: Path) -> None:
-    """`hwsi ask --dtype bfloat16`'s path: load_trained_model with a bf16 placement, ChatSession's greedy answer."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(job, run): tests/test_train.py's tiny job, stages 0-3 a step or two each."""
     from test_train import make_job, tiny_config
 
-    from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
-    from hwsi.train.plan import visual_tokens
     from hwsi.train.stages import run_stage
 
-    job = make_job(tmp_path, n=4)
-    run = tmp_path / "run"
+    root = tmp_path_factory.mktemp("bf16run")
+    job = make_job(root, n=4)
+    run = root / "run"
     cfg = tiny_config(stage0=2, stage1=1, stage2=2, stage3=1)
     for s in range(4):
         assert run_stage(s, cfg, job, run, progress=False).finished
+    return job, run
+
+
+def test_a_trained_run_answers_in_bf16_close_to_float32(trained: tuple[Path, Path]) -> None:
+    """`hwsi ask --dtype bfloat16`'s path: load_trained_model with a bf16 placement, ChatSession's greedy answer."""
+    from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
+    from hwsi.train.plan import visual_tokens
+
+    job, run = trained
     inputs = slide_inputs_for(job / "stores" / "s00.h5", run)
     ref = load_trained_model(run)
     model = load_trained_model(run, placement=BF16)
@@ -159,3 +168,21 @@ class _RecordingChat(ChatSession):
         lg = super()._forward(input_ids=input_ids, inputs_embeds=inputs_embeds)
         self.logits.append(lg.float())
         return lg
+
+
+def test_ask_and_serve_say_where_the_model_runs(trained: tuple[Path, Path], capsys) -> None:
+    from fastapi.testclient import TestClient
+
+    from hwsi.cli import main
+    from hwsi.serve.app import create_app
+    from hwsi.serve.assistant import ModelAssistant
+
+    job, run = trained
+    assert main(["ask", str(job / "stores" / "s00.h5"), "--run", str(run), "-q", "What is the grade?",
+                 "--max-new-tokens", "3", "--top", "0", "--dtype", "bfloat16"]) == 0
+    assert "visual tokens (cached prefix), on cpu bfloat16" in capsys.readouterr().err
+    assistant = ModelAssistant.load(run, job, device="cpu", dtype="bfloat16")
+    client = TestClient(create_app(job, assistant))
+    want = {"device": "cpu", "dtype": "bfloat16", "requested": "cpu"}
+    assert client.get("/api/health").json()["placement"] == want
+    assert client.post("/api/chat", json={"slide_id": "s00"}).json()["placement"] == want
