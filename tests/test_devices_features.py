@@ -36,6 +36,8 @@ def jobs(slide_file: Path, models: Models, tmp_path_factory: pytest.TempPathFact
         res = run_extract(job, ExtractConfig(k=4, n_div=8, cells="none", feature_dtype=dtype), show_progress=False,
                           models=models)
         assert res.exit_code == 0
+        info = res.outcomes[0].info  # the batch's record of the slide (the summary table's detail)
+        assert (info["device"], info["dtype"], info["feature_dtype"]) == ("cpu", "float32", dtype)
         out[dtype] = job
     return out
 

@@ -11,9 +11,8 @@ stage 3 when it finished (else stage 2), the stage-3 LoRA adapter merged into th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import copy
+from pathlib import Path
 
 import torch
 
