@@ -156,3 +156,29 @@ def test_training_records_device_and_dtype(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "run" / "stage1" / "result.json").read_text())
     assert saved["placement"] == {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "requested": "cpu"}
     assert "device: cpu" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_train_refuses_float16_on_the_cpu_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--stage", "1", "--config", "tiny", "--job", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--device", "cpu", "--dtype", "float16", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "float16 is not supported on the CPU" in err, err
+
+
+def test_stages_2_and_3_train_a_bf16_llm_on_the_cpu(tmp_path: Path) -> None:
+    """configs/paper.yaml's pairing (llm_dtype bfloat16, precision bf16) on the CPU: the LM stages run, their
+    losses are finite, and result.json records it."""
+    import numpy as np
+    from test_train import make_job, tiny_config
+
+    from hwsi.train.stages import run_stage
+
+    job = make_job(tmp_path, n=4)
+    cfg = tiny_config(stage0=2, stage1=1, stage2=2, stage3=2)
+    cfg.device, cfg.llm_dtype, cfg.precision = "cpu", "bfloat16", "bf16"
+    run = tmp_path / "run"
+    for s in range(4):
+        res = run_stage(s, cfg, job, run, progress=False)
+        assert res.finished and np.isfinite(res.losses).all(), (s, res.losses)
+    saved = json.loads((run / "stage3" / "result.json").read_text())
+    assert saved["placement"] == {"device": "cpu", "dtype": "bfloat16", "mixed_precision": "bf16", "requested": "cpu"}
