@@ -184,7 +184,8 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"{slide}: --job, --mpp and --cells are for a slide file, not a store")
             store = slide
         else:
-            store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True))
+            store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True),
+                                  device=place.device)
         inputs = slide_inputs_for(store, run)
         model = load_trained_model(run, placement=place)
         chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens)
