@@ -169,6 +169,7 @@ def test_stages_2_and_3_train_a_bf16_llm_on_the_cpu(tmp_path: Path) -> None:
     """configs/paper.yaml's pairing (llm_dtype bfloat16, precision bf16) on the CPU: the LM stages run, their
     losses are finite, and result.json records it."""
     import numpy as np
+    from accelerate.state import AcceleratorState
     from test_train import make_job, tiny_config
 
     from hwsi.train.stages import run_stage
@@ -177,8 +178,14 @@ def test_stages_2_and_3_train_a_bf16_llm_on_the_cpu(tmp_path: Path) -> None:
     cfg = tiny_config(stage0=2, stage1=1, stage2=2, stage3=2)
     cfg.device, cfg.llm_dtype, cfg.precision = "cpu", "bfloat16", "bf16"
     run = tmp_path / "run"
-    for s in range(4):
-        res = run_stage(s, cfg, job, run, progress=False)
-        assert res.finished and np.isfinite(res.losses).all(), (s, res.losses)
+    # accelerate keeps ONE mixed precision per process (a `hwsi train` process runs one stage); the other tests of
+    # this session ran with precision "no", so the state is reset around this one
+    AcceleratorState._reset_state(True)
+    try:
+        for s in range(4):
+            res = run_stage(s, cfg, job, run, progress=False)
+            assert res.finished and np.isfinite(res.losses).all(), (s, res.losses)
+    finally:
+        AcceleratorState._reset_state(True)
     saved = json.loads((run / "stage3" / "result.json").read_text())
     assert saved["placement"] == {"device": "cpu", "dtype": "bfloat16", "mixed_precision": "bf16", "requested": "cpu"}
