@@ -269,7 +269,7 @@ def test_cli_writes_json_and_markdown(cohort: Path, model: MLLMHWSI, tmp_path: P
 
     from hwsi.train.config import TrainConfig, save_train_config
 
-    monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir: model)  # the un-mocked CLI: tests/test_ask.py
+    monkeypatch.setattr(tasks_mod, "load_model", lambda run_dir, placement=None: model)  # un-mocked: test_ask.py
     monkeypatch.setitem(model_outputs._TEXT_ENCODERS, "hash", HashTextEncoder())
     run_cfg = TrainConfig()
     run_cfg.data.patch_encoder, run_cfg.data.region_input = "enc", "rin"  # the run's config names the store datasets
@@ -281,7 +281,9 @@ def test_cli_writes_json_and_markdown(cohort: Path, model: MLLMHWSI, tmp_path: P
                "--text-encoder", "hash"])
     assert rc in (0, None)
     for t in ("caption", "slide_retrieval"):
-        assert json.loads((out / f"{t}.json").read_text())["task"] == t
+        saved = json.loads((out / f"{t}.json").read_text())
+        assert saved["task"] == t
+        assert (saved["config"]["device"], saved["config"]["dtype"]) == ("cpu", "float32")  # docs/devices.md
         assert (out / f"{t}.md").read_text().startswith("## ")
     assert main(["eval", "--task", "bogus", "--data", str(cohort), "--model", str(tmp_path)]) == 2
 

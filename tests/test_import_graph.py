@@ -22,7 +22,8 @@ PACKAGE = SRC / "hwsi"
 # same layer never import each other. "Package" is the first name under hwsi (hwsi.slide.grid -> "slide"; a top-level
 # module such as hwsi.config is its own package). Read from the code as it is and from the README's layout:
 #   0 errors                             the exception types
-#   1 textio, utils, options             UTF-8 text/YAML/CSV readers, atomic writes and locks, CLI option helpers
+#   1 textio, utils, options, devices    UTF-8 text/YAML/CSV readers, atomic writes and locks, CLI option helpers,
+#                                        the device/dtype resolver of every command that runs a network
 #   2 config                             the typed config reader (textio, utils)
 #   3 store, batch, data, synth, nn      the slide store (hwsi.store), the per-slide batch runner, the dataset record
 #                                        parsers, the SynthPath generator, the shared torch blocks (hwsi.nn: the
@@ -37,7 +38,7 @@ PACKAGE = SRC / "hwsi"
 LAYER: dict[str, int] = {
     "hwsi": -1,
     "errors": 0,
-    "textio": 1, "utils": 1, "options": 1,
+    "textio": 1, "utils": 1, "options": 1, "devices": 1,
     "config": 2,
     "store": 3, "batch": 3, "data": 3, "synth": 3, "nn": 3,
     "slide": 4,
@@ -68,7 +69,7 @@ HEAVY_OR_OPTIONAL = frozenset({
 })
 
 #: Base modules: imported by `hwsi --help` anyway, so importing one inside a function never saves anything.
-BASE_PACKAGES = frozenset({"errors", "textio", "utils", "options", "config", "store"})
+BASE_PACKAGES = frozenset({"errors", "textio", "utils", "options", "devices", "config", "store"})
 
 #: Modules whose functions may import other hwsi modules, and why. Everything else imports hwsi at module level.
 LAZY_HWSI_ALLOWED: dict[str, str] = {

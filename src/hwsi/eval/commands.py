@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from hwsi.config import from_dict
+from hwsi.devices import device_option, dtype_option, resolve_placement
 from hwsi.eval.eval_config import EvalConfig, ScoreConfig, TaskError
 from hwsi.options import default_of
 from hwsi.utils.outdir import prepare_output_dir
@@ -51,6 +52,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(_eval("shuffle_seed"), "--seed", help="Seed of the shuffled-visual derangement."),
         skip_bad_records: bool = typer.Option(False, "--skip-bad-records", help="Record-file data: leave malformed "
                                               "records out (count and where printed) instead of failing."),
+        device: str = device_option(_eval("device")),
+        dtype: str = dtype_option(None, " The LLM's; default: the run's llm_dtype."),
     ) -> None:
         """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
         # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
@@ -68,7 +71,7 @@ def register(app: typer.Typer) -> None:
             convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor, limit=limit,
             batch_size=batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle, shuffle_seed=seed,
             text_encoder=text_encoder, prompt_file=str(prompts or ""), prompt_set=prompt_set, label_key=label_key,
-            embedding=embedding), "hwsi eval options")
+            embedding=embedding, device=device, dtype=dtype or ""), "hwsi eval options")
         prepare_output_dir(out, what="--out folder", create=False)
         ev = load_eval_data(data, job, split=split, label_key=label_key, labels_csv=labels,
                             skip_bad_records=skip_bad_records)
@@ -82,7 +85,9 @@ def register(app: typer.Typer) -> None:
         if check_run_stores(model, ev) is None:
             typer.echo(f"warning: {model} has no bundle/bundle.json (trained before hwsi recorded one): the stores "
                        "are not checked against the run's encoders and grid", err=True)
-        mdl = load_model(model)
+        place = resolve_placement(cfg.device, cfg.dtype or run_cfg.llm_dtype)
+        cfg.device, cfg.dtype = place.device, place.dtype  # each task's JSON records what ran
+        mdl = load_model(model, place)
         results = run_all(mdl, ev, cfg, tasks=names, out=out)
         for name, r in results.items():
             typer.echo(f"{name}: " + (f"skipped ({r.skipped})" if r.skipped else f"written {out / (name + '.json')}"))

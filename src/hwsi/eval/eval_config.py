@@ -50,6 +50,10 @@ class EvalConfig:
     recall_ks: tuple[int, ...] = (1, 3, 5, 10)
     patch_encoder: str = ""  # override the store's recorded encoder names
     region_input: str = ""
+    # docs/devices.md: where the model runs and the LLM's dtype ("" = the run's llm_dtype); each task's JSON
+    # records the resolved values (hwsi.devices.resolve_placement)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: Literal["", "float32", "bfloat16", "float16"] = ""
 
     def tokens_for(self, task: str) -> int:
         return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 128)

@@ -121,13 +121,13 @@ def run_all(model: Any, data: EvalData, cfg: EvalConfig | None = None, tasks: Se
     return results
 
 
-def load_model(run_dir: str | Path) -> Any:
+def load_model(run_dir: str | Path, placement: Any = None) -> Any:
     """The trained :class:`hwsi.model.mllm.MLLMHWSI` of a training run folder
     (:func:`hwsi.train.inference.load_trained_model`: LoRA merged, eval mode; a folder that is not a finished run is
-    a TrainError naming it)."""
+    a TrainError naming it); ``placement`` (:class:`hwsi.devices.Placement`): device and LLM dtype."""
     from hwsi.train.inference import load_trained_model
 
-    return load_trained_model(run_dir)
+    return load_trained_model(run_dir, placement=placement)
 
 
 def check_run_stores(run_dir: str | Path, data: EvalData) -> Any:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import typer
 
+from hwsi.devices import choice_check, device_option, dtype_option
 from hwsi.errors import HwsiError
 from hwsi.features.extract import ExtractConfig
 from hwsi.features.import_config import ImportConfig
 from hwsi.options import default_of, fraction, positive_int, positive_number
-from hwsi.store import store_path
+from hwsi.store import FEATURE_DTYPES, store_path
 from hwsi.utils.launch import CLAIM_TIMEOUT_HELP, DEFAULT_CLAIM_TIMEOUT_S, SHARD_HELP, resolve_shard, shard_option
 
 _extract = partial(default_of, ExtractConfig)
@@ -62,6 +63,12 @@ def register(app: typer.Typer) -> None:
         shard: str | None = typer.Option(None, "--shard", callback=shard_option, help=SHARD_HELP),
         claim_timeout: float = typer.Option(DEFAULT_CLAIM_TIMEOUT_S, "--claim-timeout",
                                             callback=positive_number, help=CLAIM_TIMEOUT_HELP),
+        device: str = device_option(_extract("device"), " All three encoders run there (docs/devices.md)."),
+        dtype: str = dtype_option(_extract("dtype"), " The encoders' weights and compute."),
+        feature_dtype: str = typer.Option(_extract("feature_dtype"), "--feature-dtype",
+                                          callback=choice_check(FEATURE_DTYPES),
+                                          help="Stored patch features: float32, or float16 (half the store; read "
+                                               "back as float32)."),
     ) -> None:
         """Fill the stores with patch features, region-encoder inputs, SPF selections and cells."""
         from hwsi.features.extract import run_extract
@@ -70,7 +77,8 @@ def register(app: typer.Typer) -> None:
             patch_encoder=patch_encoder, region_input=region_input, text_encoder=text_encoder, cells=cells,
             batch_size=batch_size, threads=threads, k=k, n_div=n_div, min_tissue=min_tissue,
             vocab=str(vocab) if vocab else None,
-            overwrite=overwrite, slide_ids=list(slide),
+            overwrite=overwrite, slide_ids=list(slide), device=device, dtype=dtype,  # type: ignore[arg-type]
+            feature_dtype=feature_dtype,  # type: ignore[arg-type]
         )
         result = run_extract(job, cfg, show_progress=not quiet, shard=resolve_shard(shard),
                              claim_timeout_s=claim_timeout)

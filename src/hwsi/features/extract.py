@@ -100,7 +100,8 @@ def run_extract(job: str | Path, cfg: ExtractConfig, *, show_progress: bool = Tr
     def process(item: BatchItem[Path]) -> dict[str, Any]:
         tm = extract_slide(item.payload, models, cfg, job=job, region_stream=region_stream, cellvit_dir=cellvit_dir)
         return {"regions": tm.n_regions, "patches": tm.n_patches, "cells": tm.n_cells,
-                "patches/s": round(tm.n_patches / max(tm.total, 1e-9), 1)}
+                "patches/s": round(tm.n_patches / max(tm.total, 1e-9), 1), "device": models.placement.device,
+                "dtype": models.placement.dtype, "feature_dtype": cfg.feature_dtype}
 
     return run_batch(items, job, STAGE, process, lambda it: is_extracted(it.payload, models.settings),
                      overwrite=cfg.overwrite, show_progress=show_progress, shard=shard,

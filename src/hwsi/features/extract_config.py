@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hwsi.devices import DtypeName, check_device_spec, check_dtype_name
 from hwsi.errors import ConfigError, HwsiError
 from hwsi.features.spf import SPFConfig
+from hwsi.store import FEATURE_DTYPES, FeatureDtype
 
 #: the stage name recorded in a finished store and in ``JOB/errors/<id>.extract.json``
 STAGE = "extract"
@@ -31,9 +33,15 @@ class ExtractConfig:
     vocab: str | None = None  # vocabulary file; None = the built-in DEFAULT_VOCABULARY
     overwrite: bool = False
     slide_ids: list[str] = field(default_factory=list)  # subset of the job's slides (empty = all)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (hwsi.devices.resolve_placement), for all three encoders
+    dtype: DtypeName = "float32"  # the encoders' weights and compute (docs/devices.md)
+    feature_dtype: FeatureDtype = "float32"  # patches/<encoder> on disk (float16 halves a store; read as float32)
 
     def validate(self) -> None:
         SPFConfig(k=self.k, n_div=self.n_div)
+        check_device_spec(self.device)
+        check_dtype_name(self.dtype)
+        check_dtype_name(self.feature_dtype, "--feature-dtype", FEATURE_DTYPES)
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
         if self.batch_size < 1:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from hwsi.devices import Placement, resolve_placement
 from hwsi.features.extract_config import ExtractConfig, ExtractError
 from hwsi.features.vocab import load_vocabulary, vocabulary_fingerprint
 
@@ -38,6 +39,11 @@ class Models:
     terms: tuple[str, ...]
     text_emb: np.ndarray
     settings: dict[str, Any]
+    placement: Placement = Placement("cpu", "float32", "cpu")  # where and in which dtype the encoders run
+
+    def record(self, feature_dtype: str) -> dict[str, str]:
+        """What a store and the job's batch record say about how its features were computed (docs/devices.md)."""
+        return {**self.placement.record(), "feature_dtype": feature_dtype}
 
 
 def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Models:
@@ -45,9 +51,10 @@ def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Model
     from hwsi.features.encoders import create_encoder, create_text_encoder, parse_encoder_spec
 
     cfg.validate()
+    place = resolve_placement(cfg.device, cfg.dtype)  # no CUDA for --device cuda: one line before any model loads
     terms = load_vocabulary(cfg.vocab)  # a bad vocabulary file fails before any model is loaded
     p_name, p_ckpt = parse_encoder_spec(cfg.patch_encoder)
-    enc = create_encoder(p_name, p_ckpt)
+    enc = place_module(create_encoder(p_name, p_ckpt), place)
     t_name, t_ckpt = parse_encoder_spec(cfg.text_encoder)
     space = getattr(getattr(enc, "config", None), "text_encoder", None)
     if space and space != t_name:
@@ -58,7 +65,7 @@ def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Model
     if p_name == "hwsi_small_patch" and p_ckpt is None:
         log("warning: hwsi_small_patch without a checkpoint has random weights; SPF relevance (Eq. 2) is "
             "meaningless until it is trained (`hwsi train-encoder`, then --patch-encoder hwsi_small_patch:DIR)")
-    text = create_text_encoder(t_name, t_ckpt)
+    text = place_module(create_text_encoder(t_name, t_ckpt), place)
     text_emb = text.encode(list(terms)).astype(np.float32)
     if text_emb.shape[1] != enc.embed_dim:
         raise ExtractError(
@@ -75,7 +82,7 @@ def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Model
             raise ExtractError(f"--region-input {cfg.region_input!r} and --patch-encoder {cfg.patch_encoder!r} "
                                "share a name but not a checkpoint; both would be written to patches/" + p_name)
         if r_name != p_name:
-            region_enc = create_encoder(r_name, r_ckpt)
+            region_enc = place_module(create_encoder(r_name, r_ckpt), place)
     if r_name in ("coords", "tissue"):
         raise ExtractError(f"encoder name {r_name!r} collides with a store dataset")
     settings = {
@@ -91,7 +98,13 @@ def load_models(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Model
         "min_tissue": cfg.min_tissue,
         "cells": _cells_setting(cfg.cells),
     }
-    return Models(enc, p_name, region_enc, r_name, terms, text_emb, settings)
+    return Models(enc, p_name, region_enc, r_name, terms, text_emb, settings, place)
+
+
+def place_module(module: Any, place: Placement) -> Any:
+    """``module`` moved to ``place``'s device and dtype, in eval mode (an encoder's ``encode`` casts its inputs to
+    the weights' dtype and returns float32)."""
+    return module.to(device=place.torch_device, dtype=place.torch_dtype).eval()
 
 
 def _cells_setting(spec: str) -> str:

@@ -58,11 +58,11 @@ def extract_slide(
     )
     d_p = int(models.patch_encoder.embed_dim)
     with update_store(store) as f:
-        ds_p = f.create_features(models.patch_name, (n_r, n_g, d_p))
+        ds_p = f.create_features(models.patch_name, (n_r, n_g, d_p), cfg.feature_dtype)
         ds_r = None
         if models.region_encoder is not None:
             d_r = int(models.region_encoder.embed_dim)
-            ds_r = f.create_features(models.region_name, (n_r, n_g, d_r))
+            ds_r = f.create_features(models.region_name, (n_r, n_g, d_r), cfg.feature_dtype)
         cells = CellWriter(f, meta, coords, cells_kind) if cells_kind == "builtin" else None
         seen = np.zeros(n_r, bool)
         t_read0 = time.perf_counter()
@@ -132,6 +132,7 @@ def extract_slide(
         for stage in ("features", "spf") + (("cells",) if cells_kind != "none" else ()) + (STAGE,):
             f.mark_stage(stage)
         f.set_json_attr("extract", models.settings)
+        f.set_json_attr("extract_placement", models.record(cfg.feature_dtype))  # docs/devices.md
         tm.write += time.perf_counter() - t5
     tm.total = time.perf_counter() - t_start
     return tm

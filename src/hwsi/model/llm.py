@@ -34,7 +34,12 @@ CHATML_TEMPLATE = (
 
 
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a local HF folder; the tokenizer must carry a chat template."""
+    """(model, tokenizer) from a local HF folder; the tokenizer must carry a chat template.
+
+    The weights are read in ``dtype`` (bf16 for Qwen2.5-7B: 15 GB instead of 30) with ``low_cpu_mem_usage`` — built
+    on the meta device, each tensor read once (transformers 5 always does this and ignores the flag; 4.x needs
+    it) — and placed straight onto ``device`` (``device_map``: a CUDA device never sees a float32 copy on the host).
+    ``device`` comes from :func:`hwsi.devices.resolve_placement` (docs/devices.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -44,7 +49,10 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{path}: the tokenizer has no chat_template (an -Instruct/chat model is needed)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    target = torch.device(device)
+    placement = {} if target.type == "cpu" else {"device_map": {"": str(target)}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True, local_files_only=True,
+                                                 **placement)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -38,7 +38,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from hwsi.serve.assistant import Assistant
+from hwsi.serve.assistant import Assistant, model_placement
 from hwsi.serve.replies import AsciiJSONResponse, install_error_handlers
 from hwsi.serve.routes_chat import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, chat_router
 from hwsi.serve.routes_overlays import overlays_router
@@ -128,6 +128,7 @@ def create_app(
             "ok": True,
             "slides": len(state.registry.ids()),
             "model": getattr(state.assistant, "name", None),
+            "placement": model_placement(state.assistant),
             "tile_cache": {"entries": len(state.cache), "bytes": state.cache.nbytes, "hits": state.cache.hits},
         }
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hwsi.devices import resolve_placement
 from hwsi.errors import StoreError
 from hwsi.serve.registry import SlideRegistry
 from hwsi.store import SlideStore
@@ -237,13 +238,15 @@ class ModelAssistant:
         self._inputs_fn = inputs_fn
 
     @classmethod
-    def load(cls, model_dir: str | Path, job: str | Path) -> "ModelAssistant":
+    def load(cls, model_dir: str | Path, job: str | Path, device: str = "cpu",
+             dtype: str | None = None) -> "ModelAssistant":
         """A trained run folder of `hwsi train` (hwsi.train.inference.load_trained_model; LoRA merged); slide inputs
-        are selected with the run's settings (encoders, max_regions, k, max_cells)."""
+        are selected with the run's settings (encoders, max_regions, k, max_cells). ``device`` / ``dtype`` (None =
+        the run's llm_dtype): hwsi.devices.resolve_placement; /api/health and /api/chat report them."""
         from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
 
         cfg = run_config(model_dir)
-        model = load_trained_model(model_dir)
+        model = load_trained_model(model_dir, placement=resolve_placement(device, dtype or cfg.llm_dtype))
         return cls(
             model,
             job,
@@ -279,3 +282,10 @@ class ModelAssistant:
             )
         chat = ChatSession(self.model, inputs, system=self.system, max_new_tokens=self.max_new_tokens)
         return ModelChat(self, chat, entry.store, enc)
+
+
+def model_placement(assistant: Any) -> dict[str, str] | None:
+    """The device and dtype the assistant's model runs in (hwsi.devices.Placement.record), or None (no model, or a
+    scripted assistant)."""
+    place = getattr(getattr(assistant, "model", None), "placement", None)
+    return place.record() if place is not None and hasattr(place, "record") else None

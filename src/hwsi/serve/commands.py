@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from hwsi.devices import device_option, dtype_option
 from hwsi.errors import HwsiError
 from hwsi.store import list_stores
 from hwsi.utils.atomic import write_bytes_atomic
@@ -30,13 +31,15 @@ def host_warning(host: str) -> str | None:
     )
 
 
-def load_assistant(model: Path | None, job: Path):  # -> Assistant | None
-    """The real assistant over ``model`` (hwsi.model), or None without --model."""
+def load_assistant(model: Path | None, job: Path, device: str = "cpu",
+                   dtype: str | None = None):  # -> Assistant | None
+    """The real assistant over ``model`` (hwsi.model) on ``device`` with the LLM in ``dtype`` (None = the run's),
+    or None without --model."""
     if model is None:
         return None
     from hwsi.serve.assistant import ModelAssistant
 
-    return ModelAssistant.load(model, job)
+    return ModelAssistant.load(model, job, device=device, dtype=dtype)
 
 
 def serve(
@@ -45,6 +48,8 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
     model: Path | None = typer.Option(None, "--model", help="Trained model folder for the chat (omit: view only)."),
     tile_cache_mb: int = typer.Option(128, min=1, help="LRU tile cache size in MiB."),
+    device: str = device_option("cpu", " Where --model runs."),
+    dtype: str | None = dtype_option(None, " The LLM's; default: the run's llm_dtype."),
 ) -> None:
     """Serve a slide viewer with overlays and an evidence-grounded chat for the slides of JOB."""
     import uvicorn
@@ -56,7 +61,7 @@ def serve(
     warn = host_warning(host)
     if warn:
         typer.secho(warn, err=True, fg=typer.colors.YELLOW)
-    assistant = load_assistant(model, job)
+    assistant = load_assistant(model, job, device, dtype)
     app = create_app(job, assistant, tile_cache_bytes=tile_cache_mb * 2**20)
     typer.echo(f"hwsi serve: {len(app.state.hwsi.registry.ids())} slide(s) at http://{host}:{port}/")
     uvicorn.run(app, host=host, port=port, log_level="warning")

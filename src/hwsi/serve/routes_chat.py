@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from hwsi.serve.assistant import model_placement
 from hwsi.serve.geojson import heatmap_to_list
 from hwsi.serve.replies import AsciiJSONResponse
 from hwsi.serve.state import ChatState, ServerState, Turn
@@ -44,7 +45,8 @@ def chat_router(state: ServerState) -> APIRouter:
     @router.post("/api/chat")
     def chat_start(body: ChatStart) -> dict[str, Any]:
         st = state.new_chat(body.slide_id)
-        return {"session_id": st.session_id, "slide_id": st.slide_id, "model": getattr(state.assistant, "name", None)}
+        return {"session_id": st.session_id, "slide_id": st.slide_id, "model": getattr(state.assistant, "name", None),
+                "placement": model_placement(state.assistant)}
 
     @router.get("/api/chat/{session_id}")
     def chat_get(session_id: str) -> dict[str, Any]:

@@ -10,9 +10,11 @@ Lowest layer: imports nothing from hwsi but ``hwsi.errors``, ``hwsi.utils`` and 
 
 from hwsi.store.cells import rows_to_columns
 from hwsi.store.layout import (
+    FEATURE_DTYPES,
     GRID_FIELDS,
     SCHEMA_VERSION,
     STORE_SUFFIX,
+    FeatureDtype,
     RegionGridShape,
     StoreMeta,
     grid_fields,
@@ -24,6 +26,8 @@ from hwsi.store.reader import MASK_DATASETS, SlideStore, read_store_meta
 from hwsi.store.writer import StoreWriter, new_store, update_store
 
 __all__ = [
+    "FEATURE_DTYPES",
+    "FeatureDtype",
     "GRID_FIELDS",
     "MASK_DATASETS",
     "SCHEMA_VERSION",

@@ -10,7 +10,8 @@ Layout (schema version :data:`SCHEMA_VERSION`; all coordinates are level-0 pixel
     regions/tissue      (R,)      float32 tissue fraction of the region
     patches/coords      (R, G, 2) int64   G = (region_size/patch_size)^2, row-major inside the region
     patches/tissue      (R, G)    bool    patch counts as tissue
-    patches/<encoder>   (R, G, D) float32 frozen features, chunked one region per chunk
+    patches/<encoder>   (R, G, D) float32 frozen features, chunked one region per chunk (or float16: hwsi extract
+                                          --feature-dtype float16; read back as float32, docs/devices.md)
     spf/relevance       (R, G)    float32 Eq. 2 relevance r_ij (NaN where not a candidate)
     spf/selected        (R, k)    int32   selected patch indices per region, -1 padded
     cells/<column>      (N,)      columnar per-cell table, sorted by (region, patch)
@@ -35,7 +36,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import h5py
 import numpy as np
@@ -45,6 +46,9 @@ from hwsi.errors import StoreError
 
 SCHEMA_VERSION = 1
 STORE_SUFFIX = ".h5"
+#: dtypes patch features are stored in (every reader returns float32)
+FeatureDtype = Literal["float32", "float16"]
+FEATURE_DTYPES: tuple[str, ...] = get_args(FeatureDtype)
 
 
 class RegionGridShape:

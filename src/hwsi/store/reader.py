@@ -134,6 +134,10 @@ class SlideStore:
     def feature_dim(self, encoder: str) -> int:
         return int(self._features(encoder).shape[-1])
 
+    def feature_dtype(self, encoder: str) -> str:
+        """How ``patches/<encoder>`` is stored on disk: ``"float32"`` or ``"float16"`` (read back as float32)."""
+        return str(self._features(encoder).dtype)
+
     def _features(self, encoder: str) -> h5py.Dataset:
         key = f"patches/{encoder}"
         if key not in self._f:
@@ -141,9 +145,11 @@ class SlideStore:
         return self._f[key]
 
     def patch_features(self, encoder: str, regions: int | slice | np.ndarray | None = None) -> np.ndarray:
-        """``patches/<encoder>`` (R, G, D) float32, or the rows ``regions`` (one chunk per region)."""
+        """``patches/<encoder>`` (R, G, D) float32, or the rows ``regions`` (one chunk per region); a float16 store
+        (``hwsi extract --feature-dtype float16``) is read back as float32 for compute."""
         ds = self._features(encoder)
-        return ds[:] if regions is None else ds[regions]
+        x = ds[:] if regions is None else ds[regions]
+        return x if x.dtype == np.float32 else x.astype(np.float32)
 
     # ---- SPF (hwsi extract) --------------------------------------------------------------------------------
     def spf_selected(self) -> np.ndarray:

@@ -20,6 +20,8 @@ from hwsi.errors import StoreError
 from hwsi.store.cells import GROUP as CELLS_GROUP
 from hwsi.store.cells import write_cells
 from hwsi.store.layout import (
+    FEATURE_DTYPES,
+    FeatureDtype,
     StoreMeta,
     attr_value,
     check_schema,
@@ -101,9 +103,13 @@ class StoreWriter:
         t.attrs["downsample"] = downsample
 
     # ---- features ------------------------------------------------------------------------------------------
-    def create_features(self, encoder: str, shape: tuple[int, ...]) -> h5py.Dataset:
-        """Empty ``patches/<encoder>`` float32 (R, G, D), one chunk per region; assign rows ``ds[r] = ...``."""
-        return create_region_dataset(self._f, f"patches/{encoder}", shape, np.float32)
+    def create_features(self, encoder: str, shape: tuple[int, ...], dtype: FeatureDtype = "float32") -> h5py.Dataset:
+        """Empty ``patches/<encoder>`` (R, G, D), one chunk per region; assign rows ``ds[r] = ...`` (float32 rows
+        are rounded to ``dtype`` by HDF5). float16 halves the store; :meth:`SlideStore.patch_features` reads either
+        as float32 (docs/devices.md)."""
+        if dtype not in FEATURE_DTYPES:
+            raise StoreError(self.path, f"patches/{encoder}: feature dtype must be float32 or float16, got {dtype!r}")
+        return create_region_dataset(self._f, f"patches/{encoder}", shape, np.dtype(dtype))
 
     def write_features(self, encoder: str, data: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
         """``patches/<encoder>`` (R, G, D) with dataset ``attrs``, replacing an earlier version (record it with

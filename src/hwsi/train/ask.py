@@ -129,8 +129,9 @@ def extract_config(bundle: RunBundle, cells: str | None = None) -> Any:
 
 
 def prepare_slide(slide: str | Path, run: str | Path, job: str | Path | None = None, mpp: float | None = None,
-                  cells: str | None = None, log: Callable[[str], None] = print) -> Path:
-    """The store of ``slide`` made the run's way in ``job`` (default ``RUN/ask``); tiles and extracts as needed."""
+                  cells: str | None = None, log: Callable[[str], None] = print, device: str = "cpu") -> Path:
+    """The store of ``slide`` made the run's way in ``job`` (default ``RUN/ask``); tiles and extracts as needed, the
+    encoders on ``device`` in float32 (the dtype the run's stores were made in; docs/devices.md)."""
     run = Path(run)
     bundle = require_bundle(run)
     own_job = job is None
@@ -148,6 +149,7 @@ def prepare_slide(slide: str | Path, run: str | Path, job: str | Path | None = N
         raise ConfigError(f"{store}: exists and was not made from {spec.path} the run's way; use another --job "
                           "(or the default RUN/ask)")
     xcfg = extract_config(bundle, cells)  # before any work: a run whose extraction cannot be redone fails here
+    xcfg.device = device
     if state != "tiled" and state != "stale":
         tcfg = tile_config(bundle)
         log(f"{spec.slide_id}: tiling into {job} (run's grid: {tcfg.grid.region_size} px regions, "

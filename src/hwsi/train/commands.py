@@ -21,6 +21,7 @@ from typing import Optional
 
 import typer
 
+from hwsi.devices import device_option, dtype_option, resolve_placement
 from hwsi.errors import ConfigError
 from hwsi.options import default_of
 from hwsi.utils.outdir import prepare_output_dir
@@ -115,6 +116,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
         skip_bad_records: bool = typer.Option(False, "--skip-bad-records", help="Leave malformed text records out "
                                               "(count and where logged) instead of failing (data.skip_bad_records)."),
+        device: Optional[str] = device_option(None, " Default: the config's `device` (auto)."),
+        dtype: Optional[str] = dtype_option(None, " The LLM's; default: the config's `llm_dtype`."),
     ) -> None:
         """Run one training stage of MLLM-HWSI (paper §3.6); metrics in RUN/stageN/metrics.csv."""
         from hwsi.train.config import load_train_config
@@ -124,6 +127,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_train_config(config)
         cfg.data.skip_bad_records = cfg.data.skip_bad_records or skip_bad_records
+        cfg.device = device or cfg.device
+        cfg.llm_dtype = dtype or cfg.llm_dtype  # type: ignore[assignment]
         run = prepare_output_dir(out or job / "runs" / config.stem, what="run folder (--out)", create=False)
         res = run_stage(stage, cfg, job, run, resume=resume, stop_after=stop_after, progress=progress)
         m = res.metrics
@@ -132,6 +137,21 @@ def register(app: typer.Typer) -> None:
                    f"loss {m['first_loss']} -> {m['final_loss']} in {m['seconds']} s")
         typer.echo(f"run folder: {run}" + (f"; output: {res.output}" if res.output else
                                           f"; resume with --resume (checkpoint {res.checkpoint})"))
+
+    @app.command("plan")
+    def plan(
+        config: Path = typer.Option(..., "--config", help="A YAML file, or a shipped preset: tiny, demo or paper."),
+        regions: Optional[int] = typer.Option(None, "--regions", min=1, help="Regions per slide (default: the "
+                                              "config's model.max_regions)."),
+        gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs the ZeRO-3 shards are spread over."),
+    ) -> None:
+        """The full model's parameters (total, trained per stage, LoRA), visual tokens per slide and memory per GPU
+        under ZeRO-3, built on the meta device: no weights, no GPU (docs/devices.md)."""
+        from hwsi.train.config import load_train_config
+        from hwsi.train.plan import build_plan
+
+        for line in build_plan(load_train_config(config), regions=regions, gpus=gpus).lines():
+            typer.echo(line)
 
     @app.command("ask")
     def ask(
@@ -148,6 +168,8 @@ def register(app: typer.Typer) -> None:
                                             "cellvit:DIR with this slide's CellViT output."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
         top: int = typer.Option(3, "--top", min=0, help="Top regions and patches to print per question (0: none)."),
+        device: str = device_option("cpu"),
+        dtype: Optional[str] = dtype_option(None, " The LLM's; default: the run's llm_dtype."),
     ) -> None:
         """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence.
 
@@ -155,8 +177,9 @@ def register(app: typer.Typer) -> None:
         """
         from hwsi.model.chat import ChatSession
         from hwsi.train.ask import is_store_path, prepare_slide
-        from hwsi.train.inference import load_trained_model, slide_inputs_for
+        from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
 
+        place = resolve_placement(device, dtype or run_config(run).llm_dtype)  # one line before any work
         if mpp is not None and not mpp > 0:
             raise ConfigError(f"--mpp must be > 0, got {mpp}")
         if is_store_path(slide):
@@ -164,12 +187,13 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"{slide}: --job, --mpp and --cells are for a slide file, not a store")
             store = slide
         else:
-            store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True))
+            store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True),
+                                  device=place.device)
         inputs = slide_inputs_for(store, run)
-        model = load_trained_model(run)
+        model = load_trained_model(run, placement=place)
         chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens)
-        typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix)",
-                   err=True)
+        typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix), "
+                   f"on {place.describe()}", err=True)
         questions = iter(question) if question else _stdin_questions()
         cache: dict = {}
         for q in questions:

@@ -23,6 +23,7 @@ from typing import Annotated, Literal
 
 from hwsi.config import (NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, load_config, preset_path,
                          save_config)
+from hwsi.devices import check_device_spec
 from hwsi.errors import ConfigError
 from hwsi.model.losses import HCALossConfig
 from hwsi.model.mllm import MLLMConfig
@@ -154,6 +155,10 @@ class TrainConfig:
     """Everything a run needs; saved as ``RUN/config.yaml`` (dims resolved from the stores) by every stage."""
 
     seed: NonNegInt = 0
+    # docs/devices.md: `device` is where every stage trains (auto = accelerate's choice: cuda:LOCAL_RANK, else the
+    # CPU; `hwsi train --device` overrides it); `llm_dtype` the dtype the LLM's weights are loaded and kept in
+    # (`--dtype`; the hierarchy and projectors keep float32 master weights); `precision` accelerate's autocast
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (hwsi.devices)
     precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate mixed_precision
     llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the LLM is loaded in
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,6 +176,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Rules across sections (see :meth:`OptimConfig.validate`)."""
+        check_device_spec(self.device, "device")
         for n in range(4):
             self.stage(n).validate(f"stage{n}")
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hwsi.devices import accelerator_kwargs
 from hwsi.errors import HwsiError
 from hwsi.train.config import OptimConfig
 
@@ -170,6 +171,7 @@ class FitResult:
     last_checkpoint: Path | None
     seconds: float
     rows: list[dict[str, str]] = field(default_factory=list)
+    placement: dict[str, str] = field(default_factory=dict)  # Engine.placement: device, dtype, mixed_precision
 
 
 def _open_tensorboard(path: Path):
@@ -184,7 +186,7 @@ class Engine:
     """One stage's optimisation loop (see the module docstring)."""
 
     def __init__(self, stage_dir: str | Path, cfg: OptimConfig, seed: int, precision: str = "no",
-                 progress: bool = True, name: str = "train") -> None:
+                 progress: bool = True, name: str = "train", device: str = "auto", dtype: str = "float32") -> None:
         from accelerate import Accelerator
 
         self.dir = Path(stage_dir)
@@ -195,7 +197,11 @@ class Engine:
         from accelerate import PartialState
 
         self.accum = cfg.accumulation(PartialState().num_processes)
-        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum)
+        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum,
+                                       **accelerator_kwargs(device, precision))
+        # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
+        self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
+                          "requested": device}
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.dir / "checkpoints"
         self.metrics = MetricsLog(self.dir / "metrics.csv")
@@ -384,7 +390,7 @@ class Engine:
             tb.close()
         rows = self.metrics.rows() if self.is_main else []
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
-                         time.perf_counter() - t0, rows)
+                         time.perf_counter() - t0, rows, dict(self.placement))
 
     def _reduce(self, value: float) -> float:
         if self.accelerator.num_processes == 1:

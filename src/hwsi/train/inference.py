@@ -11,10 +11,12 @@ stage 3 when it finished (else stage 2), the stage-3 LoRA adapter merged into th
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
+from hwsi.devices import Placement
 from hwsi.model.inputs import SlideInputs, load_slide_inputs
 from hwsi.train.bundle import check_stores
 from hwsi.train.config import TrainConfig, load_train_config
@@ -30,15 +32,25 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     return load_train_config(p)
 
 
-def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | torch.device = "cpu"):
-    """The trained MLLMHWSI of ``run_dir`` (see the module docstring), in eval mode with grads off."""
+def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | torch.device = "cpu",
+                       placement: Placement | None = None):
+    """The trained MLLMHWSI of ``run_dir`` (see the module docstring), in eval mode with grads off.
+
+    ``placement`` (:func:`hwsi.devices.resolve_placement` of ``--device`` / ``--dtype``): the LLM is loaded in its
+    dtype straight onto its device, the hierarchy and projectors follow in float32; None = the run's
+    ``llm_dtype`` on ``device``. ``model.placement`` records what was used (docs/devices.md)."""
     run = Path(run_dir)
     cfg = run_config(run)
+    if placement is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.llm_dtype, device = placement.dtype, placement.device
+    else:
+        placement = Placement(str(torch.device(device)), cfg.llm_dtype, str(device))
     s3 = run / "stage3" / "final"
     s2 = run / "stage2" / "final" / PROJECTORS_FILE
     if not (s3 / PROJECTORS_FILE).is_file() and not s2.is_file():
         raise TrainError(f"{run}: no trained projectors (run stage 2, and stage 3 for instruction tuning)")
-    model, cfg = build_model(cfg, run, 2)
+    model, cfg = build_model(cfg, run, 2, device=str(device))
     if (s3 / PROJECTORS_FILE).is_file():
         model.projectors.load_state_dict(load_safetensors(s3 / PROJECTORS_FILE))
         if (s3 / "lora" / "adapter_config.json").is_file():
@@ -52,6 +64,7 @@ def load_trained_model(run_dir: str | Path, merge: bool = True, device: str | to
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.placement = placement
     return model
 
 

@@ -101,7 +101,8 @@ def run_stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
     cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])
     seed_everything(cfg.seed)
     model = findings_model(llm, tok, cfg.model.max_length)
-    engine = Engine(stage_dir, cfg.stage0, cfg.seed, cfg.precision, progress, "stage0")
+    engine = Engine(stage_dir, cfg.stage0, cfg.seed, cfg.precision, progress, "stage0", device=cfg.device,
+                    dtype="float32")
 
     def step(m: nn.Module, batch: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
         return m([findings[s.slide_id] for s in batch], [s.messages for s in batch]).loss, {}

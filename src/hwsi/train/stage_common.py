@@ -46,7 +46,8 @@ def finish_stage(stage: int, out: Path, fit: FitResult, n_items: int, output: Pa
     res = StageResult(stage, metrics, fit.last_checkpoint, output if fit.finished else None, fit.losses, fit.finished)
     if fit.finished and is_main and output is not None:
         (out / f"stage{stage}" / "result.json").write_text(
-            json.dumps({"metrics": metrics, "output": str(output), "losses": fit.losses}, indent=1))
+            json.dumps({"metrics": metrics, "output": str(output), "losses": fit.losses,
+                        "placement": fit.placement}, indent=1))
     return res
 
 

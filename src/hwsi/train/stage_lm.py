@@ -52,10 +52,11 @@ def llm_folder(cfg: TrainConfig, out: Path) -> Path:
     return p
 
 
-def build_model(cfg: TrainConfig, out: Path, stage: int):
-    """MLLMHWSI with the LLM of the run and the stage-1 weights loaded (+ stage-2 projectors for stage 3)."""
+def build_model(cfg: TrainConfig, out: Path, stage: int, device: str = "cpu"):
+    """MLLMHWSI with the LLM of the run (in ``cfg.llm_dtype``, loaded onto ``device``) and the stage-1 weights loaded
+    (+ stage-2 projectors for stage 3); training loads on the CPU and lets accelerate place the model."""
     cfg = _dims_from_run(cfg, out)
-    llm, tok = load_llm(llm_folder(cfg, out), dtype=DTYPES[cfg.llm_dtype])
+    llm, tok = load_llm(llm_folder(cfg, out), dtype=DTYPES[cfg.llm_dtype], device=device)
     cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])
     seed_everything(cfg.seed)
     model = MLLMHWSI.from_config(cfg.model, llm, tok)
@@ -170,7 +171,8 @@ def run_lm_stage(stage: int, cfg: TrainConfig, job: Path, out: Path, resume: boo
     model, cfg = stage_model(stage, cfg, out)
     save_train_config(cfg, out / "config.yaml")
     name = f"stage{stage}"
-    engine = Engine(out / name, cfg.stage2 if stage == 2 else cfg.stage3, cfg.seed, cfg.precision, progress, name)
+    engine = Engine(out / name, cfg.stage2 if stage == 2 else cfg.stage3, cfg.seed, cfg.precision, progress, name,
+                    device=cfg.device, dtype=cfg.llm_dtype)
     fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device), resume=resume,
                      stop_after=stop_after)
     final = out / name / "final"

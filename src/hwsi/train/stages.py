@@ -25,6 +25,7 @@ import json
 import logging
 from pathlib import Path
 
+from hwsi.devices import resolve_placement
 from hwsi.errors import ConfigError
 from hwsi.train.bundle import record_bundle
 from hwsi.train.config import TrainConfig
@@ -49,6 +50,7 @@ def run_stage(stage: int, cfg: TrainConfig, job: str | Path, out: str | Path, re
     """
     cfg = copy.deepcopy(cfg)
     cfg.validate()
+    resolve_placement(cfg.device, cfg.llm_dtype, "device")  # no CUDA, float16 on the CPU: one line, before any work
     job, out = Path(job), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fn = {0: run_stage0, 1: run_stage1, 2: functools.partial(run_lm_stage, 2),

@@ -140,13 +140,21 @@ class ImageEncoder(nn.Module):
             return p.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights (float32 unless the encoder was moved: hwsi.devices); inputs are cast to it."""
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
     def preprocess(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 RGB (B,H,W,3) -> float (B,3,S,S): bicubic resize to ``input_size``, centre crop, normalise."""
+        """uint8 RGB (B,H,W,3) -> float (B,3,S,S): bicubic resize to ``input_size``, centre crop, normalise (in
+        float32), then cast to the weights' dtype."""
         x = _to_float_images(images).to(self.device)
         x = resize_center_crop(x, self.input_size)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return ((x - mean) / std).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
