@@ -16,6 +16,11 @@ Reading a region (see docs/machine-facts.md for the costs measured here):
   tiles, 512-px tiles, border tiles, non-JPEG) are decoded to a small temporary and copied into the patches they
   cover. No region image is assembled and :attr:`RegionPixels.patches` is that buffer (no copy); the row-major
   :attr:`RegionPixels.image` is assembled only when asked for. Pixels equal the assembled-image path exactly.
+* **Resampled** (fast path, the box is not ``region_size``): decoded straight into the patch buffer by
+  :mod:`hwsi.slide.resampled`: JPEG tiles at 1/2 or 1/4 in the DCT domain where the downsample from the read level
+  is within ``ReaderConfig.mpp_tolerance`` of 2 or 4 (never coarser than the target beyond it); otherwise a tile
+  row at a time, smoothed and sampled bilinearly (≤ 2 level px per output px) or shrunk with INTER_AREA (integer
+  ratios, exact). ``ReaderConfig(resample="box", dct_scale=False)`` is the previous whole-box INTER_AREA path.
 * **Fallback** (other formats, strip TIFFs): the backend's ``read_region`` with one handle per thread.
 * Outside the slide is white (background), as OpenSlide's transparent pixels composited on white.
 * **Corrupt tiles** (decode error, truncated data; in the fallback a failed read, localised to 512-px blocks) are

@@ -110,12 +110,19 @@ def read_strip_patches(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: 
         keep = max(top, int(tap_lo[j]) - 2) if j < s else top + n  # first row still needed (with context)
         if keep > top:
             raw[: n - (keep - top)] = raw[keep - top : n]
+            if smooth is not None:
+                smooth[: n - (keep - top)] = smooth[keep - top : n]
             top, n = keep, n - (keep - top)
         bad += read_box(slide, tl, level, lx, ly + y, lw, y1 - y, 1, raw[n : n + y1 - y])
-        n, y = n + y1 - y, y1
+        n_old, n, y = n, n + y1 - y, y1
         src = raw[:n]
-        if smooth is not None:
-            src = cv2.GaussianBlur(src, (3, 3), sigma, dst=smooth[:n], borderType=cv2.BORDER_REPLICATE)
+        if smooth is not None:  # smooth the new rows and the one above them (it now has its lower neighbour)
+            a = max(0, n_old - 2)
+            kept = smooth[a].copy()  # row a was smoothed with its upper neighbour: recomputing here would lose it
+            cv2.GaussianBlur(raw[a:n], (3, 3), sigma, dst=smooth[a:n], borderType=cv2.BORDER_REPLICATE)
+            if a > 0:
+                smooth[a] = kept
+            src = smooth[:n]
         valid_lo = top if top == 0 else top + 1  # rows whose smoothing saw both neighbours (or the box edge)
         valid_hi = y if y == lh else y - 1
         j_end = j
