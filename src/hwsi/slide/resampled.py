@@ -8,15 +8,16 @@ Two paths, chosen by :func:`hwsi.slide.reader.read_region_pixels` for tiled-TIFF
   the scaled box is not exactly ``region_size`` (the downsample is 2.02, say) it is assembled and resized the rest
   of the way (INTER_AREA shrinking, INTER_LINEAR enlarging).
 * **Strips** (:func:`read_strip_patches`, level px per output px ``r`` in (1, 2], e.g. 1.9 for 0.2631 → 0.5
-  µm/px): every covering tile is decoded once, a tile row at a time, into a strip of the box (with a few rows
-  carried over from the row above); the strip is smoothed with a 3×3 Gaussian of σ = 0.35·√(r² − 1) (fixed-point,
-  replicated border at the box edges only) and sampled bilinearly (``cv2.warpAffine``, output pixel ``j`` at box
-  coordinate ``(j + 0.5)·r − 0.5``) into the patches whose rows it completes. The result equals one
-  GaussianBlur + warpAffine of the whole box (within 1 grey level: coordinates are fixed-point per call) and
-  approximates INTER_AREA (accepted: mean |diff| ≤ 3, 99th percentile ≤ 16 grey levels; measured ≈ 0.8 / 7 on a
-  noise texture) at a fraction of
-  its cost (INTER_AREA at a non-integer ratio costs about as much as decoding the tiles). Memory: two strips of
-  ``(tile height + 8) × box width × 3`` bytes per thread, whatever the slide size.
+  µm/px): every covering tile is decoded once, a tile row at a time, into a strip of the box (rows still needed are
+  carried over); new rows are smoothed with a 3×3 Gaussian of σ = 0.35·√(r² − 1) (fixed-point, replicated border at
+  the box edges only) and sampled bilinearly, output pixel ``j`` at box coordinate ``(j + 0.5)·r − 0.5``: in bands
+  of ``q`` output rows (``q`` = the denominator of ``lh / s``, at most ``MAX_BAND_ROWS``) that start on whole box
+  rows, one ``cv2.resize`` per band, otherwise ``cv2.warpAffine`` per tile row. The result equals one smoothing +
+  resample of the whole box (within 1 grey level) and approximates INTER_AREA (accepted: mean |diff| ≤ 3, 99th
+  percentile ≤ 16 grey levels; measured ≈ 0.8 / 7 on a noise texture) at about half the cost of the whole-box
+  path. Integer ratios (``lw = lh = q·s``) are shrunk with INTER_AREA per strip of whole ``q``-row groups: exactly
+  INTER_AREA of the whole box. Memory: two strips of (one band + one tile row) × box width × 3 bytes per thread,
+  whatever the slide size.
 """
 
 from __future__ import annotations
