@@ -5,7 +5,9 @@ Geometry (the Deep Zoom convention OpenSeadragon uses): level ``L`` in ``0..max_
 ``ceil(W * scale) × ceil(H * scale)``; tiles are ``tile_size`` px with ``overlap`` px shared on each inner edge.
 A tile is read from the best pyramid level of the slide (downsample ≤ needed) and resized once; coarse tiles
 (scale below a cached overview's) are cut from that overview so a single-level slide never reads the whole
-level 0 for a thumbnail-sized tile. Level, column and row are validated: anything out of range is
+level 0 for a thumbnail-sized tile. Where the read level is JPEG-tiled and the tile needs 2× or more of it, its
+tiles are decoded at 1/2 or 1/4 in the DCT domain (hwsi.slide.jpeg_tiles; no resolution rule binds a viewer), and
+the overview likewise. Level, column and row are validated: anything out of range is
 :class:`TileNotFound` (HTTP 404), never an exception from the reader.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from hwsi.slide.jpeg_tiles import dct_factor_for, read_scaled
 from hwsi.slide.open import open_slide
 
 TILE_FORMATS = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
@@ -200,12 +203,32 @@ class TileSource:
         lvl = self._best_level(ds)
         lds = float(self.reader.level_downsamples[lvl])
         lw, lh = (int(v) for v in self.reader.level_dimensions[lvl])
+        scaled = self._read_dct(lvl, ds / lds, x0 / lds, y0 / lds, w0 / lds, h0 / lds)
+        if scaled is not None:
+            return np.asarray(Image.fromarray(scaled).resize((out_w, out_h), Image.BOX))
         rw = max(1, min(math.ceil(w0 / lds), lw - int(x0 / lds)))
         rh = max(1, min(math.ceil(h0 / lds), lh - int(y0 / lds)))
         img = np.asarray(self.reader.read_region(int(x0), int(y0), lvl, rw, rh))
         if img.shape[0] != out_h or img.shape[1] != out_w:
             img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BOX if ds > lds else Image.BILINEAR))
         return img
+
+    def _read_dct(self, lvl: int, ds: float, lx: float, ly: float, lw: float, lh: float) -> np.ndarray | None:
+        """The box ``(lx, ly, lw, lh)`` of level ``lvl`` decoded at 1/2 or 1/4 in the DCT domain when ``ds`` (level
+        px per output px) allows it and the level is JPEG-tiled (:mod:`hwsi.slide.jpeg_tiles`); None otherwise or
+        when a tile is corrupt (the caller then reads it the usual way)."""
+        slide = self.reader
+        if getattr(slide, "tiff_levels", None) is None:
+            return None
+        k = dct_factor_for(slide, lvl, ds)  # type: ignore[arg-type]
+        if k == 1:
+            return None
+        tl = slide.tiff_levels[lvl]  # type: ignore[attr-defined]
+        bx, by = int(lx / k), int(ly / k)
+        bw = max(1, min(math.ceil(lw / k), tl.width // k - bx))
+        bh = max(1, min(math.ceil(lh / k), tl.height // k - by))
+        img, bad = read_scaled(slide, lvl, k, bx, by, bw, bh)  # type: ignore[arg-type]
+        return None if bad else img
 
     def _get_overview(self) -> np.ndarray | None:
         """A whole-slide image of at most OVERVIEW_SIDE px a side, built once from the coarsest suitable level."""
@@ -222,7 +245,11 @@ class TileSource:
         with self._lock:
             if self._overview is not None:
                 return self._overview
-            if lw * lh > 64 * 2**20:  # a level this big would take too much memory: read it in strips
+            lds = float(self.reader.level_downsamples[lvl])
+            scaled = self._read_dct(lvl, ds / lds, 0, 0, lw, lh) if lw * lh <= 4 * 64 * 2**20 else None
+            if scaled is not None:  # decoded at 1/2 or 1/4: a quarter or a sixteenth of the memory
+                img = np.asarray(Image.fromarray(scaled).resize((ow, oh), Image.BOX))
+            elif lw * lh > 64 * 2**20:  # a level this big would take too much memory: read it in strips
                 img = self._read_strips(lvl, lw, lh, ow, oh)
             else:
                 img = np.asarray(self.reader.read_region(0, 0, lvl, lw, lh))

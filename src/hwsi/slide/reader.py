@@ -16,6 +16,11 @@ Reading a region (see docs/machine-facts.md for the costs measured here):
   tiles, 512-px tiles, border tiles, non-JPEG) are decoded to a small temporary and copied into the patches they
   cover. No region image is assembled and :attr:`RegionPixels.patches` is that buffer (no copy); the row-major
   :attr:`RegionPixels.image` is assembled only when asked for. Pixels equal the assembled-image path exactly.
+* **Resampled** (fast path, the box is not ``region_size``): decoded straight into the patch buffer by
+  :mod:`hwsi.slide.resampled`: JPEG tiles at 1/2 or 1/4 in the DCT domain where the downsample from the read level
+  is within ``ReaderConfig.mpp_tolerance`` of 2 or 4 (never coarser than the target beyond it); otherwise a tile
+  row at a time, smoothed and sampled bilinearly (≤ 2 level px per output px) or shrunk with INTER_AREA (integer
+  ratios, exact). ``ReaderConfig(resample="box", dct_scale=False)`` is the previous whole-box INTER_AREA path.
 * **Fallback** (other formats, strip TIFFs): the backend's ``read_region`` with one handle per thread.
 * Outside the slide is white (background), as OpenSlide's transparent pixels composited on white.
 * **Corrupt tiles** (decode error, truncated data; in the fallback a failed read, localised to 512-px blocks) are
@@ -48,13 +53,16 @@ import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from hwsi.errors import SlideError
 from hwsi.slide.grid import Grid
+from hwsi.slide.jpeg_tiles import dct_factor_for, put_rect
 from hwsi.slide.levels import _FALLBACK_BLOCK, CorruptTile, read_level_box
 from hwsi.slide.open import Slide, TiffLevel
+from hwsi.slide.resampled import read_dct_region, read_strip_patches, strip_applies
 
 
 
@@ -66,6 +74,11 @@ class ReaderConfig:
     queue_size: int | None = None  # regions decoded ahead of the consumer (default 2 × threads)
     fast_path: bool = True  # decode TIFF tiles directly when possible
     direct_patches: bool = True  # fast path without resampling: decode tiles straight into a (G, P, P, 3) buffer
+    # fast path with resampling (hwsi.slide.resampled): "strip" = tiles decoded once a tile row at a time, smoothed
+    # and sampled into the patch buffer (level px per output px <= 2); "box" = the whole box, then INTER_AREA
+    resample: Literal["strip", "box"] = "strip"
+    dct_scale: bool = True  # decode JPEG tiles at 1/2 or 1/4 where the downsample is within mpp_tolerance of it
+    mpp_tolerance: float = 0.02  # the grid's µm/px tolerance (GridConfig.mpp_tolerance)
 
 
 class RegionPixels:
@@ -185,21 +198,6 @@ class _BufferPool:
 # ---- a region straight in patch layout (boxes of one level: hwsi.slide.levels) ----------------------------------
 
 
-def _put_rect(grid5: np.ndarray, p: int, y0: int, x0: int, h: int, w: int, src: np.ndarray | int) -> None:
-    """Write ``src`` (an ``(h, w, ≥3)`` array or a grey value) at region pixel ``(y0, x0)`` of the patch-layout grid
-    ``grid5`` ``(g, g, P, P, 3)``, split along patch borders."""
-    y1, x1 = y0 + h, x0 + w
-    for r in range(y0 // p, (y1 - 1) // p + 1):
-        py0, py1 = max(y0, r * p), min(y1, (r + 1) * p)
-        for c in range(x0 // p, (x1 - 1) // p + 1):
-            px0, px1 = max(x0, c * p), min(x1, (c + 1) * p)
-            dst = grid5[r, c, py0 - r * p : py1 - r * p, px0 - c * p : px1 - c * p]
-            if isinstance(src, np.ndarray):
-                dst[...] = src[py0 - y0 : py1 - y0, px0 - x0 : px1 - x0, :3]
-            else:
-                dst[...] = src
-
-
 def _read_tiff_patches(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int, s: int, p: int,
                        out: np.ndarray) -> list[CorruptTile]:
     """Fill ``out`` ``(G, P, P, 3)`` with the patches of the ``s`` × ``s`` box at ``(lx, ly)`` of ``level``.
@@ -231,7 +229,7 @@ def _read_tiff_patches(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int
             ry, rx, h, w = iy0 - ly, ix0 - lx, iy1 - iy0, ix1 - ix0  # in region px
             off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
             if n == 0 or off == 0:
-                _put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
+                put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
                 continue
             slot = None
             if direct and h == th and w == tw and ry % p == 0 and rx % p == 0:
@@ -255,9 +253,9 @@ def _read_tiff_patches(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int
                 seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
                 if slot is not None:
                     direct = False  # decodes, but not into a (P, P, 3) slot (e.g. 4 samples): copy from now on
-                _put_rect(grid5, p, ry, rx, h, w, seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw])
+                put_rect(grid5, p, ry, rx, h, w, seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw])
             except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
-                _put_rect(grid5, p, ry, rx, h, w, 0)
+                put_rect(grid5, p, ry, rx, h, w, 0)
                 bad.append((level, tx, ty))
     return bad
 
@@ -280,26 +278,47 @@ def region_level_box(slide: Slide, grid: Grid, x: int, y: int) -> tuple[int, int
 
 
 def read_region_pixels(slide: Slide, grid: Grid, index: int, fast_path: bool = True, *,
-                       direct_patches: bool = True, pool: _BufferPool | None = None) -> RegionPixels:
+                       direct_patches: bool = True, pool: _BufferPool | None = None,
+                       resample: Literal["strip", "box"] = "strip", dct_scale: bool = True,
+                       mpp_tolerance: float = 0.02) -> RegionPixels:
     """Read region ``index`` of ``grid`` once and return it at the target µm/px.
 
     With ``fast_path`` and ``direct_patches``, a TIFF-tiled slide read without resampling is decoded straight into
-    a ``(G, P, P, 3)`` patch buffer (taken from ``pool`` when given); otherwise the region image is assembled (and
-    resized when needed).
+    a ``(G, P, P, 3)`` patch buffer (taken from ``pool`` when given). Resampled, a TIFF-tiled slide is decoded at
+    1/2 or 1/4 in the DCT domain where ``dct_scale`` and the downsample from the read level is within
+    ``mpp_tolerance`` of it, else (``resample="strip"``, at most 2 level px per output px) resampled in strips into
+    the patch buffer (:mod:`hwsi.slide.resampled`); otherwise the region image is assembled and resized.
     """
     import cv2
 
     x, y = (int(v) for v in grid.region_coords[index])
     lx, ly, lw, lh = region_level_box(slide, grid, x, y)
     s, p = grid.region_size, grid.patch_size
-    if fast_path and direct_patches and slide.tiff_levels is not None and lw == lh == s and s % p == 0:
+    level = grid.read_level
+    mode = None
+    if fast_path and slide.tiff_levels is not None and s % p == 0:
+        k = dct_factor_for(slide, level, grid.scale / grid.read_downsample, mpp_tolerance) if dct_scale else 1
+        if lw == lh == s:
+            mode = "direct" if direct_patches else None
+        elif k > 1:
+            mode = "dct"
+        elif resample == "strip" and strip_applies(lw, lh, s):
+            mode = "strip"
+    if mode is not None:
         g = s // p
         out = pool.get() if pool is not None else np.empty((g * g, p, p, 3), np.uint8)
-        level = grid.read_level
-        bad = _read_tiff_patches(slide, slide.tiff_levels[level], level, lx, ly, s, p, out)
+        img = None
+        if mode == "direct":
+            bad = _read_tiff_patches(slide, slide.tiff_levels[level], level, lx, ly, s, p, out)  # type: ignore[index]
+        elif mode == "dct":
+            img, bad = read_dct_region(slide, level, k, lx, ly, lw, lh, s, p, out)
+        else:
+            bad = read_strip_patches(slide, level, lx, ly, lw, lh, s, p, out)
         mask = _corrupt_patch_mask(slide, grid, bad, lx, ly, lw, lh) if bad else None
+        if img is not None:
+            return RegionPixels(index, (x, y), img, p, bad, mask)
         return RegionPixels(index, (x, y), None, p, bad, mask, patches=out)
-    img, bad = read_level_box(slide, grid.read_level, lx, ly, lw, lh, fast_path)
+    img, bad = read_level_box(slide, level, lx, ly, lw, lh, fast_path)
     if img.shape[:2] != (s, s):
         interp = cv2.INTER_AREA if lw > s else cv2.INTER_LINEAR
         img = cv2.resize(img, (s, s), interpolation=interp)
@@ -349,13 +368,14 @@ def iter_regions(
     depth = max(1, cfg.queue_size or 2 * threads)
     pool = None
     s, p = grid.region_size, grid.patch_size
-    if cfg.fast_path and cfg.direct_patches and slide.tiff_levels is not None and s % p == 0:
+    if cfg.fast_path and slide.tiff_levels is not None and s % p == 0:
         # in flight + the one the consumer holds + the one its loop variable still holds while asking for the next
         pool = _BufferPool(((s // p) ** 2, p, p, 3), depth + 2)
 
     def submit(i: int) -> Future[RegionPixels]:
         return executor.submit(read_region_pixels, slide, grid, i, cfg.fast_path,
-                               direct_patches=cfg.direct_patches, pool=pool)
+                               direct_patches=cfg.direct_patches, pool=pool, resample=cfg.resample,
+                               dct_scale=cfg.dct_scale, mpp_tolerance=cfg.mpp_tolerance)
 
     seen_bad: list[CorruptTile] = []
     pending: collections.deque[Future[RegionPixels]] = collections.deque()

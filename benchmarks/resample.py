@@ -1,0 +1,184 @@
+"""Benchmark of resampled region reads: the decode floor vs the previous path vs the strip path vs DCT-scaled decoding.
+
+    .venv/bin/python benchmarks/resample.py [--side 16384] [--threads 1 2] [--repeats 3]
+
+Writes two synthetic slides once into benchmarks/out/ (git-ignored) with hwsi.synth.pyramid.write_pyramid_tiff, then
+keeps only every other level (levels 4× apart, as most 40× scanners write them;
+the JPEG tiles are copied, not re-encoded):
+
+Content (``--content``): ``real`` (default) tiles the level 0 of ../shared/data/slides/cmu-1-small-region.svs (a real
+H&E scan; its JPEG entropy, ~10 kB a tile, is what decoding costs on real slides); ``synthetic`` is decompose.py's
+noise texture (~31 kB a tile: entropy decoding dominates and DCT scaling saves little).
+
+* ``resample_0.2631_<side>.tiff``: 0.2631 µm/px, read at 0.5 µm/px: scale 1.900, a non-power-of-two factor, read
+  from level 0 and resampled (INTER_AREA);
+* ``resample_0.25_<side>.tiff``: 0.25 µm/px, read at 0.5 µm/px: scale 2, read from level 0 (level 1 is 4× down).
+
+For each slide and thread count, interleaved within each of ``--repeats`` rounds (the machine is shared: compare
+ratios within one run), every tissue region of the grid (4096-px regions, 256-px patches) is read once into its
+``RegionPixels.patches``:
+
+(floor) decoding, once each, the level-0 JPEG tiles the regions cover with imagecodecs (one task per region, into a
+        reused tile buffer; decompose.py's floor), nothing else;
+(old)   ``ReaderConfig(resample="box", dct_scale=False)``: the previous path (whole level box assembled, one
+        cv2.resize, then the copy into patches);
+(new)   ``ReaderConfig(dct_scale=False)``: tiles decoded once, a tile row at a time into a strip, the strip resized
+        into the region's patch buffer;
+(dct)   ``ReaderConfig()`` (the default): where the downsample from the read level is within the µm/px tolerance
+        of 2 or 4, tiles are decoded at 1/2 or 1/4 scale in the DCT domain straight into the patch buffer (0.25
+        slide); elsewhere the same as (new).
+The table shows medians and the per-round ratios' medians. Targets: (new)/(floor) <= 1.3 on the 0.2631 slide,
+(dct)/(floor) <= 0.75 on the 0.25 slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decompose import OUT, make_tile_fn, run_floor  # noqa: E402
+
+
+def thin_levels(src: Path, dst: Path) -> None:
+    """Copy levels 0, 2, 4, ... of a write_pyramid_tiff pyramid into ``dst`` (levels 4× apart), tiles unchanged."""
+    import tifffile
+
+    from hwsi.utils.atomic import atomic_path
+
+    with tifffile.TiffFile(src) as tf, atomic_path(dst) as tmp:
+        fh = tf.filehandle
+        with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+            for k, page in enumerate(tf.pages[::2]):
+
+                def tiles(pg=page):
+                    for off, n in zip(pg.dataoffsets, pg.databytecounts):
+                        fh.seek(off)
+                        yield fh.read(n)
+
+                xres = page.tags["XResolution"].value
+                tw.write(tiles(), shape=page.shape, dtype=np.uint8, tile=(page.tilelength, page.tilewidth),
+                         photometric="rgb", compression="jpeg", jpegtables=page.jpegtables,
+                         resolution=(xres[0] / xres[1], xres[0] / xres[1]), resolutionunit="CENTIMETER",
+                         subfiletype=0 if k == 0 else 1, metadata=None)
+
+
+def real_tile_fn():
+    """Level-0 pixels of the real SVS, repeated (mirrored) over the plane."""
+    import tifffile
+
+    here = Path(__file__).resolve().parents[1]
+    env = os.environ.get("HWSI_SHARED_DATA")
+    for d in ([Path(env)] if env else []) + [here.parent / "shared" / "data", here.parent.parent / "shared" / "data"]:
+        f = d / "slides" / "cmu-1-small-region.svs"
+        if f.is_file():
+            img = tifffile.imread(f)
+            break
+    else:
+        sys.exit("--content real needs ../shared/data/slides/cmu-1-small-region.svs (or use --content synthetic)")
+    img = np.concatenate([img, img[:, ::-1]], 1)
+    img = np.concatenate([img, img[::-1]], 0)
+    ih, iw = img.shape[:2]
+
+    def tile_fn(x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        yy = (np.arange(y0, y0 + h) % ih)[:, None]
+        xx = (np.arange(x0, x0 + w) % iw)[None, :]
+        return img[yy, xx]
+
+    return tile_fn
+
+
+def ensure_slide(mpp: float, side: int, content: str) -> Path:
+    from hwsi.synth.pyramid import write_pyramid_tiff
+
+    out = OUT / f"resample_{content}_{mpp:g}_{side}.tiff"
+    if not out.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        tmp = OUT / f"resample_{content}_{mpp:g}_{side}.2x.tiff"
+        t0 = time.perf_counter()
+        fn = real_tile_fn() if content == "real" else make_tile_fn(side, side)
+        write_pyramid_tiff(tmp, side, side, mpp, fn, threads=2)
+        thin_levels(tmp, out)
+        tmp.unlink()
+        print(f"wrote {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def run_read(path: Path, threads: int, cfg) -> dict[str, float]:
+    """Every tissue region read once into its patches (the grid is built beforehand, not timed)."""
+    from hwsi.slide import GridConfig, build_grid, compute_tissue, iter_regions, open_slide
+
+    with open_slide(path) as s:
+        t = compute_tissue(s, patch_size_level0=256)
+        g = build_grid(s, t.mask, t.downsample, GridConfig())
+        t0 = time.perf_counter()
+        n = 0
+        for rp in iter_regions(s, g, cfg, threads=threads):
+            n += rp.patches.shape[0]
+        dt = time.perf_counter() - t0
+    return {"seconds": dt, "patches": n}
+
+
+def grid_of(path: Path):
+    from hwsi.slide import GridConfig, build_grid, compute_tissue, open_slide
+
+    with open_slide(path) as s:
+        t = compute_tissue(s, patch_size_level0=256)
+        return build_grid(s, t.mask, t.downsample, GridConfig())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", type=int, default=16384)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mpps", type=float, nargs="+", default=[0.2631, 0.25])
+    ap.add_argument("--content", choices=["real", "synthetic"], default="real")
+    args = ap.parse_args()
+
+    import cv2
+
+    from hwsi.slide import ReaderConfig
+
+    cv2.setNumThreads(1)  # resizes run on the reader's threads only: the thread count compared is the real one
+    configs = {"old": ReaderConfig(resample="box", dct_scale=False), "new": ReaderConfig(dct_scale=False),
+               "dct": ReaderConfig()}
+    slides = {m: ensure_slide(m, args.side, args.content) for m in args.mpps}
+    grids = {m: grid_of(p) for m, p in slides.items()}
+    for m, g in grids.items():
+        print(f"{args.content} slide {args.side}² @{m:g} µm/px -> 0.5: scale {g.scale:.4f}, read level {g.read_level}, "
+              f"{g.n_regions} tissue regions", flush=True)
+    runs: dict[tuple[float, int, str], list[float]] = {}
+    for rep in range(args.repeats):
+        for m, path in slides.items():
+            g = grids[m]
+            for th in args.threads:
+                res = {"floor": run_floor(path, th, g.region_coords, int(np.ceil(g.region_size_level0)) + 255)["seconds"]}
+                for name, cfg in configs.items():
+                    res[name] = run_read(path, th, cfg)["seconds"]
+                for k, v in res.items():
+                    runs.setdefault((m, th, k), []).append(v)
+                print(f"round {rep + 1} {m:g} µm/px threads={th}: "
+                      + ", ".join(f"{k} {v:.2f}s" for k, v in res.items()), flush=True)
+
+    print(f"\nmedians of {args.repeats} rounds (load average at the end: "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})\n")
+    print("| slide µm/px | threads | regions | floor s | old s | new s | dct s | old/floor | new/floor | dct/floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m in slides:
+        for th in args.threads:
+            med = {k: statistics.median(runs[(m, th, k)]) for k in ("floor", "old", "new", "dct")}
+            ratio = {k: statistics.median(a / b for a, b in zip(runs[(m, th, k)], runs[(m, th, "floor")]))
+                     for k in ("old", "new", "dct")}
+            print(f"| {m:g} | {th} | {grids[m].n_regions} | {med['floor']:.2f} | {med['old']:.2f} | {med['new']:.2f} "
+                  f"| {med['dct']:.2f} | {ratio['old']:.2f}x | {ratio['new']:.2f}x | {ratio['dct']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
