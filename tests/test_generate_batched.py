@@ -126,3 +126,23 @@ def test_batched_equals_one_at_a_time_on_trained_pipeline_model() -> None:
                                  max_new_tokens=24, pad_token_id=model.tokenizer.pad_token_id,
                                  eos_token_id=model.tokenizer.eos_token_id)
         assert [t.strip() for t in model.tokenizer.batch_decode(out, skip_special_tokens=True)] == one[s: s + 4]
+
+
+def test_ask_each_cli_equals_one_question_per_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """``hwsi ask STORE --run RUN -q A -q B -q C --each`` prints, per question, what a one-question call prints."""
+    pipe = _finished_pipeline()
+    if pipe is None:
+        pytest.skip("no finished test pipeline under HWSI_PIPELINE_CACHE (pipeline-test-*/runs/stage3/final)")
+    from hwsi.cli import main
+
+    store = str(sorted((pipe / "job" / "stores").glob("*.h5"))[0])
+    base = ["ask", store, "--run", str(pipe / "runs"), "--top", "0", "--max-new-tokens", "24"]
+    qs = ["What is the diagnosis?", "Are glands formed?", "Is there necrosis in the tissue?"]
+    capsys.readouterr()
+    assert main(base + [a for q in qs for a in ("-q", q)] + ["--each", "--batch-size", "3"]) == 0
+    each = capsys.readouterr().out.strip()
+    singles = []
+    for q in qs:
+        assert main(base + ["-q", q]) == 0
+        singles.append(capsys.readouterr().out.strip())
+    assert all(singles) and each == "\n".join(f"Q: {q}\n{a}" for q, a in zip(qs, singles))
