@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hwsi.model.generate import greedy_token_ids
 from hwsi.model.inputs import SlideInputs, collate_slides
 
 if TYPE_CHECKING:
@@ -131,8 +132,6 @@ class ChatSession:
         history), ``batch_size`` at a time sharing the visual prefix (:func:`hwsi.model.generate.greedy_token_ids`);
         decoded as :meth:`stream` decodes (special tokens kept, not stripped). The session's conversation is
         untouched."""
-        from hwsi.model.generate import greedy_token_ids
-
         img = self.model.cfg.image_token
         convs = [self.system + [{"role": "user", "content": f"{img}\n{q}"}] for q in questions]
         ids = greedy_token_ids(self.model, [self.visual] * len(convs), convs,

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hwsi.model.mllm import ensure_image, normalize_messages
+
 Messages = list[dict[str, str]]
 
 
@@ -42,8 +44,6 @@ class PromptRow:
 def split_prompt(model, visual: torch.Tensor, conversation: Messages | str) -> tuple[list[int], list[int]]:
     """Token ids before and after the ``<image>`` of one conversation rendered with the generation prompt, the
     pieces tokenized as :meth:`~hwsi.model.mllm.MLLMHWSI.build_inputs` tokenizes them."""
-    from hwsi.model.mllm import ensure_image, normalize_messages
-
     img = model.cfg.image_token
     msgs = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
     msgs = ensure_image(normalize_messages(msgs), img)
