@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hwsi.errors import ConfigError
 from hwsi.model.mllm import ensure_image, normalize_messages
 
 Messages = list[dict[str, str]]
@@ -92,7 +93,8 @@ def _prefix_kv(llm, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
         llm(inputs_embeds=prefix[None], cache=cache, use_cache=True, logits_to_keep=1)
     layers = cache.layers
     if any(getattr(layer, "is_sliding", False) for layer in layers):
-        raise ValueError("batched generation needs full-attention cache layers (sliding-window layers found)")
+        raise ConfigError(f"{getattr(llm.config, '_name_or_path', 'the LLM')}: sliding-window attention layers; "
+                          "batched generation (hwsi.model.generate) supports full-attention LLMs only")
     return [(layer.keys, layer.values) for layer in layers]
 
 
