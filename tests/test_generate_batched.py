@@ -146,3 +146,14 @@ def test_ask_each_cli_equals_one_question_per_call(capsys: pytest.CaptureFixture
         assert main(base + ["-q", q]) == 0
         singles.append(capsys.readouterr().out.strip())
     assert all(singles) and each == "\n".join(f"Q: {q}\n{a}" for q, a in zip(qs, singles))
+
+
+def test_sliding_window_llm_is_refused_with_one_line(llm_dir: Path) -> None:  # noqa: F811
+    from hwsi.errors import ConfigError
+
+    model = make_model(llm_dir)
+    model.llm.config.sliding_window, model.llm.config.layer_types = 8, ["sliding_attention"] * 2
+    slide = random_slide(r=2, k=4)
+    vis = _visual(model, [slide], [0])
+    with pytest.raises(ConfigError, match="sliding-window attention layers; batched generation"):
+        greedy_answers(model, vis, ["Grade?"], max_new_tokens=2)

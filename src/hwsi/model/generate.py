@@ -88,14 +88,15 @@ def _prefix_kv(llm, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
     """Per-layer (keys, values), each (1, kv_heads, P, head_dim), of one prefix forwarded alone."""
     from transformers import DynamicCache
 
+    kinds = set(getattr(llm.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(llm.config, "use_sliding_window", False):
+        raise ConfigError(f"{getattr(llm.config, '_name_or_path', '') or 'the LLM'}: sliding-window attention layers; "
+                          "batched generation (hwsi.model.generate) supports full-attention LLMs only")
     cache = DynamicCache(config=llm.config)
     if prefix.shape[0]:
         llm(inputs_embeds=prefix[None], cache=cache, use_cache=True, logits_to_keep=1)
     layers = cache.layers
-    if any(getattr(layer, "is_sliding", False) for layer in layers):
-        raise ConfigError(f"{getattr(llm.config, '_name_or_path', 'the LLM')}: sliding-window attention layers; "
-                          "batched generation (hwsi.model.generate) supports full-attention LLMs only")
-    return [(layer.keys, layer.values) for layer in layers]
+    return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
 
 
 def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
