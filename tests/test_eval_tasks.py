@@ -197,19 +197,29 @@ def test_each_task_end_to_end(task: str, cohort: Path, model: MLLMHWSI, tmp_path
         assert set(res.metrics["image_to_text"]) == {"R@1", "R@3", "R@5"}  # K <= n (5 test slides)
 
 
-def test_shuffled_baseline_feeds_other_slides_visual_tokens(cohort: Path, llm_dir: Path) -> None:
-    """Spy on generate: the baseline's batches hold the deranged slides' inputs, never the item's own slide."""
+def test_shuffled_baseline_feeds_other_slides_visual_tokens(cohort: Path, llm_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spy on generation: the baseline's questions get the deranged slides' visual tokens, never their own slide's."""
     model = make_model(llm_dir)
     data = load_eval_data(cohort)
     reports = data.reports
     calls: list[list[str]] = []
+    made: dict[int, str] = {}  # id of a visual-token tensor -> the slide it was computed from
+    real_visual_tokens = model.visual_tokens
 
-    def oracle(batch, questions, **kw):  # answers with the report of the slide whose visual inputs it got
-        calls.append(list(batch.slide_ids))
-        return [reports[s] for s in batch.slide_ids]
+    def spy(batch):
+        out = real_visual_tokens(batch)
+        made.update({id(v): s for v, s in zip(out, batch.slide_ids)})
+        return out
 
-    model.generate = oracle  # type: ignore[method-assign]
-    res = run_task("report", model, data, EvalConfig(meteor=False, batch_size=2))
+    def oracle(_model, visual, questions, max_new_tokens, batch_size):  # answers with the report of its visual input
+        sids = [made[id(v)] for v in visual]
+        calls.append(sids)
+        return [reports[s] for s in sids]
+
+    model.visual_tokens = spy  # type: ignore[method-assign]
+    monkeypatch.setattr("hwsi.model.generate.greedy_answers", oracle)
+    res = run_task("report", model, data, EvalConfig(meteor=False, answer_batch_size=2))
     own = [p["slide_id"] for p in res.predictions]
     n = len(own)
     seen = [s for c in calls for s in c]

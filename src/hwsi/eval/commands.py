@@ -46,7 +46,10 @@ def register(app: typer.Typer) -> None:
         text_encoder: str = typer.Option(_eval("text_encoder"), "--text-encoder", help="Text encoder (registry name)."),
         embedding: str = typer.Option(_eval("embedding"), "--embedding", help="Slide embedding: auto, z_wsi or slide_token."),
         max_new_tokens: int = typer.Option(_eval("max_new_tokens"), "--max-new-tokens", help="0 = per task (report 256, caption 96, vqa 64)."),
-        batch_size: int = typer.Option(_eval("batch_size"), "--batch-size", help="Slides per forward / generate call."),
+        batch_size: int = typer.Option(_eval("batch_size"), "--batch-size", help="Slides per forward (embeddings)."),
+        answer_batch_size: int = typer.Option(_eval("answer_batch_size"), "--answer-batch-size",
+                                              help="Questions per batched greedy generation (1: one at a time; the "
+                                              "answers are the same, docs/generation.md)."),
         no_shuffle: bool = typer.Option(False, "--no-shuffle", help="Skip the shuffled-visual-tokens baseline."),
         no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (the slow metric)."),
         seed: int = typer.Option(_eval("shuffle_seed"), "--seed", help="Seed of the shuffled-visual derangement."),
@@ -69,7 +72,7 @@ def register(app: typer.Typer) -> None:
         # the typed reader checks the options' values (convention, coco_tokenizer, embedding are Literal fields)
         cfg = from_dict(EvalConfig, dict(
             convention=convention, coco_tokenizer=coco_tokenizer, meteor=not no_meteor, limit=limit,
-            batch_size=batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle, shuffle_seed=seed,
+            batch_size=batch_size, answer_batch_size=answer_batch_size, max_new_tokens=max_new_tokens, shuffled_baseline=not no_shuffle, shuffle_seed=seed,
             text_encoder=text_encoder, prompt_file=str(prompts or ""), prompt_set=prompt_set, label_key=label_key,
             embedding=embedding, device=device, dtype=dtype or ""), "hwsi eval options")
         prepare_output_dir(out, what="--out folder", create=False)

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from hwsi.config import PositiveInt
 from hwsi.errors import HwsiError
 
 #: record categories of the generation tasks (compared case-insensitively); vqa = every other category
@@ -37,6 +38,7 @@ class EvalConfig:
     meteor: bool = True
     limit: int = 0  # N test samples: slides (sorted ids) or items (round-robin over slides, file order); 0 = all
     batch_size: int = 4
+    answer_batch_size: PositiveInt = 32  # questions per batched greedy generation (hwsi.model.generate)
     max_new_tokens: int = 0  # 0 = DEFAULT_MAX_NEW_TOKENS[task]
     shuffled_baseline: bool = True
     shuffle_seed: int = 0

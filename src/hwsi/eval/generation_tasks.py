@@ -106,7 +106,7 @@ def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> T
     facts_of = {sid: info.facts for sid, info in data.slides.items()}
     n_tok = cfg.tokens_for(task)
     own = [it.slide_id for it in items]
-    preds = generate_answers(model, slides, items, own, n_tok, cfg.batch_size)
+    preds = generate_answers(model, slides, items, own, n_tok, cfg.answer_batch_size)
     model_m = score_generation(task, preds, items, facts_of, cfg)
     metrics: dict[str, Any] = {"task": task, "max_new_tokens": n_tok, "decoding": "greedy"}
     shuf_preds: list[str] | None = None
@@ -117,7 +117,7 @@ def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> T
         except TaskError as exc:
             metrics["shuffled"] = {"skipped": str(exc)}
         else:
-            shuf_preds = generate_answers(model, slides, items, [perm[s] for s in own], n_tok, cfg.batch_size)
+            shuf_preds = generate_answers(model, slides, items, [perm[s] for s in own], n_tok, cfg.answer_batch_size)
             metrics["shuffled"] = score_generation(task, shuf_preds, items, facts_of, cfg)
             # the convention names the public path (re-exported by hwsi.eval.tasks); recorded in the JSON as before
             metrics["shuffle"] = {"convention": "derangement of the evaluated slides' visual inputs "
@@ -155,12 +155,13 @@ def task_generation(task: str, model: Any, data: EvalData, cfg: EvalConfig) -> T
 
 
 def heldout_closed_vqa(model: Any, datas: Sequence[EvalData], cfg: EvalConfig | None = None,
-                       max_new_tokens: int = 24, batch_size: int = 8) -> dict[str, Any]:
+                       max_new_tokens: int = 24, batch_size: int = 0) -> dict[str, Any]:
     """Closed-ended VQA over several held-out splits pooled (e.g. val + test), beside the shuffled baseline.
 
     Every closed item is answered greedily with its own slide's visual inputs and, for the baseline, with those of
     another slide (a :func:`derangement` of the pooled slides, seed ``cfg.shuffle_seed``). Chance is the mean of
-    1/len(options). Used by the pipeline's learning test and by ``hwsi ablate``.
+    1/len(options). Used by the pipeline's learning test and by ``hwsi ablate``. ``batch_size``: questions per
+    generation batch (0: ``cfg.answer_batch_size``; the answers do not depend on it).
     """
     cfg = cfg or EvalConfig()
     if not datas:
@@ -177,7 +178,8 @@ def heldout_closed_vqa(model: Any, datas: Sequence[EvalData], cfg: EvalConfig | 
                            "chance": sum(1 / len(it.options) for it in closed) / len(closed)}
     for name, vis in (("closed_acc", [it.slide_id for it in closed]),
                       ("shuffled_acc", [perm[it.slide_id] for it in closed])):
-        acc = vqa_accuracy(generate_answers(model, slides, closed, vis, max_new_tokens, batch_size), closed)
+        acc = vqa_accuracy(generate_answers(model, slides, closed, vis, max_new_tokens,
+                                            batch_size or cfg.answer_batch_size), closed)
         res[name], res["n_closed"] = acc["accuracy"], acc["n"]
         res[name + "_by_category"] = {k: round(v["accuracy"], 3) for k, v in acc["by_category"].items()}
         res[name.replace("_acc", "_correct")] = acc["correct"]

@@ -99,19 +99,30 @@ def derangement(ids: Sequence[str], seed: int = 0) -> dict[str, str]:
     return {order[j]: order[(j + 1) % len(order)] for j in range(len(order))}
 
 
-def generate_answers(model: Any, slides: SlideInputCache, items: Sequence[QAItem], visual_ids: Sequence[str],
-                     max_new_tokens: int, batch_size: int = 4) -> list[str]:
-    """Greedy answers: item i is asked about the visual inputs of slide ``visual_ids[i]``."""
+def slide_visual_tokens(model: Any, slides: SlideInputCache, ids: Sequence[str]) -> dict[str, Any]:
+    """Visual tokens per distinct slide id, each slide encoded alone (no padding: the same tensor whatever else is
+    evaluated)."""
+    import torch
+
     from hwsi.model.inputs import collate_slides
 
     dev = model_device(model)
-    out: list[str] = []
-    for s in range(0, len(items), max(1, batch_size)):
-        chunk = items[s: s + batch_size]
-        batch = collate_slides([slides.get(v) for v in visual_ids[s: s + batch_size]]).to(dev)
-        qs = [strip_image_token(it.question) for it in chunk]
-        out.extend(model.generate(batch, qs, max_new_tokens=max_new_tokens, do_sample=False))
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for v in dict.fromkeys(ids):
+            out[v] = model.visual_tokens(collate_slides([slides.get(v)]).to(dev))[0]
     return out
+
+
+def generate_answers(model: Any, slides: SlideInputCache, items: Sequence[QAItem], visual_ids: Sequence[str],
+                     max_new_tokens: int, batch_size: int = 4) -> list[str]:
+    """Greedy answers: item i is asked about the visual inputs of slide ``visual_ids[i]``, ``batch_size`` questions
+    per batch, each slide's visual prefix prefilled once (:func:`hwsi.model.generate.greedy_answers`)."""
+    from hwsi.model.generate import greedy_answers
+
+    vis = slide_visual_tokens(model, slides, visual_ids)
+    qs = [strip_image_token(it.question) for it in items]
+    return greedy_answers(model, [vis[v] for v in visual_ids], qs, max_new_tokens, batch_size)
 
 
 _TEXT_ENCODERS: dict[str, Any] = {}

@@ -5,10 +5,11 @@
     answer = chat.ask("And the stage?", on_token=print)    # multi-turn: continues the cache
     chat.reset()                                           # back to the cached prefix (new conversation)
     scores = chat.relevance(text_embedding)                # (R, k) evidence per selected patch
+    answers = chat.ask_each(["Grade?", "Stage?"])          # independent one-turn answers, batched (no history)
 
 The conversation is rendered with the same chat template and ``<image>`` splicing as training
-(:meth:`hwsi.model.mllm.MLLMHWSI.build_inputs`); batched one-shot answers are
-:meth:`~hwsi.model.mllm.MLLMHWSI.generate`.
+(:meth:`hwsi.model.mllm.MLLMHWSI.build_inputs`); batched one-shot answers are :meth:`ChatSession.ask_each` (one
+slide) and :func:`hwsi.model.generate.greedy_answers` (many slides; docs/generation.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hwsi.model.generate import greedy_token_ids
 from hwsi.model.inputs import SlideInputs, collate_slides
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class ChatSession:
             self._forward(inputs_embeds=prefix[None])
         self.prefix_len = self.cache.get_seq_length()
         self.n_visual = int(visual.shape[0])
+        self.visual = visual
         self._prefix_text = before + img
         self.reset()
 
@@ -123,6 +126,17 @@ class ChatSession:
             if on_token is not None:
                 on_token(piece)
         return "".join(pieces)
+
+    def ask_each(self, questions: list[str], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+        """Each question answered on its own (a fresh one-turn conversation with this session's system prompt, no
+        history), ``batch_size`` at a time sharing the visual prefix (:func:`hwsi.model.generate.greedy_token_ids`);
+        decoded as :meth:`stream` decodes (special tokens kept, not stripped). The session's conversation is
+        untouched."""
+        img = self.model.cfg.image_token
+        convs = [self.system + [{"role": "user", "content": f"{img}\n{q}"}] for q in questions]
+        ids = greedy_token_ids(self.model, [self.visual] * len(convs), convs,
+                               max_new_tokens or self.max_new_tokens, batch_size)
+        return [self.tok.decode(a, skip_special_tokens=False) for a in ids]
 
     @torch.no_grad()
     def relevance(self, text_embedding: torch.Tensor) -> torch.Tensor:

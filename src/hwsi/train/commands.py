@@ -170,6 +170,9 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(3, "--top", min=0, help="Top regions and patches to print per question (0: none)."),
         device: str = device_option("cpu"),
         dtype: Optional[str] = dtype_option(None, " The LLM's; default: the run's llm_dtype."),
+        each: bool = typer.Option(False, "--each", help="Answer every question on its own (no chat history), in "
+                                  "batches sharing the cached visual prefix; printed when all are done."),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="--each: questions per batch."),
     ) -> None:
         """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence.
 
@@ -195,11 +198,15 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix), "
                    f"on {place.describe()}", err=True)
         questions = iter(question) if question else _stdin_questions()
+        if each:  # independent one-turn answers, batched (hwsi.model.generate); same text as a fresh chat's
+            qs = list(questions)
+            questions = iter(qs)
+            answers = iter(chat.ask_each(qs, batch_size=batch_size))
         cache: dict = {}
         for q in questions:
             if len(question) > 1 or not question:
                 typer.echo(f"Q: {q}")
-            for piece in chat.stream(q):
+            for piece in ([next(answers)] if each else chat.stream(q)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")

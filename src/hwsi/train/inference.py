@@ -3,6 +3,7 @@
     model = load_trained_model(run_dir)                  # MLLMHWSI, eval mode, no grad, LoRA merged
     inputs = slide_inputs_for(store_path, run_dir)       # SlideInputs with the run's selection settings
     chat = ChatSession(model, inputs)                    # hwsi.model.chat
+    answers = chat.ask_each(questions)                   # independent answers, batched (docs/generation.md)
 
 Weights: the LLM of the run (``model.llm_path`` or ``RUN/stage0/llm``), stage-1 hierarchy + heads, projectors from
 stage 3 when it finished (else stage 2), the stage-3 LoRA adapter merged into the base weights
