@@ -185,7 +185,7 @@ def test_cli_defaults_are_the_config_defaults() -> None:
     register_features(app)
     register_train(app)
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    for command, cls, n_shared in (("extract", ExtractConfig, 11), ("train-encoder", TrainEncoderConfig, 8)):
+    for command, cls, n_shared in (("extract", ExtractConfig, 14), ("train-encoder", TrainEncoderConfig, 8)):
         params = {p.name: p.default for p in commands[command].params}
         shared = [f for f in fields(cls) if f.name in params]
         assert len(shared) == n_shared, (command, [f.name for f in shared])
