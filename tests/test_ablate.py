@@ -8,7 +8,7 @@ import pytest
 
 from hwsi.config import from_dict
 from hwsi.demo.ablate import METRICS, TABLE1, TABLE2, format_table, mean_ci
-from hwsi.demo.pipeline import _deep_merge
+from hwsi.demo.pipeline import deep_merge
 
 
 def test_table1_rows_are_the_papers_scale_subsets() -> None:
@@ -35,7 +35,7 @@ def test_overrides_are_valid_train_config_fields() -> None:
     from hwsi.train.config import TrainConfig
 
     for row in TABLE1 + TABLE2:
-        cfg = from_dict(TrainConfig, _deep_merge(asdict(TrainConfig()), row.overrides))
+        cfg = from_dict(TrainConfig, deep_merge(asdict(TrainConfig()), row.overrides))
         cfg.validate()
 
 
@@ -70,7 +70,7 @@ def test_rows_sharing_a_run_folder_train_the_same_config(preset: str) -> None:
     base = asdict(load_train_config(preset_path(PipelineConfig.preset(preset).train_config)))
     by_run: dict[str, list[TrainConfig]] = {}
     for row in TABLE1 + TABLE2:
-        by_run.setdefault(row.run_name, []).append(from_dict(TrainConfig, _deep_merge(base, row.overrides)))
+        by_run.setdefault(row.run_name, []).append(from_dict(TrainConfig, deep_merge(base, row.overrides)))
     shared = {k: v for k, v in by_run.items() if len(v) > 1}
     assert set(shared) == {"full"}
     assert all(cfg == shared["full"][0] for cfg in shared["full"])

@@ -214,7 +214,7 @@ class Pipeline:
             cfg.stage1.unit_rules = str(self.paths.cohort / "unit_rules.yaml")
         for over in (self.cfg.train_overrides, extra):
             if over:
-                merged = _deep_merge(asdict(cfg), copy.deepcopy(over))
+                merged = deep_merge(asdict(cfg), copy.deepcopy(over))
                 cfg = from_dict(TrainConfig, merged, "train overrides")
                 cfg.validate()
         return cfg
@@ -257,10 +257,11 @@ class Pipeline:
         return self
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into ``base`` (nested dicts key by key; ``base`` is modified and returned)."""
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = _deep_merge(base[k], v)
+            base[k] = deep_merge(base[k], v)
         else:
             base[k] = v
     return base

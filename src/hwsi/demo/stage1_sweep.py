@@ -16,18 +16,11 @@ import json
 from pathlib import Path
 
 from hwsi.demo.ablate_tables import TABLES, Row
-from hwsi.demo.pipeline import Pipeline, PipelineConfig
+from hwsi.demo.pipeline import Pipeline, PipelineConfig, deep_merge
 from hwsi.demo.probes import ProbeResult, probe_stage1
 from hwsi.errors import ConfigError
 from hwsi.train.stages import run_stage
 from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = json.loads(json.dumps(base))
-    for k, v in extra.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def sweep_dir(out: Path, stage1_epochs: int | None) -> Path:
@@ -67,7 +60,8 @@ def stage1_probes(out: str | Path, table: int, rows: tuple[Row, ...], seeds: tup
                 extra: dict = {"seed": seed, "model": {"llm_path": str(b.paths.runs / "stage0" / "llm")}}
                 if stage1_epochs is not None:
                     extra["stage1"] = {"epochs": stage1_epochs}
-                run_stage(1, b.train_config(_merge(row.overrides, extra)), b.paths.job, run, resume=True)
+                over = deep_merge(json.loads(json.dumps(row.overrides)), extra)  # a copy: rows are shared
+                run_stage(1, b.train_config(over), b.paths.job, run, resume=True)
                 write_json_atomic(cache, [r.__dict__ for r in probe_stage1(out / "base", run)])
             results[(row.name, seed)] = [ProbeResult(**r) for r in json.loads(cache.read_text())]
     md = format_stage1_probes(results, rows, seeds, stage1_epochs)
