@@ -125,3 +125,25 @@ def test_permute_options_text_answers_and_open_records() -> None:
 def test_permute_options_leaves_mismatched_answers(answer: str) -> None:
     s = _closed("<image>\nGlands?\nA) yes\nB) no", answer)
     assert permute_options([s], 3, text_answers=True) == [s]
+
+
+def test_report_repeats_add_report_records_to_stage3_only() -> None:
+    from hwsi.train.config import TrainConfig
+    from hwsi.train.data import TrainText
+    from hwsi.train.stage_lm import lm_samples
+
+    def chat(sid: str, q: str, a: str) -> ChatSample:
+        return ChatSample(sid, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+
+    report = "Glands are crowded. Nuclei are atypical. Diagnosis: adenocarcinoma, low grade, focal."
+    samples = [chat("s1", "Write a report.", report), chat("s1", "Give a caption.", "Crowded glands."),
+               chat("s1", "Are glands formed?", "Yes."), chat("s1", "Describe the slide.", report)]
+    text = TrainText(samples=samples, reports={"s1": report}, captions={"s1": "Crowded glands."})
+    cfg = TrainConfig()
+    cfg.data.stage2_records = "all"
+    cfg.data.report_repeats = 3
+    got3, got2 = lm_samples(3, cfg, text), lm_samples(2, cfg, text)
+    answers3 = [s.messages[-1]["content"] for s in got3]
+    assert len(got2) == 4 and answers3.count(report) == 2 * 3 and answers3.count("Crowded glands.") == 1
+    cfg.data.report_repeats = 1
+    assert len(lm_samples(3, cfg, text)) == 4
