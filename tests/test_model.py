@@ -265,3 +265,30 @@ def test_vit4k_conv_stem_sees_neighbours_and_respects_the_tissue_mask() -> None:
     torch.testing.assert_close(stem(x, mask)[0, 0], stem(x1, mask)[0, 0])
     cos = neighbour_cosines(x, mask)
     assert cos.shape == (1, 16, 8) and float(cos[0, 5].abs().sum()) == 0.0 and float(cos[0, 0, 0]) == 0.0
+
+
+def test_hierarchy_output_split_collate_gives_the_same_visual_tokens() -> None:
+    """Stages 2-3 cache the frozen hierarchy's output per slide (hwsi.train.stage_lm.FrozenHierarchyCache) and
+    collate the cached slides into a batch: the projected visual tokens equal those of the batch encoded at once,
+    also for slides with fewer regions / patches than the batch's largest."""
+    import torch
+
+    from hwsi.model.hierarchy import HierarchyOutput
+
+    def out(r: int, k: int, seed: int) -> HierarchyOutput:
+        g = torch.Generator().manual_seed(seed)
+        pm = torch.rand(1, r, k, generator=g) > 0.3
+        return HierarchyOutput(torch.randn(1, r, k, 5, generator=g), torch.randn(1, r, k, 6, generator=g),
+                               torch.randn(1, r, 7, generator=g), torch.randn(1, 8, generator=g), pm,
+                               torch.ones(1, r, dtype=torch.bool), pm & (torch.rand(1, r, k, generator=g) > 0.5))
+
+    a, b = out(3, 4, 0), out(2, 2, 1)
+    batch = HierarchyOutput.collate([a, b])
+    assert batch.cell_tokens.shape == (2, 3, 4, 5) and batch.region_mask.tolist() == [[True] * 3, [True, True, False]]
+    assert not batch.patch_mask[1, :, 2:].any() and not batch.patch_mask[1, 2].any()
+    back = batch.split()
+    for orig, got in zip((a, b), back, strict=True):
+        r, k = orig.patch_mask.shape[1:]
+        assert torch.equal(got.cell_tokens[:, :r, :k], orig.cell_tokens)
+        assert torch.equal(got.patch_mask[:, :r, :k], orig.patch_mask) and torch.equal(got.slide_token, orig.slide_token)
+        assert got.cell_tokens.data_ptr() != batch.cell_tokens.data_ptr()  # copies: the cache never pins a batch

@@ -17,7 +17,7 @@ from the r_i. Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -77,6 +77,36 @@ class HierarchyOutput:
     def get(self, scale: str) -> torch.Tensor | None:
         return {"cells": self.cell_tokens, "patches": self.patch_tokens, "regions": self.region_tokens,
                 "slide": self.slide_token}[scale]
+
+    def split(self) -> list["HierarchyOutput"]:
+        """One output per slide of the batch (copies, batch dim 1, padding kept; the masks say what is real)."""
+        def take(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
+            return None if t is None else t[b:b + 1].clone()
+        return [HierarchyOutput(*(take(getattr(self, f.name), b) for f in fields(self)))
+                for b in range(self.region_mask.shape[0])]
+
+    @staticmethod
+    def collate(outs: list["HierarchyOutput"]) -> "HierarchyOutput":
+        """Outputs of single slides (:meth:`split`) -> one batch, padded to the largest R and k with masked zeros;
+        :meth:`hwsi.model.mllm.MLLMHWSI.project` reads only the masked-in entries, so the visual tokens equal those
+        of the slides encoded one by one."""
+        size = {1: max(o.region_mask.shape[1] for o in outs), 2: max(o.patch_mask.shape[2] for o in outs)}
+        padded = {"cell_tokens": (1, 2), "patch_tokens": (1, 2), "patch_mask": (1, 2), "cell_present": (1, 2),
+                  "region_tokens": (1,), "region_mask": (1,), "slide_token": ()}
+
+        def pad(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+            for d in dims:
+                if t.shape[d] < size[d]:
+                    shape = list(t.shape)
+                    shape[d] = size[d] - t.shape[d]
+                    t = torch.cat([t, t.new_zeros(shape)], dim=d)
+            return t
+
+        merged = []
+        for f in fields(HierarchyOutput):
+            ts = [getattr(o, f.name) for o in outs]
+            merged.append(None if ts[0] is None else torch.cat([pad(t, padded[f.name]) for t in ts], dim=0))
+        return HierarchyOutput(*merged)
 
 
 class HierarchicalEncoder(nn.Module):

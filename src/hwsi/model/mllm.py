@@ -243,9 +243,11 @@ class MLLMHWSI(nn.Module):
             labs[i, sl] = torch.tensor(lab, dtype=torch.long, device=dev)
         return MLLMInputs(embeds, attn, labs, n_vis, n_txt)
 
-    def forward(self, batch: SlideBatch, conversations: list[list[dict[str, str]]]):
-        """LM loss on the answers given the visual prefix (stages 2 and 3)."""
-        x = self.build_inputs(self.visual_tokens(batch), conversations)
+    def forward(self, batch: SlideBatch | HierarchyOutput, conversations: list[list[dict[str, str]]]):
+        """LM loss on the answers given the visual prefix (stages 2 and 3). ``batch`` may be the frozen hierarchy's
+        output for the batch already (stages 2 and 3 cache it per slide: hwsi.train.stage_lm)."""
+        h = batch if isinstance(batch, HierarchyOutput) else self.hierarchy(batch)
+        x = self.build_inputs(self.project(h), conversations)
         return self.llm(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask, labels=x.labels)
 
     @torch.no_grad()

@@ -13,12 +13,14 @@ weights they save.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hwsi.errors import ConfigError
+from hwsi.model.hierarchy import HierarchyOutput
 from hwsi.model.inputs import collate_slides
 from hwsi.model.llm import load_llm
 from hwsi.model.mllm import MLLMHWSI
@@ -89,9 +91,44 @@ def _stage_cfg_from_run(cfg: TrainConfig, out: Path, cache: SlideCache, slides: 
     return resolve_dims(cfg, cache.get(slides[0]), text_dim=text_dim)
 
 
-def _lm_step(cache: SlideCache, device: torch.device):
+class FrozenHierarchyCache:
+    """The frozen hierarchy's output per slide, computed once and kept (LRU of ``size`` slides).
+
+    Stages 2 and 3 train the projectors (+ LoRA) on top of a hierarchy that is frozen and has no dropout, so its
+    output for a slide (Eq. 3-5: c_ij, f_ij, r_i, f_WSI) is the same at every step. Computing it at every step was
+    ~30 % of a stage-3 step on the demo (docs/ablations.md, "Where a training step goes"). The projectors still run
+    at every step: they train. When any hierarchy parameter requires grad the cache is not used.
+    """
+
+    def __init__(self, cache: SlideCache, device: torch.device, size: int) -> None:
+        self.cache, self.device, self.size = cache, device, max(1, size)
+        self.outputs: OrderedDict[str, HierarchyOutput] = OrderedDict()
+
+    def batch(self, hierarchy: nn.Module, slide_ids: list[str]) -> HierarchyOutput:
+        missing = [s for s in dict.fromkeys(slide_ids) if s not in self.outputs]
+        if missing:
+            with torch.no_grad():
+                h = hierarchy(collate_slides([self.cache.get(s) for s in missing]).to(self.device))
+            for sid, out in zip(missing, h.split(), strict=True):
+                self.outputs[sid] = out
+        for sid in slide_ids:
+            self.outputs.move_to_end(sid)
+        batch = HierarchyOutput.collate([self.outputs[s] for s in slide_ids])
+        while len(self.outputs) > max(self.size, len(set(slide_ids))):
+            self.outputs.popitem(last=False)
+        return batch
+
+
+def _lm_step(cache: SlideCache, device: torch.device, memory_slides: int = 512):
+    frozen = FrozenHierarchyCache(cache, device, memory_slides)
+
     def step(m: nn.Module, samples: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = collate_slides([cache.get(s.slide_id) for s in samples]).to(device)
+        hierarchy = getattr(m, "module", m).hierarchy
+        ids = [s.slide_id for s in samples]
+        if any(p.requires_grad for p in hierarchy.parameters()):
+            batch = collate_slides([cache.get(s) for s in ids]).to(device)
+        else:
+            batch = frozen.batch(hierarchy, ids)
         return m(batch, [s.messages for s in samples]).loss, {}
 
     return step
@@ -177,8 +214,8 @@ def run_lm_stage(stage: int, cfg: TrainConfig, job: Path, out: Path, resume: boo
     name = f"stage{stage}"
     engine = Engine(out / name, cfg.stage2 if stage == 2 else cfg.stage3, cfg.seed, cfg.precision, progress, name,
                     device=cfg.device, dtype=cfg.llm_dtype)
-    fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device), resume=resume,
-                     stop_after=stop_after)
+    fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device, cfg.data.memory_cache),
+                     resume=resume, stop_after=stop_after)
     final = out / name / "final"
     if fit.finished and engine.is_main:
         m = engine.unwrap(model)
