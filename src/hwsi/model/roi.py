@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hwsi.model.inputs import SlideInputs, load_slide_inputs, rank_regions
-from hwsi.model.roi_geometry import Roi, RoiError
+from hwsi.model.roi_geometry import Roi, RoiError, place_roi
 from hwsi.store import SlideStore
 
 DEFAULT_MIN_REGION_OVERLAP = 0.5  # share of a region's tissue patches inside the ROI for its z_r to be used
@@ -79,26 +79,11 @@ def select_roi(store: str | Path, roi: Roi, max_regions: int, k: int,
     """The regions and patches of ``store`` an ROI keeps (rules: module docstring)."""
     if not 0.0 < min_region_overlap <= 1.0:
         raise RoiError(f"{roi.label}: the minimum region overlap must be in (0, 1], got {min_region_overlap}")
-    path = Path(store)
-    with SlideStore(path) as s:
-        meta = s.meta
+    placed = place_roi(store, roi)
+    with SlideStore(Path(store)) as s:
         sel_all, rel_all = s.spf_selected(), s.spf_relevance()
-        pcoords = s.patch_coords().astype(np.float64)
-        n_regions, g = rel_all.shape
-        tissue = s.patch_tissue() if s.has("patches/tissue") else np.ones((n_regions, g), bool)
-    width, height = float(meta.level0_width), float(meta.level0_height)
-    x0, y0, x1, y1 = roi.bounds_level0
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise RoiError(f"{roi.label}: lies outside the slide (ROI {roi.describe()}; level 0 is "
-                       f"{int(width)} x {int(height)} px)")
-    ps = float(meta.patch_size_level0)
-    centres = pcoords.reshape(-1, 2) + ps / 2
-    inside = roi.contains(centres).reshape(n_regions, g) & tissue
-    if not inside.any():
-        raise RoiError(f"{roi.label}: contains no tissue patch of the slide (ROI {roi.describe()}; a patch counts when "
-                       f"its centre lies inside, patches are {ps:g} level-0 px)")
-    n_tissue = tissue.sum(1)
-    overlap = np.where(n_tissue > 0, inside.sum(1) / np.maximum(n_tissue, 1), 0.0)
+    inside, overlap, pcoords, ps = placed.inside, placed.overlap, placed.patch_coords_level0, placed.patch_size_level0
+    n_regions = inside.shape[0]
     chosen: list[np.ndarray] = []
     for ri in range(n_regions):
         sel = sel_all[ri][sel_all[ri] >= 0]
@@ -116,8 +101,10 @@ def select_roi(store: str | Path, roi: Roi, max_regions: int, k: int,
     if needed.size > max_regions:  # the ROI alone has more regions than the model takes: its most relevant ones
         needed = needed[rank_regions(rel_all[needed], selection[needed], max_regions)]
     whole = rank_regions(rel_all, sel_all, max_regions)
-    context = [int(r) for r in whole if r not in set(needed.tolist())][: max_regions - needed.size]
-    regions = np.sort(np.concatenate([needed, np.asarray(context, np.int64)])).astype(np.int64)
+    others = np.setdiff1d(np.arange(n_regions), needed)  # z_WSI context: the most relevant of the other regions
+    context = others[rank_regions(rel_all[others], sel_all[others], max_regions - needed.size)] if others.size \
+        else others
+    regions = np.sort(np.concatenate([needed, context])).astype(np.int64)
     dropped = np.setdiff1d(np.arange(n_regions), needed)
     selection[dropped] = -1  # patches of ROI regions cut by the cap are not used either
     region_tokens = np.intersect1d(region_tokens, needed)

@@ -1,10 +1,12 @@
 """A region of interest on a slide: a level-0 rectangle or the union of GeoJSON polygons (docs/serving.md, "Asking
-about a region"). This module owns reading an ROI; :mod:`hwsi.model.roi` selects the slide's tokens inside it.
+about a region"). This module owns reading an ROI and placing it on a store's patch grid (:func:`place_roi`, no
+torch: the server checks an ROI with it); :mod:`hwsi.model.roi` selects the slide's tokens inside it.
 
     roi = parse_rect("2048,0,1024,1024", "--roi")          # x, y, w, h in level-0 pixels
     roi = read_roi_geojson("annotations.geojson")          # QuPath's export, a Feature, a FeatureCollection, ...
     roi = roi_from_geojson({"type": "Polygon", "coordinates": [...]}, "roi")   # an API body's geometry
     roi.contains(points_level0)                            # (N, 2) -> (N,) bool, holes excluded, polygons united
+    placed = place_roi(store, roi)                         # tissue patches inside; RoiError if outside / none
 
 GeoJSON layouts read (coordinates are level-0 pixels, y down, as QuPath 0.2–0.6 writes them with File › Export
 objects as GeoJSON): a bare Polygon / MultiPolygon / GeometryCollection geometry, a Feature, a FeatureCollection,
@@ -26,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from hwsi.errors import HwsiError
+from hwsi.store import SlideStore
 from hwsi.textio import read_json
 
-MAX_ROI_VERTICES = 20_000  # all rings together; a QuPath brush annotation of a whole tissue section is ~1–5 k
+MAX_ROI_VERTICES = 5_000  # all rings together; the self-intersection check is quadratic (~1 s at the cap)
 _POLYGONAL = ("Polygon", "MultiPolygon", "GeometryCollection")
 
 
@@ -103,33 +106,37 @@ def _crossings_odd(pts: np.ndarray, ring: np.ndarray) -> np.ndarray:
 
 
 def _segments_cross(ring: np.ndarray) -> bool:
-    """True if two non-adjacent edges of a closed ring (n+1, 2) intersect (touching counts)."""
+    """True if two non-adjacent edges of a closed ring (n+1, 2) intersect (touching counts). Pairs are first
+    filtered by their bounding boxes, so a simple ring of thousands of vertices is checked in milliseconds."""
     a, b = ring[:-1], ring[1:]
     n = len(a)
     if n < 4:
         return False
+    lo_xy, hi_xy = np.minimum(a, b), np.maximum(a, b)
 
     def orient(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
-        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+        return np.sign((q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0]))
 
-    idx = np.arange(n)
-    for lo in range(0, n, 512):
-        i = idx[lo: lo + 512, None]
-        j = idx[None, :]
-        pair = (j > i + 1) & ~((i == 0) & (j == n - 1))  # not the same, not neighbours (the ring closes)
-        if not pair.any():
+    def on_segment(p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+        return np.all((np.minimum(s, e) <= p) & (p <= np.maximum(s, e)), axis=1)
+
+    for start in range(0, n, 512):
+        i = np.arange(start, min(start + 512, n))[:, None]
+        j = np.arange(n)[None, :]
+        cand = ((j > i + 1) & ~((i == 0) & (j == n - 1))  # not the same edge, not neighbours (the ring closes)
+                & np.all(lo_xy[i[:, 0]][:, None] <= hi_xy[None], axis=2)
+                & np.all(lo_xy[None] <= hi_xy[i[:, 0]][:, None], axis=2))
+        ii, jj = np.nonzero(cand)
+        if ii.size == 0:
             continue
-        p1, p2, q1, q2 = a[i[:, 0]][:, None], b[i[:, 0]][:, None], a[None], b[None]
+        ii = ii + start
+        p1, p2, q1, q2 = a[ii], b[ii], a[jj], b[jj]
         o1, o2, o3, o4 = orient(p1, p2, q1), orient(p1, p2, q2), orient(q1, q2, p1), orient(q1, q2, p2)
-        proper = (o1 * o2 < 0) & (o3 * o4 < 0)
-        if (proper & pair).any():
+        if ((o1 * o2 < 0) & (o3 * o4 < 0)).any():
             return True
-        # collinear overlaps: an endpoint of one segment on the other
-        for o, p, s, e in ((o1, q1, p1, p2), (o2, q2, p1, p2), (o3, p1, q1, q2), (o4, p2, q1, q2)):
-            on = (o == 0) & (np.minimum(s[..., 0], e[..., 0]) <= p[..., 0]) & (p[..., 0] <= np.maximum(s[..., 0], e[..., 0])) \
-                & (np.minimum(s[..., 1], e[..., 1]) <= p[..., 1]) & (p[..., 1] <= np.maximum(s[..., 1], e[..., 1]))
-            if (on & pair).any():
-                return True
+        if (((o1 == 0) & on_segment(q1, p1, p2)) | ((o2 == 0) & on_segment(q2, p1, p2))
+                | ((o3 == 0) & on_segment(p1, q1, q2)) | ((o4 == 0) & on_segment(p2, q1, q2))).any():
+            return True  # collinear overlap or an endpoint on the other edge
     return False
 
 
@@ -150,6 +157,11 @@ def _ring(coords: Any, label: str, where: str) -> np.ndarray:
     r = r[keep]
     if len(r) < 4:
         raise RoiError(f"{label}: {where}: a ring needs at least 3 distinct vertices")
+    if len(r) - 1 > MAX_ROI_VERTICES:
+        raise RoiError(f"{label}: {where}: {len(r) - 1} vertices; at most {MAX_ROI_VERTICES} in all (simplify the "
+                       "annotation, e.g. QuPath's Objects > Annotations > Simplify shape)")
+    if _segments_cross(r):
+        raise RoiError(f"{label}: {where} intersects itself (draw it without crossing edges)")
     area = 0.5 * abs(float(np.sum(r[:-1, 0] * r[1:, 1] - r[1:, 0] * r[:-1, 1])))
     if area <= 0:
         raise RoiError(f"{label}: {where}: the ring has zero area")
@@ -208,19 +220,20 @@ def _features(obj: Any, label: str) -> list[tuple[str, Any]]:
 
 def roi_from_geojson(obj: Any, label: str) -> Roi:
     """The union of every (annotation) polygon of a GeoJSON value; ``label`` names it in errors and the summary."""
-    polygons: list[tuple[np.ndarray, ...]] = []
-    for where, geom in _features(obj, label):
-        for pi, rings in enumerate(_polygons(geom, label, where)):
-            polygons.append(tuple(_ring(r, label, f"{where} polygon {pi} ring {ri}") for ri, r in enumerate(rings)))
+    found = [(where, pi, rings) for where, geom in _features(obj, label)
+             for pi, rings in enumerate(_polygons(geom, label, where))]
+    n_listed = sum(len(r) if isinstance(r, list) else 0 for _, _, rings in found for r in rings)
+    if n_listed > MAX_ROI_VERTICES + len(found) * 8:  # before any per-ring work (closing positions allowed for)
+        raise RoiError(f"{label}: {n_listed} positions; at most {MAX_ROI_VERTICES} vertices (simplify the "
+                       "annotation, e.g. QuPath's Objects > Annotations > Simplify shape)")
+    polygons = [tuple(_ring(r, label, f"{where} polygon {pi} ring {ri}") for ri, r in enumerate(rings))
+                for where, pi, rings in found]
     if not polygons:
         raise RoiError(f"{label}: no Polygon or MultiPolygon annotation to use as the region of interest")
     roi = Roi(tuple(polygons), label, "polygon")
     if roi.n_vertices > MAX_ROI_VERTICES:
-        raise RoiError(f"{label}: {roi.n_vertices} vertices; at most {MAX_ROI_VERTICES} (simplify the annotation)")
-    for pi, poly in enumerate(polygons):
-        for ri, ring in enumerate(poly):
-            if _segments_cross(ring):
-                raise RoiError(f"{label}: polygon {pi} ring {ri} intersects itself (draw it without crossing edges)")
+        raise RoiError(f"{label}: {roi.n_vertices} vertices; at most {MAX_ROI_VERTICES} (simplify the annotation, "
+                       "e.g. QuPath's Objects > Annotations > Simplify shape)")
     return roi
 
 
@@ -250,3 +263,36 @@ def parse_roi_option(value: str, label: str = "--roi") -> Roi:
             raise RoiError(f"{label} {value}: no such file")
         return read_roi_geojson(value)
     return parse_rect(value, label)
+
+
+@dataclass
+class RoiPlacement:
+    """An ROI on a store's region/patch grid: which tissue patches have their centre inside."""
+
+    inside: np.ndarray  # (R, G) bool, tissue patches with the centre inside the ROI
+    overlap: np.ndarray  # (R,) share of each region's tissue patches inside
+    patch_coords_level0: np.ndarray  # (R, G, 2) top-left corners
+    patch_size_level0: float
+
+
+def place_roi(store: str | Path, roi: Roi) -> RoiPlacement:
+    """Where ``roi`` falls on the store's patches; RoiError when it lies outside the slide or holds no tissue patch
+    (a patch counts when its centre lies inside)."""
+    with SlideStore(Path(store)) as s:
+        meta = s.meta
+        pcoords = s.patch_coords().astype(np.float64)
+        n_regions, g = pcoords.shape[:2]
+        tissue = s.patch_tissue() if s.has("patches/tissue") else np.ones((n_regions, g), bool)
+    width, height = float(meta.level0_width), float(meta.level0_height)
+    x0, y0, x1, y1 = roi.bounds_level0
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise RoiError(f"{roi.label}: lies outside the slide (ROI {roi.describe()}; level 0 is "
+                       f"{int(width)} x {int(height)} px)")
+    ps = float(meta.patch_size_level0)
+    inside = roi.contains(pcoords.reshape(-1, 2) + ps / 2).reshape(n_regions, g) & tissue
+    if not inside.any():
+        raise RoiError(f"{roi.label}: contains no tissue patch of the slide (ROI {roi.describe()}; a patch counts "
+                       f"when its centre lies inside, patches are {ps:g} level-0 px)")
+    n_tissue = tissue.sum(1)
+    overlap = np.where(n_tissue > 0, inside.sum(1) / np.maximum(n_tissue, 1), 0.0)
+    return RoiPlacement(inside, overlap, pcoords, ps)
