@@ -1,4 +1,4 @@
-"""Ask about a region: the visual tokens of a slide inside an ROI (docs/serving.md, "Asking about a region").
+"""Ask about a region: the visual tokens of a slide inside an ROI (docs/roi.md).
 
     sel = select_roi(store, roi, max_regions=16, k=8)          # which regions and patches, and why
     x = roi_slide_inputs(store, "conch_vit_b16", "same", roi, max_regions=16, k=8, max_cells=32)

@@ -1,5 +1,5 @@
-"""A region of interest on a slide: a level-0 rectangle or the union of GeoJSON polygons (docs/serving.md, "Asking
-about a region"). This module owns reading an ROI and placing it on a store's patch grid (:func:`place_roi`, no
+"""A region of interest on a slide: a level-0 rectangle or the union of GeoJSON polygons (docs/roi.md).
+This module owns reading an ROI and placing it on a store's patch grid (:func:`place_roi`, no
 torch: the server checks an ROI with it); :mod:`hwsi.model.roi` selects the slide's tokens inside it.
 
     roi = parse_rect("2048,0,1024,1024", "--roi")          # x, y, w, h in level-0 pixels

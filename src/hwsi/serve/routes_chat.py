@@ -2,7 +2,7 @@
 read its turns and a turn's relevance map, delete it. A model failure becomes an error event in the stream; a chat
 answers one question at a time (409 while busy, until ``ask_timeout_s``).
 
-An ask may carry ``roi`` (docs/serving.md, "Asking about a region"): ``{"x", "y", "w", "h"}`` in level-0 px or a
+An ask may carry ``roi`` (docs/roi.md): ``{"x", "y", "w", "h"}`` in level-0 px or a
 GeoJSON geometry / Feature / FeatureCollection. It is checked before the stream starts (400 with one line: not a
 rectangle or polygon, self-intersecting, too many vertices, outside the slide, no tissue patch inside); the stream
 then sends a ``roi`` event (what the answer covers) and the turn records it."""

@@ -177,7 +177,7 @@ def register(app: typer.Typer) -> None:
                                   "batches sharing the cached visual prefix; printed when all are done."),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="--each: questions per batch."),
         roi: Optional[str] = typer.Option(None, "--roi", help="Answer about a region only: x,y,w,h in level-0 px, or "
-                                          "a GeoJSON file (QuPath annotations; polygons united). docs/serving.md"),
+                                          "a GeoJSON file (QuPath annotations; polygons united). docs/roi.md"),
         min_region_overlap: float = typer.Option(0.5, "--min-region-overlap", help="--roi: share of a region's "
                                                  "tissue patches inside the ROI for its region token to be used."),
     ) -> None:
