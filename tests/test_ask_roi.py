@@ -317,7 +317,8 @@ def test_roi_on_a_benign_region_of_a_crowded_lesion_slide_says_regular(roi_answe
 
 @pytest.mark.xfail(strict=True, reason="measured 12 of 44 held-out focal slides (crowded 12/22, solid 0/12, "
                    "atypia 0/10): the model was trained on whole slides only; the slide token carries solid growth "
-                   "and atypia into every ROI (docs/roi.md)")
+                   "and atypia into every ROI; 44/44 after an ROI-aware fine-tune, benchmarks/roi_finetune.py "
+                   "(docs/roi.md)")
 def test_roi_answers_follow_the_regions_truth_on_most_focal_slides(roi_answers: list[dict[str, object]]) -> None:
     """The issue's claim: asked about the lesional region vs a benign one, the answers follow the two regions' truth
     on most slides. Measured: both ROI answers right on 12 of 44 held-out focal slides (lesional ROI 34/44, benign

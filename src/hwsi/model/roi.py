@@ -133,8 +133,3 @@ def roi_slide_inputs(store: str | Path, patch_encoder: str, region_input: str, r
     mask = torch.from_numpy(np.isin(x.region_index.numpy(), sel.region_tokens))
     return RoiInputs(x, mask, sel)
 
-
-def inside_roi(roi: Roi, boxes_level0: np.ndarray) -> np.ndarray:
-    """(N, 4) x, y, w, h boxes -> (N,) bool: the box's centre lies inside the ROI (evidence filter)."""
-    b = np.asarray(boxes_level0, np.float64).reshape(-1, 4)
-    return roi.contains(b[:, :2] + b[:, 2:] / 2)
