@@ -37,10 +37,12 @@ class ChatSession:
     (from the stage-1 text encoder) and the patch's stage-1 aligned embedding z_p = norm(H_p f_ij) — the space
     Eq. 6 trains patches ↔ phrases in. It explains which patches match the question's wording; it is not an
     attribution of the LLM's answer. Coordinates of the patches: ``inputs.patch_coords``.
+
+    ``region_token_mask`` (R,) bool keeps only those regions' z_r (an ROI: :func:`hwsi.model.roi.roi_slide_inputs`).
     """
 
     def __init__(self, model: MLLMHWSI, inputs: SlideInputs, system: str | None = None,
-                 max_new_tokens: int = 256) -> None:
+                 max_new_tokens: int = 256, region_token_mask: torch.Tensor | None = None) -> None:
         from transformers import DynamicCache
 
         self.model, self.inputs, self.max_new_tokens = model, inputs, max_new_tokens
@@ -49,7 +51,8 @@ class ChatSession:
         dev = model.llm.get_input_embeddings().weight.device
         with torch.no_grad():
             h = model.hierarchy(collate_slides([inputs]).to(dev))
-            visual = model.project(h)[0]
+            rtm = None if region_token_mask is None else region_token_mask.reshape(1, -1)
+            visual = model.project(h, rtm)[0]  # an ROI's inputs + mask: hwsi.model.roi.RoiInputs
             self._z_patches = None
             if model.heads is not None and "patches" in model.heads.heads:
                 self._z_patches = model.heads.embed("patches", inputs.patch_feats.to(dev))

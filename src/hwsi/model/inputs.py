@@ -137,8 +137,13 @@ def load_slide_inputs(
     max_regions: int = 64,
     k: int = 16,
     max_cells: int = 64,
+    regions: np.ndarray | None = None,
+    selection: np.ndarray | None = None,
 ) -> SlideInputs:
-    """Read one store (schema in :mod:`hwsi.store`) into :class:`SlideInputs` (selection rules: module docstring)."""
+    """Read one store (schema in :mod:`hwsi.store`) into :class:`SlideInputs` (selection rules: module docstring).
+
+    ``regions`` (store rows, ascending) and ``selection`` ((R_store, w) patch indices, -1 padded) replace the
+    relevance-ranked regions and ``spf/selected`` (an ROI's tokens: :mod:`hwsi.model.roi`); the k rule still applies."""
     path = Path(store_path)
     with SlideStore(path) as s:
         for name in (f"patches/{patch_encoder}", f"patches/{region_input}", "spf/selected", "spf/relevance",
@@ -150,7 +155,9 @@ def load_slide_inputs(
         sel_all = s.spf_selected()
         rel_all = s.spf_relevance()
         n_regions, g = rel_all.shape
-        keep = rank_regions(rel_all, sel_all, max_regions)
+        keep = rank_regions(rel_all, sel_all, max_regions) if regions is None else np.asarray(regions, np.int64)
+        if selection is not None:
+            sel_all = np.asarray(selection, np.int64)
         offsets = s.cell_offsets()
         if offsets.shape[0] != n_regions * g + 1:
             raise StoreError(path, f"cells/offsets has {offsets.shape[0]} rows, expected R*G+1 = {n_regions * g + 1}")

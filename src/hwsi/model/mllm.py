@@ -132,11 +132,15 @@ class MLLMHWSI(nn.Module):
     def embed_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
-    def project(self, h: HierarchyOutput) -> list[torch.Tensor]:
-        """Projected, marker-wrapped visual tokens per slide, in paper order [z_c, z_p, z_r, z_WSI]."""
+    def project(self, h: HierarchyOutput, region_token_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Projected, marker-wrapped visual tokens per slide, in paper order [z_c, z_p, z_r, z_WSI].
+
+        ``region_token_mask`` (B, R) bool: the regions whose z_r is kept (default: every real region); an ROI keeps
+        the slide's other regions for z_WSI only (:mod:`hwsi.model.roi`)."""
         out = []
         for b in range(h.patch_mask.shape[0]):
             pm, rm = h.patch_mask[b], h.region_mask[b]
+            rt = rm if region_token_mask is None else rm & region_token_mask[b].to(rm.device)
             segs = []
             for scale, tok in (("cells", h.cell_tokens), ("patches", h.patch_tokens),
                                ("regions", h.region_tokens), ("slide", h.slide_token)):
@@ -148,7 +152,7 @@ class MLLMHWSI(nn.Module):
                     keep = pm & rm[:, None]
                     x, region = x[keep], pos[:, None].expand_as(keep)[keep]
                 elif scale == "regions":
-                    x, region = x[rm], pos[rm]
+                    x, region = x[rt], pos[rt]
                 else:
                     x, region = x[None], None
                 y = self.projectors(scale, x)

@@ -5,6 +5,7 @@ Protocol::
     assistant.start(slide_id) -> session
     session.ask(question, max_new_tokens) -> Iterator[str]            # streamed text pieces, greedy by default
     session.evidence(question, answer) -> EvidenceResult               # per-patch relevance + top regions/patches
+    session.set_roi(roi) -> dict | None                                # optional: answer about a region (or None)
 
 The server never touches a model directly; tests plug in small real implementations of the protocol (one that
 fails, one that echoes slowly) for the failure and concurrency cases, and the real adapter
@@ -21,6 +22,7 @@ the LLM's internal computation (attention mass on visual tokens would be the alt
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,16 +197,52 @@ class ModelChat:
             self.region_size_level0 = float(s.meta.region_size_level0)
             self.patch_size_level0 = float(s.meta.patch_size_level0)
 
+        self.whole_chat = chat
+        self.roi: Any = None  # hwsi.model.roi.RoiSelection of the current ROI, None = the whole slide
+
+    def set_roi(self, roi: Any) -> dict[str, Any] | None:
+        """Answer the next questions from the tokens inside ``roi`` (a :class:`hwsi.model.roi_geometry.Roi`), or
+        from the whole slide (None). A new ROI starts a new conversation in the model (its visual prefix differs);
+        the server's turns keep the history. Returns the ROI's record (summary, counts) or None."""
+        from hwsi.model.chat import ChatSession
+        from hwsi.model.roi import roi_slide_inputs
+
+        if roi is None:
+            if self.roi is not None:
+                self.chat, self.roi = self.whole_chat, None
+                self.chat.reset()
+            return None
+        if self.roi is not None and self.roi.roi.to_geojson() == roi.to_geojson():
+            return self.roi.record()
+        cfg = self.owner.model.cfg
+        x = roi_slide_inputs(self.store, self.encoders.patch_encoder, self.encoders.region_input, roi,
+                             cfg.max_regions, cfg.k, cfg.max_cells)
+        self.chat = ChatSession(self.owner.model, x.inputs, system=self.owner.system,
+                                max_new_tokens=self.owner.max_new_tokens, region_token_mask=x.region_token_mask)
+        self.roi = x.selection
+        return self.roi.record()
+
     def ask(self, question: str, max_new_tokens: int = 128) -> Iterator[str]:
         """Greedy streamed answer; multi-turn (the chat session keeps the conversation in its KV cache)."""
         return self.chat.stream(question, max_new_tokens)
 
     def evidence(self, question: str, answer: str) -> EvidenceResult:
+        """Relevance over the tissue patches (inside the ROI only, when one is set) and the top items; with an ROI,
+        regions are listed only where their token was used (evidence stays inside it)."""
         emb = self.owner.encode_text(self.encoders.text_encoder, [f"{question} {answer}".strip()])[0]
         heat = text_patch_relevance(self.store, self.encoders.patch_encoder, emb)
-        items = evidence_from_heatmap(
-            heat, self.region_coords, self.patch_coords, self.region_size_level0, self.patch_size_level0
-        )
+        if self.roi is not None:
+            from hwsi.model.roi_geometry import place_roi
+
+            heat = np.where(place_roi(self.store, self.roi.roi).inside, heat, np.nan).astype(np.float32)
+        with warnings.catch_warnings():  # regions wholly outside the ROI: all-NaN rows, "mean of empty slice"
+            warnings.simplefilter("ignore", RuntimeWarning)
+            items = evidence_from_heatmap(
+                heat, self.region_coords, self.patch_coords, self.region_size_level0, self.patch_size_level0
+            )
+        if self.roi is not None:
+            used = set(int(r) for r in self.roi.region_tokens)
+            items = [e for e in items if e.kind != "region" or e.region in used]
         return EvidenceResult(heat, items, RELEVANCE_SIGNAL)
 
 

@@ -1,6 +1,11 @@
 """Routes of the chat: start a chat about a slide, ask (an NDJSON stream of token/evidence/error/done events),
 read its turns and a turn's relevance map, delete it. A model failure becomes an error event in the stream; a chat
-answers one question at a time (409 while busy, until ``ask_timeout_s``)."""
+answers one question at a time (409 while busy, until ``ask_timeout_s``).
+
+An ask may carry ``roi`` (docs/roi.md): ``{"x", "y", "w", "h"}`` in level-0 px or a
+GeoJSON geometry / Feature / FeatureCollection. It is checked before the stream starts (400 with one line: not a
+rectangle or polygon, self-intersecting, too many vertices, outside the slide, no tissue patch inside); the stream
+then sends a ``roi`` event (what the answer covers) and the turn records it."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from hwsi.model.roi_geometry import Roi, RoiError, parse_rect, place_roi, roi_from_geojson
 from hwsi.serve.assistant import model_placement
 from hwsi.serve.geojson import heatmap_to_list
 from hwsi.serve.replies import AsciiJSONResponse
@@ -32,6 +38,17 @@ class ChatStart(BaseModel):
 class AskBody(BaseModel):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
+    roi: dict[str, Any] | list[Any] | None = None  # {"x","y","w","h"} level-0 px, or GeoJSON
+
+
+def parse_api_roi(value: dict[str, Any] | list[Any]) -> Roi:
+    """The ``roi`` of an ask body as an :class:`~hwsi.model.roi_geometry.Roi` (RoiError naming ``roi``)."""
+    if isinstance(value, dict) and set(value) == {"x", "y", "w", "h"}:
+        nums = [value[k] for k in ("x", "y", "w", "h")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in nums):
+            raise RoiError("roi: x, y, w, h must be numbers (level-0 px)")
+        return parse_rect(",".join(repr(float(v)) for v in nums), "roi")
+    return roi_from_geojson(value, "roi")
 
 
 def _ndjson(obj: dict[str, Any]) -> bytes:
@@ -73,29 +90,36 @@ def chat_router(state: ServerState) -> APIRouter:
     @router.post("/api/chat/{session_id}/ask")
     def chat_ask(session_id: str, body: AskBody) -> StreamingResponse:
         st = state.chat(session_id)
+        roi = None
+        if body.roi is not None:
+            try:
+                roi = parse_api_roi(body.roi)
+                place_roi(state.entry(st.slide_id).store, roi)
+            except RoiError as exc:
+                raise HTTPException(400, str(exc)) from None
         with st.lock:
             now = time.monotonic()
             if st.busy_since is not None and now - st.busy_since < state.ask_timeout_s:
                 raise HTTPException(409, "this chat is still answering the previous question")
             st.busy_since = now
-        return StreamingResponse(_answer(state, st, body), media_type="application/x-ndjson")
+        return StreamingResponse(_answer(state, st, body, roi), media_type="application/x-ndjson")
 
     return router
 
 
-def _answer(state: ServerState, st: ChatState, body: AskBody) -> Iterator[bytes]:
-    """Stream one answer: start, token events, evidence, done; failures become an error event before done."""
+def _answer(state: ServerState, st: ChatState, body: AskBody, roi: Roi | None = None) -> Iterator[bytes]:
+    """Stream one answer: start, [roi,] token events, evidence, done; failures become an error event before done."""
     turn = Turn(body.question)
     st.turns.append(turn)
     try:
         yield _ndjson({"type": "start", "turn": len(st.turns) - 1})
-        yield from _answer_events(state, st, turn, body)
+        yield from _answer_events(state, st, turn, body, roi)
         yield _ndjson({"type": "done", "answer": turn.answer, "error": turn.error})
     finally:
         st.busy_since = None
 
 
-def _answer_events(state: ServerState, st: ChatState, turn: Turn, body: AskBody) -> Iterator[bytes]:
+def _answer_events(state: ServerState, st: ChatState, turn: Turn, body: AskBody, roi: Roi | None) -> Iterator[bytes]:
     if state.assistant is None:
         turn.error = "no model is loaded: start the server with `hwsi serve JOB --model DIR`"
         yield _ndjson({"type": "error", "message": turn.error})
@@ -103,6 +127,14 @@ def _answer_events(state: ServerState, st: ChatState, turn: Turn, body: AskBody)
     try:
         if st.session is None:
             st.session = state.assistant.start(st.slide_id)
+        if hasattr(st.session, "set_roi"):
+            turn.roi = st.session.set_roi(roi)
+        elif roi is not None:
+            turn.error = f"the assistant {getattr(state.assistant, 'name', '')!r} cannot answer about a region"
+            yield _ndjson({"type": "error", "message": turn.error})
+            return
+        if turn.roi is not None:
+            yield _ndjson({"type": "roi", **turn.roi})
         pieces: list[str] = []
         for piece in st.session.ask(body.question, body.max_new_tokens):
             pieces.append(piece)

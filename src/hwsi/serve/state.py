@@ -36,6 +36,7 @@ class Turn:
     heatmap: np.ndarray | None = None
     signal: str = ""
     error: str | None = None
+    roi: dict[str, Any] | None = None  # hwsi.model.roi.RoiSelection.record() of an ask about a region
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class Turn:
             "evidence": [e.to_dict() for e in self.evidence],
             "signal": self.signal,
             "error": self.error,
+            "roi": self.roi,
         }
 
 

@@ -4,6 +4,7 @@
     hwsi ask SLIDE.svs --run RUN --question "What is the grade?" [--question "And the stage?"]   (tiled + extracted
                                          the run's way into RUN/ask, cached; hwsi.train.ask)
     hwsi ask JOB/stores/SLIDE.h5 --run RUN -q ...                     (a store made the run's way)
+    hwsi ask SLIDE --run RUN --roi x,y,w,h | --roi FILE.geojson -q ...  (about a region only: hwsi.model.roi)
 
 Multi-GPU / DeepSpeed ZeRO-3 (same code, same flags)::
 
@@ -27,8 +28,10 @@ from hwsi.options import default_of
 from hwsi.utils.outdir import prepare_output_dir
 
 
-def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: dict) -> list[str]:
-    """Lines naming the top regions and patches for ``question`` (level-0 coordinates)."""
+def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: dict,
+              region_tokens=None) -> list[str]:
+    """Lines naming the top regions and patches for ``question`` (level-0 coordinates); with an ROI only its patches
+    and the regions whose token it uses (``region_tokens``: (R,) bool over ``inputs``' regions)."""
     import torch
 
     from hwsi.features.encoders import create_text_encoder
@@ -52,7 +55,7 @@ def _evidence(chat, inputs, run: Path, question: str, top: int, encoder_cache: d
     region_score = torch.where(valid, scores, torch.zeros_like(scores)).sum(1) / valid.sum(1).clamp_min(1)
     region_score = torch.where(valid.any(1), region_score, torch.full_like(region_score, float("-inf")))
     for r in region_score.argsort(descending=True)[:top].tolist():
-        if not torch.isfinite(region_score[r]):
+        if not torch.isfinite(region_score[r]) or (region_tokens is not None and not bool(region_tokens[r])):
             continue
         x, y = inputs.region_coords[r].tolist()
         lines.append(f"  region {int(inputs.region_index[r])} at level-0 ({x}, {y}): {float(region_score[r]):.3f}")
@@ -173,16 +176,25 @@ def register(app: typer.Typer) -> None:
         each: bool = typer.Option(False, "--each", help="Answer every question on its own (no chat history), in "
                                   "batches sharing the cached visual prefix; printed when all are done."),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="--each: questions per batch."),
+        roi: Optional[str] = typer.Option(None, "--roi", help="Answer about a region only: x,y,w,h in level-0 px, or "
+                                          "a GeoJSON file (QuPath annotations; polygons united). docs/roi.md"),
+        min_region_overlap: float = typer.Option(0.5, "--min-region-overlap", help="--roi: share of a region's "
+                                                 "tissue patches inside the ROI for its region token to be used."),
     ) -> None:
         """Ask a slide questions: streamed greedy answers, the visual prefix encoded once (KV cache), evidence.
 
         A slide file is tiled and extracted as the run's stores were (RUN/bundle); a store made otherwise is refused.
         """
         from hwsi.model.chat import ChatSession
+        from hwsi.model.roi import roi_slide_inputs
+        from hwsi.model.roi_geometry import RoiError, parse_roi_option
         from hwsi.train.ask import is_store_path, prepare_slide
         from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
 
         place = resolve_placement(device, dtype or run_config(run).llm_dtype)  # one line before any work
+        area = parse_roi_option(roi) if roi is not None else None
+        if not 0 < min_region_overlap <= 1:
+            raise RoiError(f"--min-region-overlap {min_region_overlap}: must be in (0, 1]")
         if mpp is not None and not mpp > 0:
             raise ConfigError(f"--mpp must be > 0, got {mpp}")
         if is_store_path(slide):
@@ -192,9 +204,17 @@ def register(app: typer.Typer) -> None:
         else:
             store = prepare_slide(slide, run, job, mpp=mpp, cells=cells, log=lambda m: typer.echo(m, err=True),
                                   device=place.device)
-        inputs = slide_inputs_for(store, run)
+        inputs = slide_inputs_for(store, run)  # checks the store against the run's bundle
+        region_tokens = None
+        if area is not None:  # the ROI's tokens + the slide token (hwsi.model.roi)
+            cfg = run_config(run)
+            rx = roi_slide_inputs(store, cfg.data.patch_encoder, cfg.data.region_input, area, cfg.model.max_regions,
+                                  cfg.model.k, cfg.model.max_cells, min_region_overlap)
+            inputs, region_tokens = rx.inputs, rx.region_token_mask
         model = load_trained_model(run, placement=place)
-        chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens)
+        chat = ChatSession(model, inputs, max_new_tokens=max_new_tokens, region_token_mask=region_tokens)
+        if area is not None:
+            typer.echo(rx.selection.summary())
         typer.echo(f"{inputs.slide_id}: {inputs.n_regions} regions, {chat.n_visual} visual tokens (cached prefix), "
                    f"on {place.describe()}", err=True)
         questions = iter(question) if question else _stdin_questions()
@@ -212,7 +232,7 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("\n")
             if top and model.heads is not None:
                 typer.echo("evidence (cosine of the question with the stage-1 patch embeddings):")
-                for line in _evidence(chat, inputs, run, q, top, cache):
+                for line in _evidence(chat, inputs, run, q, top, cache, region_tokens):
                     typer.echo(line)
 
 
