@@ -7,10 +7,21 @@ cosine/linear/constant schedule over ``items`` (anything indexable: slides, conv
 Data order. Epoch ``e`` visits ``items`` in the permutation drawn from ``torch.Generator`` seeded with
 ``(seed, e)`` — independent of every other random stream — so the data-order position is just the optimizer step
 (epoch = step // steps_per_epoch, offset = step % steps_per_epoch). Each global batch of ``batch_size`` indices is
-split across processes and then into micro-batches of ``micro_batch_size`` (gradient accumulation via
-``Accelerator.accumulate``). A last partial batch of an epoch is dropped, so every optimizer step sees the same
-number of items. Fewer items than ``batch_size``: the batch shrinks to the largest multiple of
-``micro_batch_size × processes`` that fits (logged).
+cut into ``accumulation`` consecutive micro-steps (gradient accumulation via ``Accelerator.accumulate``), and each
+micro-step's slice across the processes: micro-step k of W processes with micro-batch M covers the batch's items
+``[k·M·W, (k+1)·M·W)``, process r the M of them from ``k·M·W + r·M``. So W processes with micro-batch M see, at each
+micro-step, exactly the items one process with micro-batch M·W sees at that micro-step (what an in-batch term
+gathered across processes needs, :func:`hwsi.model.losses.slide_report_loss`), and the SET of micro-batches of one
+process with micro-batch M and W× the accumulation (what a token-mean LM loss needs). A last partial batch of an
+epoch is dropped, so every optimizer step sees the same number of items. Fewer items than ``batch_size``: the batch
+shrinks to the largest multiple of ``micro_batch_size × processes`` that fits (logged).
+
+Several processes (docs/cluster.md "Training on several processes"): the logged loss and terms are the means over
+processes (equal shares, so the mean over the global batch); ``stage_dir/processes.json`` (main process, atomic)
+records the accelerate state of the session (``num_processes``, ``WORLD_SIZE``, distributed type) and, per process,
+its pid, host and the item indices of its first steps, so a test can prove the ranks saw different shards.
+:func:`process_state` creates the process group before a stage's data preparation (one process group for the
+stage, with :data:`PROCESS_GROUP_TIMEOUT` so a long cache build behind a barrier does not time out).
 
 Checkpoints (``stage_dir/checkpoints/step_NNNNNNN/``, written to ``*.tmp`` then renamed; ``checkpoints/last``
 names the newest; the oldest beyond ``keep_checkpoints`` are deleted) hold the TRAINABLE weights only
@@ -33,9 +44,11 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +56,47 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsi.devices import accelerator_kwargs
+from hwsi.devices import accelerator_kwargs, resolve_placement
 from hwsi.errors import HwsiError
+from hwsi.utils.atomic import write_json_atomic
 from hwsi.train.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[nn.Module, list[Any]], tuple[torch.Tensor, dict[str, float]]]
+# how long a process waits at a barrier for the others (a stage's slide cache and text bank are built before
+# training, shared out across the processes; a big cohort takes longer than torch's 30-minute default)
+PROCESS_GROUP_TIMEOUT = timedelta(hours=4)
+RECORDED_STEPS = 4  # processes.json: the item indices of this many first steps of a session, per process
 
 
 class TrainError(HwsiError):
     """A training run cannot start or continue (missing checkpoint, mismatched weights, no data)."""
+
+
+def _accelerate_kwargs(device: str, precision: str) -> dict[str, Any]:
+    """``accelerator_kwargs`` plus ``cpu=True`` whenever the run is on the CPU: accelerate's ``PartialState`` only
+    forms a multi-CPU (gloo) process group under torchrun when told ``cpu`` (``ACCELERATE_USE_CPU`` reaches only
+    the ``Accelerator``); without it every rank would be a separate one-process run."""
+    kw = accelerator_kwargs(device, precision)
+    if resolve_placement(device, "float32", "device").device == "cpu":
+        kw["cpu"] = True
+    return kw
+
+
+def process_state(device: str = "auto", precision: str = "no"):
+    """accelerate's ``PartialState`` of this process (the process group of torchrun / accelerate launch / srun,
+    created on first use with :data:`PROCESS_GROUP_TIMEOUT`); one process without a launcher. The Engine's
+    ``Accelerator`` reuses it. A launcher that set ``WORLD_SIZE`` to N but gave a state of another size (e.g.
+    ``accelerate launch --num_processes 2`` on the CPU: two independent copies) is a TrainError."""
+    from accelerate import PartialState
+
+    state = PartialState(timeout=PROCESS_GROUP_TIMEOUT, **_accelerate_kwargs(device, precision))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if state.num_processes != world:
+        raise TrainError(f"WORLD_SIZE is {world} but accelerate runs {state.num_processes} process(es) "
+                         f"({state.distributed_type}): on the CPU launch with torchrun (docs/cluster.md)")
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -194,11 +237,9 @@ class Engine:
         self.seed = seed
         self.name = name
         self.progress = progress
-        from accelerate import PartialState
-
-        self.accum = cfg.accumulation(PartialState().num_processes)
+        self.accum = cfg.accumulation(process_state(device, precision).num_processes)
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum,
-                                       **accelerator_kwargs(device, precision))
+                                       **_accelerate_kwargs(device, precision))
         # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
         self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
                           "requested": device}
@@ -222,6 +263,9 @@ class Engine:
             if n < unit:
                 raise TrainError(f"{self.name}: {n} items, fewer than one micro-batch per process ({unit})")
             log.warning("%s: %d items < batch_size %d; using batches of %d", self.name, n, self.cfg.batch_size, b)
+            if b < self.accum * self.accelerator.num_processes:
+                raise TrainError(f"{self.name}: {n} items, fewer than accumulation {self.accum} × "
+                                 f"{self.accelerator.num_processes} process(es): lower batch_size")
         return b, n // b
 
     def total_steps(self, n: int) -> int:
@@ -229,12 +273,11 @@ class Engine:
         return self.cfg.max_steps or self.cfg.epochs * per_epoch
 
     def _micro_batches(self, idx: list[int]) -> list[list[int]]:
-        """This process's share of a global batch, cut into micro-batches."""
+        """This process's micro-batches of a global batch: micro-step k's slice, this process's part of it
+        (module docstring; one process: consecutive micro-batches)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        share = len(idx) // world
-        mine = idx[rank * share:(rank + 1) * share]
-        m = max(1, len(mine) // self.accum)
-        return [mine[i * m:(i + 1) * m] for i in range(self.accum)]
+        m = max(1, len(idx) // world // self.accum)
+        return [idx[(k * world + rank) * m:(k * world + rank + 1) * m] for k in range(self.accum)]
 
     # ------------------------------------------------------------------ checkpoints
     def last_checkpoint(self) -> Path | None:
@@ -345,6 +388,8 @@ class Engine:
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         every = self.cfg.checkpoint_every or per_epoch
         last_ckpt = ckpt
+        seen: list[list[int]] = []  # this process's items of the session's first steps (processes.json)
+        start_step = step
         model.train()
         while step < total:
             epoch, pos = divmod(step, per_epoch)
@@ -352,7 +397,10 @@ class Engine:
             idx = order[pos * batch:(pos + 1) * batch]
             losses: list[float] = []
             terms: dict[str, list[float]] = {}
-            for micro in self._micro_batches(idx):
+            micro_batches = self._micro_batches(idx)
+            if len(seen) < RECORDED_STEPS:
+                seen.append([i for mb in micro_batches for i in mb])
+            for micro in micro_batches:
                 with acc.accumulate(model):
                     loss, parts = step_fn(model, [items[i] for i in micro])
                     if not torch.isfinite(loss):
@@ -368,12 +416,13 @@ class Engine:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
-            mean_loss = self._reduce(sum(losses) / len(losses))
+            names = sorted(terms)  # one collective for the loss and every term, on every process
+            mean_loss, *means = self._reduce([sum(losses) / len(losses)] + [sum(terms[k]) / len(terms[k])
+                                                                             for k in names])
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if self.is_main and (step % self.cfg.log_every == 0 or step == total):
-                row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr)}
-                row.update({k: self._reduce(sum(v) / len(v)) for k, v in sorted(terms.items())})
+                row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr), **dict(zip(names, means))}
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.metrics.append(row)
                 if tb is not None:
@@ -388,15 +437,31 @@ class Engine:
         bar.close()
         if tb is not None:
             tb.close()
+        self._record_processes(start_step, seen)
         rows = self.metrics.rows() if self.is_main else []
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
 
-    def _reduce(self, value: float) -> float:
+    def _record_processes(self, start_step: int, seen: list[list[int]]) -> None:
+        """``stage_dir/processes.json``: who trained on what in this session (module docstring)."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        mine = {"rank": acc.process_index, "local_rank": acc.local_process_index, "pid": os.getpid(),
+                "host": socket.gethostname(), "device": str(acc.device), "first_steps": seen}
+        every = gather_object([mine]) if acc.num_processes > 1 else [mine]
+        if self.is_main:
+            write_json_atomic(self.dir / "processes.json", {
+                "num_processes": acc.num_processes, "world_size_env": int(os.environ.get("WORLD_SIZE", "1") or 1),
+                "distributed_type": str(acc.distributed_type), "start_step": start_step,
+                "accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size, "processes": every})
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        """The mean over processes of each value (one all-reduce); one process: the values as they are."""
         if self.accelerator.num_processes == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="mean")[0])
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return [float(x) for x in self.accelerator.reduce(t, reduction="mean")]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
