@@ -437,8 +437,8 @@ class Engine:
         bar.close()
         if tb is not None:
             tb.close()
-        self._record_processes(start_step, seen)
-        rows = self.metrics.rows() if self.is_main else []
+        self._record_processes(start_step, seen)  # a collective: metrics.csv is complete for every process now
+        rows = self.metrics.rows()
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
 
