@@ -201,6 +201,29 @@ def test_in_batch_eq7_on_two_processes_is_the_one_process_loss_of_the_concatenat
         assert abs(float(g["loss_local"]) - float(g["loss"])) > 1e-3
 
 
+def test_a_launch_whose_world_size_accelerate_does_not_see_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORLD_SIZE=2 but this process's accelerate state is a single process (two copies would train): TrainError."""
+    from hwsi.train.engine import TrainError, process_state
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert process_state("cpu").num_processes == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match=r"WORLD_SIZE is 2 but accelerate runs 1 process\(es\)"):
+        process_state("cpu")
+
+
+def test_too_few_items_for_the_accumulation_is_one_error(tmp_path: Path) -> None:
+    """4 items, global batch 8 = micro 1 × accumulation 8: no step could give every micro-step an item."""
+    from hwsi.train.config import OptimConfig
+    from hwsi.train.engine import Engine, TrainError
+
+    engine = Engine(tmp_path, OptimConfig(batch_size=8, micro_batch_size=1), seed=0, progress=False, device="cpu")
+    with pytest.raises(TrainError, match="4 items, fewer than accumulation 8"):
+        engine.batch_plan(4)
+    assert engine.batch_plan(8) == (8, 1)
+    assert engine._micro_batches(list(range(8))) == [[i] for i in range(8)]
+
+
 def _eq7_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A global batch of 6 slide tokens and reports (reports 1 and 4 identical text: ids equal)."""
     g = torch.Generator().manual_seed(7)
