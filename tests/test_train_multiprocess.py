@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_eval_tasks import cohort, llm_dir  # noqa: F401  (module fixtures: the eval cohort and its tiny LLM)
+
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 # 1 vs 2 processes: the same sums in another order (float32); measured max abs 1.4e-6, rel 6.9e-7 (docs/cluster.md)
@@ -224,6 +226,41 @@ def test_too_few_items_for_the_accumulation_is_one_error(tmp_path: Path) -> None
     assert engine._micro_batches(list(range(8))) == [[i] for i in range(8)]
 
 
+EVAL_CFG = dict(limit=4, max_new_tokens=5, meteor=False, convention="coco", coco_tokenizer="simple", batch_size=3)
+
+
+def _counted_eval(cohort: Path, llm_dir: Path, out: Path | None) -> dict[str, int]:
+    """Every task of hwsi eval on test_eval_tasks.py's cohort and tiny model; how many slides this process ran
+    through the hierarchy (slide embeddings and the visual tokens of the questions; a forward hook)."""
+    from hwsi.eval.eval_config import EvalConfig
+    from hwsi.eval.tasks import TASKS, load_eval_data, run_all
+    from test_eval_tasks import HashTextEncoder, make_model
+
+    model = make_model(llm_dir)
+    seen = {"slides": 0}
+    model.hierarchy.register_forward_hook(lambda m, args, out: seen.__setitem__(
+        "slides", seen["slides"] + args[0].patch_feats.shape[0]))
+    run_all(model, load_eval_data(cohort), EvalConfig(**EVAL_CFG), tasks=TASKS, out=out,
+            text_encoder=HashTextEncoder())
+    return seen
+
+
+def test_eval_on_two_processes_writes_what_one_process_writes(cohort: Path, llm_dir: Path, tmp_path: Path) -> None:
+    """Every task's JSON and the summary are byte-identical; the two ranks split the work (the slides each ran
+    through the hierarchy add up to the one process's, and each ran some)."""
+    one = _counted_eval(cohort, llm_dir, tmp_path / "one")
+    _torchrun([{"kind": "eval", "cohort": str(cohort), "llm": str(llm_dir), "out": str(tmp_path / "two")}], tmp_path)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert all(r["num_processes"] == r["world_size_env"] == WORLD for r in ranks)
+    assert all(r["slides"] > 0 for r in ranks) and sum(r["slides"] for r in ranks) == one["slides"], (ranks, one)
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert "summary.md" in written and "report.json" in written
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith("rank")) == written
+    for name in written:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        assert a == b, name
+
+
 def _eq7_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A global batch of 6 slide tokens and reports (reports 1 and 4 identical text: ids equal)."""
     g = torch.Generator().manual_seed(7)
@@ -254,6 +291,18 @@ def _worker_eq7(out: Path) -> None:
                 "loss_local": local, "world": state.num_processes}, out / f"rank{r}.pt")
 
 
+def _worker_eval(item: dict) -> None:
+    from hwsi.train.engine import process_state
+
+    state = process_state("cpu")
+    out = Path(item["out"])
+    seen = _counted_eval(Path(item["cohort"]), Path(item["llm"]), out if state.is_main_process else None)
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{state.process_index}.json").write_text(json.dumps({
+        **seen, "num_processes": state.num_processes, "world_size_env": int(os.environ["WORLD_SIZE"])}))
+
+
 def _worker(plan_path: str) -> None:
     import logging
 
@@ -262,8 +311,8 @@ def _worker(plan_path: str) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     for item in json.loads(Path(plan_path).read_text()):
-        if item["kind"] == "eq7":
-            _worker_eq7(Path(item["out"]))
+        if item["kind"] in ("eq7", "eval"):
+            _worker_eq7(Path(item["out"])) if item["kind"] == "eq7" else _worker_eval(item)
             continue
         res = run_stage(item["stage"], load_train_config(item["config"]), item["job"], item["out"],
                         resume=item.get("resume", False), stop_after=item.get("stop_after"), progress=False)
