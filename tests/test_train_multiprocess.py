@@ -226,6 +226,31 @@ def test_too_few_items_for_the_accumulation_is_one_error(tmp_path: Path) -> None
     assert engine._micro_batches(list(range(8))) == [[i] for i in range(8)]
 
 
+@pytest.mark.slow
+def test_hwsi_eval_command_on_two_processes_writes_what_one_process_writes(runs: dict, tmp_path: Path) -> None:
+    """`torchrun ... -m hwsi.cli eval` on the trained 1-process run: the same files as `hwsi eval` in one process."""
+    from hwsi.cli import main
+
+    recs = []  # WSI-Bench test records (question_id, image, question, T-answer, metadata), hwsi.data.wsi_bench
+    for sid in sorted(p.stem for p in (runs["job"] / "stores").glob("*.h5")):
+        recs += [{"question_id": f"Report_{sid}_1", "image": sid, "question": "Write the report.",
+                  "T-answer": f"Report of {sid}.", "metadata": "Report"},
+                 {"question_id": f"Open_{sid}_1", "image": sid, "question": "What is the grade?",
+                  "T-answer": "low grade.", "metadata": "Open"}]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["eval", "--task", "report", "--task", "vqa", "--data", str(data), "--job", str(runs["job"]), "--model",
+            str(runs["ref"]), "--max-new-tokens", "4", "--no-meteor", "--convention", "coco", "--coco-tokenizer",
+            "simple", "--answer-batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "one")]) in (0, None)
+    _torchrun([{"kind": "cli", "args": [*args, "--out", str(tmp_path / "two")]}], tmp_path)
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert "report.json" in written and "vqa.json" in written
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == written
+    for name in written:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 EVAL_CFG = dict(limit=4, max_new_tokens=5, meteor=False, convention="coco", coco_tokenizer="simple", batch_size=3)
 
 
@@ -237,6 +262,11 @@ def _counted_eval(cohort: Path, llm_dir: Path, out: Path | None) -> dict[str, in
     from test_eval_tasks import HashTextEncoder, make_model
 
     model = make_model(llm_dir)
+    g = torch.Generator().manual_seed(1)  # LLM weights redrawn N(0, 0.2²) (norms kept), as test_generate_batched.py:
+    with torch.no_grad():  # at the default init every answer is empty (EOS first), which would compare nothing
+        for name, p in model.llm.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     seen = {"slides": 0}
     model.hierarchy.register_forward_hook(lambda m, args, out: seen.__setitem__(
         "slides", seen["slides"] + args[0].patch_feats.shape[0]))
@@ -255,6 +285,9 @@ def test_eval_on_two_processes_writes_what_one_process_writes(cohort: Path, llm_
     assert all(r["slides"] > 0 for r in ranks) and sum(r["slides"] for r in ranks) == one["slides"], (ranks, one)
     written = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert "summary.md" in written and "report.json" in written
+    for task in ("report", "vqa", "caption"):
+        preds = [p["prediction"] for p in json.loads((tmp_path / "one" / f"{task}.json").read_text())["predictions"]]
+        assert all(preds) and len(set(preds)) > 1, (task, preds)  # real answers are compared
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith("rank")) == written
     for name in written:
         a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
@@ -311,6 +344,11 @@ def _worker(plan_path: str) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     for item in json.loads(Path(plan_path).read_text()):
+        if item["kind"] == "cli":
+            from hwsi.cli import main
+
+            assert main(item["args"]) in (0, None)
+            continue
         if item["kind"] in ("eq7", "eval"):
             _worker_eq7(Path(item["out"])) if item["kind"] == "eq7" else _worker_eval(item)
             continue
