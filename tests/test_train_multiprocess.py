@@ -9,7 +9,9 @@ and the ranks' items of each step are disjoint and together the 1-process run's.
 
 Batching compared (global batch 4): stage 1 one process micro-batch 2 (accumulation 2) vs two processes
 micro-batch 1 (accumulation 2) — the same items at every micro-step; stages 2–3 micro-batch 1 on both (accumulation
-4 vs 2) — the same micro-batches (the LM loss is a token mean per micro-batch).
+4 vs 2) — the same micro-batches (the LM loss is a token mean per micro-batch). Stage 1 runs three ways: the
+banks (``eq6: pooled``), the in-batch Eq. 7 (``eq6: v1``) and the banks with a trainable text tower (its last MiniLM
+block, dropout off: see :func:`_without_dropout`).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     job = make_job(root)
 
-    def config(stage1_micro: int, eq6: str = "pooled") -> Path:
+    def config(stage1_micro: int, eq6: str = "pooled", text_layers: int = 0) -> Path:
         cfg = tiny_config(stage1=4, stage2=3, stage3=4)
         for st in (cfg.stage1, cfg.stage2, cfg.stage3):
             st.batch_size, st.micro_batch_size, st.checkpoint_every = 4, 1, 1
@@ -111,17 +113,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cfg.stage1.loss.eq6 = eq6
         if eq6 == "v1":  # the earlier reading: words/phrases/sentences, Eq. 7 over the batch (no report bank)
             cfg.stage1.loss.scales = ("cells", "patches", "regions")
-        path = root / f"cfg-{stage1_micro}-{eq6}.yaml"
+        cfg.stage1.text_finetune_layers, cfg.stage1.text_refresh_every = text_layers, 2
+        path = root / f"cfg-{stage1_micro}-{eq6}-{text_layers}.yaml"
         save_config(cfg, path)
         return path
 
     from hwsi.train.config import load_train_config
 
     one, two, one_v1, two_v1 = config(2), config(1), config(2, "v1"), config(1, "v1")
-    ref, ref_v1 = root / "ref", root / "ref_v1"
+    one_tt, two_tt = config(2, text_layers=1), config(1, text_layers=1)
+    ref, ref_v1, ref_tt = root / "ref", root / "ref_v1", root / "ref_tt"
     for s in range(4):
         assert run_stage(s, load_train_config(one), job, ref, progress=False).finished
     assert run_stage(1, load_train_config(one_v1), job, ref_v1, progress=False).finished
+    with pytest.MonkeyPatch.context() as mp:
+        _without_dropout(mp)
+        assert run_stage(1, load_train_config(one_tt), job, ref_tt, progress=False).finished
     d = root / "two"
     for name, parts in (("s2", ("stage0", "stage1")), ("s3", ("stage0", "stage1", "stage2")),
                         ("s3r", ("stage0", "stage1", "stage2"))):
@@ -132,18 +139,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = {"kind": "stage", "job": str(job)}
     _torchrun([{**base, "stage": 1, "config": str(two), "out": str(d / "s1")},
                {**base, "stage": 1, "config": str(two_v1), "out": str(d / "s1v1")},
+               {**base, "stage": 1, "config": str(two_tt), "out": str(d / "s1tt"), "no_dropout": True},
                {**base, "stage": 2, "config": str(two), "out": str(d / "s2")},
                {**base, "stage": 3, "config": str(two), "out": str(d / "s3")},
                {**base, "stage": 3, "config": str(two), "out": str(d / "s3r"), "stop_after": 2}], root)
     _torchrun([{**base, "stage": 3, "config": str(two), "out": str(d / "s3r"), "resume": True}], root)
-    return {"ref": ref, "ref_v1": ref_v1, "two": d, "job": job, "diffs": {}}
+    return {"ref": ref, "ref_v1": ref_v1, "ref_tt": ref_tt, "two": d, "job": job, "diffs": {}}
+
+
+def _without_dropout(mp: pytest.MonkeyPatch) -> None:
+    """Dropout off (nn.Dropout and SDPA's attention dropout): its masks are each process's own random draws, so with
+    dropout 2 processes train a different (equally likely) run than 1 process; the MiniLM text tower has both."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+    mp.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False: x)
+    mp.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa(*a, **{**k, "dropout_p": 0.0}))
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_losses_of_stages_1_to_3(runs: dict) -> None:
     ref, d, diffs = runs["ref"], runs["two"], runs["diffs"]
-    for stage, one, two in ((1, ref / "stage1", d / "s1" / "stage1"), (1, runs["ref_v1"] / "stage1",
-                                                                        d / "s1v1" / "stage1"),
+    for stage, one, two in ((1, ref / "stage1", d / "s1" / "stage1"),
+                            (1, runs["ref_v1"] / "stage1", d / "s1v1" / "stage1"),
+                            (1, runs["ref_tt"] / "stage1", d / "s1tt" / "stage1"),
                             (2, ref / "stage2", d / "s2" / "stage2"), (3, ref / "stage3", d / "s3" / "stage3")):
         _check_processes(one, two)
         _compare(one, two, diffs, f"{two.parent.name}/stage{stage}")
@@ -352,8 +371,11 @@ def _worker(plan_path: str) -> None:
         if item["kind"] in ("eq7", "eval"):
             _worker_eq7(Path(item["out"])) if item["kind"] == "eq7" else _worker_eval(item)
             continue
-        res = run_stage(item["stage"], load_train_config(item["config"]), item["job"], item["out"],
-                        resume=item.get("resume", False), stop_after=item.get("stop_after"), progress=False)
+        with pytest.MonkeyPatch.context() as mp:
+            if item.get("no_dropout"):
+                _without_dropout(mp)
+            res = run_stage(item["stage"], load_train_config(item["config"]), item["job"], item["out"],
+                            resume=item.get("resume", False), stop_after=item.get("stop_after"), progress=False)
         assert res.finished == (item.get("stop_after") is None), item
 
 
