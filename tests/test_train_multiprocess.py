@@ -223,13 +223,13 @@ def test_in_batch_eq7_on_two_processes_is_the_one_process_loss_of_the_concatenat
 
 
 def test_a_launch_whose_world_size_accelerate_does_not_see_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """WORLD_SIZE=2 but this process's accelerate state is a single process (two copies would train): TrainError."""
-    from hwsi.train.engine import TrainError, process_state
+    """WORLD_SIZE=2 but this process's accelerate state is a single process (two copies would train): LaunchError."""
+    from hwsi.train.processes import LaunchError, process_state
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert process_state("cpu").num_processes == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TrainError, match=r"WORLD_SIZE is 2 but accelerate runs 1 process\(es\)"):
+    with pytest.raises(LaunchError, match=r"WORLD_SIZE is 2 but accelerate runs 1 process\(es\)"):
         process_state("cpu")
 
 
@@ -325,7 +325,7 @@ def _worker_eq7(out: Path) -> None:
     import torch.distributed as dist
 
     from hwsi.model.losses import slide_report_loss
-    from hwsi.train.engine import process_state
+    from hwsi.train.processes import process_state
 
     state = process_state("cpu")
     assert state.num_processes == int(os.environ["WORLD_SIZE"]) == dist.get_world_size()
@@ -344,7 +344,7 @@ def _worker_eq7(out: Path) -> None:
 
 
 def _worker_eval(item: dict) -> None:
-    from hwsi.train.engine import process_state
+    from hwsi.train.processes import process_state
 
     state = process_state("cpu")
     out = Path(item["out"])

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
         from hwsi.eval.eval_data import load_eval_data
         from hwsi.eval.tasks import TASKS, check_run_stores, load_model, run_all
-        from hwsi.train.engine import process_state
+        from hwsi.train.processes import process_state
         from hwsi.train.inference import run_config
 
         main = process_state(device).is_main_process  # torchrun: the process group; else one process

@@ -20,8 +20,7 @@ Several processes (docs/cluster.md "Training on several processes"): the logged 
 processes (equal shares, so the mean over the global batch); ``stage_dir/processes.json`` (main process, atomic)
 records the accelerate state of the session (``num_processes``, ``WORLD_SIZE``, distributed type) and, per process,
 its pid, host and the item indices of its first steps, so a test can prove the ranks saw different shards.
-:func:`process_state` creates the process group before a stage's data preparation (one process group for the
-stage, with :data:`PROCESS_GROUP_TIMEOUT` so a long cache build behind a barrier does not time out).
+:func:`hwsi.train.processes.process_state` creates the process group before a stage's data preparation.
 
 Checkpoints (``stage_dir/checkpoints/step_NNNNNNN/``, written to ``*.tmp`` then renamed; ``checkpoints/last``
 names the newest; the oldest beyond ``keep_checkpoints`` are deleted) hold the TRAINABLE weights only
@@ -44,11 +43,9 @@ import math
 import os
 import random
 import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,47 +53,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsi.devices import accelerator_kwargs, resolve_placement
 from hwsi.errors import HwsiError
-from hwsi.utils.atomic import write_json_atomic
 from hwsi.train.config import OptimConfig
+from hwsi.train.processes import RECORDED_STEPS, accelerate_kwargs, process_state, write_processes_record
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[nn.Module, list[Any]], tuple[torch.Tensor, dict[str, float]]]
-# how long a process waits at a barrier for the others (a stage's slide cache and text bank are built before
-# training, shared out across the processes; a big cohort takes longer than torch's 30-minute default)
-PROCESS_GROUP_TIMEOUT = timedelta(hours=4)
-RECORDED_STEPS = 4  # processes.json: the item indices of this many first steps of a session, per process
 
 
 class TrainError(HwsiError):
     """A training run cannot start or continue (missing checkpoint, mismatched weights, no data)."""
-
-
-def _accelerate_kwargs(device: str, precision: str) -> dict[str, Any]:
-    """``accelerator_kwargs`` plus ``cpu=True`` whenever the run is on the CPU: accelerate's ``PartialState`` only
-    forms a multi-CPU (gloo) process group under torchrun when told ``cpu`` (``ACCELERATE_USE_CPU`` reaches only
-    the ``Accelerator``); without it every rank would be a separate one-process run."""
-    kw = accelerator_kwargs(device, precision)
-    if resolve_placement(device, "float32", "device").device == "cpu":
-        kw["cpu"] = True
-    return kw
-
-
-def process_state(device: str = "auto", precision: str = "no"):
-    """accelerate's ``PartialState`` of this process (the process group of torchrun / accelerate launch / srun,
-    created on first use with :data:`PROCESS_GROUP_TIMEOUT`); one process without a launcher. The Engine's
-    ``Accelerator`` reuses it. A launcher that set ``WORLD_SIZE`` to N but gave a state of another size (e.g.
-    ``accelerate launch --num_processes 2`` on the CPU: two independent copies) is a TrainError."""
-    from accelerate import PartialState
-
-    state = PartialState(timeout=PROCESS_GROUP_TIMEOUT, **_accelerate_kwargs(device, precision))
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if state.num_processes != world:
-        raise TrainError(f"WORLD_SIZE is {world} but accelerate runs {state.num_processes} process(es) "
-                         f"({state.distributed_type}): on the CPU launch with torchrun (docs/cluster.md)")
-    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -239,7 +206,7 @@ class Engine:
         self.progress = progress
         self.accum = cfg.accumulation(process_state(device, precision).num_processes)
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum,
-                                       **_accelerate_kwargs(device, precision))
+                                       **accelerate_kwargs(device, precision))
         # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
         self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
                           "requested": device}
@@ -437,24 +404,12 @@ class Engine:
         bar.close()
         if tb is not None:
             tb.close()
-        self._record_processes(start_step, seen)  # a collective: metrics.csv is complete for every process now
+        # a collective: after it metrics.csv is complete for every process
+        write_processes_record(acc, self.dir / "processes.json", start_step, seen,
+                               {"accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size})
         rows = self.metrics.rows()
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
-
-    def _record_processes(self, start_step: int, seen: list[list[int]]) -> None:
-        """``stage_dir/processes.json``: who trained on what in this session (module docstring)."""
-        from accelerate.utils import gather_object
-
-        acc = self.accelerator
-        mine = {"rank": acc.process_index, "local_rank": acc.local_process_index, "pid": os.getpid(),
-                "host": socket.gethostname(), "device": str(acc.device), "first_steps": seen}
-        every = gather_object([mine]) if acc.num_processes > 1 else [mine]
-        if self.is_main:
-            write_json_atomic(self.dir / "processes.json", {
-                "num_processes": acc.num_processes, "world_size_env": int(os.environ.get("WORLD_SIZE", "1") or 1),
-                "distributed_type": str(acc.distributed_type), "start_step": start_step,
-                "accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size, "processes": every})
 
     def _reduce(self, values: list[float]) -> list[float]:
         """The mean over processes of each value (one all-reduce); one process: the values as they are."""

@@ -39,7 +39,8 @@ from hwsi.model.losses import AlignmentTargets, HCALossConfig, HCALossOutput, Sc
 from hwsi.train.alignment import BankBuilder, LiveText, parse_same_fact
 from hwsi.train.config import TrainConfig, save_train_config
 from hwsi.train.data import ReportUnits, TextBank, load_train_text, report_units, resolve
-from hwsi.train.engine import Engine, TrainError, process_state, seed_everything
+from hwsi.train.engine import Engine, TrainError, seed_everything
+from hwsi.train.processes import process_state, union_over_processes
 from hwsi.train.stage_common import (
     ALIGNMENT_FILE,
     StageResult,
@@ -157,19 +158,6 @@ class TargetBuilder:
         return out
 
 
-def _union_over_processes(ids: list[int], processes: int) -> list[int]:
-    """The sorted union of every process's ``ids`` (all_gather_object); one process: ``ids``. A live text tower
-    encodes with gradient the units of the whole micro-step, not only this process's slides': they are the other
-    slides' negatives too, so this process's loss reaches them as one process's would (DDP then averages)."""
-    if processes == 1:
-        return ids
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * processes
-    dist.all_gather_object(parts, ids)
-    return sorted({i for p in parts for i in p})
-
-
 def _text_bank(encoder: nn.Module, path: Path, strings: list[str], state: Any) -> TextBank:
     """The frozen embeddings of ``strings``, cached at ``path``: the main process encodes and saves first, the
     others then read its file (one encoding, no two writers)."""
@@ -250,7 +238,9 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
     def step(m: nn.Module, ids: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = collate_slides([cache.get(s) for s in ids])
         if v2:
-            emb = (live(_union_over_processes(builder.batch_strings(ids), state.num_processes), device)
+            # a live text tower encodes with gradient the units of the whole micro-step (every process's slides):
+            # they are the other slides' negatives too, so this loss reaches them as one process's would
+            emb = (live(union_over_processes(builder.batch_strings(ids), state.num_processes), device)
                    if live is not None else frozen.to(device))
             res = m(batch.to(device), builder(ids, emb))
         else:

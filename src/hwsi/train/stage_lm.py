@@ -24,7 +24,8 @@ from hwsi.model.llm import load_llm
 from hwsi.model.mllm import MLLMHWSI
 from hwsi.train.config import TrainConfig, load_train_config, save_train_config
 from hwsi.train.data import ChatSample, SlideCache, TrainText, load_train_text, permute_options
-from hwsi.train.engine import Engine, TrainError, process_state, seed_everything
+from hwsi.train.engine import Engine, TrainError, seed_everything
+from hwsi.train.processes import process_state
 from hwsi.train.stage_common import (
     ALIGNMENT_FILE,
     DTYPES,

@@ -30,7 +30,8 @@ from hwsi.errors import ConfigError
 from hwsi.train.bundle import record_bundle
 from hwsi.train.config import TrainConfig
 from hwsi.train.data import store_ids
-from hwsi.train.engine import process_state, seed_everything
+from hwsi.train.engine import seed_everything
+from hwsi.train.processes import process_state
 from hwsi.train.stage0 import run_stage0
 from hwsi.train.stage1 import run_stage1
 from hwsi.train.stage_common import StageResult
