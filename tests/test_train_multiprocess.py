@@ -1,19 +1,19 @@
 """Training (stages 0-3) on 2 CPU processes (torchrun, gloo, ``ACCELERATE_USE_CPU=1``) gives the losses of 1
-process with the same global batch; resume works on 2 processes; Eq. 7's in-batch form gathers across processes; 2 processes
-starting together on an empty slide cache both train (docs/cluster.md "Training on several processes").
+process with the same global batch; resume works on 2 processes; Eq. 7's in-batch form gathers across processes;
+2 processes starting together on an empty slide cache both train; ``hwsi eval`` on 2 processes writes what 1 writes
+(docs/cluster.md "Training on several processes").
 
 Launched with ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on this file (its ``__main__``
-is the worker), NOT ``accelerate launch`` (on CPU it silently runs two single-process copies). Every run checks
-``RUN/stageN/processes.json`` (written by hwsi.train.engine): accelerate saw 2 processes = WORLD_SIZE, two pids,
-and the ranks' items of each step are disjoint and together the 1-process run's.
+is the worker), NOT ``accelerate launch`` (on this CPU it gives no 2-process run: one process, or two independent
+copies). Every training run checks ``RUN/stageN/processes.json`` (written by hwsi.train.processes): accelerate saw
+2 processes = WORLD_SIZE, two pids, and the ranks' items of each step are disjoint and together the 1-process run's.
 
 Batching compared (global batch 4): stage 1 one process micro-batch 2 (accumulation 2) vs two processes
-micro-batch 1 (accumulation 2) — the same items at every micro-step; stages 2–3 micro-batch 1 on both (accumulation
-4 vs 2) — the same micro-batches (the LM loss is a token mean per micro-batch). Stage 1 runs three ways: the
-banks (``eq6: pooled``), the in-batch Eq. 7 (``eq6: v1``) and the banks with a trainable text tower (its last MiniLM
-block, dropout off: see :func:`_without_dropout`).
+micro-batch 1 (accumulation 2) — the same items at every micro-step; stages 0, 2, 3 micro-batch 1 on both
+(accumulation 4 vs 2) — the same micro-batches (the LM loss is a token mean per micro-batch). Stage 1 runs three
+ways: the banks (``eq6: pooled``), the in-batch Eq. 7 (``eq6: v1``) and the banks with a trainable text tower (its
+last MiniLM block, dropout off: see :func:`_without_dropout`).
 """
-
 from __future__ import annotations
 
 import json
