@@ -58,11 +58,16 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(_eval("device")),
         dtype: str = dtype_option(None, " The LLM's; default: the run's llm_dtype."),
     ) -> None:
-        """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out."""
+        """Evaluate a trained model on the paper's tasks; JSON + Markdown tables per task in --out. Under torchrun
+        the processes share the slides and questions out and gather (docs/cluster.md); the main one writes."""
         # the CLI imports the evaluation on use (torch, transformers): `hwsi --help` stays fast
         from hwsi.eval.eval_data import load_eval_data
         from hwsi.eval.tasks import TASKS, check_run_stores, load_model, run_all
+        from hwsi.train.processes import process_state
         from hwsi.train.inference import run_config
+
+        main = process_state(device).is_main_process  # torchrun: the process group; else one process
+        echo = typer.echo if main else (lambda *args, **kwargs: None)
 
         names = list(TASKS) if "all" in task else task
         bad = [t for t in names if t not in TASKS]
@@ -79,22 +84,24 @@ def register(app: typer.Typer) -> None:
         ev = load_eval_data(data, job, split=split, label_key=label_key, labels_csv=labels,
                             skip_bad_records=skip_bad_records)
         if ev.skipped_records:
-            typer.echo(f"warning: {data}: {ev.records_summary}", err=True)
-        typer.echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
+            echo(f"warning: {data}: {ev.records_summary}", err=True)
+        echo(f"data: {len(ev.slides)} slides with stores, {len(ev.items)} {split} records; {ev.match_summary}")
         if ev.missing_stores:
-            typer.echo(f"warning: {len(ev.missing_stores)} slides have no store: {ev.missing_stores[:10]}")
+            echo(f"warning: {len(ev.missing_stores)} slides have no store: {ev.missing_stores[:10]}")
         run_cfg = run_config(model)  # not a run folder: one line, before any work
         cfg.patch_encoder, cfg.region_input = run_cfg.data.patch_encoder, run_cfg.data.region_input
         if check_run_stores(model, ev) is None:
-            typer.echo(f"warning: {model} has no bundle/bundle.json (trained before hwsi recorded one): the stores "
-                       "are not checked against the run's encoders and grid", err=True)
+            echo(f"warning: {model} has no bundle/bundle.json (trained before hwsi recorded one): the stores "
+                 "are not checked against the run's encoders and grid", err=True)
         place = resolve_placement(cfg.device, cfg.dtype or run_cfg.llm_dtype)
         cfg.device, cfg.dtype = place.device, place.dtype  # each task's JSON records what ran
         mdl = load_model(model, place)
-        results = run_all(mdl, ev, cfg, tasks=names, out=out)
+        if not main:
+            cfg.meteor = False  # the other processes' metrics are not written: no second METEOR (Java, temp files)
+        results = run_all(mdl, ev, cfg, tasks=names, out=out if main else None)
         for name, r in results.items():
-            typer.echo(f"{name}: " + (f"skipped ({r.skipped})" if r.skipped else f"written {out / (name + '.json')}"))
-        typer.echo(f"summary: {out / 'summary.md'}")
+            echo(f"{name}: " + (f"skipped ({r.skipped})" if r.skipped else f"written {out / (name + '.json')}"))
+        echo(f"summary: {out / 'summary.md'}")
         if all(r.skipped for r in results.values()):
             raise typer.Exit(1)
 

@@ -4,6 +4,12 @@ visual inputs, the per-slide inputs loaded once per run (:class:`SlideInputCache
 
 torch and :mod:`hwsi.model.inputs` (torch) are imported inside the functions that run the model; the text encoders
 (torch, transformers) when one is first built.
+
+Several processes (``torchrun ... -m hwsi.cli eval``, docs/cluster.md): with a torch.distributed process group of
+W > 1 processes, :func:`slide_embeddings` gives batch j to process j mod W (the same batches as one process, so the
+same numbers bit for bit) and :func:`generate_answers` gives the questions about the k-th distinct slide to process
+k mod W (a slide's prefix is still prefilled once; greedy answers do not depend on the batch, docs/generation.md);
+every process then gathers every result in the original order, so each computes the same metrics.
 """
 
 from __future__ import annotations
@@ -69,21 +75,52 @@ def resolve_embedding(model: Any, cfg: EvalConfig) -> str:
     return kind
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in the torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_results(n: int, mine: dict[int, Any]) -> list[Any]:
+    """The values of positions ``0..n-1``, each computed by one process (``mine``: this process's), on every
+    process (all_gather_object); one process: ``mine`` in order."""
+    import torch.distributed as dist
+
+    _, world = process_rank()
+    merged = dict(mine)
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, mine)
+        for p in parts:
+            merged.update(p)
+    return [merged[i] for i in range(n)]
+
+
 def slide_embeddings(model: Any, slides: SlideInputCache, ids: Sequence[str], kind: str, batch_size: int = 4) -> np.ndarray:
-    """(N, D) float64 slide embeddings (``z_wsi``: unit vectors in the text space; ``slide_token``: f_WSI)."""
+    """(N, D) float64 slide embeddings (``z_wsi``: unit vectors in the text space; ``slide_token``: f_WSI); batch j
+    on process j mod W (module docstring)."""
     import torch
 
     from hwsi.model.inputs import collate_slides
 
     dev = model_device(model)
-    rows = []
+    rank, world = process_rank()
+    size = max(1, batch_size)
+    starts = list(range(0, len(ids), size))
+    mine: dict[int, np.ndarray] = {}
     with torch.no_grad():
-        for s in range(0, len(ids), max(1, batch_size)):
-            batch = collate_slides([slides.get(i) for i in ids[s: s + batch_size]]).to(dev)
+        for j, s in enumerate(starts):
+            if j % world != rank:
+                continue
+            batch = collate_slides([slides.get(i) for i in ids[s: s + size]]).to(dev)
             tok = model.hierarchy(batch).slide_token
             if kind == "z_wsi":
                 tok = model.heads.embed("slide", tok)
-            rows.append(tok.float().cpu().numpy().astype(np.float64))
+            mine[j] = tok.float().cpu().numpy().astype(np.float64)
+    rows = gather_results(len(starts), mine)
     return np.concatenate(rows) if rows else np.zeros((0, 0))
 
 
@@ -120,9 +157,13 @@ def generate_answers(model: Any, slides: SlideInputCache, items: Sequence[QAItem
     per batch, each slide's visual prefix prefilled once (:func:`hwsi.model.generate.greedy_answers`)."""
     from hwsi.model.generate import greedy_answers
 
-    vis = slide_visual_tokens(model, slides, visual_ids)
-    qs = [strip_image_token(it.question) for it in items]
-    return greedy_answers(model, [vis[v] for v in visual_ids], qs, max_new_tokens, batch_size)
+    rank, world = process_rank()
+    owner = {v: k % world for k, v in enumerate(dict.fromkeys(visual_ids))}
+    todo = [i for i, v in enumerate(visual_ids) if owner[v] == rank]  # this process's share (module docstring)
+    vis = slide_visual_tokens(model, slides, [visual_ids[i] for i in todo])
+    qs = [strip_image_token(items[i].question) for i in todo]
+    answers = greedy_answers(model, [vis[visual_ids[i]] for i in todo], qs, max_new_tokens, batch_size) if todo else []
+    return gather_results(len(items), dict(zip(todo, answers, strict=True)))
 
 
 _TEXT_ENCODERS: dict[str, Any] = {}

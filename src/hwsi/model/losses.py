@@ -12,7 +12,12 @@ Eq. 6, per slide and scale s ∈ {c, p, r} (:func:`scale_contrastive_loss`)::
   encoders' similarity (:func:`assign_positives`), and a negative j ≠ pos(i) whose text is identical to the
   positive's (same ``text_ids``) is removed from the denominator. Tokens with pos = -1 or masked out are skipped.
 Eq. 7 (:func:`slide_report_loss`): the same InfoNCE between slide tokens and report embeddings over the batch,
-  reports identical to the positive removed from the denominator.
+  reports identical to the positive removed from the denominator. On several processes (``gather=True``, what
+  stage 1 passes when it runs on more than one) the batch is the GLOBAL one: the report embeddings (and their ids)
+  of every process are gathered (:func:`gather_rows`; the local rows keep their gradient, and the gradients other
+  processes' losses put on them are summed back), so each process scores its own slides against every report of
+  the micro-step and the mean over processes is the one-process loss of the concatenated batch. The slide tokens
+  need no gather: each row of this one-directional InfoNCE is a separate term of the mean.
 Eq. 8 (:func:`cross_scale_consistency`), per slide, on unit vectors with re-normalised means
   (‖a − b‖² = 2 − 2cos, so rescaling the heads cannot lower it)::
 
@@ -31,7 +36,9 @@ only a few tokens), the mean over all tokens for an absence statement. :func:`ba
 and own unit u,  -log exp(S_bu/τ) / (exp(S_bu/τ) + Σ_{u' ∈ N_b} exp(S_bu'/τ)),  N_b = the allowed candidates that
 are not b's own units (identical text and same-fact units masked by the caller), optionally divided by
 ln(1 + |N_b|) so no term dominates Eq. 9 by its number of candidates. Eq. 7 uses the same function over a bank of
-the training split's reports. Eq. 8 (``lc_mode = "fine_to_coarse"``) pulls each coarser token toward the
+the training split's reports. These bank forms are batch-independent: a slide's candidates, positives, allowed
+negatives and ln(1 + |N_b|) come from the whole train split, not from the batch, so they are the same whichever
+process, micro-batch or batch size a slide is trained in (nothing to gather). Eq. 8 (``lc_mode = "fine_to_coarse"``) pulls each coarser token toward the
 re-normalised mean of the finer ones with stop-gradient on the finer side, only over patches that have nuclei
 (the "no cells" token never takes part). ``eq6 = "v1"`` keeps the earlier reading (per-token positives, own-report
 denominator, words/phrases/sentences) for comparison.
@@ -166,15 +173,67 @@ def scale_contrastive_loss(
     )
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 (equal row counts); backward: the gathered gradient summed over processes, this
+    process's slice (the gradient of the sum of every process's loss w.r.t. its own rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's ``x`` (B, ...) concatenated in rank order, with this process's rows in their slot keeping
+    their gradient; and the offset of those rows. No process group (or one process): ``(x, 0)``. Every process
+    must call it with the same number of rows (the Engine's equal shares)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    if len({int(n) for n in sizes}) != 1:
+        raise ValueError(f"gather_rows: the processes hold different row counts {[int(n) for n in sizes]}")
+    offset = dist.get_rank() * x.shape[0]
+    if x.requires_grad:
+        return _GatherRows.apply(x), offset
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts), offset
+
+
 def slide_report_loss(
-    z_slide: torch.Tensor, report: torch.Tensor, report_ids: torch.Tensor | None = None, tau: float = 0.02
+    z_slide: torch.Tensor, report: torch.Tensor, report_ids: torch.Tensor | None = None, tau: float = 0.02,
+    gather: bool = False,
 ) -> torch.Tensor:
-    """Eq. 7: InfoNCE of each slide token against the batch's reports (positive: its own). Scalar."""
+    """Eq. 7: InfoNCE of each slide token against the batch's reports (positive: its own). Scalar.
+
+    ``gather``: the batch is every process's (module docstring); this process's loss is the mean over its own
+    slides, so the mean over processes equals the one-process loss of the concatenated batch."""
     b = z_slide.shape[0]
-    pos = torch.arange(b, device=z_slide.device)[None]
+    offset = 0
+    if gather:
+        report, offset = gather_rows(report)
+        if report_ids is not None:
+            report_ids, _ = gather_rows(report_ids)
+    pos = torch.arange(offset, offset + b, device=z_slide.device)[None]
     ids = None if report_ids is None else report_ids[None]
-    mask = torch.ones(1, b, dtype=torch.bool, device=z_slide.device)
-    return _masked_info_nce(z_slide[None], report[None], pos, mask, mask, ids, tau)[0]
+    rows = torch.ones(1, b, dtype=torch.bool, device=z_slide.device)
+    cols = torch.ones(1, report.shape[0], dtype=torch.bool, device=z_slide.device)
+    return _masked_info_nce(z_slide[None], report[None], pos, rows, cols, ids, tau)[0]
 
 
 def pooled_unit_scores(tokens: torch.Tensor, mask: torch.Tensor, units: torch.Tensor,
@@ -257,8 +316,13 @@ def cross_scale_consistency(
     return total
 
 
-def hca_loss(z: AlignedTokens, targets: AlignmentTargets, cfg: HCALossConfig | None = None) -> HCALossOutput:
-    """Eq. 9: mean over slides of (Σ_s L_s + L_c) plus L_WSI; terms switched off by ``cfg`` are left out."""
+def hca_loss(z: AlignedTokens, targets: AlignmentTargets, cfg: HCALossConfig | None = None,
+             gather: bool = False) -> HCALossOutput:
+    """Eq. 9: mean over slides of (Σ_s L_s + L_c) plus L_WSI; terms switched off by ``cfg`` are left out.
+
+    ``gather``: several processes train together; the in-batch Eq. 7 (used when ``targets`` has no report bank)
+    contrasts with every process's reports (:func:`slide_report_loss`). Every other term is per slide (and the
+    bank forms batch-independent), so the mean over processes is the one-process value."""
     cfg = cfg or HCALossConfig()
     ref = next(x for x in (z.slide, z.regions, z.patches, z.cells) if x is not None)
     b = ref.shape[0]
@@ -306,7 +370,7 @@ def hca_loss(z: AlignedTokens, targets: AlignmentTargets, cfg: HCALossConfig | N
         terms["L_wsi"] = l_w
         total = total + l_w
     elif cfg.use_Lwsi and z.slide is not None and targets.report is not None:
-        l_w = slide_report_loss(z.slide, targets.report, targets.report_ids, cfg.tau)
+        l_w = slide_report_loss(z.slide, targets.report, targets.report_ids, cfg.tau, gather)
         terms["L_wsi"] = l_w
         total = total + l_w
     return HCALossOutput(total=total, terms=terms)

@@ -24,6 +24,7 @@ from torch import nn
 from hwsi.errors import ConfigError
 from hwsi.model.losses import AlignmentTargets, BankTargets
 from hwsi.train.units import UNIT_SCALES, Unit
+from hwsi.utils.atomic import atomic_path
 
 BANK_SCALES = (*UNIT_SCALES, "report")
 
@@ -154,10 +155,8 @@ class LiveText:
         self.bank = nn.functional.normalize(torch.from_numpy(vecs), dim=-1)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"text-bank-{self.calls:08d}.pt"
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(self.bank, tmp)
-            tmp.replace(path)
+            with atomic_path(self.folder / f"text-bank-{self.calls:08d}.pt") as tmp:  # per-process temporary:
+                torch.save(self.bank, tmp)  # every process of a multi-process run writes the same bank
             for old in sorted(self.folder.glob("text-bank-*.pt"))[:-2]:
                 old.unlink(missing_ok=True)
 

@@ -3,7 +3,8 @@
 * :class:`SlideCache` — ``load_slide_inputs`` once per slide, written with ``save_slide_inputs`` under
   ``RUN/cache/inputs-<hash>/<slide_id>.pt`` (hash of the selection settings) and always read back through
   ``load_cached_inputs`` (the first epoch sees exactly what later ones and a resumed run see); an LRU keeps the
-  most recent slides in RAM.
+  most recent slides in RAM. Several processes build it together before training, each its own share, then wait
+  for each other (:meth:`SlideCache.prepare`): no file is written by two processes or read while being written.
 * :func:`load_train_text` — records (any format of :mod:`hwsi.data`) matched to the job's stores; records
   without a store are reported (``TrainText.match``), never fatal. Reports per slide come from ``data.reports``
   (restricted to slides that HAVE train records, so val/test reports of a cohort-wide file never train) or, without
@@ -23,6 +24,7 @@ import logging
 import random
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +85,24 @@ class SlideCache:
             save_slide_inputs(load_slide_inputs(store, **self.kw), p)
         return p
 
-    def prepare(self, slide_ids: list[str], progress: bool = True) -> None:
+    def prepare(self, slide_ids: list[str], progress: bool = True, rank: int = 0, world: int = 1,
+                barrier: Callable[[], None] | None = None) -> None:
+        """Write the cache files of ``slide_ids`` that are missing or stale, before training.
+
+        Process ``rank`` of ``world`` writes every ``world``-th slide of the sorted ids from its rank (a slide is
+        only ever written by one process), then ``barrier()`` waits for all of them; each process then checks that
+        every file is there (and up to date), so training reads only finished files."""
         from tqdm.auto import tqdm
 
-        for sid in tqdm(sorted(set(slide_ids)), desc="slide cache", unit="slide", disable=not progress):
+        todo = sorted(set(slide_ids))
+        for sid in tqdm(todo[rank::world], desc="slide cache", unit="slide", disable=not progress or rank != 0):
             self.ensure(sid)
+        if world > 1:
+            if barrier is None:
+                raise ConfigError("SlideCache.prepare: several processes need a barrier")
+            barrier()
+            for sid in todo:
+                self.ensure(sid)
 
     def get(self, slide_id: str) -> SlideInputs:
         if slide_id in self._mem:

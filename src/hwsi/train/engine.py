@@ -7,10 +7,20 @@ cosine/linear/constant schedule over ``items`` (anything indexable: slides, conv
 Data order. Epoch ``e`` visits ``items`` in the permutation drawn from ``torch.Generator`` seeded with
 ``(seed, e)`` — independent of every other random stream — so the data-order position is just the optimizer step
 (epoch = step // steps_per_epoch, offset = step % steps_per_epoch). Each global batch of ``batch_size`` indices is
-split across processes and then into micro-batches of ``micro_batch_size`` (gradient accumulation via
-``Accelerator.accumulate``). A last partial batch of an epoch is dropped, so every optimizer step sees the same
-number of items. Fewer items than ``batch_size``: the batch shrinks to the largest multiple of
-``micro_batch_size × processes`` that fits (logged).
+cut into ``accumulation`` consecutive micro-steps (gradient accumulation via ``Accelerator.accumulate``), and each
+micro-step's slice across the processes: micro-step k of W processes with micro-batch M covers the batch's items
+``[k·M·W, (k+1)·M·W)``, process r the M of them from ``k·M·W + r·M``. So W processes with micro-batch M see, at each
+micro-step, exactly the items one process with micro-batch M·W sees at that micro-step (what an in-batch term
+gathered across processes needs, :func:`hwsi.model.losses.slide_report_loss`), and the SET of micro-batches of one
+process with micro-batch M and W× the accumulation (what a token-mean LM loss needs). A last partial batch of an
+epoch is dropped, so every optimizer step sees the same number of items. Fewer items than ``batch_size``: the batch
+shrinks to the largest multiple of ``micro_batch_size × processes`` that fits (logged).
+
+Several processes (docs/cluster.md "Training on several processes"): the logged loss and terms are the means over
+processes (equal shares, so the mean over the global batch); ``stage_dir/processes.json`` (main process, atomic)
+records the accelerate state of the session (``num_processes``, ``WORLD_SIZE``, distributed type) and, per process,
+its pid, host and the item indices of its first steps, so a test can prove the ranks saw different shards.
+:func:`hwsi.train.processes.process_state` creates the process group before a stage's data preparation.
 
 Checkpoints (``stage_dir/checkpoints/step_NNNNNNN/``, written to ``*.tmp`` then renamed; ``checkpoints/last``
 names the newest; the oldest beyond ``keep_checkpoints`` are deleted) hold the TRAINABLE weights only
@@ -43,9 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsi.devices import accelerator_kwargs
 from hwsi.errors import HwsiError
 from hwsi.train.config import OptimConfig
+from hwsi.train.processes import RECORDED_STEPS, accelerate_kwargs, process_state, write_processes_record
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +204,9 @@ class Engine:
         self.seed = seed
         self.name = name
         self.progress = progress
-        from accelerate import PartialState
-
-        self.accum = cfg.accumulation(PartialState().num_processes)
+        self.accum = cfg.accumulation(process_state(device, precision).num_processes)
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum,
-                                       **accelerator_kwargs(device, precision))
+                                       **accelerate_kwargs(device, precision))
         # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
         self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
                           "requested": device}
@@ -222,6 +230,9 @@ class Engine:
             if n < unit:
                 raise TrainError(f"{self.name}: {n} items, fewer than one micro-batch per process ({unit})")
             log.warning("%s: %d items < batch_size %d; using batches of %d", self.name, n, self.cfg.batch_size, b)
+            if b < self.accum * self.accelerator.num_processes:
+                raise TrainError(f"{self.name}: {n} items, fewer than accumulation {self.accum} × "
+                                 f"{self.accelerator.num_processes} process(es): lower batch_size")
         return b, n // b
 
     def total_steps(self, n: int) -> int:
@@ -229,12 +240,11 @@ class Engine:
         return self.cfg.max_steps or self.cfg.epochs * per_epoch
 
     def _micro_batches(self, idx: list[int]) -> list[list[int]]:
-        """This process's share of a global batch, cut into micro-batches."""
+        """This process's micro-batches of a global batch: micro-step k's slice, this process's part of it
+        (module docstring; one process: consecutive micro-batches)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        share = len(idx) // world
-        mine = idx[rank * share:(rank + 1) * share]
-        m = max(1, len(mine) // self.accum)
-        return [mine[i * m:(i + 1) * m] for i in range(self.accum)]
+        m = max(1, len(idx) // world // self.accum)
+        return [idx[(k * world + rank) * m:(k * world + rank + 1) * m] for k in range(self.accum)]
 
     # ------------------------------------------------------------------ checkpoints
     def last_checkpoint(self) -> Path | None:
@@ -345,6 +355,8 @@ class Engine:
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         every = self.cfg.checkpoint_every or per_epoch
         last_ckpt = ckpt
+        seen: list[list[int]] = []  # this process's items of the session's first steps (processes.json)
+        start_step = step
         model.train()
         while step < total:
             epoch, pos = divmod(step, per_epoch)
@@ -352,7 +364,10 @@ class Engine:
             idx = order[pos * batch:(pos + 1) * batch]
             losses: list[float] = []
             terms: dict[str, list[float]] = {}
-            for micro in self._micro_batches(idx):
+            micro_batches = self._micro_batches(idx)
+            if len(seen) < RECORDED_STEPS:
+                seen.append([i for mb in micro_batches for i in mb])
+            for micro in micro_batches:
                 with acc.accumulate(model):
                     loss, parts = step_fn(model, [items[i] for i in micro])
                     if not torch.isfinite(loss):
@@ -368,12 +383,13 @@ class Engine:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
-            mean_loss = self._reduce(sum(losses) / len(losses))
+            names = sorted(terms)  # one collective for the loss and every term, on every process
+            mean_loss, *means = self._reduce([sum(losses) / len(losses)] + [sum(terms[k]) / len(terms[k])
+                                                                             for k in names])
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if self.is_main and (step % self.cfg.log_every == 0 or step == total):
-                row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr)}
-                row.update({k: self._reduce(sum(v) / len(v)) for k, v in sorted(terms.items())})
+                row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr), **dict(zip(names, means))}
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.metrics.append(row)
                 if tb is not None:
@@ -388,15 +404,19 @@ class Engine:
         bar.close()
         if tb is not None:
             tb.close()
-        rows = self.metrics.rows() if self.is_main else []
+        # a collective: after it metrics.csv is complete for every process
+        write_processes_record(acc, self.dir / "processes.json", start_step, seen,
+                               {"accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size})
+        rows = self.metrics.rows()
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
 
-    def _reduce(self, value: float) -> float:
+    def _reduce(self, values: list[float]) -> list[float]:
+        """The mean over processes of each value (one all-reduce); one process: the values as they are."""
         if self.accelerator.num_processes == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="mean")[0])
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return [float(x) for x in self.accelerator.reduce(t, reduction="mean")]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)

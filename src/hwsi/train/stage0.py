@@ -23,6 +23,7 @@ from hwsi.model.projectors import ProjectorConfig, Projectors
 from hwsi.train.config import TrainConfig
 from hwsi.train.data import ChatSample, findings_text, load_train_text, permute_options, store_ids
 from hwsi.train.engine import Engine, TrainError, seed_everything
+from hwsi.train.processes import process_state
 from hwsi.train.stage_common import StageResult, finish_stage, resolve_dims
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,13 @@ def run_stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
                     len(text.samples) - n_records, len(text.samples))
     stage_dir = out / "stage0"
     init_dir = stage_dir / "llm_init"
-    if not (resume and (init_dir / "config.json").is_file()):
-        t = cfg.tiny_llm
-        build_tiny_llm(init_dir, stage0_corpus(samples, findings), vocab_size=t.vocab_size, hidden=t.hidden,
-                       layers=t.layers, heads=t.heads, kv_heads=t.kv_heads, max_positions=t.max_positions,
-                       seed=cfg.seed)
+    state = process_state(cfg.device, cfg.precision)
+    with state.main_process_first():  # several processes: the main one builds the initial LLM, all then load it
+        if state.is_main_process and not (resume and (init_dir / "config.json").is_file()):
+            t = cfg.tiny_llm
+            build_tiny_llm(init_dir, stage0_corpus(samples, findings), vocab_size=t.vocab_size, hidden=t.hidden,
+                           layers=t.layers, heads=t.heads, kv_heads=t.kv_heads, max_positions=t.max_positions,
+                           seed=cfg.seed)
     llm, tok = load_llm(init_dir)
     cfg = resolve_dims(cfg, None, llm_dim=llm.get_input_embeddings().weight.shape[1])
     seed_everything(cfg.seed)

@@ -12,6 +12,12 @@ encoder's space when the patch encoder is ``hwsi_small_patch`` with ``minilm`` (
 * region i → argmax_sentences cos(norm(mean_j f_ij), sentence) over its selected patches;
 * slide ↔ its report over the batch (Eq. 7). Identical texts are masked as negatives (text ids). Each term is
 switchable (``stage1.loss``: use_Ls, use_Lc, use_Lwsi, scales — the Table 2 ablation).
+
+Several processes (docs/cluster.md): the slide cache is built shared out across them before training
+(:meth:`hwsi.train.data.SlideCache.prepare`), the text bank by the main process first (the others read its file);
+the in-batch Eq. 7 (``eq6: v1``) gathers every process's reports (:func:`hwsi.model.losses.slide_report_loss`); the
+v2 banks hold the whole train split and need nothing. A live text tower's bank refresh (``text_refresh_every``)
+counts optimizer steps, so it happens at the same steps whatever the processes and the accumulation.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from hwsi.train.alignment import BankBuilder, LiveText, parse_same_fact
 from hwsi.train.config import TrainConfig, save_train_config
 from hwsi.train.data import ReportUnits, TextBank, load_train_text, report_units, resolve
 from hwsi.train.engine import Engine, TrainError, seed_everything
+from hwsi.train.processes import process_state, union_over_processes
 from hwsi.train.stage_common import (
     ALIGNMENT_FILE,
     StageResult,
@@ -51,17 +58,18 @@ class AlignmentModel(nn.Module):
     """Stage-1 module: hierarchy -> alignment heads -> L_HCA (Eq. 9); optional trainable text tower."""
 
     def __init__(self, hierarchy: HierarchicalEncoder, heads: AlignmentHeads, loss: HCALossConfig,
-                 text_encoder: nn.Module | None = None) -> None:
+                 text_encoder: nn.Module | None = None, gather: bool = False) -> None:
         super().__init__()
         self.hierarchy = hierarchy
         self.heads = heads
         self.loss_cfg = loss
         self.text = text_encoder
+        self.gather = gather  # several processes: the in-batch Eq. 7 over every process's batch
 
     def forward(self, batch: SlideBatch, targets: AlignmentTargets, strings: list[str] | None = None) -> HCALossOutput:
         if self.text is not None and strings is not None:
             targets = self._live_text(targets, strings)
-        return hca_loss(self.heads(self.hierarchy(batch)), targets, self.loss_cfg)
+        return hca_loss(self.heads(self.hierarchy(batch)), targets, self.loss_cfg, self.gather)
 
     def _live_text(self, t: AlignmentTargets, strings: list[str]) -> AlignmentTargets:
         """Replace the cached text embeddings by the trainable tower's (ids index ``strings``).
@@ -150,6 +158,16 @@ class TargetBuilder:
         return out
 
 
+def _text_bank(encoder: nn.Module, path: Path, strings: list[str], state: Any) -> TextBank:
+    """The frozen embeddings of ``strings``, cached at ``path``: the main process encodes and saves first, the
+    others then read its file (one encoding, no two writers)."""
+    with state.main_process_first():
+        bank = TextBank(encoder, path)
+        bank.add(strings)
+        bank.save()
+    return bank
+
+
 def _targets_to(t: AlignmentTargets, device: torch.device) -> AlignmentTargets:
     def mv(s: ScaleTargets | None) -> ScaleTargets | None:
         if s is None:
@@ -169,17 +187,18 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
     slides = [s for s in text.slide_ids if s in text.reports]
     if not slides:
         raise TrainError("stage 1: no train slide has both a store and a report")
-    cache.prepare(slides, progress)
+    state = process_state(cfg.device, cfg.precision)
+    cache.prepare(slides, progress, state.process_index, state.num_processes, state.wait_for_everyone)
     s1 = cfg.stage1
     v2 = s1.loss.eq6 == "pooled"
     encoder = create_text_encoder(cfg.data.text_encoder)
-    bank = TextBank(encoder, out / "cache" / f"text-{cfg.data.text_encoder.replace(':', '_').replace('/', '_')}.pt")
+    bank_path = out / "cache" / f"text-{cfg.data.text_encoder.replace(':', '_').replace('/', '_')}.pt"
     if v2:
         rules = UnitRules.load(resolve(job, s1.unit_rules) if s1.unit_rules else None)
         routed = {s: route_report(text.reports[s], rules, s1.max_units) for s in slides}
         builder: Any = BankBuilder(routed, {s: text.reports[s] for s in slides}, text.facts,
                                    parse_same_fact(s1.same_fact), tuple(x for x in s1.loss.scales if x in UNIT_SCALES))
-        bank.add(builder.strings)
+        bank = _text_bank(encoder, bank_path, builder.strings, state)
         sizes = builder.sizes()
         log.info("stage 1: unit banks %s", sizes)
         empty = [x for x in s1.loss.scales if x in UNIT_SCALES and not sizes.get(x)]
@@ -188,9 +207,9 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
                         ", ".join(empty), s1.unit_rules or "the packaged default")
     else:
         units = {s: report_units(text.reports[s], s1.max_words, s1.max_phrases, s1.max_sentences) for s in slides}
-        bank.add([x for u in units.values() for x in (*u.words, *u.phrases, *u.sentences, u.report)])
+        bank = _text_bank(encoder, bank_path, [x for u in units.values()
+                                               for x in (*u.words, *u.phrases, *u.sentences, u.report)], state)
         builder = TargetBuilder(units, bank, s1.loss.scales)
-    bank.save()
     cfg = resolve_dims(cfg, cache.get(slides[0]), text_dim=bank.dim)
     save_train_config(cfg, out / "config.yaml")
 
@@ -202,25 +221,27 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
         n = unfreeze_last_layers(encoder, s1.text_finetune_layers)
         log.info("stage 1: training the last %d text-encoder blocks (%d parameters)", s1.text_finetune_layers, n)
         text_tower = encoder
-    model = AlignmentModel(hierarchy, heads, s1.loss, text_tower)
+    model = AlignmentModel(hierarchy, heads, s1.loss, text_tower, gather=state.num_processes > 1)
     engine = Engine(out / "stage1", s1, cfg.seed, cfg.precision, progress, "stage1", device=cfg.device)
     device = engine.accelerator.device
     if v2:
         frozen = nn.functional.normalize(bank.stack(builder.strings), dim=-1)
         live = None
         if text_tower is not None:
-            used, steps_per_epoch = engine.batch_plan(len(slides))
-            micro_per_step = used // (s1.micro_batch_size * engine.accelerator.num_processes)
-            per_epoch = steps_per_epoch * micro_per_step
+            _, steps_per_epoch = engine.batch_plan(len(slides))
+            micro_per_step = engine.accum  # LiveText counts its calls: one per micro-batch of this process
             ckpt = engine.last_checkpoint() if resume else None
             done = json.loads((ckpt / "state.json").read_text())["step"] * micro_per_step if ckpt else 0
-            live = LiveText(encoder, builder.strings, s1.text_refresh_every or per_epoch, out / "stage1" / "text",
-                            done)
+            live = LiveText(encoder, builder.strings, (s1.text_refresh_every or steps_per_epoch) * micro_per_step,
+                            out / "stage1" / "text", done)
 
     def step(m: nn.Module, ids: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = collate_slides([cache.get(s) for s in ids])
         if v2:
-            emb = live(builder.batch_strings(ids), device) if live is not None else frozen.to(device)
+            # a live text tower encodes with gradient the units of the whole micro-step (every process's slides):
+            # they are the other slides' negatives too, so this loss reaches them as one process's would
+            emb = (live(union_over_processes(builder.batch_strings(ids), state.num_processes), device)
+                   if live is not None else frozen.to(device))
             res = m(batch.to(device), builder(ids, emb))
         else:
             targets = _targets_to(builder(ids, batch), device)

@@ -27,6 +27,7 @@ from hwsi.model.mllm import MLLMHWSI
 from hwsi.train.config import TrainConfig, load_train_config, save_train_config
 from hwsi.train.data import ChatSample, SlideCache, TrainText, load_train_text, permute_options
 from hwsi.train.engine import Engine, TrainError, seed_everything
+from hwsi.train.processes import process_state
 from hwsi.train.stage_common import (
     ALIGNMENT_FILE,
     DTYPES,
@@ -207,7 +208,9 @@ def run_lm_stage(stage: int, cfg: TrainConfig, job: Path, out: Path, resume: boo
     if not samples:
         raise TrainError("stage 2: no train record answers with a slide's report/caption" if stage == 2
                          else "stage 3: no train records with a store")
-    cache.prepare([s.slide_id for s in samples] if stage == 2 else text.slide_ids, progress)
+    state = process_state(cfg.device, cfg.precision)  # several processes: each builds its share of the cache
+    cache.prepare([s.slide_id for s in samples] if stage == 2 else text.slide_ids, progress, state.process_index,
+                  state.num_processes, state.wait_for_everyone)
     cfg = _stage_cfg_from_run(cfg, out, cache, [samples[0].slide_id])
     model, cfg = stage_model(stage, cfg, out)
     save_train_config(cfg, out / "config.yaml")

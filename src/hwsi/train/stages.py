@@ -31,6 +31,7 @@ from hwsi.train.bundle import record_bundle
 from hwsi.train.config import TrainConfig
 from hwsi.train.data import store_ids
 from hwsi.train.engine import seed_everything
+from hwsi.train.processes import process_state
 from hwsi.train.stage0 import run_stage0
 from hwsi.train.stage1 import run_stage1
 from hwsi.train.stage_common import StageResult
@@ -57,7 +58,9 @@ def run_stage(stage: int, cfg: TrainConfig, job: str | Path, out: str | Path, re
           3: functools.partial(run_lm_stage, 3)}.get(stage)
     if fn is None:
         raise ConfigError(f"stage must be 0, 1, 2 or 3, got {stage}")
-    record_run_bundle(stage, cfg, job, out, fresh=stage == 1 and not resume)
+    state = process_state(cfg.device, cfg.precision)  # several processes: the main one writes the bundle first,
+    with state.main_process_first():  # the others then only check the stores against it
+        record_run_bundle(stage, cfg, job, out, fresh=stage == 1 and not resume and state.is_main_process)
     stage_dir = out / f"stage{stage}"
     done = stage_dir / "result.json"
     if resume and done.is_file():
