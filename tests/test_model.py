@@ -290,5 +290,6 @@ def test_hierarchy_output_split_collate_gives_the_same_visual_tokens() -> None:
     for orig, got in zip((a, b), back, strict=True):
         r, k = orig.patch_mask.shape[1:]
         assert torch.equal(got.cell_tokens[:, :r, :k], orig.cell_tokens)
-        assert torch.equal(got.patch_mask[:, :r, :k], orig.patch_mask) and torch.equal(got.slide_token, orig.slide_token)
+        assert torch.equal(got.patch_mask[:, :r, :k], orig.patch_mask)
+        assert torch.equal(got.slide_token, orig.slide_token)
         assert got.cell_tokens.data_ptr() != batch.cell_tokens.data_ptr()  # copies: the cache never pins a batch

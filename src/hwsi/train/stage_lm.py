@@ -97,7 +97,7 @@ class FrozenHierarchyCache:
 
     Stages 2 and 3 train the projectors (+ LoRA) on top of a hierarchy that is frozen and has no dropout, so its
     output for a slide (Eq. 3-5: c_ij, f_ij, r_i, f_WSI) is the same at every step. Computing it at every step was
-    ~30 % of a stage-3 step on the demo (docs/ablations.md, "Where a training step goes"). The projectors still run
+    ~40 % of a stage-2/3 step on the demo (docs/training-profile.md). The projectors still run
     at every step: they train. When any hierarchy parameter requires grad the cache is not used.
     """
 
