@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ import pytest
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not "
                                      "installed (the deepspeed extra: make test installs '.[test,deepspeed]')")
 
+REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 STEPS = 4
 # ZeRO-3 (2 processes, partitioned fp32 AdamW) vs accelerate (1 process): the same sums in another order (float32)
@@ -53,7 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for s in range(4):
         assert run_stage(s, load_train_config(one), job, ref, progress=False).finished
     d = root / "two"
-    for name in ("z3", "z3r"):
+    for name in ("z3", "z3r", "z3one"):
         (d / name).mkdir(parents=True)
         shutil.copy(ref / "config.yaml", d / name / "config.yaml")
         for part in ("stage0", "stage1", "stage2"):
@@ -64,6 +68,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         _torchrun([{**base, "out": str(d / "z3")}, {**base, "out": str(d / "z3r"), "stop_after": 2}], root)
         stopped = sorted(p.name for p in (d / "z3r" / "stage3" / "checkpoints").iterdir())
         _torchrun([{**base, "out": str(d / "z3r"), "resume": True}], root)
+        # one process, no launcher, through the command line (hwsi makes the process group of one)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+        env.pop("WORLD_SIZE", None)
+        subprocess.run(["nice", "-n", "10", sys.executable, "-m", "hwsi.cli", "train", "--stage", "3", "--config",
+                        str(zero), "--job", str(job), "--out", str(d / "z3one")], check=True, env=env, timeout=600,
+                       capture_output=True)
     return {"ref": ref, "two": d, "job": job, "stopped": stopped}
 
 
@@ -113,11 +123,17 @@ def test_zero3_stopped_and_resumed_equals_the_uninterrupted_run(runs: dict) -> N
 @pytest.mark.slow
 @needs_deepspeed
 def test_zero3_losses_equal_the_one_process_accelerate_run(runs: dict) -> None:
-    ref, z3 = _losses(runs["ref"] / "stage3"), _losses(runs["two"] / "z3" / "stage3")
-    worst = max(abs(a - b) for a, b in zip(ref, z3, strict=True))
-    print(f"ZeRO-3 2 processes vs accelerate 1 process, stage 3 losses: max |diff| {worst:.2e}")
-    for a, b in zip(ref, z3, strict=True):
-        assert abs(a - b) <= ZERO3_ATOL + ZERO3_RTOL * abs(a), (ref, z3)
+    """2 processes (torchrun) and 1 process (`hwsi train`, no launcher) under ZeRO-3 vs accelerate on 1 process."""
+    ref = _losses(runs["ref"] / "stage3")
+    assert len(ref) == STEPS
+    for name in ("z3", "z3one"):
+        z3 = _losses(runs["two"] / name / "stage3")
+        worst = max(abs(a - b) for a, b in zip(ref, z3, strict=True))
+        print(f"ZeRO-3 {name} vs accelerate 1 process, stage 3 losses: max |diff| {worst:.2e}")
+        for a, b in zip(ref, z3, strict=True):
+            assert abs(a - b) <= ZERO3_ATOL + ZERO3_RTOL * abs(a), (name, ref, z3)
+    one = json.loads((runs["two"] / "z3one" / "stage3" / "processes.json").read_text())
+    assert one["num_processes"] == one["world_size_env"] == 1 and one["backend"] == "deepspeed"
 
 
 @pytest.mark.slow

@@ -318,6 +318,9 @@ class Engine:
         elif acc.distributed_type == DistributedType.DEEPSPEED:
             acc.load_state(str(path / "accelerate"))
         else:
+            if not (path / "trainable.pt").is_file():
+                raise TrainError(f"{path}: no trainable.pt (a checkpoint of backend deepspeed?): resume with the "
+                                 "backend that wrote it")
             load_trainable_state(acc.unwrap_model(model), torch.load(path / "trainable.pt", weights_only=True),
                                  str(path))
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))

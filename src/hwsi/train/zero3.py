@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ def deepspeed_settings(path: str | Path, stage: OptimConfig, accumulation: int, 
     """The DeepSpeed config of ``path`` (a JSON file, or a shipped one by file name: ``deepspeed_zero3.json``) with
     what accelerate would fill in: the batch sizes, accumulation and clipping of ``stage``, bf16/fp16 from the run's
     ``precision``; remaining ``"auto"`` values of ``zero_optimization`` are left to DeepSpeed's defaults."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("backend: deepspeed needs the deepspeed package: pip install 'hwsi[deepspeed]' "
+                          "(deepspeed==0.19.8)")
     p = Path(path)
     if not p.is_file() and len(p.parts) == 1 and shipped_file(p.name).is_file():
         p = shipped_file(p.name)
@@ -61,10 +66,17 @@ def deepspeed_settings(path: str | Path, stage: OptimConfig, accumulation: int, 
 
 
 def initialize(model: nn.Module, optimizer: Any, settings: dict[str, Any]) -> tuple[Any, Any]:
-    """``deepspeed.initialize`` on the process group already formed (accelerate's, torch.distributed): the engine
+    """``deepspeed.initialize`` on the process group already formed (accelerate's; one process: a group of one
+    made here): the engine
     (a module whose ``.module`` is ``model``, its parameters partitioned in place) and the ZeRO optimizer."""
     import deepspeed
+    import torch
+    import torch.distributed as dist
 
+    if not dist.is_initialized():  # one process without a launcher: a process group of one (in memory)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it (a launcher sets it)
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=settings,
                                                        dist_init_required=False)
     return engine, zero_optimizer
