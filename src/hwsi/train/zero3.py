@@ -6,8 +6,8 @@ The one training loop (:class:`hwsi.train.engine.Engine`) has two backends:
   --deepspeed_config_file ...`` makes that a DeepSpeed run too (accelerate fills the config's ``auto`` values).
 * ``deepspeed``: the Engine hands the model and its AdamW to ``deepspeed.initialize`` itself, with the JSON of
   ``TrainConfig.deepspeed_config`` completed by :func:`deepspeed_settings`. This is the path that runs ZeRO-3 on
-  CPU processes (torchrun, gloo): there accelerate ignores DeepSpeed (``ACCELERATE_USE_CPU``). It works the same
-  under torchrun on GPUs.
+  CPU processes (torchrun, gloo; or one process, no launcher): there accelerate ignores DeepSpeed
+  (``ACCELERATE_USE_CPU``). Under torchrun on GPUs it is the same code (not run here: no GPU).
 
 What this module owns: the completed config, ``initialize``, the sharded checkpoint folder
 (``step_NNNNNNN/deepspeed/state/``: per process R ``zero_pp_rank_R_mp_rank_00_model_states.pt`` and
