@@ -207,3 +207,21 @@ def test_the_shipped_zero3_config_is_completed_from_the_stage(tmp_path: Path) ->
         deepspeed_settings(str(bad), stage, 2, 2, "no")
     with pytest.raises(ConfigError, match=r"nope.json: not a readable DeepSpeed JSON config \(deepspeed_config\)"):
         deepspeed_settings(str(tmp_path / "nope.json"), stage, 2, 2, "no")
+
+
+def test_a_checkpoint_is_resumed_only_by_the_backend_that_wrote_it(tmp_path: Path) -> None:
+    """A DeepSpeed checkpoint (deepspeed/state, no trainable.pt) under backend accelerate, and the other way round."""
+    from hwsi.errors import ConfigError
+    from hwsi.train.config import OptimConfig
+    from hwsi.train.engine import Engine, TrainError
+    from hwsi.train.zero3 import load
+
+    ckpt = tmp_path / "step_0000002"
+    (ckpt / "deepspeed" / "state").mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "seed": 0, "processes": 1}))
+    engine = Engine(tmp_path / "stage3", OptimConfig(), seed=0, progress=False, device="cpu")
+    with pytest.raises(TrainError, match=r"step_0000002: no trainable.pt \(a checkpoint of backend deepspeed\?\)"):
+        engine._load(ckpt, None, None, None)
+    shutil.rmtree(ckpt / "deepspeed")
+    with pytest.raises(ConfigError, match=r"step_0000002: no DeepSpeed checkpoint \(deepspeed/state\)"):
+        load(None, ckpt)
