@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup-system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_FLAGS) -e '.[test]'
+	$(PY) -m pip install -q $(PIP_FLAGS) -e '.[test,deepspeed]'  # deepspeed: tests/test_train_deepspeed.py
 	bash scripts/setup-system.sh $(VENV)
 	touch $@
 

@@ -180,6 +180,9 @@ def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run(runs: dic
     straight, resumed = d / "s3" / "stage3", d / "s3r" / "stage3"
     rec = json.loads((resumed / "processes.json").read_text())
     assert rec["num_processes"] == rec["world_size_env"] == WORLD and rec["start_step"] == 2
+    first = [p["first_steps"] for p in rec["processes"]]  # the resumed session's steps 3-4: each rank its own items
+    assert len({p["pid"] for p in rec["processes"]}) == WORLD and len(first[0]) == len(first[1]) == 2
+    assert all(a and b and not set(a) & set(b) for a, b in zip(*first, strict=True)), first
     a = (straight / "metrics.csv").read_text().splitlines()
     b = (resumed / "metrics.csv").read_text().splitlines()
     col = a[0].split(",").index("loss")
@@ -264,7 +267,10 @@ def test_hwsi_eval_command_on_two_processes_writes_what_one_process_writes(runs:
             str(runs["ref"]), "--max-new-tokens", "4", "--no-meteor", "--convention", "coco", "--coco-tokenizer",
             "simple", "--answer-batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) in (0, None)
-    _torchrun([{"kind": "cli", "args": [*args, "--out", str(tmp_path / "two")]}], tmp_path)
+    _torchrun([{"kind": "cli", "args": [*args, "--out", str(tmp_path / "two")], "record": str(tmp_path / "ranks")}],
+              tmp_path)
+    ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert all(r["num_processes"] == r["world_size_env"] == WORLD for r in ranks) and len({r["pid"] for r in ranks}) == 2
     written = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert "report.json" in written and "vqa.json" in written
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == written
@@ -369,6 +375,14 @@ def _worker(plan_path: str) -> None:
             from hwsi.cli import main
 
             assert main(item["args"]) in (0, None)
+            if item.get("record"):  # which process this was, as accelerate saw it (the test checks 2 = WORLD_SIZE)
+                from hwsi.train.processes import process_state
+
+                state, where = process_state("cpu"), Path(item["record"])
+                where.mkdir(parents=True, exist_ok=True)
+                (where / f"rank{state.process_index}.json").write_text(json.dumps({
+                    "num_processes": state.num_processes, "world_size_env": int(os.environ["WORLD_SIZE"]),
+                    "pid": os.getpid()}))
             continue
         if item["kind"] in ("eq7", "eval"):
             _worker_eq7(Path(item["out"])) if item["kind"] == "eq7" else _worker_eval(item)

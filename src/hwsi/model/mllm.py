@@ -130,7 +130,8 @@ class MLLMHWSI(nn.Module):
     # ------------------------------------------------------------------ visual prefix
     @property
     def embed_dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
+        # via parameters(), not .weight: under DeepSpeed ZeRO-3 reading .weight gathers the whole matrix
+        return next(self.llm.get_input_embeddings().parameters()).dtype
 
     def project(self, h: HierarchyOutput, region_token_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Projected, marker-wrapped visual tokens per slide, in paper order [z_c, z_p, z_r, z_WSI].
@@ -192,9 +193,10 @@ class MLLMHWSI(nn.Module):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+    def _embed_ids(self, ids: list[int], device: torch.device | None = None) -> torch.Tensor:
         emb = self.llm.get_input_embeddings()
-        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))
+        where = next(emb.parameters()).device if device is None else device
+        return emb(torch.tensor(ids, dtype=torch.long, device=where))
 
     def build_inputs(
         self,
@@ -207,35 +209,43 @@ class MLLMHWSI(nn.Module):
         if len(visual) != len(conversations):
             raise ValueError(f"{len(visual)} visual prefixes for {len(conversations)} conversations")
         img, ign = self.cfg.image_token, self.cfg.ignore_index
-        rows: list[tuple[torch.Tensor, list[int]]] = []
+        # every text piece of the batch (and the pad token) goes through the embedding in ONE call: under DeepSpeed
+        # ZeRO-3 each call of a module is a collective, so their number must not depend on the conversations
+        all_ids: list[int] = []
+        rows_ids: list[tuple[list[torch.Tensor | tuple[int, int]], list[int]]] = []
         n_vis, n_txt = [], []
         for vis, conv in zip(visual, conversations):
             msgs = ensure_image(normalize_messages(conv), img)
-            pieces: list[torch.Tensor] = []
+            pieces: list[torch.Tensor | tuple[int, int]] = []
             labels: list[int] = []
             text_count = 0
             for text, is_answer in self.segments(msgs, add_generation_prompt):
                 parts = text.split(img)
                 for j, part in enumerate(parts):
                     ids = self._ids(part)
-                    pieces.append(self._embed_ids(ids))
+                    pieces.append((len(all_ids), len(all_ids) + len(ids)))
+                    all_ids += ids
                     labels += ids if is_answer else [ign] * len(ids)
                     text_count += len(ids)
                     if j < len(parts) - 1:
                         pieces.append(vis)
                         labels += [ign] * vis.shape[0]
-            emb = torch.cat(pieces, dim=0)
+            rows_ids.append((pieces, labels))
+            n_vis.append(int(vis.shape[0]))
+            n_txt.append(text_count)
+        dev = visual[0].device
+        text_emb = self._embed_ids(all_ids + [self.tokenizer.pad_token_id], dev)
+        pad_vec = text_emb[-1]
+        rows: list[tuple[torch.Tensor, list[int]]] = []
+        for pieces, labels in rows_ids:
+            emb = torch.cat([p if isinstance(p, torch.Tensor) else text_emb[p[0]:p[1]] for p in pieces], dim=0)
             if self.cfg.max_length and emb.shape[0] > self.cfg.max_length:
                 log.warning("sequence of %d tokens truncated to max_length %d", emb.shape[0], self.cfg.max_length)
                 emb, labels = emb[: self.cfg.max_length], labels[: self.cfg.max_length]
             rows.append((emb, labels))
-            n_vis.append(int(vis.shape[0]))
-            n_txt.append(text_count)
         log.debug("MLLM inputs: visual tokens %s, text tokens %s", n_vis, n_txt)
         length = max(e.shape[0] for e, _ in rows)
         h = rows[0][0].shape[1]
-        dev = rows[0][0].device
-        pad_vec = self._embed_ids([self.tokenizer.pad_token_id])[0]
         embeds = pad_vec.expand(len(rows), length, h).clone()
         attn = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
         labs = torch.full((len(rows), length), ign, dtype=torch.long, device=dev)

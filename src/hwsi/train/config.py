@@ -165,6 +165,11 @@ class TrainConfig:
     device: str = "auto"  # cpu | cuda | cuda:N | auto (hwsi.devices)
     precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate mixed_precision
     llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the LLM is loaded in
+    # the training loop's backend (docs/cluster.md "DeepSpeed ZeRO-3"): accelerate (also DeepSpeed under `accelerate
+    # launch --use_deepspeed`), or deepspeed = deepspeed.initialize driven by hwsi with `deepspeed_config` (ZeRO-3 on
+    # CPU processes under torchrun; stages 2 and 3)
+    backend: Literal["accelerate", "deepspeed"] = "accelerate"
+    deepspeed_config: str = "deepspeed_zero3.json"  # a DeepSpeed JSON file, or a shipped one by file name
     data: DataConfig = field(default_factory=DataConfig)
     model: MLLMConfig = field(default_factory=MLLMConfig)  # llm_path "" = the stage-0 LLM of this run
     tiny_llm: TinyLLMConfig = field(default_factory=TinyLLMConfig)

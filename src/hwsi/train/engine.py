@@ -29,6 +29,13 @@ and the step. ``fit(resume=True)`` restores all of it and truncates ``metrics.cs
 stopped and resumed CPU run logs exactly the losses of an uninterrupted one. Under DeepSpeed the model/optimizer
 state goes through ``Accelerator.save_state`` (sharded ZeRO-3 files) instead.
 
+Backends (the seam of docs/cluster.md "DeepSpeed ZeRO-3"): ``backend="accelerate"`` prepares the model with the
+``Accelerator`` (one CPU process, DDP, or DeepSpeed under ``accelerate launch --use_deepspeed``);
+``backend="deepspeed"`` hands it to ``deepspeed.initialize`` directly (:mod:`hwsi.train.zero3`; how ZeRO-3 runs on
+CPU processes, where accelerate ignores DeepSpeed). The loop, data order, schedule, metrics, RNG states and
+``processes.json`` are the same; only the micro-step (``engine.backward`` + ``engine.step``, which accumulates,
+clips and steps at the boundary) and the checkpoint's model/optimizer part (``step_NNNNNNN/deepspeed/``) differ.
+
 Metrics: ``stage_dir/metrics.csv`` (step, epoch, loss, lr, the step function's terms, seconds; losses written
 with ``repr`` so they round-trip exactly), TensorBoard events in ``stage_dir/tb`` when ``tensorboard`` is
 installed, and a tqdm progress bar.
@@ -36,6 +43,7 @@ installed, and a tqdm progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -55,6 +63,7 @@ from torch import nn
 
 from hwsi.errors import HwsiError
 from hwsi.train.config import OptimConfig
+from hwsi.train import zero3
 from hwsi.train.processes import RECORDED_STEPS, accelerate_kwargs, process_state, write_processes_record
 
 log = logging.getLogger(__name__)
@@ -196,7 +205,8 @@ class Engine:
     """One stage's optimisation loop (see the module docstring)."""
 
     def __init__(self, stage_dir: str | Path, cfg: OptimConfig, seed: int, precision: str = "no",
-                 progress: bool = True, name: str = "train", device: str = "auto", dtype: str = "float32") -> None:
+                 progress: bool = True, name: str = "train", device: str = "auto", dtype: str = "float32",
+                 backend: str = "accelerate", deepspeed_config: str = "deepspeed_zero3.json") -> None:
         from accelerate import Accelerator
 
         self.dir = Path(stage_dir)
@@ -209,7 +219,13 @@ class Engine:
                                        **accelerate_kwargs(device, precision))
         # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
         self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
-                          "requested": device}
+                          "requested": device, "backend": backend}
+        self.deepspeed: dict[str, Any] | None = None  # backend "deepspeed": the completed DeepSpeed config
+        if backend == "deepspeed":
+            self.deepspeed = zero3.deepspeed_settings(deepspeed_config, cfg, self.accum,
+                                                      self.accelerator.num_processes, precision)
+        elif backend != "accelerate":
+            raise TrainError(f"{name}: backend must be accelerate or deepspeed, got {backend!r}")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.dir / "checkpoints"
         self.metrics = MetricsLog(self.dir / "metrics.csv")
@@ -265,7 +281,9 @@ class Engine:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        if acc.distributed_type == DistributedType.DEEPSPEED:
+        if self.deepspeed is not None:
+            zero3.save(model, tmp)
+        elif acc.distributed_type == DistributedType.DEEPSPEED:
             acc.save_state(str(tmp / "accelerate"))
         elif self.is_main:
             torch.save(trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
@@ -295,9 +313,14 @@ class Engine:
         if state.get("processes", 1) != acc.num_processes:
             log.warning("%s: checkpoint written by %d processes, resuming with %d: data order per process changes",
                         self.name, state.get("processes"), acc.num_processes)
-        if acc.distributed_type == DistributedType.DEEPSPEED:
+        if self.deepspeed is not None:
+            zero3.load(model, path)
+        elif acc.distributed_type == DistributedType.DEEPSPEED:
             acc.load_state(str(path / "accelerate"))
         else:
+            if not (path / "trainable.pt").is_file():
+                raise TrainError(f"{path}: no trainable.pt (a checkpoint of backend deepspeed?): resume with the "
+                                 "backend that wrote it")
             load_trainable_state(acc.unwrap_model(model), torch.load(path / "trainable.pt", weights_only=True),
                                  str(path))
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
@@ -333,7 +356,10 @@ class Engine:
         warmup = int(self.cfg.warmup_ratio * total)
         optimizer = self._optimizer(model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.scheduler, warmup, total))
-        model, optimizer = acc.prepare(model, optimizer)
+        if self.deepspeed is not None:
+            model, optimizer = zero3.initialize(model, optimizer, self.deepspeed)
+        else:
+            model, optimizer = acc.prepare(model, optimizer)
         step = 0
         ckpt = self.last_checkpoint() if resume else None
         if resume and ckpt is None:
@@ -368,15 +394,7 @@ class Engine:
             if len(seen) < RECORDED_STEPS:
                 seen.append([i for mb in micro_batches for i in mb])
             for micro in micro_batches:
-                with acc.accumulate(model):
-                    loss, parts = step_fn(model, [items[i] for i in micro])
-                    if not torch.isfinite(loss):
-                        raise TrainError(f"{self.name}: non-finite loss {loss.item()} at step {step + 1}")
-                    acc.backward(loss)
-                    if acc.sync_gradients and self.cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss, parts = self._micro_step(model, optimizer, step_fn, [items[i] for i in micro], step)
                 losses.append(float(loss.detach()))
                 for k, v in parts.items():
                     terms.setdefault(k, []).append(float(v))
@@ -406,10 +424,32 @@ class Engine:
             tb.close()
         # a collective: after it metrics.csv is complete for every process
         write_processes_record(acc, self.dir / "processes.json", start_step, seen,
-                               {"accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size})
+                               {"accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size,
+                                "backend": self.placement["backend"],
+                                "zero_stage": (self.deepspeed or {}).get("zero_optimization", {}).get("stage")})
         rows = self.metrics.rows()
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
+
+    def _micro_step(self, model: nn.Module, optimizer, step_fn: StepFn, batch: list[Any],
+                    step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward, backward and (at the accumulation boundary) clip + optimizer step of one micro-batch."""
+        acc = self.accelerator
+        ctx = contextlib.nullcontext() if self.deepspeed is not None else acc.accumulate(model)
+        with ctx:
+            loss, parts = step_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainError(f"{self.name}: non-finite loss {loss.item()} at step {step + 1}")
+            if self.deepspeed is not None:  # DeepSpeed's engine: scales by the accumulation, clips, steps, zeroes
+                model.backward(loss)
+                model.step()
+                return loss, parts
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss, parts
 
     def _reduce(self, values: list[float]) -> list[float]:
         """The mean over processes of each value (one all-reduce); one process: the values as they are."""
@@ -419,5 +459,12 @@ class Engine:
         return [float(x) for x in self.accelerator.reduce(t, reduction="mean")]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
+        if self.deepspeed is not None:  # the DeepSpeed engine, or the model itself
+            return getattr(model, "module", model)
         return self.accelerator.unwrap_model(model)
+
+    def gathered(self, model: nn.Module, select: Callable[[str], bool]):
+        """Context: the unwrapped model with the parameters ``select`` names whole on every process (ZeRO-3, either
+        backend; a collective, every process enters it) — what a stage's final save reads."""
+        return zero3.gathered(self.unwrap(model), select)
 

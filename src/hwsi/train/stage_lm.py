@@ -120,16 +120,18 @@ class FrozenHierarchyCache:
         return batch
 
 
-def _lm_step(cache: SlideCache, device: torch.device, memory_slides: int = 512):
+def _lm_step(cache: SlideCache, device: torch.device, memory_slides: int, frozen_hierarchy: nn.Module):
+    """The LM step; the frozen hierarchy's outputs come from ``frozen_hierarchy``, a copy of the model's made before
+    training: each process computes only the slides it misses, so it must not be a ZeRO-3-partitioned module
+    (whose every forward is a collective all processes must run together)."""
     frozen = FrozenHierarchyCache(cache, device, memory_slides)
 
     def step(m: nn.Module, samples: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
-        hierarchy = getattr(m, "module", m).hierarchy
         ids = [s.slide_id for s in samples]
-        if any(p.requires_grad for p in hierarchy.parameters()):
+        if any(p.requires_grad for p in getattr(m, "module", m).hierarchy.parameters()):
             batch = collate_slides([cache.get(s) for s in ids]).to(device)
         else:
-            batch = frozen.batch(hierarchy, ids)
+            batch = frozen.batch(frozen_hierarchy, ids)
         return m(batch, [s.messages for s in samples]).loss, {}
 
     return step
@@ -216,16 +218,19 @@ def run_lm_stage(stage: int, cfg: TrainConfig, job: Path, out: Path, resume: boo
     save_train_config(cfg, out / "config.yaml")
     name = f"stage{stage}"
     engine = Engine(out / name, cfg.stage2 if stage == 2 else cfg.stage3, cfg.seed, cfg.precision, progress, name,
-                    device=cfg.device, dtype=cfg.llm_dtype)
-    fit = engine.fit(model, samples, _lm_step(cache, engine.accelerator.device, cfg.data.memory_cache),
+                    device=cfg.device, dtype=cfg.llm_dtype, backend=cfg.backend, deepspeed_config=cfg.deepspeed_config)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # before ZeRO-3 partitions them
+    device = engine.accelerator.device
+    frozen_hierarchy = copy.deepcopy(model.hierarchy).to(device)
+    fit = engine.fit(model, samples, _lm_step(cache, device, cfg.data.memory_cache, frozen_hierarchy),
                      resume=resume, stop_after=stop_after)
     final = out / name / "final"
-    if fit.finished and engine.is_main:
-        m = engine.unwrap(model)
-        save_safetensors(m.projectors.state_dict(), final / PROJECTORS_FILE)
-        if stage == 3:
-            m.llm.save_pretrained(str(final / "lora"))
+    if fit.finished:  # ZeRO-3: the shards gathered on every process, written by the main one
+        with engine.gathered(model, lambda n: n.startswith("projectors.") or "lora_" in n) as m:
+            if engine.is_main:
+                save_safetensors(m.projectors.state_dict(), final / PROJECTORS_FILE)
+                if stage == 3:
+                    m.llm.save_pretrained(str(final / "lora"))
     if stage == 2:
         return finish_stage(2, out, fit, len(samples), final / PROJECTORS_FILE, {}, engine.is_main)
-    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return finish_stage(3, out, fit, len(samples), final, {"lora_params": n_lora}, engine.is_main)

@@ -58,6 +58,9 @@ def run_stage(stage: int, cfg: TrainConfig, job: str | Path, out: str | Path, re
           3: functools.partial(run_lm_stage, 3)}.get(stage)
     if fn is None:
         raise ConfigError(f"stage must be 0, 1, 2 or 3, got {stage}")
+    if cfg.backend == "deepspeed" and stage < 2:
+        raise ConfigError(f"backend: deepspeed drives stages 2 and 3 (ZeRO-3 over the LLM); run stage {stage} with "
+                          "backend accelerate (docs/cluster.md \"DeepSpeed ZeRO-3\")")
     state = process_state(cfg.device, cfg.precision)  # several processes: the main one writes the bundle first,
     with state.main_process_first():  # the others then only check the stores against it
         record_run_bundle(stage, cfg, job, out, fresh=stage == 1 and not resume and state.is_main_process)
