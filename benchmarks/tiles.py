@@ -6,8 +6,8 @@ request costs before the server's LRU cache of encoded tiles, identical for both
     nice -n 5 .venv/bin/python benchmarks/tiles.py --width 8192     # smaller synthetic slides
 
 Cases: (a) a synthetic pyramid with 2x steps (levels 1, 2, 4, ...), (b) the same slide with 4x steps (1, 4, 16),
-both written by hwsi.synth.pyramid.write_pyramid_tiff, (c) the real single-level SVS
-/work/shared/data/slides/cmu-1-small-region.svs (skipped where absent). Per DZI level, the same random tiles
+both written by hwsi.synth.pyramid.write_pyramid_tiff, (c) a real single-level SVS: ``--svs PATH``, else
+../shared/data/slides/cmu-1-small-region.svs beside the checkout (or under $HWSI_SHARED_DATA; skipped where absent). Per DZI level, the same random tiles
 (at most 40, seed 0) are rendered by both paths: cold = first render of each tile by a freshly opened slide
 (OpenSlide's and hwsi's caches empty; hwsi's overview is built by the first coarse tile that needs it, inside the
 timing), warm = the same tiles again on the same open slide. The file is in the OS page cache for both (written
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import sys
 import tempfile
@@ -31,7 +32,18 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-REAL_SVS = Path("/work/shared/data/slides/cmu-1-small-region.svs")
+
+
+def default_svs() -> Path | None:
+    """The shared real SVS, found as benchmarks/resample.py finds it ($HWSI_SHARED_DATA, then ../shared/data)."""
+    here = Path(__file__).resolve().parents[1]
+    env = os.environ.get("HWSI_SHARED_DATA")
+    for d in ([Path(env)] if env else []) + [here.parent / "shared" / "data", here.parent.parent / "shared" / "data"]:
+        f = d / "slides" / "cmu-1-small-region.svs"
+        if f.is_file():
+            return f
+    return None
+
 TILE = 256
 
 
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=int, default=16384, help="synthetic slide width (height = 3/4)")
     ap.add_argument("--tiles", type=int, default=40, help="random tiles per level")
+    ap.add_argument("--svs", type=Path, default=None, help="a single-level SVS for case (c) (default: the shared one)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/tiles.json"))
     args = ap.parse_args(argv)
     from hwsi.synth.pyramid import write_pyramid_tiff
@@ -136,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             info = write_pyramid_tiff(p, w, h, 0.5, fn, level_step=step)  # type: ignore[arg-type]
             print(f"{name}: {w}x{h}, levels {info.level_dimensions}", file=sys.stderr)
             rows += run_case(name, p, args.tiles, None)
-        if REAL_SVS.exists():
-            rows += run_case("svs-1-level", REAL_SVS, args.tiles, None)
+        svs = args.svs or default_svs()
+        if svs is not None and svs.is_file():
+            rows += run_case("svs-1-level", svs, args.tiles, None)
         else:
-            print(f"skipped the single-level SVS: {REAL_SVS} is absent", file=sys.stderr)
+            print(f"skipped the single-level SVS: {svs or 'cmu-1-small-region.svs'} not found", file=sys.stderr)
     hdr = (f"{'case':<12} {'L':>2} {'ds':>5} {'n':>3} | {'cold p50/p95 hwsi':>18} {'openslide':>13} {'ratio':>5} | "
            f"{'warm p50/p95 hwsi':>18} {'openslide':>13} {'ratio':>5}")
     print(hdr)
@@ -149,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['openslide_cold_p95']:<6.1f} {r['ratio_cold_p50']:>5.2f} | "
               f"{r['hwsi_warm_p50']:>8.1f}/{r['hwsi_warm_p95']:<9.1f} {r['openslide_warm_p50']:>6.1f}/"
               f"{r['openslide_warm_p95']:<6.1f} {r['ratio_warm_p50']:>5.2f}")
-    import os
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "load": os.getloadavg()}, indent=1))
     print(f"load average: {os.getloadavg()}")
