@@ -201,3 +201,48 @@ def test_region_identity_embeddings_mark_each_regions_tokens(llm_dir: Path) -> N
     r0 = 1 + n + 2 + n + 2  # first region token: cells + markers, patches + markers, <regions>
     torch.testing.assert_close(b[r0:r0 + 3] - a[r0:r0 + 3], e[torch.tensor([0, 1, 1])])
     torch.testing.assert_close(b[-2], a[-2])  # the slide token carries no region
+
+
+def test_region_positions_on_the_slide() -> None:
+    """region_positions: each region's centre over the slide's level-0 size in [-1, 1]; the real regions' box when
+    the size is unknown (0); padding regions 0."""
+    from dataclasses import replace
+
+    from hwsi.model.hierarchy import region_positions
+
+    slide = replace(random_slide(r=3), region_coords=torch.tensor([[0, 0], [64, 0], [192, 64]]),
+                    level0_size=torch.tensor([256, 128]))
+    small = replace(random_slide(r=2), region_coords=torch.tensor([[0, 0], [128, 0]]))  # size unknown
+    pos = region_positions(collate_slides([slide, small]))
+    want = torch.tensor([[[-0.75, -0.5], [-0.25, -0.5], [0.75, 0.5]],  # centres (32, 32), (96, 32), (224, 96)
+                         [[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])       # box of centres x 32..160, y 32..32; padding
+    torch.testing.assert_close(pos, want)
+
+
+def test_region_position_marks_only_the_region_tokens(llm_dir: Path) -> None:
+    """region_position "slide" adds a learned map of each region's slide position to its z_r only: same tokens
+    otherwise; two regions with the same features at different places differ; no parameter without regions."""
+    from dataclasses import replace
+
+    plain = make_model(llm_dir)
+    torch.manual_seed(0)
+    llm, tok = load_llm(llm_dir)
+    cfg = MLLMConfig(hierarchy=HierarchyConfig.tiny(), text_dim=10,
+                     projector=ProjectorConfig(hidden=24, llm_dim=H, region_position="slide"))
+    model = MLLMHWSI.from_config(cfg, llm, tok).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    slide = random_slide(r=3, k=4)
+    slide = replace(slide, region_input=slide.region_input[:1].expand(3, -1, -1).clone(),
+                    grid_mask=slide.grid_mask[:1].expand(3, -1).clone(), level0_size=torch.tensor([256, 256]))
+    with torch.no_grad():
+        a, b = plain.visual_tokens(collate_slides([slide]))[0], model.visual_tokens(collate_slides([slide]))[0]
+    assert a.shape == b.shape
+    n = int(slide.patch_mask.sum())
+    r0 = 1 + n + 2 + n + 2  # first region token
+    torch.testing.assert_close(b[:r0], a[:r0])  # cells, patches and their markers untouched
+    torch.testing.assert_close(b[r0 + 3:], a[r0 + 3:])  # </regions>, the slide token, its markers
+    torch.testing.assert_close(a[r0], a[r0 + 1])  # same region features: same z_r without positions ...
+    assert not torch.allclose(b[r0], b[r0 + 1])  # ... told apart by where they are
+    no_regions = MLLMConfig(hierarchy=HierarchyConfig.tiny(use_regions=False), text_dim=10,
+                            projector=ProjectorConfig(hidden=24, llm_dim=H, region_position="slide"))
+    assert MLLMHWSI.from_config(no_regions, llm, tok).projectors.region_position is None

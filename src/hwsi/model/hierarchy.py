@@ -73,6 +73,7 @@ class HierarchyOutput:
     patch_mask: torch.Tensor  # (B, R, k) bool: real selected patch (valid cell and patch tokens)
     region_mask: torch.Tensor  # (B, R) bool: real region
     cell_present: torch.Tensor  # (B, R, k) bool: the patch has >= 1 nucleus (else c_ij is the "no cells" token)
+    region_pos: torch.Tensor | None = None  # (B, R, 2) region centres on the slide in [-1, 1] (region_positions)
 
     def get(self, scale: str) -> torch.Tensor | None:
         return {"cells": self.cell_tokens, "patches": self.patch_tokens, "regions": self.region_tokens,
@@ -92,7 +93,7 @@ class HierarchyOutput:
         of the slides encoded one by one."""
         size = {1: max(o.region_mask.shape[1] for o in outs), 2: max(o.patch_mask.shape[2] for o in outs)}
         padded = {"cell_tokens": (1, 2), "patch_tokens": (1, 2), "patch_mask": (1, 2), "cell_present": (1, 2),
-                  "region_tokens": (1,), "region_mask": (1,), "slide_token": ()}
+                  "region_tokens": (1,), "region_mask": (1,), "slide_token": (), "region_pos": (1,)}
 
         def pad(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
             for d in dims:
@@ -144,4 +145,29 @@ class HierarchicalEncoder(nn.Module):
             if self.slide_vit is not None:
                 slide = self.slide_vit(all_regions, region_mask, batch.region_coords, batch.region_size_level0)
             regions = all_regions if cfg.use_regions else None
-        return HierarchyOutput(cells, patches, regions, slide, patch_mask, region_mask, cell_present)
+        return HierarchyOutput(cells, patches, regions, slide, patch_mask, region_mask, cell_present,
+                               region_positions(batch))
+
+
+def region_positions(batch: SlideBatch) -> torch.Tensor:
+    """(B, R, 2) float32 centre of each region on its slide, x and y in [-1, 1] (0 = the slide's centre line,
+    -1 = its left / top edge), from ``region_coords`` + half a region over the slide's level-0 size. A slide of
+    unknown size (``level0_size`` 0, caches written before it was stored) is centred on its real regions' box
+    instead. Padding regions get 0."""
+    centre = batch.region_coords.to(torch.float32) + batch.region_size_level0.to(torch.float32)[:, None, None] / 2
+    mask = batch.region_mask.to(torch.bool)
+    out = torch.zeros_like(centre)
+    size = batch.level0_size
+    for b in range(centre.shape[0]):
+        m = mask[b]
+        if not bool(m.any()):
+            continue
+        c = centre[b, m]
+        if size is not None and bool((size[b] > 0).all()):
+            half = size[b].to(torch.float32) / 2
+            mid = half
+        else:
+            lo, hi = c.min(dim=0).values, c.max(dim=0).values
+            mid, half = (lo + hi) / 2, ((hi - lo) / 2).clamp_min(1.0)
+        out[b, m] = ((c - mid) / half).clamp(-1.0, 1.0)
+    return out

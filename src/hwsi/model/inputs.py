@@ -22,7 +22,7 @@ Selection rules (deterministic; docs/design.md §5):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,11 @@ import torch
 
 from hwsi.errors import StoreError
 from hwsi.store import SlideStore
+
+
+# Bumped when SlideInputs gains a field: on-disk caches (train/data.py) are keyed by it and rebuilt.
+# 2: level0_size (slide-relative region positions, ProjectorConfig.region_position).
+INPUTS_SCHEMA = 2
 
 
 @dataclass
@@ -49,6 +54,7 @@ class SlideInputs:
     patch_coords: torch.Tensor  # (R, k, 2) int64 level-0 x, y of the selected patches (-1 = padding)
     region_index: torch.Tensor  # (R,) int64 row of each kept region in the store
     region_size_level0: float = 1.0  # level-0 px per region side (for 2-D slide positions)
+    level0_size: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # (2,) W, H; 0 = unknown
 
     @property
     def n_regions(self) -> int:
@@ -80,6 +86,7 @@ class SlideBatch:
     relevance: torch.Tensor  # (B, R, k)
     patch_coords: torch.Tensor  # (B, R, k, 2)
     region_size_level0: torch.Tensor  # (B,) float32
+    level0_size: torch.Tensor | None = None  # (B, 2) int64 slide W, H in level-0 px (0 = unknown)
 
     @property
     def batch_size(self) -> int:
@@ -152,6 +159,7 @@ def load_slide_inputs(
                 raise StoreError(path, f"missing dataset {name!r} (run `hwsi extract` with these encoders)")
         slide_id = str(s.meta.slide_id or path.stem)
         region_size_level0 = float(s.meta.region_size_level0)
+        level0_size = (int(s.meta.level0_width or 0), int(s.meta.level0_height or 0))
         sel_all = s.spf_selected()
         rel_all = s.spf_relevance()
         n_regions, g = rel_all.shape
@@ -208,7 +216,7 @@ def load_slide_inputs(
         slide_id=slide_id, patch_feats=t(patch_feats), patch_mask=t(patch_mask), region_input=t(region_in),
         grid_mask=t(grid_mask), cell_feats=t(cell_feats), cell_mask=t(cell_mask), region_coords=t(region_coords),
         selected=t(selected), relevance=t(relevance), patch_coords=t(patch_coords), region_index=t(keep.astype(np.int64)),
-        region_size_level0=region_size_level0,
+        region_size_level0=region_size_level0, level0_size=torch.tensor(level0_size, dtype=torch.int64),
     )
 
 
@@ -245,6 +253,7 @@ def collate_slides(items: list[SlideInputs]) -> SlideBatch:
         relevance=stack("relevance", (r, k), float("nan")),
         patch_coords=stack("patch_coords", (r, k, 2), -1),
         region_size_level0=torch.tensor([x.region_size_level0 for x in items], dtype=torch.float32),
+        level0_size=torch.stack([x.level0_size.to(torch.int64) for x in items]),
     )
 
 

@@ -159,6 +159,8 @@ class MLLMHWSI(nn.Module):
                 y = self.projectors(scale, x)
                 if region is not None:
                     y = self.projectors.add_region_identity(y, region)
+                if scale == "regions" and h.region_pos is not None:
+                    y = self.projectors.add_region_position(y, h.region_pos[b][rt])
                 segs.append(self.projectors.wrap(scale, y))
             out.append(torch.cat(segs, dim=0).to(self.embed_dtype))
         return out

@@ -13,11 +13,20 @@ learned vector per kept-region position (raster order of the kept regions, 0 …
 table share its last row) is added to the projected cell, patch and region tokens of that region, so the LLM can
 group evidence by region and tell regions apart (which region is lesional, how many are). The order stays
 Z = [z_c, z_p, z_r, z_WSI]; the slide token gets none.
+
+Region position (``region_position: slide``; docs/design.md §5): the region scale carries the slide's layout. Each
+z_r gets a learned linear map of its region's centre on the slide, (x, y) in [-1, 1] from
+:func:`hwsi.model.hierarchy.region_positions`, through low-frequency Fourier features
+[x, y, sin(πx·f/2), cos(πx·f/2), sin(πy·f/2), cos(πy·f/2) for f = 1, 2] — the same kind of 2-D position ViT_WSI
+gives its region inputs, kept on the tokens the LLM sees, so "where is the lesion" can be read from the regions.
+Cell and patch tokens get no position: they point to their region through the region identity above.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -31,6 +40,20 @@ class ProjectorConfig:
     llm_dim: NonNegInt = 3584  # Qwen2.5-7B hidden size
     markers: bool = True
     region_embed: int = 0  # size of the learned region-index table (0 = off; e.g. model.max_regions)
+    region_position: Literal["none", "slide"] = "none"  # z_r + a learned map of the region's place on the slide
+
+
+POSITION_FREQS = (1.0, 2.0)
+N_POSITION_FEATURES = 2 + 4 * len(POSITION_FREQS)
+
+
+def position_features(pos: torch.Tensor) -> torch.Tensor:
+    """(..., 2) positions in [-1, 1] -> (..., N_POSITION_FEATURES) Fourier features (module docstring)."""
+    feats = [pos]
+    for f in POSITION_FREQS:
+        a = pos * (math.pi * f / 2)
+        feats += [torch.sin(a), torch.cos(a)]
+    return torch.cat(feats, dim=-1)
 
 
 class Projectors(nn.Module):
@@ -48,6 +71,8 @@ class Projectors(nn.Module):
         }) if cfg.markers else None
         self.region_embed = (nn.Parameter(torch.randn(cfg.region_embed, cfg.llm_dim) * 0.02)
                              if cfg.region_embed > 0 else None)
+        self.region_position = (nn.Parameter(torch.randn(N_POSITION_FEATURES, cfg.llm_dim) * 0.02)
+                                if cfg.region_position == "slide" and "regions" in in_dims else None)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -63,6 +88,13 @@ class Projectors(nn.Module):
             return tokens
         idx = region.clamp(0, self.region_embed.shape[0] - 1).to(self.region_embed.device)
         return tokens + self.region_embed[idx].to(tokens.dtype)
+
+    def add_region_position(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(n, llm_dim) projected region tokens + the learned map of their (n, 2) slide positions in [-1, 1]."""
+        if self.region_position is None:
+            return tokens
+        w = self.region_position
+        return tokens + (position_features(pos.to(device=w.device, dtype=w.dtype)) @ w).to(tokens.dtype)
 
     def wrap(self, scale: str, tokens: torch.Tensor) -> torch.Tensor:
         """(n, llm_dim) -> (n + 2, llm_dim) with the scale's begin/end markers (unchanged if markers are off)."""

@@ -33,7 +33,7 @@ import torch
 
 from hwsi import textio
 from hwsi.errors import ConfigError, ConfigFileError
-from hwsi.model.inputs import SlideInputs, load_cached_inputs, load_slide_inputs, save_slide_inputs
+from hwsi.model.inputs import INPUTS_SCHEMA, SlideInputs, load_cached_inputs, load_slide_inputs, save_slide_inputs
 from hwsi.train.config import DataConfig
 from hwsi.data import Conversation, MatchReport, QAItem, load_records_report, match_records_to_stores
 from hwsi.features.vocab import entities_from_report
@@ -66,7 +66,7 @@ class SlideCache:
         self.stores = stores
         self.kw = dict(patch_encoder=data.patch_encoder, region_input=data.region_input, max_regions=max_regions,
                        k=k, max_cells=max_cells)
-        key = hashlib.sha1(json.dumps(self.kw, sort_keys=True).encode()).hexdigest()[:10]
+        key = hashlib.sha1(json.dumps({**self.kw, "schema": INPUTS_SCHEMA}, sort_keys=True).encode()).hexdigest()[:10]
         self.dir = Path(cache_root) / f"inputs-{key}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity = max(0, data.memory_cache)
