@@ -6,7 +6,14 @@ PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: venv demo test test-all bench clean
 
-venv: $(VENV)/.installed
+WEB_BUILT := src/hwsi/serve/static/vendor/.built  # the viewer's OpenSeadragon + Annotorious (git-ignored)
+
+venv: $(VENV)/.installed $(WEB_BUILT)
+
+# npm ci installs web/package-lock.json exactly; web/build.mjs copies their prebuilt bundles where the server serves
+$(WEB_BUILT): web/package.json web/package-lock.json web/build.mjs
+	@command -v npm >/dev/null || { echo "npm not found: the viewer needs node >= 20 and npm (apt-get install nodejs npm)"; exit 1; }
+	cd web && npm ci --no-audit --no-fund --loglevel=error && node build.mjs
 
 $(VENV)/.installed: pyproject.toml scripts/setup-system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,4 +35,4 @@ bench: venv
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache web/node_modules src/hwsi/serve/static/vendor

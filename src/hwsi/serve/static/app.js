@@ -1,4 +1,6 @@
-// hwsi viewer page: slide list, overlays, chat with streamed answers and evidence.
+// hwsi viewer page: slide list, overlays, region of interest, chat with streamed answers and evidence.
+// URL: ?slide=ID opens that slide; the hash holds the view and ROI (#cx=..&cy=..&s=..&roi=r:x,y,w,h | p:x,y;x,y;..),
+// all level-0 px, so a link reopens the same view. window.hwsi is a small API for tests and power users.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -18,26 +20,20 @@ const state = {
   session: null, busy: false,
   tokenEvents: 0,     // streamed token events received (for tests and the status line)
   shown: [],          // length of the displayed answer after each token event of the current answer
+  roi: null,          // {x, y, w, h} or {polygon: [[x, y], ...]} in level-0 px; null: the whole slide
+  roiRecord: null,    // the server's record of the latest answer's ROI (its "roi" event)
 };
-window.hwsi = { state };
 
-const viewer = new DeepZoomViewer($("viewer"), { onchange: onViewChange });
-window.hwsi.viewer = viewer;
+const viewer = new SlideView($("viewer"), { onchange: onViewChange, onroi: (roi) => setRoi(roi) });
 
 const on = (id) => $(id).checked;
 for (const id of ["ov-tissue", "ov-grid", "ov-spf", "ov-heatmap", "ov-nuclei", "ov-evidence"]) {
   $(id).addEventListener("change", () => { if (id === "ov-nuclei") scheduleNuclei(); viewer.redraw(); });
 }
+const rectScreen = (x, y, w, h) => viewer.rectScreen(x, y, w, h);
+const inView = (x, y, w, h) => viewer.inView(x, y, w, h);
 
 // ---------------------------------------------------------------------------------------------- overlays
-function rectScreen(x, y, w, h) {
-  const [sx, sy] = viewer.toScreen(x, y);
-  return [sx, sy, w * viewer.scale, h * viewer.scale];
-}
-function inView(x, y, w, h) {
-  const [x0, y0, x1, y1] = viewer.viewBox();
-  return x + w >= x0 && x <= x1 && y + h >= y0 && y <= y1;
-}
 
 viewer.overlays.push((ctx) => {   // tissue mask
   if (!on("ov-tissue") || !state.tissue || !state.tissue.complete) return;
@@ -69,7 +65,7 @@ viewer.overlays.push((ctx) => {   // heatmap of the latest answer
 
 viewer.overlays.push((ctx) => {   // region and patch grid
   if (!on("ov-grid") || !state.grid) return;
-  const g = state.grid, p = g.patch_size_level0, showPatches = p * viewer.scale >= 6;
+  const g = state.grid, p = g.patch_size_level0, showPatches = p * viewer.frame.s >= 6;
   g.regions.forEach(([rx, ry], r) => {
     if (!inView(rx, ry, g.region_size_level0, g.region_size_level0)) return;
     if (showPatches) {
@@ -89,9 +85,9 @@ viewer.overlays.push((ctx) => {   // region and patch grid
 
 viewer.overlays.push((ctx) => {   // SPF-selected patches
   if (!on("ov-spf") || !state.spf) return;
-  const p = state.spf.patch_size_level0;
+  const p = state.spf.patch_size_level0, e = 2 / viewer.frame.s;
   ctx.strokeStyle = "#00a0ff"; ctx.lineWidth = 2;
-  for (const s of state.spf.patches) if (inView(s.x, s.y, p, p)) ctx.strokeRect(...rectScreen(s.x + 2 / viewer.scale, s.y + 2 / viewer.scale, p - 4 / viewer.scale, p - 4 / viewer.scale));
+  for (const s of state.spf.patches) if (inView(s.x, s.y, p, p)) ctx.strokeRect(...rectScreen(s.x + e, s.y + e, p - 2 * e, p - 2 * e));
 });
 
 viewer.overlays.push((ctx) => {   // nuclei coloured by type
@@ -100,10 +96,10 @@ viewer.overlays.push((ctx) => {   // nuclei coloured by type
   for (const t of n.types) colours[t.index] = t.colour;
   ctx.lineWidth = 1.5;
   for (let i = 0; i < n.x.length; i++) {
-    const [sx, sy] = viewer.toScreen(n.x[i], n.y[i]);
+    const [sx, sy] = viewer.pointScreen(n.x[i], n.y[i]);
     ctx.strokeStyle = colours[n.type[i]] || "#fff";
     ctx.beginPath();
-    ctx.arc(sx, sy, Math.max(2, n.radius[i] * viewer.scale), 0, 2 * Math.PI);
+    ctx.arc(sx, sy, Math.max(2, n.radius[i] * viewer.frame.s), 0, 2 * Math.PI);
     ctx.stroke();
   }
 });
@@ -120,6 +116,17 @@ viewer.overlays.push((ctx) => {   // evidence of the latest answer
     ctx.fillStyle = ctx.strokeStyle;
     ctx.fillText(`${e.kind} r${e.region}${e.patch >= 0 ? " p" + e.patch : ""}`, sx + 3, sy - 4);
   }
+});
+
+viewer.overlays.push((ctx) => {   // the ROI (also shown, editable, by Annotorious): a dashed outline
+  const r = state.roi;
+  if (!r) return;
+  ctx.strokeStyle = "#ffffff"; ctx.lineWidth = 1; ctx.setLineDash([6, 4]);
+  if (r.polygon) {
+    ctx.beginPath();
+    r.polygon.forEach(([x, y], i) => { const [sx, sy] = viewer.pointScreen(x, y); i ? ctx.lineTo(sx, sy) : ctx.moveTo(sx, sy); });
+    ctx.closePath(); ctx.stroke();
+  } else ctx.strokeRect(...rectScreen(r.x, r.y, r.w, r.h));
 });
 
 // nuclei are fetched only at high zoom, only for the box in view (debounced)
@@ -155,6 +162,7 @@ function onViewChange(v) {
   $("status").textContent = `level ${v.level}/${s.dzi_info.max_level} · ${(s.mpp / v.scale).toFixed(2)} µm/px`;
   document.body.dataset.level = String(v.level);
   if (on("ov-nuclei")) scheduleNuclei();
+  scheduleHash();
 }
 
 // ---------------------------------------------------------------------------------------------- slides
@@ -171,16 +179,21 @@ async function loadSlides() {
     const span = document.createElement("span");
     span.textContent = `${s.id} (${s.mpp.toFixed(3)} µm/px)`;
     li.append(img, span);
-    li.addEventListener("click", () => openSlide(s.id));
+    li.addEventListener("click", () => openSlide(s.id, null, true));
     ul.append(li);
   }
-  if (data.slides.length) await openSlide(data.slides[0].id);
+  const want = HwsiUrl.read();
+  const ids = data.slides.map((s) => s.id);
+  if (want.slide !== null && !ids.includes(want.slide)) $("status").textContent = `no slide ${want.slide} in this job`;
+  const id = ids.includes(want.slide) ? want.slide : ids[0];
+  if (id !== undefined) await openSlide(id, id === want.slide ? want : null, false);
 }
 
-async function openSlide(id) {
+async function openSlide(id, view = null, push = false) {
   const enc = encodeURIComponent(id);
   const s = await (await api(`/api/slides/${enc}`)).json();
-  Object.assign(state, { slide: s, heatmap: null, evidence: [], highlight: null, nuclei: null, nucleiBox: null, session: null });
+  Object.assign(state, { slide: s, heatmap: null, evidence: [], highlight: null, nuclei: null, nucleiBox: null,
+                         session: null, roi: null, roiRecord: null, grid: null, spf: null, tissue: null });
   for (const li of $("slide-list").children) li.classList.toggle("active", li.dataset.slide === id);
   $("slide-title").textContent = `${s.id} — ${s.width}×${s.height} px, ${s.mpp} µm/px`;
   $("messages").innerHTML = "";
@@ -194,22 +207,66 @@ async function openSlide(id) {
   }
   $("ov-spf").disabled = !s.overlays.spf;
   $("ov-nuclei").disabled = !s.overlays.nuclei;
-  const fmt = s.dzi_info.format;
-  viewer.open({
-    width: s.width, height: s.height, tileSize: s.dzi_info.tile_size, overlap: s.dzi_info.overlap,
-    maxLevel: s.dzi_info.max_level, tileUrl: (L, c, r) => `${s.tiles}${L}/${c}_${r}.${fmt}`,
-  });
+  if (push) history.pushState(null, "", HwsiUrl.build(id, null, null));
+  await viewer.open({ width: s.width, height: s.height, maxLevel: s.dzi_info.max_level }, s.dzi);
   const [grid, spf] = await Promise.all([
     api(`/api/slides/${enc}/overlays/grid`).then((r) => r.json()),
     s.overlays.spf ? api(`/api/slides/${enc}/overlays/spf`).then((r) => r.json()) : null,
   ]);
+  if (state.slide !== s) return;   // another slide was opened meanwhile
   state.grid = grid; state.spf = spf;
   state.tissue = new Image();
   state.tissue.onload = () => viewer.redraw();
   state.tissue.src = `/api/slides/${enc}/overlays/tissue.png`;
+  if (view && view.s !== null && view.cx !== null && view.cy !== null) viewer.setView(view.cx, view.cy, view.s);
+  setRoi(view ? view.roi : null);
   document.body.dataset.slide = id;
   viewer.redraw();
 }
+
+// ---------------------------------------------------------------------------------------------- ROI and URL
+function setRoi(roi) {
+  state.roi = roi ? HwsiRoi.normalise(roi) : null;
+  viewer.showRoi(state.roi);
+  $("roi-status").textContent = HwsiRoi.describe(state.roi);
+  $("chat-title").textContent = state.roi ? "Ask about the ROI" : "Ask about this slide";
+  for (const b of ["roi-rect", "roi-poly"]) $(b).classList.remove("active");
+  document.body.dataset.roi = state.roi ? HwsiRoi.format(state.roi) : "";
+  viewer.redraw();
+  scheduleHash();
+  return state.roi;
+}
+function setTool(tool) {
+  viewer.setTool(tool);
+  $("roi-rect").classList.toggle("active", tool === "rectangle");
+  $("roi-poly").classList.toggle("active", tool === "polygon");
+}
+$("roi-rect").addEventListener("click", () => setTool($("roi-rect").classList.contains("active") ? null : "rectangle"));
+$("roi-poly").addEventListener("click", () => setTool($("roi-poly").classList.contains("active") ? null : "polygon"));
+$("roi-clear").addEventListener("click", () => { setTool(null); setRoi(null); });
+
+function getView() {
+  if (!state.slide || !viewer.item) return null;
+  const [cx, cy] = viewer.center();
+  const [x0, y0, x1, y1] = viewer.viewBox();
+  return { slide: state.slide.id, cx, cy, scale: viewer.scale, level: viewer.currentLevel(), box: [x0, y0, x1, y1],
+           umPerPx: viewer.umPerScreenPixel(state.slide.mpp), roi: state.roi };
+}
+let hashTimer = null;
+function scheduleHash() {   // the view and ROI in the URL (replaceState: no history entry per pan)
+  clearTimeout(hashTimer);
+  hashTimer = setTimeout(() => {
+    const v = getView();
+    if (!v) return;
+    const url = HwsiUrl.build(v.slide, v, state.roi);
+    history.replaceState(null, "", url);
+    $("view-link").href = url;
+  }, 250);
+}
+window.addEventListener("popstate", () => {
+  const want = HwsiUrl.read();
+  if (want.slide && (!state.slide || want.slide !== state.slide.id)) openSlide(want.slide, want, false);
+});
 
 // ---------------------------------------------------------------------------------------------- chat
 function addMessage(cls, text) {
@@ -242,7 +299,8 @@ async function ask(question) {
   if (!state.slide || state.busy) return;
   state.busy = true;
   $("ask").disabled = true;
-  addMessage("user", question);
+  const roi = state.roi;
+  addMessage("user", roi ? `${question}\n(${HwsiRoi.describe(roi)})` : question);
   const msg = addMessage("assistant", "");
   const text = document.createElement("div");
   text.className = "answer-text";
@@ -256,7 +314,7 @@ async function ask(question) {
     }
     const sess = state.session;
     const r = await api(`/api/chat/${encodeURIComponent(sess.id)}/ask`, {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ question }),
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(roi ? { question, roi: HwsiRoi.toApi(roi) } : { question }),
     });
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
@@ -289,12 +347,19 @@ async function handleEvent(ev, msg, text, sess) {
   } else if (ev.type === "error") {
     msg.classList.add("error");
     text.textContent += (text.textContent ? "\n" : "") + `[error] ${ev.message}`;
+  } else if (ev.type === "roi") {   // what the answer covers, as the server recorded it
+    state.roiRecord = ev;
+    const note = document.createElement("div");
+    note.className = "msg roi";
+    note.textContent = ev.summary;
+    msg.before(note);
   } else if (ev.type === "evidence") {
     state.evidence = ev.items;
     state.highlight = null;
     showEvidence(msg, ev.items);
     const h = await (await api(`/api/chat/${encodeURIComponent(sess.id)}/heatmap?turn=${ev.turn}`)).json();
     state.heatmap = h.scores;
+    state.evidenceTurn = ev.turn;
     $("export-link").href = `/api/slides/${encodeURIComponent(sess.slide)}/export.geojson?session=${encodeURIComponent(sess.id)}`;
     document.body.dataset.evidence = String(ev.items.length);
     viewer.redraw();
@@ -313,4 +378,15 @@ $("zoom-in").addEventListener("click", () => viewer.zoomBy(2));
 $("zoom-out").addEventListener("click", () => viewer.zoomBy(0.5));
 $("zoom-home").addEventListener("click", () => viewer.home());
 
-loadSlides().catch((e) => { $("status").textContent = String(e); });
+window.hwsi = {
+  state, viewer,
+  setRoi: (roi) => setRoi(roi),          // {x, y, w, h} | {polygon: [[x, y], ...]} | [[x, y], ...] | null, level-0 px
+  getRoi: () => state.roi,
+  getView,                                // {slide, cx, cy, scale, level, box, umPerPx, roi}
+  setView: (cx, cy, scale) => viewer.setView(cx, cy, scale),
+  fitBox: (x, y, w, h, margin) => viewer.fitBox(x, y, w, h, margin),
+  setTool,                                // "rectangle" | "polygon" | null
+  openSlide: (id) => openSlide(id, null, true),
+  ask,
+  ready: loadSlides().then(() => true).catch((e) => { $("status").textContent = String(e); return false; }),
+};
