@@ -359,7 +359,6 @@ async function handleEvent(ev, msg, text, sess) {
     showEvidence(msg, ev.items);
     const h = await (await api(`/api/chat/${encodeURIComponent(sess.id)}/heatmap?turn=${ev.turn}`)).json();
     state.heatmap = h.scores;
-    state.evidenceTurn = ev.turn;
     $("export-link").href = `/api/slides/${encodeURIComponent(sess.slide)}/export.geojson?session=${encodeURIComponent(sess.id)}`;
     document.body.dataset.evidence = String(ev.items.length);
     viewer.redraw();

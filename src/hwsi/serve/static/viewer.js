@@ -54,6 +54,11 @@ class SlideView {
   get item() { return this.osd.world.getItemAt(0); }
   get scale() { return this.item ? this.item.viewportToImageZoom(this.osd.viewport.getZoom(true)) : 1; }
   get fullyLoaded() { return !!this.item && this.item.getFullyLoaded(); }
+  // every tile in view drawn and no zoom/pan animation running (tests wait for it before comparing pictures)
+  get settled() {
+    const vp = this.osd.viewport;
+    return this.fullyLoaded && vp.getZoom(true) === vp.getZoom(false) && vp.getCenter(true).equals(vp.getCenter(false));
+  }
 
   center() {
     const p = this.item.viewportToImageCoordinates(this.osd.viewport.getCenter(true));
@@ -130,10 +135,18 @@ class SlideView {
   }
 
   // ------------------------------------------------------------------------------------------- ROI (Annotorious)
-  // tool: "rectangle" | "polygon" | null (navigation)
+  // tool: "rectangle" (press, drag, release) | "polygon" (click the corners, click the first one or double-click to
+  // close) | null (navigation). A double click closes a polygon instead of zooming while a tool is on.
   setTool(tool) {
-    if (tool) { this.anno.setDrawingTool(tool); this.anno.setDrawingEnabled(true); }
-    else { this.anno.cancelDrawing(); this.anno.setDrawingEnabled(false); }
+    if (tool) {
+      this.anno.setDrawingMode(tool === "polygon" ? "click" : "drag");
+      this.anno.setDrawingTool(tool);
+      this.anno.setDrawingEnabled(true);
+    } else {
+      this.anno.cancelDrawing();
+      this.anno.setDrawingEnabled(false);
+    }
+    this.osd.gestureSettingsMouse.dblClickToZoom = !tool;
   }
   // ROI {x, y, w, h} or {polygon: [[x, y], ...]} in level-0 px, shown as the one Annotorious annotation
   showRoi(roi) {
