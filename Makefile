@@ -7,7 +7,7 @@ PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 .PHONY: venv demo test test-all bench clean
 
 # the viewer's OpenSeadragon + Annotorious, built into a git-ignored folder the server serves (README "Viewer")
-WEB_BUILT := src/hwsi/serve/static/vendor/.built
+WEB_BUILT := src/hwsi/serve/static/vendor/built.json
 
 venv: $(VENV)/.installed $(WEB_BUILT)
 

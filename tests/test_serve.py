@@ -455,7 +455,7 @@ def test_page_is_503_naming_the_build_until_the_front_end_is_built(
 ) -> None:
     import hwsi.serve.app as app_module
 
-    built = tmp_path / "vendor" / ".built"  # where web/build.mjs would write its marker
+    built = tmp_path / "vendor" / "built.json"  # where web/build.mjs would write its marker
     monkeypatch.setattr(app_module, "VENDOR_BUILT", built)
     r = client.get("/")
     assert r.status_code == 503 and r.headers["content-type"].startswith("text/html"), r.text

@@ -1,6 +1,6 @@
 // Copies the prebuilt browser bundles of the viewer's npm dependencies (no bundler needed: both ship UMD builds)
 // into src/hwsi/serve/static/vendor/ (git-ignored), which `hwsi serve` serves under /static/vendor/.
-// Run by `make venv` after `npm ci`; writes vendor/.built last (the server checks it).
+// Run by `make venv` after `npm ci`; writes vendor/built.json last (the server checks it; not a dotfile, so a wheel built after it carries it).
 import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -25,5 +25,5 @@ for (const pkg of ["openseadragon", "@annotorious/openseadragon"]) {
   const p = JSON.parse(readFileSync(join(nm, pkg, "package.json"), "utf8"));
   built[pkg] = { version: p.version, license: p.license, homepage: p.homepage || "" };
 }
-writeFileSync(join(out, ".built"), JSON.stringify(built, null, 1) + "\n");
+writeFileSync(join(out, "built.json"), JSON.stringify(built, null, 1) + "\n");
 console.log(`web/build.mjs: ${Object.entries(built).map(([k, v]) => `${k} ${v.version}`).join(", ")} -> ${out}`);

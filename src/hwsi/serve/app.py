@@ -49,7 +49,7 @@ from hwsi.serve.routes_slides import TILE_MAX_AGE, slides_router
 from hwsi.serve.state import MAX_SESSIONS, ServerState
 
 STATIC = Path(__file__).parent / "static"
-VENDOR_BUILT = STATIC / "vendor" / ".built"  # written by web/build.mjs (`make venv`): OpenSeadragon + Annotorious
+VENDOR_BUILT = STATIC / "vendor" / "built.json"  # written by web/build.mjs (`make venv`): OpenSeadragon + Annotorious
 NOT_BUILT = ("the viewer's front-end libraries (OpenSeadragon, Annotorious) are not built: run `make venv` in the "
              "checkout (npm ci + node web/build.mjs, into src/hwsi/serve/static/vendor/)")
 log = logging.getLogger("hwsi.serve")

@@ -21,7 +21,6 @@ const state = {
   tokenEvents: 0,     // streamed token events received (for tests and the status line)
   shown: [],          // length of the displayed answer after each token event of the current answer
   roi: null,          // {x, y, w, h} or {polygon: [[x, y], ...]} in level-0 px; null: the whole slide
-  roiRecord: null,    // the server's record of the latest answer's ROI (its "roi" event)
 };
 
 const viewer = new SlideView($("viewer"), { onchange: onViewChange, onroi: (roi) => setRoi(roi) });
@@ -193,7 +192,7 @@ async function openSlide(id, view = null, push = false) {
   const enc = encodeURIComponent(id);
   const s = await (await api(`/api/slides/${enc}`)).json();
   Object.assign(state, { slide: s, heatmap: null, evidence: [], highlight: null, nuclei: null, nucleiBox: null,
-                         session: null, roi: null, roiRecord: null, grid: null, spf: null, tissue: null });
+                         session: null, roi: null, grid: null, spf: null, tissue: null });
   for (const li of $("slide-list").children) li.classList.toggle("active", li.dataset.slide === id);
   $("slide-title").textContent = `${s.id} — ${s.width}×${s.height} px, ${s.mpp} µm/px`;
   $("messages").innerHTML = "";
@@ -348,7 +347,6 @@ async function handleEvent(ev, msg, text, sess) {
     msg.classList.add("error");
     text.textContent += (text.textContent ? "\n" : "") + `[error] ${ev.message}`;
   } else if (ev.type === "roi") {   // what the answer covers, as the server recorded it
-    state.roiRecord = ev;
     const note = document.createElement("div");
     note.className = "msg roi";
     note.textContent = ev.summary;
