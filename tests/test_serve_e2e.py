@@ -26,7 +26,7 @@ from synthetic_store import make_synthetic_job, tiny_model_assistant
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-SID = "synth-a"
+SID, SID_B = "synth-a", "synth-b"  # the ROI and link test works on the second slide of the list
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",  # WebGL (Annotorious) on SwiftShader
@@ -45,7 +45,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail(f"npm is here but the front end is not built ({VENDOR_BUILT} missing): run `make venv`")
     job = tmp_path_factory.mktemp("e2ejob")
     make_synthetic_job(job, SID)
-    # ~15 s on an idle 2-core CPU: a tiny MLLM-HWSI trained on two QA pairs about this slide (tests/synthetic_store)
+    make_synthetic_job(job, SID_B, width=2560, height=2048, seed=1)
+    # ~15 s on an idle 2-core CPU: a tiny MLLM-HWSI trained on two QA pairs about synth-a (tests/synthetic_store)
     assistant = tiny_model_assistant(job, tmp_path_factory.mktemp("llm"), train_steps=40)
     with BackgroundServer(create_app(job, assistant)) as srv:
         yield srv.url
@@ -139,6 +140,16 @@ def test_viewer_zoom_overlays_multi_turn_chat_evidence_export(served: str, brows
     assert re.fullmatch(r"\d+ (µm|mm)", scale_before), scale_before
     assert "tiny-mllm" in page.locator("#model-name").inner_text()
 
+    # the other slide of the list opens on a click (and its URL is pushed); then back to the first
+    page.locator(f"#slide-list li[data-slide='{SID_B}']").click()
+    page.wait_for_function(f"() => document.body.dataset.slide === '{SID_B}'")
+    v.settle()
+    assert v.js("location.search") == f"?slide={SID_B}" and SID_B in page.locator("#slide-title").inner_text()
+    assert v.js("window.hwsi.getView().box[2]") == pytest.approx(2560, rel=0.3)
+    page.locator(f"#slide-list li[data-slide='{SID}']").click()
+    page.wait_for_function(f"() => document.body.dataset.slide === '{SID}'")
+    v.settle()
+
     # overlays without an answer: each one switched on changes the picture
     for box in ("#ov-tissue", "#ov-grid", "#ov-spf"):
         assert v.toggle_changes_picture(box), box
@@ -193,9 +204,10 @@ def test_viewer_zoom_overlays_multi_turn_chat_evidence_export(served: str, brows
 
 def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(served: str, browser: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    v = Page(browser, f"{served}/?slide={SID}")
+    v = Page(browser, f"{served}/?slide={SID_B}")
+    assert v.js("window.hwsi.getView().slide") == SID_B  # not the first slide of the list
     page = v.page
-    grid = v.js(f"fetch('/api/slides/{SID}/overlays/grid').then((r) => r.json())")
+    grid = v.js(f"fetch('/api/slides/{SID_B}/overlays/grid').then((r) => r.json())")
     side = grid["region_size_level0"]
     by_tissue = sorted(range(len(grid["regions"])), key=lambda r: -grid["patch_tissue"][r].count("1"))
     a, b = (grid["regions"][r] for r in by_tissue[:2])  # the two regions with the most tissue patches
@@ -260,13 +272,16 @@ def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(s
     # 4. the page's URL reopens the same slide, view and ROI in a new tab
     v.js("([cx, cy, s]) => window.hwsi.setView(cx, cy, s)", [b[0] + side // 2, b[1] + side // 2, 0.6])
     v.settle()
-    page.wait_for_function("() => location.hash.includes('roi=p')", timeout=5000)
-    page.wait_for_timeout(300)  # the hash is written 250 ms after the last view change
+    page.wait_for_function("""() => {  // the hash is rewritten 250 ms after the last view change: wait for this view
+        const h = new URLSearchParams(location.hash.slice(1)), v = window.hwsi.getView();
+        return (h.get("roi") || "").startsWith("p:") && Math.abs(h.get("cx") - v.cx) < 1 && Math.abs(h.get("cy") - v.cy) < 1
+            && Math.abs(h.get("s") / v.scale - 1) < 1e-3;
+    }""", timeout=5000)
     link, view = v.js("location.href"), v.js("window.hwsi.getView()")
-    assert page.get_attribute("#view-link", "href") in link and f"?slide={SID}#" in link
+    assert page.get_attribute("#view-link", "href") in link and f"?slide={SID_B}#" in link
     again = Page(browser, link)
     view2 = again.js("window.hwsi.getView()")
-    assert view2["slide"] == SID and view2["roi"] == {"polygon": poly}
+    assert view2["slide"] == SID_B and view2["roi"] == {"polygon": poly}
     assert [view2["cx"], view2["cy"]] == pytest.approx([view["cx"], view["cy"]], abs=1)
     assert view2["scale"] == pytest.approx(view["scale"], rel=1e-3)
     sel = again.js("window.hwsi.viewer.anno.getAnnotations().map((x) => x.target.selector)")
