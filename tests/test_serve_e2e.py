@@ -41,7 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     if not VENDOR_BUILT.is_file():
         if shutil.which("npm") is None or shutil.which("node") is None:
-            pytest.skip("node/npm absent, so the viewer's front end is not built (apt-get install nodejs npm; make venv)")
+            pytest.skip("node/npm absent, so the viewer's front end is not built (apt-get install nodejs npm)")
         pytest.fail(f"npm is here but the front end is not built ({VENDOR_BUILT} missing): run `make venv`")
     job = tmp_path_factory.mktemp("e2ejob")
     make_synthetic_job(job, SID)
@@ -132,7 +132,7 @@ def test_viewer_zoom_overlays_multi_turn_chat_evidence_export(served: str, brows
     v = Page(browser, served + "/")
     page = v.page
     # slide list with a loaded thumbnail; the first slide opened, tiles drawn, µm scale bar
-    page.wait_for_function("() => { const i = document.querySelector('#slide-list img'); return i && i.complete && i.naturalWidth > 0 }")
+    page.wait_for_function("() => (document.querySelector('#slide-list img') || {}).naturalWidth > 0")
     assert page.locator("#slide-list li.active").get_attribute("data-slide") == SID
     assert v.js("window.hwsi.viewer.tilesLoaded") > 0 and v.tile_levels
     start_level = int(v.js("document.body.dataset.level"))
@@ -258,7 +258,8 @@ def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(s
 
     # 3. a polygon by real clicks with the polygon tool (the corners, then the first corner again to close it)
     page.click("#roi-poly")
-    corners = [[b[0] + side // 4, b[1] + side // 4], [b[0] + 3 * side // 4, b[1] + side // 4], [b[0] + side // 2, b[1] + 3 * side // 4]]
+    q = side // 4
+    corners = [[b[0] + q, b[1] + q], [b[0] + 3 * q, b[1] + q], [b[0] + 2 * q, b[1] + 3 * q]]
     for x, y in v.js("(ps) => ps.map(([x, y]) => window.hwsi.viewer.toScreen(x, y))", corners + corners[:1]):
         page.mouse.move(origin["x"] + x, origin["y"] + y, steps=4)
         page.mouse.click(origin["x"] + x, origin["y"] + y)
@@ -274,8 +275,8 @@ def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(s
     v.settle()
     page.wait_for_function("""() => {  // the hash is rewritten 250 ms after the last view change: wait for this view
         const h = new URLSearchParams(location.hash.slice(1)), v = window.hwsi.getView();
-        return (h.get("roi") || "").startsWith("p:") && Math.abs(h.get("cx") - v.cx) < 1 && Math.abs(h.get("cy") - v.cy) < 1
-            && Math.abs(h.get("s") / v.scale - 1) < 1e-3;
+        return (h.get("roi") || "").startsWith("p:") && Math.abs(h.get("cx") - v.cx) < 1
+            && Math.abs(h.get("cy") - v.cy) < 1 && Math.abs(h.get("s") / v.scale - 1) < 1e-3;
     }""", timeout=5000)
     link, view = v.js("location.href"), v.js("window.hwsi.getView()")
     assert page.get_attribute("#view-link", "href") in link and f"?slide={SID_B}#" in link
@@ -287,6 +288,13 @@ def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(s
     sel = again.js("window.hwsi.viewer.anno.getAnnotations().map((x) => x.target.selector)")
     assert len(sel) == 1 and sel[0]["type"] == "POLYGON"
     again.page.screenshot(path=str(ARTIFACTS / "serve-e2e-link-reopened.png"))
+    # a hash typed on the open page moves it there
+    mid = [b[0] + side // 2, b[1] + side // 2]
+    again.js("(h) => { location.hash = h; }", f"cx={mid[0]}&cy={mid[1]}&s=0.4&roi=r:{b[0]},{b[1]},{side},{side}")
+    again.page.wait_for_function("() => window.hwsi.getRoi() && window.hwsi.getRoi().w !== undefined", timeout=5000)
+    view3 = again.js("window.hwsi.getView()")
+    assert view3["roi"] == {"x": b[0], "y": b[1], "w": side, "h": side}
+    assert [view3["cx"], view3["cy"], view3["scale"]] == pytest.approx([*mid, 0.4], abs=1e-3)
     again.page.close()
     page.close()
     assert not v.errors and not again.errors, (v.errors, again.errors)

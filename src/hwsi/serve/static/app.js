@@ -262,6 +262,12 @@ function scheduleHash() {   // the view and ROI in the URL (replaceState: no his
     $("view-link").href = url;
   }, 250);
 }
+window.addEventListener("hashchange", () => {   // a hash typed or pasted on this page: go to that view and ROI
+  const want = HwsiUrl.read();
+  if (!state.slide || !viewer.item || (want.slide !== null && want.slide !== state.slide.id)) return;
+  if (want.s !== null && want.cx !== null && want.cy !== null) viewer.setView(want.cx, want.cy, want.s);
+  setRoi(want.roi);
+});
 window.addEventListener("popstate", () => {
   const want = HwsiUrl.read();
   if (want.slide && (!state.slide || want.slide !== state.slide.id)) openSlide(want.slide, want, false);
