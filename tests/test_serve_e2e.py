@@ -226,6 +226,10 @@ def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(s
     fc = v.export()
     ev = [f for f in fc["features"] if f["properties"]["classification"]["name"].startswith("Evidence")]
     assert len(ev) == len(items)
+    for f in ev:  # the exported evidence lies inside the ROI too
+        xs, ys = zip(*f["geometry"]["coordinates"][0])
+        box = {"x": min(xs), "y": min(ys), "w": max(xs) - min(xs), "h": max(ys) - min(ys)}
+        assert _centre_inside(box, (a[0], a[1], side, side)), f
     page.screenshot(path=str(ARTIFACTS / "serve-e2e-roi-api.png"))
 
     # 2. one real mouse drag with the rectangle tool (Annotorious draws it through WebGL)
