@@ -232,6 +232,18 @@ def test_roi_by_api_and_by_real_drag_asked_exported_and_reopened_from_the_link(s
         assert _centre_inside(box, (a[0], a[1], side, side)), f
     page.screenshot(path=str(ARTIFACTS / "serve-e2e-roi-api.png"))
 
+    # an ROI outside the slide: the server's one-line 400 shows in the chat, no turn is recorded
+    v.js("window.hwsi.setRoi({x: 9000, y: 9000, w: 100, h: 100})")
+    n_err = len(v.errors)
+    page.fill("#question", "And out there?")
+    page.click("#ask")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant.error').length === 1", timeout=10000)
+    assert "lies outside the slide" in page.locator(".msg.assistant.error").inner_text()
+    assert all("status of 400" in e for e in v.errors[n_err:])  # Chromium logs the refused request
+    del v.errors[n_err:]
+    sid = v.js("window.hwsi.state.session.id")
+    assert len(v.js("(s) => fetch('/api/chat/' + s).then((r) => r.json())", sid)["turns"]) == 1
+
     # 2. one real mouse drag with the rectangle tool (Annotorious draws it through WebGL)
     page.click("#roi-clear")
     assert v.js("window.hwsi.getRoi()") is None and v.js("window.hwsi.viewer.anno.getAnnotations().length") == 0
