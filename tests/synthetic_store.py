@@ -197,7 +197,7 @@ def _train(model: Any, job: Path, steps: int) -> None:
     from hwsi.model.inputs import collate_slides, load_slide_inputs
 
     cfg = model.cfg
-    store = next((Path(job) / "stores").glob("*.h5"))
+    store = sorted((Path(job) / "stores").glob("*.h5"))[0]  # the first slide by name (a job may hold several)
     inputs = load_slide_inputs(store, FEATURE_NAME, FEATURE_NAME, cfg.max_regions, cfg.k, cfg.max_cells)
     batch = collate_slides([inputs] * len(QA))
     convs = [[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}] for q, a in QA]

@@ -450,6 +450,23 @@ def test_parallel_tiles_and_chats_do_not_mix(job: Path) -> None:
         assert http.get("/api/health").json()["ok"]
 
 
+def test_page_is_503_naming_the_build_until_the_front_end_is_built(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hwsi.serve.app as app_module
+
+    built = tmp_path / "vendor" / "built.json"  # where web/build.mjs would write its marker
+    monkeypatch.setattr(app_module, "VENDOR_BUILT", built)
+    r = client.get("/")
+    assert r.status_code == 503 and r.headers["content-type"].startswith("text/html"), r.text
+    assert "make venv" in r.text and "npm ci" in r.text and "OpenSeadragon" in r.text
+    assert client.get("/api/slides").status_code == 200  # the API works without the front end
+    built.parent.mkdir()
+    built.write_text("{}")  # a build while the server runs is picked up on the next request
+    r = client.get("/")
+    assert r.status_code == 200 and "/static/vendor/openseadragon/openseadragon.min.js" in r.text
+
+
 def test_missing_slide_file_is_503_and_server_keeps_serving(tmp_path: Path) -> None:
     job = tmp_path / "job"
     make_synthetic_job(job, "gone", width=1024, height=768, region_size=256, patch_size=64)

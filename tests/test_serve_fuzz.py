@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from hwsi.serve.app import create_app
+from hwsi.serve.app import VENDOR_BUILT, create_app
 from hwsi.serve.assistant import EvidenceResult, evidence_from_heatmap, normalise
 from hwsi.serve.dzi import TileSource, open_reader
 from hwsi.serve.server import BackgroundServer
@@ -271,7 +271,8 @@ def test_fuzz_every_route_no_5xx_no_traceback_one_connection(job: Path) -> None:
             r = conn.getresponse()
             data = r.read()
             seen[r.status] = seen.get(r.status, 0) + 1
-            assert r.status < 500, (n, method, url, body, r.status, data[:300])
+            unbuilt = url == "/" and r.status == 503 and not VENDOR_BUILT.is_file()  # the page names `make venv`
+            assert r.status < 500 or unbuilt, (n, method, url, body, r.status, data[:300])
             assert b"Traceback" not in data and b'File "' not in data, (method, url, data[:300])
             assert conn.sock is sock, (n, method, url, r.status, "the server closed the connection")
             if method == "POST" and url == "/api/chat" and r.status == 200:

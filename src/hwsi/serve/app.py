@@ -10,7 +10,8 @@ a failed read (a corrupt tile: 502) leaves the next read a fresh backend handle.
 
 Endpoints (all JSON unless stated)::
 
-    GET  /                                          the viewer page (static HTML/JS/CSS shipped in the package)
+    GET  /                                          the viewer page (static HTML/JS/CSS shipped in the package, on
+                                                    OpenSeadragon + Annotorious built by `make venv`; 503 if not)
     GET  /api/health
     GET  /api/slides                                slides of the job
     GET  /api/slides/{id}                           geometry, µm/px, DZI info, overlay availability, nucleus types
@@ -31,11 +32,13 @@ Endpoints (all JSON unless stated)::
 
 from __future__ import annotations
 
+import html
+import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from hwsi.serve.assistant import Assistant, model_placement
@@ -46,6 +49,10 @@ from hwsi.serve.routes_slides import TILE_MAX_AGE, slides_router
 from hwsi.serve.state import MAX_SESSIONS, ServerState
 
 STATIC = Path(__file__).parent / "static"
+VENDOR_BUILT = STATIC / "vendor" / "built.json"  # written by web/build.mjs (`make venv`): OpenSeadragon + Annotorious
+NOT_BUILT = ("the viewer's front-end libraries (OpenSeadragon, Annotorious) are not built: run `make venv` in the "
+             "checkout (npm ci + node web/build.mjs, into src/hwsi/serve/static/vendor/)")
+log = logging.getLogger("hwsi.serve")
 
 MAX_BODY_BYTES = 16 * 1024
 
@@ -116,8 +123,14 @@ def create_app(
 
     install_error_handlers(app)
 
+    if not VENDOR_BUILT.is_file():
+        log.warning("hwsi serve: %s; the API works, the page says so", NOT_BUILT)
+
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
+    def index() -> Response:
+        if not VENDOR_BUILT.is_file():  # checked per request: a build while the server runs is picked up
+            return HTMLResponse(f"<!doctype html><title>hwsi viewer not built</title><h1>hwsi viewer not built</h1>"
+                                f"<p>{html.escape(NOT_BUILT)}</p>", status_code=503)
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,4 +1,6 @@
-// hwsi viewer page: slide list, overlays, chat with streamed answers and evidence.
+// hwsi viewer page: slide list, overlays, region of interest, chat with streamed answers and evidence.
+// URL: ?slide=ID opens that slide; the hash holds the view and ROI (#cx=..&cy=..&s=..&roi=r:x,y,w,h | p:x,y;x,y;..),
+// all level-0 px, so a link reopens the same view. window.hwsi is a small API for tests and power users.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -18,133 +20,12 @@ const state = {
   session: null, busy: false,
   tokenEvents: 0,     // streamed token events received (for tests and the status line)
   shown: [],          // length of the displayed answer after each token event of the current answer
+  roi: null,          // {x, y, w, h} or {polygon: [[x, y], ...]} in level-0 px; null: the whole slide
 };
-window.hwsi = { state };
 
-const viewer = new DeepZoomViewer($("viewer"), { onchange: onViewChange });
-window.hwsi.viewer = viewer;
+const viewer = new SlideView($("viewer"), { onchange: onViewChange, onroi: (roi) => setRoi(roi) });
 
-const on = (id) => $(id).checked;
-for (const id of ["ov-tissue", "ov-grid", "ov-spf", "ov-heatmap", "ov-nuclei", "ov-evidence"]) {
-  $(id).addEventListener("change", () => { if (id === "ov-nuclei") scheduleNuclei(); viewer.redraw(); });
-}
-
-// ---------------------------------------------------------------------------------------------- overlays
-function rectScreen(x, y, w, h) {
-  const [sx, sy] = viewer.toScreen(x, y);
-  return [sx, sy, w * viewer.scale, h * viewer.scale];
-}
-function inView(x, y, w, h) {
-  const [x0, y0, x1, y1] = viewer.viewBox();
-  return x + w >= x0 && x <= x1 && y + h >= y0 && y <= y1;
-}
-
-viewer.overlays.push((ctx) => {   // tissue mask
-  if (!on("ov-tissue") || !state.tissue || !state.tissue.complete) return;
-  const s = state.slide;
-  const [sx, sy, sw, sh] = rectScreen(0, 0, s.width, s.height);
-  ctx.imageSmoothingEnabled = false;
-  ctx.drawImage(state.tissue, sx, sy, sw, sh);
-});
-
-function heatColour(v) {  // 0..1 -> blue..yellow..red
-  const r = Math.round(255 * Math.min(1, 2 * v)), g = Math.round(255 * Math.min(1, 2 * (1 - v))), b = Math.round(255 * Math.max(0, 1 - 3 * v));
-  return `rgba(${r},${g},${b},0.45)`;
-}
-
-viewer.overlays.push((ctx) => {   // heatmap of the latest answer
-  if (!on("ov-heatmap") || !state.heatmap || !state.grid) return;
-  const g = state.grid, p = g.patch_size_level0;
-  state.heatmap.forEach((row, r) => {
-    const [rx, ry] = g.regions[r];
-    if (!inView(rx, ry, g.region_size_level0, g.region_size_level0)) return;
-    row.forEach((v, i) => {
-      if (v === null) return;
-      const x = rx + (i % g.grid_side) * p, y = ry + Math.floor(i / g.grid_side) * p;
-      ctx.fillStyle = heatColour(v);
-      ctx.fillRect(...rectScreen(x, y, p, p));
-    });
-  });
-});
-
-viewer.overlays.push((ctx) => {   // region and patch grid
-  if (!on("ov-grid") || !state.grid) return;
-  const g = state.grid, p = g.patch_size_level0, showPatches = p * viewer.scale >= 6;
-  g.regions.forEach(([rx, ry], r) => {
-    if (!inView(rx, ry, g.region_size_level0, g.region_size_level0)) return;
-    if (showPatches) {
-      ctx.strokeStyle = "rgba(255,255,255,0.35)"; ctx.lineWidth = 1;
-      const t = g.patch_tissue[r];
-      for (let i = 0; i < t.length; i++) {
-        const x = rx + (i % g.grid_side) * p, y = ry + Math.floor(i / g.grid_side) * p;
-        ctx.setLineDash(t[i] === "1" ? [] : [2, 3]);
-        ctx.strokeRect(...rectScreen(x, y, p, p));
-      }
-      ctx.setLineDash([]);
-    }
-    ctx.strokeStyle = "rgba(0,230,255,0.9)"; ctx.lineWidth = 2;
-    ctx.strokeRect(...rectScreen(rx, ry, g.region_size_level0, g.region_size_level0));
-  });
-});
-
-viewer.overlays.push((ctx) => {   // SPF-selected patches
-  if (!on("ov-spf") || !state.spf) return;
-  const p = state.spf.patch_size_level0;
-  ctx.strokeStyle = "#00a0ff"; ctx.lineWidth = 2;
-  for (const s of state.spf.patches) if (inView(s.x, s.y, p, p)) ctx.strokeRect(...rectScreen(s.x + 2 / viewer.scale, s.y + 2 / viewer.scale, p - 4 / viewer.scale, p - 4 / viewer.scale));
-});
-
-viewer.overlays.push((ctx) => {   // nuclei coloured by type
-  if (!on("ov-nuclei") || !state.nuclei || !nucleiZoom()) return;
-  const n = state.nuclei, colours = {};
-  for (const t of n.types) colours[t.index] = t.colour;
-  ctx.lineWidth = 1.5;
-  for (let i = 0; i < n.x.length; i++) {
-    const [sx, sy] = viewer.toScreen(n.x[i], n.y[i]);
-    ctx.strokeStyle = colours[n.type[i]] || "#fff";
-    ctx.beginPath();
-    ctx.arc(sx, sy, Math.max(2, n.radius[i] * viewer.scale), 0, 2 * Math.PI);
-    ctx.stroke();
-  }
-});
-
-viewer.overlays.push((ctx) => {   // evidence of the latest answer
-  if (!on("ov-evidence")) return;
-  ctx.font = "12px system-ui";
-  for (const e of state.evidence) {
-    const hl = state.highlight === e;
-    ctx.strokeStyle = e.kind === "region" ? "#ff8c00" : "#ffd700";
-    ctx.lineWidth = hl ? 4 : 2;
-    const [sx, sy, sw, sh] = rectScreen(e.x, e.y, e.w, e.h);
-    ctx.strokeRect(sx, sy, sw, sh);
-    ctx.fillStyle = ctx.strokeStyle;
-    ctx.fillText(`${e.kind} r${e.region}${e.patch >= 0 ? " p" + e.patch : ""}`, sx + 3, sy - 4);
-  }
-});
-
-// nuclei are fetched only at high zoom, only for the box in view (debounced)
-function nucleiZoom() { return state.slide && viewer.umPerScreenPixel(state.slide.mpp) <= 1.0; }
-function scheduleNuclei() {
-  clearTimeout(state.nucleiTimer);
-  state.nucleiTimer = setTimeout(fetchNuclei, 150);
-}
-async function fetchNuclei() {
-  const s = state.slide;
-  if (!s || !s.overlays.nuclei || !on("ov-nuclei")) { $("nuclei-status").textContent = ""; return; }
-  if (!nucleiZoom()) { $("nuclei-status").textContent = "zoom in to see nuclei"; return; }
-  const [x0, y0, x1, y1] = viewer.viewBox().map(Math.round);
-  const b = state.nucleiBox;
-  if (b && x0 >= b[0] && y0 >= b[1] && x1 <= b[2] && y1 <= b[3]) return;   // view inside what we have
-  const w = x1 - x0, h = y1 - y0, box = [x0 - w / 2, y0 - h / 2, x1 + w / 2, y1 + h / 2].map(Math.round);
-  const sid = s.id;
-  const r = await api(`/api/slides/${encodeURIComponent(sid)}/overlays/nuclei?x0=${box[0]}&y0=${box[1]}&x1=${box[2]}&y1=${box[3]}`);
-  const data = await r.json();
-  if (!state.slide || state.slide.id !== sid) return;
-  state.nuclei = data; state.nucleiBox = box;
-  $("nuclei-status").textContent = `${data.x.length} nuclei loaded around the view${data.truncated ? " (truncated)" : ""}`;
-  document.body.dataset.nuclei = String(data.x.length);
-  viewer.redraw();
-}
+const overlays = installOverlays(viewer, state, api);   // overlays.js
 
 function onViewChange(v) {
   const s = state.slide;
@@ -154,7 +35,8 @@ function onViewChange(v) {
   $("scalebar-label").textContent = bar.label;
   $("status").textContent = `level ${v.level}/${s.dzi_info.max_level} · ${(s.mpp / v.scale).toFixed(2)} µm/px`;
   document.body.dataset.level = String(v.level);
-  if (on("ov-nuclei")) scheduleNuclei();
+  overlays.viewChanged();
+  scheduleHash();
 }
 
 // ---------------------------------------------------------------------------------------------- slides
@@ -171,16 +53,21 @@ async function loadSlides() {
     const span = document.createElement("span");
     span.textContent = `${s.id} (${s.mpp.toFixed(3)} µm/px)`;
     li.append(img, span);
-    li.addEventListener("click", () => openSlide(s.id));
+    li.addEventListener("click", () => openSlide(s.id, null, true));
     ul.append(li);
   }
-  if (data.slides.length) await openSlide(data.slides[0].id);
+  const want = HwsiUrl.read();
+  const ids = data.slides.map((s) => s.id);
+  if (want.slide !== null && !ids.includes(want.slide)) $("status").textContent = `no slide ${want.slide} in this job`;
+  const id = ids.includes(want.slide) ? want.slide : ids[0];
+  if (id !== undefined) await openSlide(id, id === want.slide ? want : null, false);
 }
 
-async function openSlide(id) {
+async function openSlide(id, view = null, push = false) {
   const enc = encodeURIComponent(id);
   const s = await (await api(`/api/slides/${enc}`)).json();
-  Object.assign(state, { slide: s, heatmap: null, evidence: [], highlight: null, nuclei: null, nucleiBox: null, session: null });
+  Object.assign(state, { slide: s, heatmap: null, evidence: [], highlight: null, nuclei: null, nucleiBox: null,
+                         session: null, roi: null, grid: null, spf: null, tissue: null });
   for (const li of $("slide-list").children) li.classList.toggle("active", li.dataset.slide === id);
   $("slide-title").textContent = `${s.id} — ${s.width}×${s.height} px, ${s.mpp} µm/px`;
   $("messages").innerHTML = "";
@@ -194,22 +81,72 @@ async function openSlide(id) {
   }
   $("ov-spf").disabled = !s.overlays.spf;
   $("ov-nuclei").disabled = !s.overlays.nuclei;
-  const fmt = s.dzi_info.format;
-  viewer.open({
-    width: s.width, height: s.height, tileSize: s.dzi_info.tile_size, overlap: s.dzi_info.overlap,
-    maxLevel: s.dzi_info.max_level, tileUrl: (L, c, r) => `${s.tiles}${L}/${c}_${r}.${fmt}`,
-  });
+  if (push) history.pushState(null, "", HwsiUrl.build(id, null, null));
+  await viewer.open({ width: s.width, height: s.height, maxLevel: s.dzi_info.max_level }, s.dzi);
   const [grid, spf] = await Promise.all([
     api(`/api/slides/${enc}/overlays/grid`).then((r) => r.json()),
     s.overlays.spf ? api(`/api/slides/${enc}/overlays/spf`).then((r) => r.json()) : null,
   ]);
+  if (state.slide !== s) return;   // another slide was opened meanwhile
   state.grid = grid; state.spf = spf;
   state.tissue = new Image();
   state.tissue.onload = () => viewer.redraw();
   state.tissue.src = `/api/slides/${enc}/overlays/tissue.png`;
+  if (view && view.s !== null && view.cx !== null && view.cy !== null) viewer.setView(view.cx, view.cy, view.s);
+  setRoi(view ? view.roi : null);
   document.body.dataset.slide = id;
   viewer.redraw();
 }
+
+// ---------------------------------------------------------------------------------------------- ROI and URL
+function setRoi(roi) {
+  state.roi = roi ? HwsiRoi.normalise(roi) : null;
+  viewer.showRoi(state.roi);
+  $("roi-status").textContent = HwsiRoi.describe(state.roi);
+  $("chat-title").textContent = state.roi ? "Ask about the ROI" : "Ask about this slide";
+  for (const b of ["roi-rect", "roi-poly"]) $(b).classList.remove("active");
+  document.body.dataset.roi = state.roi ? HwsiRoi.format(state.roi) : "";
+  viewer.redraw();
+  scheduleHash();
+  return state.roi;
+}
+function setTool(tool) {
+  viewer.setTool(tool);
+  $("roi-rect").classList.toggle("active", tool === "rectangle");
+  $("roi-poly").classList.toggle("active", tool === "polygon");
+}
+$("roi-rect").addEventListener("click", () => setTool($("roi-rect").classList.contains("active") ? null : "rectangle"));
+$("roi-poly").addEventListener("click", () => setTool($("roi-poly").classList.contains("active") ? null : "polygon"));
+$("roi-clear").addEventListener("click", () => { setTool(null); setRoi(null); });
+
+function getView() {
+  if (!state.slide || !viewer.item) return null;
+  const [cx, cy] = viewer.center();
+  const [x0, y0, x1, y1] = viewer.viewBox();
+  return { slide: state.slide.id, cx, cy, scale: viewer.scale, level: viewer.currentLevel(), box: [x0, y0, x1, y1],
+           umPerPx: viewer.umPerScreenPixel(state.slide.mpp), roi: state.roi };
+}
+let hashTimer = null;
+function scheduleHash() {   // the view and ROI in the URL (replaceState: no history entry per pan)
+  clearTimeout(hashTimer);
+  hashTimer = setTimeout(() => {
+    const v = getView();
+    if (!v) return;
+    const url = HwsiUrl.build(v.slide, v, state.roi);
+    history.replaceState(null, "", url);
+    $("view-link").href = url;
+  }, 250);
+}
+window.addEventListener("hashchange", () => {   // a hash typed or pasted on this page: go to that view and ROI
+  const want = HwsiUrl.read();
+  if (!state.slide || !viewer.item || (want.slide !== null && want.slide !== state.slide.id)) return;
+  if (want.s !== null && want.cx !== null && want.cy !== null) viewer.setView(want.cx, want.cy, want.s);
+  setRoi(want.roi);
+});
+window.addEventListener("popstate", () => {
+  const want = HwsiUrl.read();
+  if (want.slide && (!state.slide || want.slide !== state.slide.id)) openSlide(want.slide, want, false);
+});
 
 // ---------------------------------------------------------------------------------------------- chat
 function addMessage(cls, text) {
@@ -242,7 +179,8 @@ async function ask(question) {
   if (!state.slide || state.busy) return;
   state.busy = true;
   $("ask").disabled = true;
-  addMessage("user", question);
+  const roi = state.roi;
+  addMessage("user", roi ? `${question}\n(${HwsiRoi.describe(roi)})` : question);
   const msg = addMessage("assistant", "");
   const text = document.createElement("div");
   text.className = "answer-text";
@@ -256,7 +194,7 @@ async function ask(question) {
     }
     const sess = state.session;
     const r = await api(`/api/chat/${encodeURIComponent(sess.id)}/ask`, {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ question }),
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(roi ? { question, roi: HwsiRoi.toApi(roi) } : { question }),
     });
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
@@ -289,6 +227,11 @@ async function handleEvent(ev, msg, text, sess) {
   } else if (ev.type === "error") {
     msg.classList.add("error");
     text.textContent += (text.textContent ? "\n" : "") + `[error] ${ev.message}`;
+  } else if (ev.type === "roi") {   // what the answer covers, as the server recorded it
+    const note = document.createElement("div");
+    note.className = "msg roi";
+    note.textContent = ev.summary;
+    msg.before(note);
   } else if (ev.type === "evidence") {
     state.evidence = ev.items;
     state.highlight = null;
@@ -313,4 +256,15 @@ $("zoom-in").addEventListener("click", () => viewer.zoomBy(2));
 $("zoom-out").addEventListener("click", () => viewer.zoomBy(0.5));
 $("zoom-home").addEventListener("click", () => viewer.home());
 
-loadSlides().catch((e) => { $("status").textContent = String(e); });
+window.hwsi = {
+  state, viewer,
+  setRoi: (roi) => setRoi(roi),          // {x, y, w, h} | {polygon: [[x, y], ...]} | [[x, y], ...] | null, level-0 px
+  getRoi: () => state.roi,
+  getView,                                // {slide, cx, cy, scale, level, box, umPerPx, roi}
+  setView: (cx, cy, scale) => viewer.setView(cx, cy, scale),
+  fitBox: (x, y, w, h, margin) => viewer.fitBox(x, y, w, h, margin),
+  setTool,                                // "rectangle" | "polygon" | null
+  openSlide: (id) => openSlide(id, null, true),
+  ask,
+  ready: loadSlides().then(() => true).catch((e) => { $("status").textContent = String(e); return false; }),
+};

@@ -1,209 +1,178 @@
-// hwsi deep-zoom viewer: a small canvas viewer over Deep Zoom (DZI) tiles, with level-0 overlays.
-// Coordinates: the view is (cx, cy) = level-0 pixel at the canvas centre, and `scale` = screen px per level-0 px.
+// hwsi slide view: OpenSeadragon over the server's Deep Zoom (DZI) tiles, a 2-D canvas for the level-0 overlays
+// (drawn after every viewport change), and Annotorious for drawing a region of interest.
+// Coordinates: every overlay and ROI is in level-0 pixels of the slide (the DZI image's pixels); `scale` is screen
+// px per level-0 px (OpenSeadragon's "image zoom").
 "use strict";
 
-class DeepZoomViewer {
-  constructor(canvas, opts = {}) {
-    this.canvas = canvas;
-    this.ctx = canvas.getContext("2d");
+class SlideView {
+  constructor(element, opts = {}) {
+    this.element = element;
     this.onchange = opts.onchange || (() => {});
-    this.overlays = [];          // functions (ctx, viewer) drawn after tiles, in order
-    this.tiles = new Map();      // "L/c/r" -> {img, loaded, failed}
-    this.maxTiles = 600;
-    this.image = null;           // {width, height, tileSize, overlap, maxLevel, tileUrl(L, c, r)}
-    this.cx = 0; this.cy = 0; this.scale = 1;
+    this.onroi = opts.onroi || (() => {});
+    this.overlays = [];          // functions (ctx, view) drawn in order after each viewport change
+    this.image = null;           // {width, height, maxLevel}
+    this.tilesLoaded = 0;
+    this.osd = OpenSeadragon({
+      element,
+      showNavigationControl: false,   // the page's own buttons (#zoom-controls)
+      showNavigator: true, navigatorPosition: "TOP_RIGHT", navigatorAutoFade: false,
+      prefixUrl: "/static/vendor/openseadragon/images/",
+      drawer: "canvas",               // 2-D canvas drawer: same pixels in headless test browsers as on screens
+      maxZoomPixelRatio: 4, visibilityRatio: 0.5, minZoomImageRatio: 0.5,
+      crossOriginPolicy: false, imageSmoothingEnabled: true,
+      gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: true },
+    });
+    this.canvas = document.createElement("canvas");
+    this.canvas.id = "overlay";
+    this.osd.canvas.appendChild(this.canvas);
+    this.ctx = this.canvas.getContext("2d");
     this.pending = false;
-    this.tilesRequested = 0; this.tilesLoaded = 0;
-    this._bindEvents();
-    new ResizeObserver(() => this.resize()).observe(canvas);
-    this.resize();
+    for (const ev of ["update-viewport", "resize", "open"]) this.osd.addHandler(ev, () => this.redraw());
+    this.osd.addHandler("tile-loaded", () => { this.tilesLoaded++; });
+    this.anno = AnnotoriousOSD.createOSDAnnotator(this.osd, {
+      drawingEnabled: false, drawingMode: "drag",
+      style: { stroke: "#ff1744", strokeWidth: 2, fill: "#ff1744", fillOpacity: 0.08 },
+    });
+    this.anno.on("createAnnotation", (a) => this._fromAnnotation(a));
+    this.anno.on("updateAnnotation", (a) => this._fromAnnotation(a));
   }
 
-  open(image) {
+  // ------------------------------------------------------------------------------------------- slide and view
+  open(image, dziUrl) {
     this.image = image;
-    this.tiles.clear();
-    this.home();
+    this.tilesLoaded = 0;
+    this.anno.clearAnnotations();
+    return new Promise((resolve, reject) => {
+      const ok = () => { this.osd.removeHandler("open-failed", bad); resolve(); };
+      const bad = (e) => { this.osd.removeHandler("open", ok); reject(new Error(`cannot open ${dziUrl}: ${e.message}`)); };
+      this.osd.addOnceHandler("open", ok);
+      this.osd.addOnceHandler("open-failed", bad);
+      this.osd.open(dziUrl);
+    });
   }
 
-  get cssWidth() { return this.canvas.clientWidth || 1; }
-  get cssHeight() { return this.canvas.clientHeight || 1; }
-
-  resize() {
-    const dpr = window.devicePixelRatio || 1;
-    this.canvas.width = Math.round(this.cssWidth * dpr);
-    this.canvas.height = Math.round(this.cssHeight * dpr);
-    this.redraw();
+  get item() { return this.osd.world.getItemAt(0); }
+  get scale() { return this.item ? this.item.viewportToImageZoom(this.osd.viewport.getZoom(true)) : 1; }
+  get fullyLoaded() { return !!this.item && this.item.getFullyLoaded(); }
+  // every tile in view drawn and no zoom/pan animation running (tests wait for it before comparing pictures)
+  get settled() {
+    const vp = this.osd.viewport;
+    return this.fullyLoaded && vp.getZoom(true) === vp.getZoom(false) && vp.getCenter(true).equals(vp.getCenter(false));
   }
 
-  minScale() {
-    if (!this.image) return 1;
-    return 0.5 * Math.min(this.cssWidth / this.image.width, this.cssHeight / this.image.height);
+  center() {
+    const p = this.item.viewportToImageCoordinates(this.osd.viewport.getCenter(true));
+    return [p.x, p.y];
   }
-  maxScale() { return 4; }  // 4 screen px per level-0 px
-
-  home() {
-    if (!this.image) return;
-    this.scale = 0.95 * Math.min(this.cssWidth / this.image.width, this.cssHeight / this.image.height);
-    this.cx = this.image.width / 2; this.cy = this.image.height / 2;
-    this.redraw();
-  }
-
   // level-0 box [x0, y0, x1, y1] currently visible
   viewBox() {
-    const hw = this.cssWidth / 2 / this.scale, hh = this.cssHeight / 2 / this.scale;
-    return [this.cx - hw, this.cy - hh, this.cx + hw, this.cy + hh];
+    const r = this.item.viewportToImageRectangle(this.osd.viewport.getBounds(true));
+    return [r.x, r.y, r.x + r.width, r.y + r.height];
   }
-  toScreen(x, y) {
-    return [(x - this.cx) * this.scale + this.cssWidth / 2, (y - this.cy) * this.scale + this.cssHeight / 2];
-  }
-  toImage(sx, sy) {
-    return [(sx - this.cssWidth / 2) / this.scale + this.cx, (sy - this.cssHeight / 2) / this.scale + this.cy];
-  }
-
-  zoomBy(factor, sx, sy) {
-    if (sx === undefined) { sx = this.cssWidth / 2; sy = this.cssHeight / 2; }
-    const [ix, iy] = this.toImage(sx, sy);
-    const s = Math.min(this.maxScale(), Math.max(this.minScale(), this.scale * factor));
-    this.scale = s;
-    // keep the image point under the cursor fixed
-    this.cx = ix - (sx - this.cssWidth / 2) / s;
-    this.cy = iy - (sy - this.cssHeight / 2) / s;
-    this._clampCentre();
-    this.redraw();
-  }
-
-  panBy(dxScreen, dyScreen) {
-    this.cx -= dxScreen / this.scale; this.cy -= dyScreen / this.scale;
-    this._clampCentre();
-    this.redraw();
-  }
-
-  // show the level-0 box (x, y, w, h) with some margin
-  fitBox(x, y, w, h, margin = 2.0) {
-    this.cx = x + w / 2; this.cy = y + h / 2;
-    const s = Math.min(this.cssWidth / (w * margin), this.cssHeight / (h * margin));
-    this.scale = Math.min(this.maxScale(), Math.max(this.minScale(), s));
-    this.redraw();
-  }
-
-  _clampCentre() {
-    if (!this.image) return;
-    this.cx = Math.min(this.image.width, Math.max(0, this.cx));
-    this.cy = Math.min(this.image.height, Math.max(0, this.cy));
-  }
-
-  // DZI level whose resolution matches the screen (level downsample <= level-0 px per screen px)
+  // DZI level whose resolution matches the screen
   currentLevel() {
-    const im = this.image;
     const dpr = window.devicePixelRatio || 1;
-    const ds = 1 / (this.scale * dpr);
-    const k = Math.max(0, Math.floor(Math.log2(Math.max(ds, 1))));
-    return Math.max(0, Math.min(im.maxLevel, im.maxLevel - k));
+    const k = Math.max(0, Math.floor(Math.log2(Math.max(1 / (this.scale * dpr), 1))));
+    return Math.max(0, Math.min(this.image.maxLevel, this.image.maxLevel - k));
   }
-
   umPerScreenPixel(mpp) { return mpp / this.scale; }
 
+  setView(cx, cy, scale, immediately = true) {
+    const vp = this.osd.viewport;
+    vp.zoomTo(this.item.imageToViewportZoom(scale), null, immediately);
+    vp.panTo(this.item.imageToViewportCoordinates(cx, cy), immediately);
+    vp.applyConstraints(immediately);
+  }
+  zoomBy(factor) { this.osd.viewport.zoomBy(factor); this.osd.viewport.applyConstraints(); }
+  home() { this.osd.viewport.goHome(); }
+  // show the level-0 box (x, y, w, h) with `margin` times its size around it
+  fitBox(x, y, w, h, margin = 2.0) {
+    const mw = w * margin, mh = h * margin;
+    const r = this.item.imageToViewportRectangle(x + w / 2 - mw / 2, y + h / 2 - mh / 2, mw, mh);
+    this.osd.viewport.fitBounds(r, true);
+  }
+
+  // ------------------------------------------------------------------------------------------- overlays
+  toScreen(x, y) {
+    const p = this.item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+    return [p.x, p.y];
+  }
   redraw() {
     if (this.pending) return;
     this.pending = true;
     requestAnimationFrame(() => { this.pending = false; this._draw(); });
   }
-
-  _levelGeom(L) {
-    const im = this.image, d = Math.pow(2, im.maxLevel - L);
-    const w = Math.max(1, Math.ceil(im.width / d)), h = Math.max(1, Math.ceil(im.height / d));
-    return { d, w, h, cols: Math.ceil(w / im.tileSize), rows: Math.ceil(h / im.tileSize) };
-  }
-
-  _tile(L, c, r) {
-    const key = `${L}/${c}/${r}`;
-    let t = this.tiles.get(key);
-    if (t) { this.tiles.delete(key); this.tiles.set(key, t); return t; }   // LRU order
-    t = { img: new Image(), loaded: false, failed: false };
-    t.img.onload = () => { t.loaded = true; this.tilesLoaded++; this.redraw(); };
-    t.img.onerror = () => { t.failed = true; };
-    t.img.src = this.image.tileUrl(L, c, r);
-    this.tilesRequested++;
-    this.tiles.set(key, t);
-    while (this.tiles.size > this.maxTiles) this.tiles.delete(this.tiles.keys().next().value);
-    return t;
-  }
-
-  _drawLevel(L, request) {
-    const im = this.image, g = this._levelGeom(L), ts = im.tileSize, ctx = this.ctx;
-    const [x0, y0, x1, y1] = this.viewBox();
-    const c0 = Math.max(0, Math.floor(x0 / g.d / ts)), c1 = Math.min(g.cols - 1, Math.floor(x1 / g.d / ts));
-    const r0 = Math.max(0, Math.floor(y0 / g.d / ts)), r1 = Math.min(g.rows - 1, Math.floor(y1 / g.d / ts));
-    let complete = true;
-    for (let r = r0; r <= r1; r++) {
-      for (let c = c0; c <= c1; c++) {
-        const key = `${L}/${c}/${r}`;
-        const t = request ? this._tile(L, c, r) : this.tiles.get(key);
-        if (!t || !t.loaded) { complete = false; continue; }
-        const lx = c * ts, ly = r * ts;
-        const tw = Math.min(ts, g.w - lx), th = Math.min(ts, g.h - ly);
-        const [sx, sy] = this.toScreen(lx * g.d, ly * g.d);
-        // +0.5 px to hide seams between tiles
-        ctx.drawImage(t.img, 0, 0, tw, th, sx, sy, tw * g.d * this.scale + 0.5, th * g.d * this.scale + 0.5);
-      }
-    }
-    return complete;
-  }
-
   _draw() {
-    const ctx = this.ctx, dpr = window.devicePixelRatio || 1;
+    const cv = this.canvas, dpr = window.devicePixelRatio || 1;
+    const w = this.osd.canvas.clientWidth || 1, h = this.osd.canvas.clientHeight || 1;
+    if (cv.width !== Math.round(w * dpr) || cv.height !== Math.round(h * dpr)) {
+      cv.width = Math.round(w * dpr); cv.height = Math.round(h * dpr);
+    }
+    const ctx = this.ctx;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, cv.width, cv.height);
+    if (!this.image || !this.item) return;
+    // one affine map level-0 -> screen per frame (no rotation): origin and scale from OpenSeadragon
+    const [ox, oy] = this.toScreen(0, 0), s = this.scale;
+    this.frame = { ox, oy, s, box: this.viewBox() };
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.fillStyle = "#111";
-    ctx.fillRect(0, 0, this.cssWidth, this.cssHeight);
-    if (!this.image) return;
-    const L = this.currentLevel();
-    // coarser levels first as a placeholder while the current level loads
-    for (let l = Math.max(0, L - 4); l < L; l++) this._drawLevel(l, l === Math.max(0, L - 4));
-    this.complete = this._drawLevel(L, true);
     for (const draw of this.overlays) {
       ctx.save();
       try { draw(ctx, this); } catch (e) { console.error("overlay failed", e); }
       ctx.restore();
     }
-    this.level = L;
+    this.level = this.currentLevel();
     this.onchange(this);
   }
+  rectScreen(x, y, w, h) {
+    const f = this.frame;
+    return [f.ox + x * f.s, f.oy + y * f.s, w * f.s, h * f.s];
+  }
+  pointScreen(x, y) { const f = this.frame; return [f.ox + x * f.s, f.oy + y * f.s]; }
+  inView(x, y, w, h) {
+    const [x0, y0, x1, y1] = this.frame.box;
+    return x + w >= x0 && x <= x1 && y + h >= y0 && y <= y1;
+  }
 
-  _bindEvents() {
-    const cv = this.canvas;
-    let drag = null;
-    cv.addEventListener("pointerdown", (e) => {
-      drag = { x: e.clientX, y: e.clientY }; cv.setPointerCapture(e.pointerId); cv.classList.add("dragging");
-    });
-    cv.addEventListener("pointermove", (e) => {
-      if (!drag) return;
-      this.panBy(e.clientX - drag.x, e.clientY - drag.y);
-      drag = { x: e.clientX, y: e.clientY };
-    });
-    const end = () => { drag = null; cv.classList.remove("dragging"); };
-    cv.addEventListener("pointerup", end);
-    cv.addEventListener("pointercancel", end);
-    cv.addEventListener("wheel", (e) => {
-      e.preventDefault();
-      const rect = cv.getBoundingClientRect();
-      this.zoomBy(Math.pow(1.0015, -e.deltaY), e.clientX - rect.left, e.clientY - rect.top);
-    }, { passive: false });
-    cv.addEventListener("dblclick", (e) => {
-      const rect = cv.getBoundingClientRect();
-      this.zoomBy(2, e.clientX - rect.left, e.clientY - rect.top);
-    });
-    cv.addEventListener("keydown", (e) => {
-      const step = 80;
-      if (e.key === "+" || e.key === "=") this.zoomBy(1.5);
-      else if (e.key === "-") this.zoomBy(1 / 1.5);
-      else if (e.key === "ArrowLeft") this.panBy(step, 0);
-      else if (e.key === "ArrowRight") this.panBy(-step, 0);
-      else if (e.key === "ArrowUp") this.panBy(0, step);
-      else if (e.key === "ArrowDown") this.panBy(0, -step);
-      else if (e.key === "0") this.home();
-      else return;
-      e.preventDefault();
-    });
+  // ------------------------------------------------------------------------------------------- ROI (Annotorious)
+  // tool: "rectangle" (press, drag, release) | "polygon" (click the corners, click the first one or double-click to
+  // close) | null (navigation). A double click closes a polygon instead of zooming while a tool is on.
+  setTool(tool) {
+    if (tool) {
+      this.anno.setDrawingMode(tool === "polygon" ? "click" : "drag");
+      this.anno.setDrawingTool(tool);
+      this.anno.setDrawingEnabled(true);
+    } else {
+      this.anno.cancelDrawing();
+      this.anno.setDrawingEnabled(false);
+    }
+    this.osd.gestureSettingsMouse.dblClickToZoom = !tool;
+  }
+  // ROI {x, y, w, h} or {polygon: [[x, y], ...]} in level-0 px, shown as the one Annotorious annotation
+  showRoi(roi) {
+    this.anno.clearAnnotations();
+    if (!roi) return;
+    let selector;
+    if (roi.polygon) {
+      const xs = roi.polygon.map((p) => p[0]), ys = roi.polygon.map((p) => p[1]);
+      selector = { type: "POLYGON", geometry: { points: roi.polygon,
+        bounds: { minX: Math.min(...xs), minY: Math.min(...ys), maxX: Math.max(...xs), maxY: Math.max(...ys) } } };
+    } else {
+      selector = { type: "RECTANGLE", geometry: { x: roi.x, y: roi.y, w: roi.w, h: roi.h,
+        bounds: { minX: roi.x, minY: roi.y, maxX: roi.x + roi.w, maxY: roi.y + roi.h } } };
+    }
+    this.anno.addAnnotation({ id: "hwsi-roi", bodies: [], target: { annotation: "hwsi-roi", selector } });
+  }
+  _fromAnnotation(a) {
+    const sel = a.target && a.target.selector;
+    if (!sel) return;
+    const g = sel.geometry;
+    let roi = null;
+    if (sel.type === "RECTANGLE") roi = { x: g.x, y: g.y, w: g.w, h: g.h };
+    else if (sel.type === "POLYGON") roi = { polygon: g.points.map((p) => [p[0], p[1]]) };
+    for (const other of this.anno.getAnnotations()) if (other.id !== a.id) this.anno.removeAnnotation(other.id);
+    this.setTool(null);
+    if (roi) this.onroi(roi, "drawn");
   }
 }
 
@@ -217,5 +186,5 @@ function niceScaleBar(umPerPx, targetPx = 120) {
   return { um: nice, px: nice / umPerPx, label };
 }
 
-window.DeepZoomViewer = DeepZoomViewer;
+window.SlideView = SlideView;
 window.niceScaleBar = niceScaleBar;
