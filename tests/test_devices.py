@@ -154,7 +154,7 @@ def test_training_records_device_and_dtype(tmp_path: Path) -> None:
     res = run_stage(1, cfg, job, tmp_path / "run", progress=False)
     assert res.finished
     saved = json.loads((tmp_path / "run" / "stage1" / "result.json").read_text())
-    assert saved["placement"] == {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "requested": "cpu"}
+    assert saved["placement"] == {"backend": "accelerate", "device": "cpu", "dtype": "float32", "mixed_precision": "no", "requested": "cpu"}
     assert "device: cpu" in (tmp_path / "run" / "config.yaml").read_text()
 
 
@@ -188,4 +188,4 @@ def test_stages_2_and_3_train_a_bf16_llm_on_the_cpu(tmp_path: Path) -> None:
     finally:
         AcceleratorState._reset_state(True)
     saved = json.loads((run / "stage3" / "result.json").read_text())
-    assert saved["placement"] == {"device": "cpu", "dtype": "bfloat16", "mixed_precision": "bf16", "requested": "cpu"}
+    assert saved["placement"] == {"backend": "accelerate", "device": "cpu", "dtype": "bfloat16", "mixed_precision": "bf16", "requested": "cpu"}

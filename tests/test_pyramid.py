@@ -133,3 +133,18 @@ def test_memory_does_not_grow_with_height(tmp_path: Path) -> None:
     small = _peak_rss_kb(tmp_path / "a.tiff", 2048, 1024)
     tall = _peak_rss_kb(tmp_path / "b.tiff", 2048, 24576)  # 24x the pixels (150 MB raw at level 0)
     assert tall - small < 25 * 1024, (small, tall)
+
+
+def test_four_times_step_pyramid(tmp_path: Path) -> None:
+    p = tmp_path / "s4.tiff"
+    info = write_pyramid_tiff(p, 2048, 1536, 0.5, gradient, n_levels=5, level_step=4)
+    assert info.level_dimensions == [(2048, 1536), (512, 384), (128, 96)]
+    s = openslide.OpenSlide(str(p))
+    try:
+        assert [round(d) for d in s.level_downsamples] == [1, 4, 16]
+        lvl1 = np.asarray(s.read_region((0, 0), 1, (128, 96)))[..., :3].astype(float)
+        assert np.abs(lvl1 - box_mean(gradient(0, 0, 512, 384), 4)).mean() <= 2.5  # the 4x box average of level 0
+    finally:
+        s.close()
+    with pytest.raises(ConfigError, match="level_step must be 2 or 4"):
+        write_pyramid_tiff(tmp_path / "x.tiff", 64, 64, 0.5, gradient, level_step=3)  # type: ignore[arg-type]

@@ -297,8 +297,13 @@ def _counted_eval(cohort: Path, llm_dir: Path, out: Path | None) -> dict[str, in
     seen = {"slides": 0}
     model.hierarchy.register_forward_hook(lambda m, args, out: seen.__setitem__(
         "slides", seen["slides"] + args[0].patch_feats.shape[0]))
-    run_all(model, load_eval_data(cohort), EvalConfig(**EVAL_CFG), tasks=TASKS, out=out,
-            text_encoder=HashTextEncoder())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run with OMP_NUM_THREADS=1: same reduction order, so identical bytes
+    try:
+        run_all(model, load_eval_data(cohort), EvalConfig(**EVAL_CFG), tasks=TASKS, out=out,
+                text_encoder=HashTextEncoder())
+    finally:
+        torch.set_num_threads(threads)
     return seen
 
 

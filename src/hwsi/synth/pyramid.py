@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 
@@ -150,6 +150,7 @@ def write_pyramid_tiff(
     quality: int = 90,
     threads: int | None = None,
     description: str = "",
+    level_step: Literal[2, 4] = 2,
 ) -> PyramidInfo:
     """Write a pyramidal tiled JPEG TIFF of ``width`` × ``height`` level-0 pixels at ``mpp`` µm/px.
 
@@ -164,6 +165,8 @@ def write_pyramid_tiff(
         quality: JPEG quality (1–100).
         threads: threads for ``tile_fn`` and JPEG encoding (default: all CPUs).
         description: ImageDescription of level 0.
+        level_step: downsample between written levels: 2 (1, 2, 4, ...) or 4 (1, 4, 16, ...: every other level of
+            the 2× cascade, as some scanners write); ``n_levels``/``min_level_side`` count the 2× cascade.
     """
     import tifffile
 
@@ -177,6 +180,8 @@ def write_pyramid_tiff(
         raise ConfigError(f"write_pyramid_tiff: tile_size must be a multiple of 16, got {tile_size}")
     if n_levels is not None and n_levels < 1:
         raise ConfigError(f"write_pyramid_tiff: n_levels must be >= 1, got {n_levels}")
+    if level_step not in (2, 4):
+        raise ConfigError(f"write_pyramid_tiff: level_step must be 2 or 4, got {level_step}")
     if not 1 <= quality <= 100:
         raise ConfigError(f"write_pyramid_tiff: quality must be in 1..100, got {quality}")
     threads = max(1, threads or os.cpu_count() or 1)
@@ -267,7 +272,10 @@ def write_pyramid_tiff(
                 )
             if top is not None:
                 top.finish()
-            for sink in sinks:
+            for k, sink in enumerate(sinks, start=1):
+                if k % (level_step // 2):  # a 4x-step pyramid keeps levels 0, 2, 4, ... of the 2x cascade
+                    os.unlink(sink.path)
+                    continue
                 tif.write(
                     reduced_tiles(sink),
                     shape=(sink.height, sink.width, 3),
@@ -276,4 +284,5 @@ def write_pyramid_tiff(
                     **common,
                 )
                 os.unlink(sink.path)
-    return PyramidInfo(path, float(mpp), ts, int(quality), dims, time.perf_counter() - t0)
+    written = [d for k, d in enumerate(dims) if k % (level_step // 2) == 0]
+    return PyramidInfo(path, float(mpp), ts, int(quality), written, time.perf_counter() - t0)

@@ -58,10 +58,9 @@ class DataConfig:
     # record (short open answers and closed answers too, with option_permutations / closed_text_answers), so the
     # projectors learn to carry each finding the questions ask about
     stage2_records: Literal["reports", "all"] = "reports"
-    # stage 3: each record answered by the slide's REPORT or CAPTION is seen N times per epoch. A report is 2 records
-    # of ~46 per slide (with the option permutations) but the longest answer by far; a tiny LM tuned on that mix often
-    # answers a report prompt with one open-answer sentence (docs/ablations.md, "Report facts"); repeating reports
-    # alone cost the captions (docs/ablations.md)
+    # stage 3: each record answered by the slide's REPORT is seen N times per epoch. A report is 2 records of ~46 per
+    # slide (with the option permutations) but the longest answer by far; a tiny LM tuned on that mix often answers
+    # a report prompt with one open-answer sentence (docs/ablations.md, "Report facts")
     report_repeats: PositiveInt = 1
 
 

@@ -188,14 +188,14 @@ def add_lora(model, s3) -> None:
 def lm_samples(stage: int, cfg: TrainConfig, text: TrainText) -> list[ChatSample]:
     """Stage 2: the report/caption records (``data.stage2_records: reports``) or every record (``all``, with its
     option permutations, as stage 3). Stage 3: every train record with its option permutations, the records
-    answered by the slide's report or caption ``data.report_repeats`` times."""
+    answered by the slide's report ``data.report_repeats`` times."""
     if stage == 2 and cfg.data.stage2_records == "reports":
         return report_samples(text)
     if stage == 2 and cfg.data.stage2_records != "all":
         raise ConfigError(f"data.stage2_records must be reports or all, got {cfg.data.stage2_records!r}")
     samples = permute_options(text.samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
     if stage == 3:
-        samples += report_samples(text, use_captions=True) * (cfg.data.report_repeats - 1)
+        samples += report_samples(text, use_captions=False) * (cfg.data.report_repeats - 1)
     return samples
 
 
