@@ -3,7 +3,8 @@
 A ``FeatureCollection`` whose features carry ``properties.objectType`` ("detection" for nuclei, "annotation" for
 evidence regions/patches), ``properties.classification = {"name": ..., "color": [r, g, b]}`` (QuPath's key is the
 American spelling) and ``properties.measurements``; QuPath imports it via File › Import objects, or by dragging
-the file onto the viewer (docs/formats-cells.md "Export to QuPath" has the field table).
+the file onto the viewer (docs/formats-cells.md "Export to QuPath" has the field table; tests/test_export_qupath.py
+checks it against a real QuPath export).
 
 * Nuclei: "detection" objects whose Polygon is the nucleus outline the store keeps (``cells/contour_n`` /
   ``contour_xy``: CellViT's contour, QuPath's nucleusGeometry, the built-in segmenter's traced outline); only in a
