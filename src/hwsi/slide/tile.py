@@ -6,6 +6,9 @@ when complete, with ``stages = ["tile"]`` and the grid + tissue settings (JSON a
 0/1, attrs ``downsample``, ``mpp``, ``saturation_threshold``) and ``tissue/thumbnail`` (RGB uint8, attr
 ``downsample``) for the viewer.
 
+``--annotations`` (QuPath GeoJSON, :mod:`hwsi.slide.annotations`) restricts the tissue mask, and so the grid, to the
+annotated area before the grid is built; the store records the file (JSON attribute ``annotations``).
+
 Inputs: one slide file, a folder (its slide files, not recursive), or a CSV with a ``slide`` column and optional
 ``mpp`` column (paths relative to the CSV). A file named twice (the same path on two CSV rows, a symlink beside
 its target) is tiled once; two rows naming one file with different ``mpp`` are an error. Slide ids follow ONE
@@ -18,13 +21,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hwsi import textio
 from hwsi.batch import DEFAULT_CLAIM_TIMEOUT_S, BatchItem, BatchResult, lock_path, prepare_job, run_batch
 from hwsi.errors import ConfigError, ConfigFileError, HwsiError, SlideError
+from hwsi.slide.annotations import TileAnnotations, annotation_files, read_tile_annotations
 from hwsi.slide.grid import Grid, GridConfig, build_grid, check_fits, resolution_plan
 from hwsi.slide.ids import allocate_ids, path_key
 from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
@@ -161,15 +166,19 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
 
 
 def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str, grid: Grid,
-                     tissue: TissueMask, settings: dict[str, Any] | None = None) -> None:
+                     tissue: TissueMask, settings: dict[str, Any] | None = None,
+                     annotations: dict[str, Any] | None = None) -> None:
     """Write the tile-stage store atomically (``settings``: the grid and tissue settings, kept as the ``tile``
-    attribute so a run can tile a new slide the same way)."""
+    attribute so a run can tile a new slide the same way; ``annotations``: the annotation file that restricted
+    it, :meth:`TileAnnotations.record`)."""
     meta = StoreMeta(slide_path=str(slide_path.resolve()), slide_id=slide_id, mpp_source=mpp_source,
                      **grid_fields(grid))
     with new_store(out, meta) as w:
         w.set_attr("n_candidate_regions", grid.n_candidates)
         if settings is not None:
             w.set_json_attr("tile", settings)
+        if annotations is not None:
+            w.set_json_attr("annotations", annotations)
         w.write_grid(grid.region_coords, grid.region_tissue, grid.patch_coords, grid.patch_tissue,
                      grid.patch_fraction)
         w.write_tissue_mask(tissue.mask, downsample=tissue.downsample, mpp=tissue.mask_mpp,
@@ -178,8 +187,20 @@ def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str
         w.mark_stage(STAGE)
 
 
-def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) -> dict[str, Any]:
-    """Tile one slide into its store in ``job``; returns a summary dict (regions, patches, mpp, ...)."""
+def restrict_tissue(tissue: TissueMask, annotations: TileAnnotations, slide_path: Path) -> TissueMask:
+    """The tissue mask inside the annotations' include polygons and outside their exclusions; SlideError when no
+    tissue is left."""
+    mask = tissue.mask & annotations.mask(tissue.mask.shape, tissue.downsample)
+    if not mask.any():
+        raise SlideError(slide_path, f"no tissue inside the annotations ({annotations.describe()}; the slide "
+                         f"has {tissue.tissue_fraction:.2%} tissue)", "check that the file is this slide's")
+    return replace(tissue, mask=mask)
+
+
+def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None,
+               annotations: TileAnnotations | None = None) -> dict[str, Any]:
+    """Tile one slide into its store in ``job`` (only inside ``annotations`` where given); returns a summary dict
+    (regions, patches, mpp, ...)."""
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
@@ -188,11 +209,16 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
     with open_slide(spec.path, mpp=spec.mpp, slide_id=spec.slide_id) as slide:
         scale, _ = resolution_plan(str(slide.path), slide.mpp, cfg.grid)  # fail early if too coarse
         check_fits(slide, cfg.grid, scale)  # ... or if a patch is larger than the slide
+        if annotations is not None:
+            annotations.check_on_slide(*slide.dimensions)
         tissue = compute_tissue(slide, cfg.tissue, patch_size_level0=cfg.grid.patch_size * scale,
                                 threads=cfg.threads)
+        if annotations is not None:
+            tissue = restrict_tissue(tissue, annotations, slide.path)
         grid = build_grid(slide, tissue.mask, tissue.downsample, cfg.grid)
         write_tile_store(out, slide.path, spec.slide_id, slide.mpp_source, grid, tissue,
-                         {"grid": asdict(cfg.grid), "tissue": asdict(cfg.tissue)})
+                         {"grid": asdict(cfg.grid), "tissue": asdict(cfg.tissue)},
+                         annotations.record() if annotations is not None else None)
         if cfg.preview:
             save_preview(job / "previews" / f"{spec.slide_id}.png", tissue, grid)
         return {
@@ -237,16 +263,45 @@ def claim_slides(source: str | Path, job: Path, mpp: float | None = None) -> tup
     return specs, known
 
 
+def load_annotations(option: str | Path, specs: list[SlideSpec]) -> dict[str, TileAnnotations]:
+    """``--annotations`` for these slides, keyed by the slide file's :func:`path_key`: every file read and checked
+    against its slide's level-0 size now, so that a bad file is one error (exit 2) before anything is tiled (a slide
+    that does not open is left to the batch, which records it)."""
+    files = annotation_files(option, [(s.slide_id, s.path) for s in specs])
+    out: dict[str, TileAnnotations] = {}
+    for s in specs:
+        if s.slide_id not in files:
+            continue
+        ann = read_tile_annotations(files[s.slide_id])
+        try:
+            with open_slide(s.path, mpp=s.mpp, slide_id=s.slide_id) as slide:
+                size = slide.dimensions
+        except SlideError:
+            size = None
+        if size is not None:
+            ann.check_on_slide(*size)
+        out[path_key(s.path)] = ann
+    missing = [s.slide_id for s in specs if path_key(s.path) not in out]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        print(f"--annotations {option}: no annotation file for {len(missing)} slide(s) ({shown}); tiled whole",
+              file=sys.stderr)
+    return out
+
+
 def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = None, mpp: float | None = None,
                overwrite: bool = False, show_progress: bool = True, shard: Shard | None = None,
-               claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> BatchResult:
+               claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S,
+               annotations: str | Path | None = None) -> BatchResult:
     """`hwsi tile` on every slide of ``source``: finished slides skipped, failures recorded, summary printed
-    (``shard``: this worker's share of the slides, :func:`hwsi.batch.run_batch`)."""
+    (``shard``: this worker's share of the slides, :func:`hwsi.batch.run_batch`; ``annotations``: a QuPath GeoJSON
+    file for the one slide, or a folder of ``<slide>.geojson``, :func:`load_annotations`)."""
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
     prepare_output_dir(job, what="job folder", create=False)
-    collect_slides(source, mpp, job)  # bad input is one error before anything is created
+    first = collect_slides(source, mpp, job)  # bad input is one error before anything is created
+    ann = load_annotations(annotations, first) if annotations is not None else {}
     prepare_job(job, ("previews",) if cfg.preview else ())
     specs, known = claim_slides(source, job, mpp)
     items = [BatchItem(s.slide_id, s, str(s.path)) for s in specs]
@@ -261,7 +316,7 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
         if store.is_file() and not holds(store, item.payload):  # another run gave this id to another file
             raise SlideError(item.payload.path, f"its slide id {item.slide_id!r} is taken: {store} holds "
                              f"{store_slide_path(store)}", "run `hwsi tile` again: it gives this file another id")
-        info = tile_slide(item.payload, job, cfg)
+        info = tile_slide(item.payload, job, cfg, ann.get(path_key(item.payload.path)))
         infos[item.slide_id] = info
         return info
 
