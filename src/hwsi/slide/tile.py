@@ -9,18 +9,20 @@ when complete, with ``stages = ["tile"]`` and the grid + tissue settings (JSON a
 ``--annotations`` (QuPath GeoJSON, :mod:`hwsi.slide.annotations`) restricts the tissue mask, and so the grid, to the
 annotated area before the grid is built; the store records the file (JSON attribute ``annotations``).
 
-Inputs: one slide file, a folder (its slide files, not recursive), or a CSV with a ``slide`` column and optional
-``mpp`` column (paths relative to the CSV). A file named twice (the same path on two CSV rows, a symlink beside
-its target) is tiled once; two rows naming one file with different ``mpp`` are an error. Slide ids follow ONE
-rule (:mod:`hwsi.slide.ids`: the stem; the whole file name where stems clash; ids the job already holds are
-kept). ``JOB/slides.json`` maps slide_id -> source path, mpp, mpp_source; a store that holds another file than
-its slide is never taken for "already complete".
+Inputs: one slide file, a folder (its slide files; with ``recursive`` those of its sub-folders too), or a CSV with
+a ``slide`` column (or TRIDENT's ``wsi``) and optional ``mpp`` column (paths relative to the CSV). A file named
+twice (the same path on two CSV rows, a symlink beside its target) is tiled once; two rows naming one file with
+different ``mpp`` are an error. Slide ids follow ONE rule (:mod:`hwsi.slide.ids`: the stem; the whole file name
+where stems clash, e.g. ``a/x.svs`` and ``b/x.svs`` of a recursive folder; ids the job already holds are kept).
+``JOB/slides.json`` maps slide_id -> source path, mpp, mpp_source; a store that holds another file than its slide
+is never taken for "already complete".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -127,8 +129,30 @@ def _dedupe(items: list[tuple[Path, float | None, str]]) -> list[tuple[Path, flo
     return [(p, m) for p, m, _ in seen.values()]
 
 
-def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path | None = None) -> list[SlideSpec]:
-    """Slides named by ``source`` (file, folder or CSV ``slide[,mpp]``); ``mpp`` applies to all (CSV values win).
+SLIDE_COLUMNS = ("slide", "wsi")  # hwsi's name, TRIDENT's (`--custom_list_of_wsis`: columns wsi[, mpp])
+
+
+def slide_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The slide files of a folder (names starting with "." skipped), sorted; with ``recursive`` also those of its
+    sub-folders at any depth (symlinked folders are not followed: no loops; an MRXS's data folder holds no slide
+    file and is passed over)."""
+    if not recursive:
+        return [p for p in sorted(folder.iterdir())
+                if p.name.lower().endswith(SLIDE_SUFFIXES) and not p.name.startswith(".")]
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        mrxs = [d for d in dirs if d.lower().endswith(".mrxs")]  # a folder named *.mrxs is a slide, as at the top
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in mrxs)
+        names = files + mrxs
+        out += [Path(root) / n for n in sorted(names)
+                if n.lower().endswith(SLIDE_SUFFIXES) and not n.startswith(".")]
+    return sorted(out)
+
+
+def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path | None = None,
+                   recursive: bool = False) -> list[SlideSpec]:
+    """Slides named by ``source`` (file, folder or CSV ``slide[,mpp]``, or TRIDENT's ``wsi[,mpp]``); ``mpp``
+    applies to all (CSV values win); ``recursive``: a folder's sub-folders too.
 
     Ids come from :func:`hwsi.slide.ids.allocate_ids`, keeping those ``job`` (if given) already holds."""
     src = Path(source)
@@ -138,11 +162,14 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
     if src.suffix.lower() == ".csv" and not src.is_dir():
         header, rows = textio.read_csv(src, ConfigFileError)
         cols = [c.lower() for c in header]
-        if "slide" not in cols:
-            raise ConfigError(f"{src}: CSV needs a 'slide' column (and optionally 'mpp'); found {cols}")
+        named = [c for c in SLIDE_COLUMNS if c in cols]
+        if not named:
+            raise ConfigError(f"{src}: CSV needs a 'slide' column (or TRIDENT's 'wsi'; optionally 'mpp'); found {cols}")
+        if len(named) > 1:
+            raise ConfigError(f"{src}: CSV has both a 'slide' and a 'wsi' column; keep one")
         for n, raw in rows:
             row = {k.lower(): v for k, v in raw.items()}
-            name = row["slide"]
+            name = row[named[0]]
             if not name:
                 continue
             if "\0" in name:
@@ -151,11 +178,12 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
             p = p if p.is_absolute() else src.parent / p
             items.append((p, _parse_mpp(row.get("mpp", ""), f"{src} (line {n})") or mpp, f"{src}:{n}"))
     elif src.is_dir() and src.suffix.lower() != ".mrxs":
-        for p in sorted(src.iterdir()):
-            if p.name.lower().endswith(SLIDE_SUFFIXES) and not p.name.startswith("."):
-                items.append((p, mpp, str(p)))
+        items = [(p, mpp, str(p)) for p in slide_files(src, recursive)]
         if not items:
-            raise HwsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
+            nested = not recursive and any(slide_files(d, True) for d in src.iterdir()
+                                           if d.is_dir() and not d.is_symlink() and not d.name.startswith("."))
+            raise HwsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder"
+                            + ("; its sub-folders hold some: use --recursive" if nested else ""))
     else:
         if not src.is_file():
             raise HwsiError(f"{src}: not a regular file (a FIFO, socket or device); give a slide file or folder")
@@ -253,12 +281,13 @@ def update_registry(job: Path, specs: list[SlideSpec], infos: dict[str, dict[str
         _merge_registry(job, specs, infos)
 
 
-def claim_slides(source: str | Path, job: Path, mpp: float | None = None) -> tuple[list[SlideSpec], dict[str, str]]:
+def claim_slides(source: str | Path, job: Path, mpp: float | None = None,
+                 recursive: bool = False) -> tuple[list[SlideSpec], dict[str, str]]:
     """The slides of ``source`` with their ids, registered in ``slides.json`` at once, under the registry's lock:
     a second `hwsi tile` on the job sees these ids as taken. Returns (specs, the ids the job held before)."""
     with file_lock(lock_path(job, "slides.json")):
         known = job_slide_ids(job)
-        specs = collect_slides(source, mpp, job)
+        specs = collect_slides(source, mpp, job, recursive)
         _merge_registry(job, specs, {})
     return specs, known
 
@@ -292,7 +321,7 @@ def load_annotations(option: str | Path, specs: list[SlideSpec]) -> dict[str, Ti
 def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = None, mpp: float | None = None,
                overwrite: bool = False, show_progress: bool = True, shard: Shard | None = None,
                claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S,
-               annotations: str | Path | None = None) -> BatchResult:
+               annotations: str | Path | None = None, recursive: bool = False) -> BatchResult:
     """`hwsi tile` on every slide of ``source``: finished slides skipped, failures recorded, summary printed
     (``shard``: this worker's share of the slides, :func:`hwsi.batch.run_batch`; ``annotations``: a QuPath GeoJSON
     file for the one slide, or a folder of ``<slide>.geojson``, :func:`load_annotations`)."""
@@ -300,10 +329,10 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
     cfg.grid.validate()
     job = Path(job)
     prepare_output_dir(job, what="job folder", create=False)
-    first = collect_slides(source, mpp, job)  # bad input is one error before anything is created
+    first = collect_slides(source, mpp, job, recursive)  # bad input is one error before anything is created
     ann = load_annotations(annotations, first) if annotations is not None else {}
     prepare_job(job, ("previews",) if cfg.preview else ())
-    specs, known = claim_slides(source, job, mpp)
+    specs, known = claim_slides(source, job, mpp, recursive)
     items = [BatchItem(s.slide_id, s, str(s.path)) for s in specs]
     infos: dict[str, dict[str, Any]] = {}
 
