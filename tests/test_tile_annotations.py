@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from hwsi.cli import main
-from hwsi.slide.annotations import is_exclusion, read_tile_annotations
-from hwsi.slide.roi_geometry import RoiError, roi_from_geojson
+from hwsi.slide.annotations import read_tile_annotations
+from hwsi.slide.roi_geometry import RoiError, is_exclusion, place_roi, read_roi_geojson, roi_from_geojson
 from hwsi.store import SlideStore, list_stores
 from hwsi.synth.pyramid import write_pyramid_tiff
 
@@ -199,3 +199,26 @@ def test_long_tissue_outlines_are_checked_edge_by_edge(tmp_path: Path) -> None:
     bad = _write(tmp_path / "bad.geojson", [_feature(_poly(np.vstack([crossed, crossed[:1]]).tolist()))])
     with pytest.raises(RoiError, match="intersects itself"):
         read_tile_annotations(bad)
+
+
+def test_the_same_file_as_the_roi_of_a_question_leaves_the_exclusions_out(tmp_path: Path) -> None:
+    """`hwsi ask --roi FILE` / the chat API read annotations by the same rule: includes minus Ignore*/Exclude."""
+    from synthetic_store import make_synthetic_job
+
+    ann = _write(tmp_path / "roi.geojson", {"type": "FeatureCollection", "features": [
+        _feature(_poly(_rect(0, 0, 1024, 1024)), cls={"name": "Tumor", "color": [200, 0, 0]}),
+        _feature(_poly(_rect(0, 0, 512, 1024)), cls={"name": "Ignore*", "color": [180, 180, 180]}),
+        _feature(_poly(_rect(50, 50, 10, 10)), object_type="detection")]})
+    roi = read_roi_geojson(ann)
+    assert len(roi.polygons) == 1 and len(roi.exclude) == 1 and "minus 1 exclusion of" in roi.describe()
+    assert roi.contains(np.array([[100, 100], [700, 100], [1100, 100]])).tolist() == [False, True, False]
+    assert roi.to_geojson()["exclude"] and roi.n_vertices == 8
+    job = make_synthetic_job(tmp_path / "job", "s", width=1024, height=1024)
+    placed = place_roi(job.store, roi)
+    with SlideStore(job.store) as s:
+        pc, ps = s.patch_coords().astype(float), s.meta.patch_size_level0
+    centres = pc[placed.inside] + ps / 2
+    assert len(centres) and (centres[:, 0] >= 512).all()
+    only = _write(tmp_path / "only.geojson", [_feature(_poly(_rect(0, 0, 512, 512)), cls={"name": "Exclude"})])
+    with pytest.raises(RoiError, match="only Ignore\\*/Exclude annotations, nothing to use as the region"):
+        read_roi_geojson(only)

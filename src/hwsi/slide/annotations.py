@@ -33,33 +33,12 @@ from typing import Any
 import numpy as np
 
 from hwsi.errors import ConfigError
-from hwsi.slide.roi_geometry import RoiError, geojson_polygons
+from hwsi.slide.roi_geometry import EXCLUDE_CLASSES, RoiError, geojson_polygons, is_exclusion
 from hwsi.textio import read_json
 
-EXCLUDE_CLASSES = frozenset({"ignore", "exclude", "excluded", "exclusion"})
 MAX_ANNOTATION_VERTICES = 200_000  # tissue outlines are long; checking a 200,000-vertex ring takes ~0.3 s
 EDGE_TOLERANCE_PX = 1.0  # QuPath writes annotations that touch the image edge at exactly 0 / width / height
 ANNOTATION_SUFFIXES = (".geojson", ".json")
-
-
-def class_names(props: dict[str, Any]) -> list[str]:
-    """The parts of a Feature's QuPath class: ``{"name": "Tumor"}`` -> ["Tumor"], ``{"names": ["Ignore*", "pen"]}``
-    -> ["Ignore*", "pen"], a name with ``": "`` split the same way; [] when unclassified."""
-    cls = props.get("classification")
-    if isinstance(cls, str):
-        return [p.strip() for p in cls.split(":")]
-    if not isinstance(cls, dict):
-        return []
-    names = cls.get("names")
-    if isinstance(names, list) and names:
-        return [str(n).strip() for n in names]
-    name = cls.get("name")
-    return [] if name is None else [p.strip() for p in str(name).split(":")]
-
-
-def is_exclusion(props: dict[str, Any]) -> bool:
-    """True when the Feature's class marks an area to leave out (module docstring: :data:`EXCLUDE_CLASSES`)."""
-    return any(n.rstrip("*").strip().lower() in EXCLUDE_CLASSES for n in class_names(props))
 
 
 Polygon = tuple[np.ndarray, ...]  # exterior ring then holes, (n, 2) level-0 px, closed

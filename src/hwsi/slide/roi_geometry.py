@@ -43,13 +43,56 @@ class RoiError(HwsiError):
     """An ROI cannot be used; the message starts with the option or file that gave it."""
 
 
+EXCLUDE_CLASSES = frozenset({"ignore", "exclude", "excluded", "exclusion"})
+
+
+def class_names(props: dict[str, Any]) -> list[str]:
+    """The parts of a Feature's QuPath class: ``{"name": "Tumor"}`` -> ["Tumor"], ``{"names": ["Ignore*", "pen"]}``
+    -> ["Ignore*", "pen"], a name with ``": "`` split the same way; [] when unclassified."""
+    cls = props.get("classification")
+    if isinstance(cls, str):
+        return [p.strip() for p in cls.split(":")]
+    if not isinstance(cls, dict):
+        return []
+    names = cls.get("names")
+    if isinstance(names, list) and names:
+        return [str(n).strip() for n in names]
+    name = cls.get("name")
+    return [] if name is None else [p.strip() for p in str(name).split(":")]
+
+
+def is_exclusion(props: dict[str, Any]) -> bool:
+    """True when a Feature's QuPath class marks an area to leave out: QuPath's ``Ignore*``, or ``Exclude``,
+    ``Excluded``, ``Exclusion`` (:data:`EXCLUDE_CLASSES`; any case, a trailing ``*`` dropped, any part of a derived
+    class). ``Other`` is not: it is QuPath's class for other tissue."""
+    return any(n.rstrip("*").strip().lower() in EXCLUDE_CLASSES for n in class_names(props))
+
+
+def _in_polygons(pts: np.ndarray, polygons: tuple[tuple[np.ndarray, ...], ...]) -> np.ndarray:
+    """(M, 2) -> (M,) bool: inside at least one polygon (its exterior, none of its holes; even–odd rule)."""
+    out = np.zeros(len(pts), bool)
+    for poly in polygons:
+        ext = poly[0]
+        box = ((pts[:, 0] >= ext[:, 0].min()) & (pts[:, 0] <= ext[:, 0].max())
+               & (pts[:, 1] >= ext[:, 1].min()) & (pts[:, 1] <= ext[:, 1].max()) & ~out)
+        if not box.any():
+            continue
+        odd = np.zeros(int(box.sum()), bool)
+        for ring in poly:
+            odd ^= _crossings_odd(pts[box], ring)
+        out[np.flatnonzero(box)[odd]] = True
+    return out
+
+
 @dataclass(frozen=True)
 class Roi:
-    """The union of ``polygons``; each polygon is its exterior ring then its holes, (n, 2) float64 level-0 px."""
+    """The union of ``polygons`` minus the union of ``exclude``; each polygon is its exterior ring then its holes,
+    (n, 2) float64 level-0 px."""
 
     polygons: tuple[tuple[np.ndarray, ...], ...]
     label: str  # where it came from: "--roi 0,0,512,512", a file name, "roi" (an API body)
     kind: str  # "rectangle" | "polygon"
+    exclude: tuple[tuple[np.ndarray, ...], ...] = ()  # a GeoJSON file's Ignore* / Exclude annotations
 
     @property
     def bounds_level0(self) -> tuple[float, float, float, float]:
@@ -59,38 +102,38 @@ class Roi:
 
     @property
     def n_vertices(self) -> int:
-        return sum(len(r) - 1 for p in self.polygons for r in p)
+        return sum(len(r) - 1 for p in self.polygons + self.exclude for r in p)
 
     def contains(self, points_level0: np.ndarray) -> np.ndarray:
         """(N, 2) level-0 points -> (N,) bool: inside at least one polygon (inside its exterior, in none of its
-        holes; even–odd rule over the polygon's rings). Points exactly on an edge count as inside on the left/top
-        edges only (the usual half-open rule), so a grid of rectangles splits patch centres without overlap."""
+        holes; even–odd rule over the polygon's rings) and in no exclusion. Points exactly on an edge count as
+        inside on the left/top edges only (the usual half-open rule), so a grid of rectangles splits patch centres
+        without overlap."""
         pts = np.asarray(points_level0, np.float64).reshape(-1, 2)
-        out = np.zeros(len(pts), bool)
-        for poly in self.polygons:
-            ext = poly[0]
-            box = ((pts[:, 0] >= ext[:, 0].min()) & (pts[:, 0] <= ext[:, 0].max())
-                   & (pts[:, 1] >= ext[:, 1].min()) & (pts[:, 1] <= ext[:, 1].max()) & ~out)
-            if not box.any():
-                continue
-            odd = np.zeros(int(box.sum()), bool)
-            for ring in poly:
-                odd ^= _crossings_odd(pts[box], ring)
-            out[np.flatnonzero(box)[odd]] = True
+        out = _in_polygons(pts, self.polygons)
+        if self.exclude and out.any():
+            idx = np.flatnonzero(out)
+            out[idx[_in_polygons(pts[idx], self.exclude)]] = False
         return out
 
     def to_geojson(self) -> dict[str, Any]:
-        """The ROI as one GeoJSON MultiPolygon geometry (what the chat history records)."""
-        return {"type": "MultiPolygon",
-                "coordinates": [[np.round(r, 2).tolist() for r in p] for p in self.polygons]}
+        """The ROI as one GeoJSON MultiPolygon geometry (what the chat history records); exclusions, where there
+        are, as the foreign member ``"exclude"`` (MultiPolygon coordinates)."""
+        out: dict[str, Any] = {"type": "MultiPolygon",
+                               "coordinates": [[np.round(r, 2).tolist() for r in p] for p in self.polygons]}
+        if self.exclude:
+            out["exclude"] = [[np.round(r, 2).tolist() for r in p] for p in self.exclude]
+        return out
 
     def describe(self) -> str:
         """``"x 0..1024, y 0..1024 (level-0 px, rectangle)"`` or ``"... (level-0 px, 2 polygons of FILE)"``."""
         x0, y0, x1, y1 = (int(round(v)) for v in self.bounds_level0)
         if self.kind == "rectangle":
             return f"x {x0}..{x1}, y {y0}..{y1} (level-0 px, rectangle)"
-        n = len(self.polygons)
-        return f"x {x0}..{x1}, y {y0}..{y1} (level-0 px, {n} polygon{'s' if n != 1 else ''} of {self.label})"
+        n, m = len(self.polygons), len(self.exclude)
+        minus = f" minus {m} exclusion{'s' if m != 1 else ''}" if m else ""
+        return (f"x {x0}..{x1}, y {y0}..{y1} (level-0 px, {n} polygon{'s' if n != 1 else ''}{minus} of "
+                f"{self.label})")
 
 
 def _crossings_odd(pts: np.ndarray, ring: np.ndarray) -> np.ndarray:
@@ -266,11 +309,14 @@ def geojson_polygons(obj: Any, label: str, max_vertices: int = MAX_ROI_VERTICES,
 
 
 def roi_from_geojson(obj: Any, label: str) -> Roi:
-    """The union of every (annotation) polygon of a GeoJSON value; ``label`` names it in errors and the summary."""
-    polygons = [p for *_, p in geojson_polygons(obj, label)]
+    """The union of every (annotation) polygon of a GeoJSON value minus those classed as exclusions
+    (:func:`is_exclusion`: QuPath's ``Ignore*``, ``Exclude``, ...); ``label`` names it in errors and the summary."""
+    found = geojson_polygons(obj, label)
+    polygons = [p for _, props, p in found if not is_exclusion(props)]
     if not polygons:
-        raise RoiError(f"{label}: no Polygon or MultiPolygon annotation to use as the region of interest")
-    return Roi(tuple(polygons), label, "polygon")
+        what = "only Ignore*/Exclude annotations, nothing" if found else "no Polygon or MultiPolygon annotation"
+        raise RoiError(f"{label}: {what} to use as the region of interest")
+    return Roi(tuple(polygons), label, "polygon", tuple(p for _, props, p in found if is_exclusion(props)))
 
 
 def read_roi_geojson(path: str | Path) -> Roi:
