@@ -62,8 +62,14 @@ def make_synthetic_job(
     seed: int = 0,
     feat_dim: int = 16,
     cell_dim: int = 8,
+    contours: bool = False,
+    type_names: dict[int, str] | None = None,
 ) -> SyntheticSlide:
-    """Write ``JOB/slides/<id>.tiff``, ``JOB/stores/<id>.h5`` and register it in ``JOB/slides.json``."""
+    """Write ``JOB/slides/<id>.tiff``, ``JOB/stores/<id>.h5`` and register it in ``JOB/slides.json``.
+
+    ``contours``: also store each nucleus outline (an ellipse of 12 vertices, 1.25 : 0.8 of its radius, so that it
+    differs from the export's 16-gon fallback); ``type_names``: the names of the type codes 0-3 (default
+    unknown, small_round, large_atypical, elongated)."""
     from hwsi.synth.pyramid import write_pyramid_tiff
 
     job = Path(job)
@@ -147,15 +153,23 @@ def make_synthetic_job(
     table = {"x": cat(cx_list, np.float64), "y": cat(cy_list, np.float64), "type": cat(ct_list, np.int8),
              "area_um2": cat(ca_list, np.float32)}
     emb = rng.normal(size=(n_cells, cell_dim)).astype(np.float32)
-    cols, emb, offsets = rows_to_columns(table, emb, cat(r_list, np.int64), cat(g_list, np.int64), R, G)
+    rings = None
+    if contours:
+        a = 2 * math.pi * np.arange(12) / 12
+        rad = np.where(table["type"] == 2, 4.5, 3.0) / mpp
+        rings = [np.stack([x + 1.25 * r * np.cos(a), y + 0.8 * r * np.sin(a)], 1)
+                 for x, y, r in zip(table["x"], table["y"], rad)]
+    cols, emb, offsets = rows_to_columns(table, emb, cat(r_list, np.int64), cat(g_list, np.int64), R, G,
+                                         contours=rings)
+    names = type_names or {0: "unknown", 1: "small_round", 2: "large_atypical", 3: "elongated"}
     store = job / "stores" / f"{slide_id}.h5"
     with new_store(store, meta) as w:
         w.write_grid(rc, pt.mean(1), pc, pt)
         w.write_tissue_mask(mask, downsample=float(mask_ds))
         w.write_features(FEATURE_NAME, feats)
         w.write_spf(sel, rel)
-        w.write_cells(cols, emb, offsets, grid_size=G, attrs={"type_names": json.dumps(
-            {"0": "unknown", "1": "small_round", "2": "large_atypical", "3": "elongated"})})
+        w.write_cells(cols, emb, offsets, grid_size=G,
+                      attrs={"type_names": json.dumps({str(k): v for k, v in names.items()})})
         w.set_attr("region_input", FEATURE_NAME)
         w.set_json_attr("extract", {"patch_encoder": FEATURE_NAME, "region_input": FEATURE_NAME,
                                     "text_encoder": "hash", "k": k})

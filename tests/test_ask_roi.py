@@ -1,4 +1,4 @@
-"""Asking about a region (hwsi.model.roi, hwsi.model.roi_geometry; docs/roi.md).
+"""Asking about a region (hwsi.model.roi, hwsi.slide.roi_geometry; docs/roi.md).
 
 Selection on a small store written by hwsi.store's own writer (tests/synthetic_store.py), the ROI through the
 server's chat (tiny untrained MLLM: plumbing, not answers), and, on the cached trained SynthPath pipeline, whether
@@ -15,7 +15,7 @@ import torch
 
 from hwsi.errors import HwsiError
 from hwsi.model.roi import roi_slide_inputs, select_roi
-from hwsi.model.roi_geometry import MAX_ROI_VERTICES, RoiError, parse_rect, parse_roi_option, read_roi_geojson, \
+from hwsi.slide.roi_geometry import MAX_ROI_VERTICES, RoiError, parse_rect, parse_roi_option, read_roi_geojson, \
     roi_from_geojson
 from hwsi.store import SlideStore
 from synthetic_store import FEATURE_NAME, make_synthetic_job, tiny_model_assistant

@@ -34,7 +34,8 @@ def cells_to_columns(
 
     ``per_patch_results[i]`` (a :class:`~hwsi.cells.segment.Nuclei` or ``None`` for an empty/unsegmented patch) was
     found in patch ``patch_idx[i]`` of region ``region_idx[i]``, whose top-left is ``offset_xy_level0[i]`` (level-0
-    px); a patch pixel is ``scale_to_level0`` level-0 pixels. ``grid_size`` is G (patches per region);
+    px); a patch pixel is ``scale_to_level0`` level-0 pixels. Where every result carries ``contours`` (patch pixels)
+    they are mapped to level 0 and kept (``contour_n`` / ``contour_xy``, :mod:`hwsi.store.cells`). ``grid_size`` is G (patches per region);
     ``n_regions`` defaults to ``max(region_idx)+1``. Returns (columns, embeddings (N, Dc) float32, offsets (R·G+1)).
     """
     region_idx = np.asarray(region_idx, dtype=np.int64)
@@ -46,6 +47,8 @@ def cells_to_columns(
         n_regions = int(region_idx.max()) + 1 if len(region_idx) else 0
     tables: list[dict[str, np.ndarray]] = []
     embs: list[np.ndarray] = []
+    rings: list[np.ndarray] = []
+    all_contours = True
     r_rows: list[np.ndarray] = []
     p_rows: list[np.ndarray] = []
     for i, res in enumerate(per_patch_results):
@@ -55,6 +58,11 @@ def cells_to_columns(
         t["x"] = offs[i, 0] + np.asarray(t["x"], dtype=np.float64) * scale_to_level0
         t["y"] = offs[i, 1] + np.asarray(t["y"], dtype=np.float64) * scale_to_level0
         tables.append(t)
+        cont = getattr(res, "contours", None)
+        if cont is None or len(cont) != len(res.features):
+            all_contours = False
+        else:
+            rings += [offs[i] + np.asarray(c, np.float64).reshape(-1, 2) * scale_to_level0 for c in cont]
         embs.append(np.asarray(res.features, dtype=np.float32))
         r_rows.append(np.full(len(res.features), region_idx[i]))
         p_rows.append(np.full(len(res.features), patch_idx[i]))
@@ -68,4 +76,4 @@ def cells_to_columns(
             raise ValueError("cells_to_columns: patches have different table columns")
     table = {k: np.concatenate([t[k] for t in tables]) for k in names}
     return rows_to_columns(table, np.concatenate(embs), np.concatenate(r_rows), np.concatenate(p_rows),
-                           n_regions, grid_size)
+                           n_regions, grid_size, contours=rings if all_contours else None)

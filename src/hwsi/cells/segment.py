@@ -16,7 +16,10 @@ Pipeline of :func:`segment_nuclei` (every length is given in µm and converted w
    large or elongated nucleus with two distance-transform domes stays whole while touching nuclei, whose union
    has a waist, stay apart;
 6. size (``min_area_um2``/``max_area_um2``) and shape (``min_solidity``) filters;
-7. per-nucleus measurements (:mod:`hwsi.cells.morphology`).
+7. per-nucleus measurements (:mod:`hwsi.cells.morphology`) and outlines (:func:`instance_contours`: the outer
+   boundary of each instance traced with ``cv2.findContours`` through the centres of its boundary pixels, then
+   simplified by Douglas–Peucker within ``contour_tolerance_px`` (0.5 px: no traced boundary pixel lies farther
+   than half a pixel from the stored outline)).
 
 Two parameter sets: ``SegmentConfig()`` (the default every pipeline uses, chosen on the two tiles of
 ``../shared/data/nuclei``) and :func:`held_out_config` (chosen on 20 annotated tiles of two public datasets, checked
@@ -64,6 +67,7 @@ class SegmentConfig:
     min_solidity: float = 0.6
     min_chroma: float = 12.0  # mean (R+B)/2 - G inside a nucleus (8-bit units): rejects grey/black ink and dirt
     max_tile_px: int = 8192  # refuse larger inputs (call per patch/region)
+    contour_tolerance_px: float = 0.5  # Douglas–Peucker tolerance of the stored outlines (pixels of the image)
     type_rules: "TypeRules" = field(default_factory=lambda: TypeRules())
 
     def validate(self) -> None:
@@ -76,6 +80,8 @@ class SegmentConfig:
         for name in ("min_solidity", "merge_solidity"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"SegmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.contour_tolerance_px < 0:
+            raise ConfigError(f"SegmentConfig.contour_tolerance_px must be >= 0, got {self.contour_tolerance_px}")
         if self.max_tile_px < 1:
             raise ConfigError(f"SegmentConfig.max_tile_px must be >= 1, got {self.max_tile_px}")
 
@@ -102,12 +108,14 @@ class Nuclei:
     ``table``: columnar per-nucleus measurements (see :data:`hwsi.cells.morphology.TABLE_COLUMNS`), each (N,).
     ``features``: (N, D) float32 standardised c_ijk vectors (see :data:`hwsi.cells.morphology.FEATURE_NAMES`).
     ``mpp``: µm per pixel of the image.
+    ``contours``: N outlines, (k, 2) float64 x, y image pixels (open rings), or None where none were traced.
     """
 
     labels: np.ndarray
     table: dict[str, np.ndarray]
     features: np.ndarray
     mpp: float
+    contours: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -295,7 +303,33 @@ def segment_nuclei(rgb: np.ndarray, mpp: float, cfg: SegmentConfig | None = None
     cfg.validate()
     labels, h, e = segment_labels(rgb, mpp, cfg)
     table, feats = measure_nuclei(labels, h, e, mpp, cfg.type_rules)
-    return Nuclei(labels=labels, table=table, features=feats, mpp=float(mpp))
+    return Nuclei(labels=labels, table=table, features=feats, mpp=float(mpp),
+                  contours=instance_contours(labels, cfg.contour_tolerance_px))
+
+
+def instance_contours(labels: np.ndarray, tolerance_px: float = 0.5) -> list[np.ndarray]:
+    """Outline of each instance 1..N of ``labels``: (k, 2) float64 x, y (pixel indices: the centres of its outer
+    boundary pixels, as ``cv2.findContours`` traces them), the largest outer boundary where an instance has several
+    pieces, simplified by Douglas–Peucker within ``tolerance_px``; at least 3 vertices where the instance has them."""
+    from scipy import ndimage as ndi
+
+    n = int(labels.max()) if labels.size else 0
+    out: list[np.ndarray] = []
+    if n == 0:
+        return out
+    for i, sl in enumerate(ndi.find_objects(labels, max_label=n), start=1):
+        if sl is None:
+            out.append(np.zeros((0, 2)))
+            continue
+        crop = np.pad((labels[sl] == i).astype(np.uint8), 1)
+        found, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        c = max(found, key=cv2.contourArea) if found else np.zeros((0, 1, 2), np.int32)
+        if tolerance_px > 0 and len(c) > 3:
+            simple = cv2.approxPolyDP(c, tolerance_px, True)
+            c = simple if len(simple) >= 3 else c
+        xy = c.reshape(-1, 2).astype(np.float64) + (sl[1].start - 1, sl[0].start - 1)
+        out.append(xy)
+    return out
 
 
 def plain_watershed(rgb: np.ndarray, mpp: float) -> np.ndarray:

@@ -87,8 +87,9 @@ def register(app: typer.Typer) -> None:
     @app.command("import-features")
     def import_features_cmd(
         job: Path = typer.Argument(..., help="Job folder with JOB/stores/<slide_id>.h5."),
-        features: Path = typer.Argument(..., help="A TRIDENT / CLAM features file (.h5, or .pt with --patches), or a "
-                                                  "folder of them named <slide_id>.h5|.pt (docs/formats-features.md)."),
+        features: Path = typer.Argument(..., help="A TRIDENT / CLAM features file (.h5, or .pt with --patches), a "
+                                                  "folder of them named by slide, CLAM's features folder (h5_files/) "
+                                                  "or a whole TRIDENT job (features_<enc>/) (docs/formats-features.md)."),
         name: str = typer.Option(..., "--name", help="Dataset name: written as patches/<NAME>."),
         slide_id: str | None = typer.Option(None, "--slide-id",
                                             help="Slide whose store receives a single file (default: its file stem)."),
@@ -106,6 +107,9 @@ def register(app: typer.Typer) -> None:
         tolerance: float = typer.Option(_import("tolerance"), "--tolerance", callback=tolerance_fraction,
                                         help="Max patch-centre offset, in the store's patch sides (0-0.5]."),
         overwrite: bool = typer.Option(_import("overwrite"), "--overwrite", help="Replace an existing patches/<NAME>."),
+        encoder: str | None = typer.Option(None, "--encoder",
+                                           help="A TRIDENT job folder's encoder: read its features_<ENCODER>/ (needed "
+                                                "where the job has several)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (folder input)."),
     ) -> None:
         """Import TRIDENT / CLAM patch features as patches/<NAME> of the slides' stores."""
@@ -118,10 +122,13 @@ def register(app: typer.Typer) -> None:
             if slide_id is not None:
                 raise HwsiError(f"{features}: --slide-id names the slide of ONE file; a folder's files are named "
                                 "by slide id")
-            result = import_features_batch(job, features, cfg, show_progress=not quiet)
+            result = import_features_batch(job, features, cfg, show_progress=not quiet, encoder=encoder)
             raise typer.Exit(result.exit_code)
         from hwsi.features.import_features import import_features
 
+        if encoder is not None:
+            raise HwsiError(f"{features}: --encoder picks the features_<ENCODER>/ folder of a TRIDENT job folder; "
+                            "give the job folder, or drop --encoder for one file")
         sid = slide_id or features.stem
         rep = import_features(store_path(job, sid), features, cfg)
         typer.echo(f"{sid}: patches/{name} ({rep.dim}-d, {rep.source_format}): {rep.summary()}")

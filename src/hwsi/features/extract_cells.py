@@ -151,7 +151,8 @@ def ingest_cellvit(f: StoreWriter, meta: StoreMeta, coords: np.ndarray, region_c
     table = {"x": cv.centroids[:, 0], "y": cv.centroids[:, 1], "type": cv.types.astype(np.int16),
              "type_prob": cv.type_prob.astype(np.float32)}
     emb = cv.embeddings if cv.embeddings is not None else np.zeros((len(cv), 0), np.float32)
-    cols, emb_s, offs = rows_to_columns(table, emb, region_idx, patch_idx, n_r, n_g)
+    # the source's nucleus outlines (CellViT "contour", QuPath nucleusGeometry) are kept as they are (level 0)
+    cols, emb_s, offs = rows_to_columns(table, emb, region_idx, patch_idx, n_r, n_g, contours=cv.contours)
     f.delete_cells()
     f.write_cells(cols, emb_s, offs, grid_size=n_g, attrs={
         "backend": "cellvit", "scope": "spf_selected", "source": str(cells_path),

@@ -13,6 +13,6 @@ Modules (import from the submodule; this package imports nothing heavy):
 * ``llm``        load_llm, build_tiny_llm
 * ``mllm``       MLLMHWSI, MLLMConfig                   (Z = [z_c, z_p, z_r, z_WSI, z_text]; assembly, LM loss)
 * ``chat``       ChatSession                            (multi-turn inference, visual prefix cached once)
-* ``roi_geometry`` Roi, parse_roi_option, roi_from_geojson, place_roi   (an ROI: rectangle / GeoJSON, level-0 px)
-* ``roi``        select_roi, roi_slide_inputs            (the tokens inside an ROI + the slide token; docs/roi.md)
+* ``roi``        select_roi, roi_slide_inputs            (the tokens inside an ROI + the slide token; docs/roi.md;
+                 the ROI itself, rectangle / GeoJSON in level-0 px, is ``hwsi.slide.roi_geometry``'s)
 """

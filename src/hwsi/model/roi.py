@@ -16,7 +16,7 @@ Token order stays Z = [z_c, z_p, z_r, z_WSI, z_text] (docs/design.md). What goes
   context from the whole slide, marked as such in the summary. The other regions feed z_WSI only.
 
 Region identity (ProjectorConfig.region_embed) follows the regions' raster positions among the kept regions.
-Bad ROIs (outside the slide, no tissue patch inside) are :class:`~hwsi.model.roi_geometry.RoiError`.
+Bad ROIs (outside the slide, no tissue patch inside) are :class:`~hwsi.slide.roi_geometry.RoiError`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hwsi.model.inputs import SlideInputs, load_slide_inputs, rank_regions
-from hwsi.model.roi_geometry import Roi, RoiError, place_roi
+from hwsi.slide.roi_geometry import Roi, RoiError, place_roi
 from hwsi.store import SlideStore
 
 DEFAULT_MIN_REGION_OVERLAP = 0.5  # share of a region's tissue patches inside the ROI for its z_r to be used

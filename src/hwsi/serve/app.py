@@ -22,7 +22,7 @@ Endpoints (all JSON unless stated)::
     GET  /api/slides/{id}/overlays/grid             regions + patch tissue flags
     GET  /api/slides/{id}/overlays/spf              SPF-selected patches
     GET  /api/slides/{id}/overlays/nuclei?x0&y0&x1&y1   nuclei in a level-0 box
-    GET  /api/slides/{id}/export.geojson[?session=S&nuclei=1&spf=1]   QuPath GeoJSON
+    GET  /api/slides/{id}/export.geojson[?session=S&nuclei=1&spf=1&regions=0&patches=0]   QuPath GeoJSON
     POST /api/chat            {"slide_id"}                        -> {"session_id"}
     POST /api/chat/{sid}/ask  {"question", "max_new_tokens"?}     -> NDJSON stream of token/evidence/error/done
     GET  /api/chat/{sid}                            the turns so far (question, answer, evidence, error)

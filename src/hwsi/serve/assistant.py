@@ -201,7 +201,7 @@ class ModelChat:
         self.roi: Any = None  # hwsi.model.roi.RoiSelection of the current ROI, None = the whole slide
 
     def set_roi(self, roi: Any) -> dict[str, Any] | None:
-        """Answer the next questions from the tokens inside ``roi`` (a :class:`hwsi.model.roi_geometry.Roi`), or
+        """Answer the next questions from the tokens inside ``roi`` (a :class:`hwsi.slide.roi_geometry.Roi`), or
         from the whole slide (None). A new ROI starts a new conversation in the model (its visual prefix differs);
         the server's turns keep the history. Returns the ROI's record (summary, counts) or None."""
         from hwsi.model.chat import ChatSession
@@ -232,7 +232,7 @@ class ModelChat:
         emb = self.owner.encode_text(self.encoders.text_encoder, [f"{question} {answer}".strip()])[0]
         heat = text_patch_relevance(self.store, self.encoders.patch_encoder, emb)
         if self.roi is not None:
-            from hwsi.model.roi_geometry import place_roi
+            from hwsi.slide.roi_geometry import place_roi
 
             heat = np.where(place_roi(self.store, self.roi.roi).inside, heat, np.nan).astype(np.float32)
         with warnings.catch_warnings():  # regions wholly outside the ROI: all-NaN rows, "mean of empty slice"

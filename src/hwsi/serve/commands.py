@@ -75,6 +75,8 @@ def export(
     model: Path | None = typer.Option(None, "--model", help="Model folder (needed with --question)."),
     nuclei: bool = typer.Option(True, help="Include nuclei (detections coloured by type)."),
     spf: bool = typer.Option(True, help="Include the SPF-selected patches."),
+    regions: bool = typer.Option(False, help="Include every region (QuPath class Region*, SPF numbers as measurements)."),
+    patches: bool = typer.Option(False, help="Include every tissue patch as a QuPath tile with its SPF relevance."),
 ) -> None:
     """Write nuclei, SPF patches and answer evidence of one slide as QuPath-compatible GeoJSON."""
     from hwsi.serve.geojson import export_geojson
@@ -94,7 +96,7 @@ def export(
         answer = "".join(session.ask(question))
         typer.echo(f"answer: {answer}")
         evidence = session.evidence(question, answer).items
-    fc = export_geojson(ov, evidence, nuclei=nuclei, spf=spf)
+    fc = export_geojson(ov, evidence, nuclei=nuclei, spf=spf, regions=regions, patches=patches)
     write_bytes_atomic(out, json.dumps(fc).encode())
     kinds: dict[str, int] = {}
     for f in fc["features"]:

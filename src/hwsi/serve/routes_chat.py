@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from hwsi.model.roi_geometry import Roi, RoiError, parse_rect, place_roi, roi_from_geojson
+from hwsi.slide.roi_geometry import Roi, RoiError, parse_rect, place_roi, roi_from_geojson
 from hwsi.serve.assistant import model_placement
 from hwsi.serve.geojson import heatmap_to_list
 from hwsi.serve.replies import AsciiJSONResponse
@@ -42,7 +42,7 @@ class AskBody(BaseModel):
 
 
 def parse_api_roi(value: dict[str, Any] | list[Any]) -> Roi:
-    """The ``roi`` of an ask body as an :class:`~hwsi.model.roi_geometry.Roi` (RoiError naming ``roi``)."""
+    """The ``roi`` of an ask body as an :class:`~hwsi.slide.roi_geometry.Roi` (RoiError naming ``roi``)."""
     if isinstance(value, dict) and set(value) == {"x", "y", "w", "h"}:
         nums = [value[k] for k in ("x", "y", "w", "h")]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in nums):

@@ -58,7 +58,8 @@ def overlays_router(state: ServerState) -> APIRouter:
 
     @router.get("/api/slides/{slide_id}/export.geojson")
     def export(
-        slide_id: str, session: str | None = None, nuclei: bool = True, spf: bool = True
+        slide_id: str, session: str | None = None, nuclei: bool = True, spf: bool = True,
+        regions: bool = False, patches: bool = False,
     ) -> Response:
         ov = state.overlays(slide_id)
         evidence: list[Evidence] = []
@@ -68,7 +69,7 @@ def overlays_router(state: ServerState) -> APIRouter:
                 raise HTTPException(404, "this chat is about another slide")
             for t in st.turns:
                 evidence += t.evidence
-        body = json.dumps(export_geojson(ov, evidence, nuclei=nuclei, spf=spf))
+        body = json.dumps(export_geojson(ov, evidence, nuclei=nuclei, spf=spf, regions=regions, patches=patches))
         return Response(
             body,
             media_type="application/geo+json",

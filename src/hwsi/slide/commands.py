@@ -15,7 +15,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("tile")
     def tile(
-        source: Path = typer.Argument(..., help="A slide file, a folder of slides, or a CSV with columns slide[,mpp]."),
+        source: Path = typer.Argument(..., help="A slide file, a folder of slides, or a CSV with columns slide[,mpp] "
+                                                "(or TRIDENT's wsi[,mpp])."),
+        recursive: bool = typer.Option(False, "--recursive", "-r", help="Also the slides in the folder's "
+                                                                         "sub-folders, at any depth."),
         out: Path = typer.Option(..., "--out", "-o", help="Job folder (stores/, errors/, previews/, slides.json)."),
         region_size: int = typer.Option(4096, callback=positive_int, help="Region side in pixels at --target-mpp."),
         patch_size: int = typer.Option(256, callback=positive_int, help="Patch side in pixels at --target-mpp."),
@@ -27,6 +30,9 @@ def register(app: typer.Typer) -> None:
         mpp_tolerance: float = typer.Option(0.02, callback=open_fraction, help="Use the slide's own µm/px when within this relative "
                                                        "distance of the target (no resampling)."),
         threads: int = typer.Option(2, callback=positive_int, help="Threads reading the slide."),
+        annotations: Path | None = typer.Option(
+            None, "--annotations", help="QuPath GeoJSON annotations (level-0 px): tile only inside the include "
+            "polygons and outside those classed Ignore*/Exclude; a FILE for one slide, or a folder of <slide>.geojson."),
         preview: bool = typer.Option(False, "--preview", help="Write JOB/previews/<slide_id>.png."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already tiled."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -49,5 +55,5 @@ def register(app: typer.Typer) -> None:
         grid.validate()
         result = tile_batch(source, out, TileConfig(grid=grid, preview=preview, threads=threads), mpp=mpp,
                             overwrite=overwrite, show_progress=not quiet, shard=resolve_shard(shard),
-                            claim_timeout_s=claim_timeout)
+                            claim_timeout_s=claim_timeout, annotations=annotations, recursive=recursive)
         raise typer.Exit(result.exit_code)

@@ -6,25 +6,32 @@ when complete, with ``stages = ["tile"]`` and the grid + tissue settings (JSON a
 0/1, attrs ``downsample``, ``mpp``, ``saturation_threshold``) and ``tissue/thumbnail`` (RGB uint8, attr
 ``downsample``) for the viewer.
 
-Inputs: one slide file, a folder (its slide files, not recursive), or a CSV with a ``slide`` column and optional
-``mpp`` column (paths relative to the CSV). A file named twice (the same path on two CSV rows, a symlink beside
-its target) is tiled once; two rows naming one file with different ``mpp`` are an error. Slide ids follow ONE
-rule (:mod:`hwsi.slide.ids`: the stem; the whole file name where stems clash; ids the job already holds are
-kept). ``JOB/slides.json`` maps slide_id -> source path, mpp, mpp_source; a store that holds another file than
-its slide is never taken for "already complete".
+``--annotations`` (QuPath GeoJSON, :mod:`hwsi.slide.annotations`) restricts the tissue mask, and so the grid, to the
+annotated area before the grid is built; the store records the file (JSON attribute ``annotations``).
+
+Inputs: one slide file, a folder (its slide files; with ``recursive`` those of its sub-folders too), or a CSV with
+a ``slide`` column (or TRIDENT's ``wsi``) and optional ``mpp`` column (paths relative to the CSV). A file named
+twice (the same path on two CSV rows, a symlink beside its target) is tiled once; two rows naming one file with
+different ``mpp`` are an error. Slide ids follow ONE rule (:mod:`hwsi.slide.ids`: the stem; the whole file name
+where stems clash, e.g. ``a/x.svs`` and ``b/x.svs`` of a recursive folder; ids the job already holds are kept).
+``JOB/slides.json`` maps slide_id -> source path, mpp, mpp_source; a store that holds another file than its slide
+is never taken for "already complete".
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hwsi import textio
 from hwsi.batch import DEFAULT_CLAIM_TIMEOUT_S, BatchItem, BatchResult, lock_path, prepare_job, run_batch
 from hwsi.errors import ConfigError, ConfigFileError, HwsiError, SlideError
+from hwsi.slide.annotations import TileAnnotations, annotation_files, read_tile_annotations
 from hwsi.slide.grid import Grid, GridConfig, build_grid, check_fits, resolution_plan
 from hwsi.slide.ids import allocate_ids, path_key
 from hwsi.slide.open import SLIDE_SUFFIXES, open_slide
@@ -122,8 +129,30 @@ def _dedupe(items: list[tuple[Path, float | None, str]]) -> list[tuple[Path, flo
     return [(p, m) for p, m, _ in seen.values()]
 
 
-def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path | None = None) -> list[SlideSpec]:
-    """Slides named by ``source`` (file, folder or CSV ``slide[,mpp]``); ``mpp`` applies to all (CSV values win).
+SLIDE_COLUMNS = ("slide", "wsi")  # hwsi's name, TRIDENT's (`--custom_list_of_wsis`: columns wsi[, mpp])
+
+
+def slide_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The slide files of a folder (names starting with "." skipped), sorted; with ``recursive`` also those of its
+    sub-folders at any depth (symlinked folders are not followed: no loops; an MRXS's data folder holds no slide
+    file and is passed over)."""
+    if not recursive:
+        return [p for p in sorted(folder.iterdir())
+                if p.name.lower().endswith(SLIDE_SUFFIXES) and not p.name.startswith(".")]
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        mrxs = [d for d in dirs if d.lower().endswith(".mrxs")]  # a folder named *.mrxs is a slide, as at the top
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in mrxs)
+        names = files + mrxs
+        out += [Path(root) / n for n in sorted(names)
+                if n.lower().endswith(SLIDE_SUFFIXES) and not n.startswith(".")]
+    return sorted(out)
+
+
+def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path | None = None,
+                   recursive: bool = False) -> list[SlideSpec]:
+    """Slides named by ``source`` (file, folder or CSV ``slide[,mpp]``, or TRIDENT's ``wsi[,mpp]``); ``mpp``
+    applies to all (CSV values win); ``recursive``: a folder's sub-folders too.
 
     Ids come from :func:`hwsi.slide.ids.allocate_ids`, keeping those ``job`` (if given) already holds."""
     src = Path(source)
@@ -133,11 +162,14 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
     if src.suffix.lower() == ".csv" and not src.is_dir():
         header, rows = textio.read_csv(src, ConfigFileError)
         cols = [c.lower() for c in header]
-        if "slide" not in cols:
-            raise ConfigError(f"{src}: CSV needs a 'slide' column (and optionally 'mpp'); found {cols}")
+        named = [c for c in SLIDE_COLUMNS if c in cols]
+        if not named:
+            raise ConfigError(f"{src}: CSV needs a 'slide' column (or TRIDENT's 'wsi'; optionally 'mpp'); found {cols}")
+        if len(named) > 1:
+            raise ConfigError(f"{src}: CSV has both a 'slide' and a 'wsi' column; keep one")
         for n, raw in rows:
             row = {k.lower(): v for k, v in raw.items()}
-            name = row["slide"]
+            name = row[named[0]]
             if not name:
                 continue
             if "\0" in name:
@@ -146,11 +178,12 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
             p = p if p.is_absolute() else src.parent / p
             items.append((p, _parse_mpp(row.get("mpp", ""), f"{src} (line {n})") or mpp, f"{src}:{n}"))
     elif src.is_dir() and src.suffix.lower() != ".mrxs":
-        for p in sorted(src.iterdir()):
-            if p.name.lower().endswith(SLIDE_SUFFIXES) and not p.name.startswith("."):
-                items.append((p, mpp, str(p)))
+        items = [(p, mpp, str(p)) for p in slide_files(src, recursive)]
         if not items:
-            raise HwsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
+            nested = not recursive and any(slide_files(d, True) for d in src.iterdir()
+                                           if d.is_dir() and not d.is_symlink() and not d.name.startswith("."))
+            raise HwsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder"
+                            + ("; its sub-folders hold some: use --recursive" if nested else ""))
     else:
         if not src.is_file():
             raise HwsiError(f"{src}: not a regular file (a FIFO, socket or device); give a slide file or folder")
@@ -161,15 +194,19 @@ def collect_slides(source: str | Path, mpp: float | None = None, job: str | Path
 
 
 def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str, grid: Grid,
-                     tissue: TissueMask, settings: dict[str, Any] | None = None) -> None:
+                     tissue: TissueMask, settings: dict[str, Any] | None = None,
+                     annotations: dict[str, Any] | None = None) -> None:
     """Write the tile-stage store atomically (``settings``: the grid and tissue settings, kept as the ``tile``
-    attribute so a run can tile a new slide the same way)."""
+    attribute so a run can tile a new slide the same way; ``annotations``: the annotation file that restricted
+    it, :meth:`TileAnnotations.record`)."""
     meta = StoreMeta(slide_path=str(slide_path.resolve()), slide_id=slide_id, mpp_source=mpp_source,
                      **grid_fields(grid))
     with new_store(out, meta) as w:
         w.set_attr("n_candidate_regions", grid.n_candidates)
         if settings is not None:
             w.set_json_attr("tile", settings)
+        if annotations is not None:
+            w.set_json_attr("annotations", annotations)
         w.write_grid(grid.region_coords, grid.region_tissue, grid.patch_coords, grid.patch_tissue,
                      grid.patch_fraction)
         w.write_tissue_mask(tissue.mask, downsample=tissue.downsample, mpp=tissue.mask_mpp,
@@ -178,8 +215,20 @@ def write_tile_store(out: Path, slide_path: Path, slide_id: str, mpp_source: str
         w.mark_stage(STAGE)
 
 
-def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) -> dict[str, Any]:
-    """Tile one slide into its store in ``job``; returns a summary dict (regions, patches, mpp, ...)."""
+def restrict_tissue(tissue: TissueMask, annotations: TileAnnotations, slide_path: Path) -> TissueMask:
+    """The tissue mask inside the annotations' include polygons and outside their exclusions; SlideError when no
+    tissue is left."""
+    mask = tissue.mask & annotations.mask(tissue.mask.shape, tissue.downsample)
+    if not mask.any():
+        raise SlideError(slide_path, f"no tissue inside the annotations ({annotations.describe()}; the slide "
+                         f"has {tissue.tissue_fraction:.2%} tissue)", "check that the file is this slide's")
+    return replace(tissue, mask=mask)
+
+
+def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None,
+               annotations: TileAnnotations | None = None) -> dict[str, Any]:
+    """Tile one slide into its store in ``job`` (only inside ``annotations`` where given); returns a summary dict
+    (regions, patches, mpp, ...)."""
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
@@ -188,11 +237,16 @@ def tile_slide(spec: SlideSpec, job: str | Path, cfg: TileConfig | None = None) 
     with open_slide(spec.path, mpp=spec.mpp, slide_id=spec.slide_id) as slide:
         scale, _ = resolution_plan(str(slide.path), slide.mpp, cfg.grid)  # fail early if too coarse
         check_fits(slide, cfg.grid, scale)  # ... or if a patch is larger than the slide
+        if annotations is not None:
+            annotations.check_on_slide(*slide.dimensions)
         tissue = compute_tissue(slide, cfg.tissue, patch_size_level0=cfg.grid.patch_size * scale,
                                 threads=cfg.threads)
+        if annotations is not None:
+            tissue = restrict_tissue(tissue, annotations, slide.path)
         grid = build_grid(slide, tissue.mask, tissue.downsample, cfg.grid)
         write_tile_store(out, slide.path, spec.slide_id, slide.mpp_source, grid, tissue,
-                         {"grid": asdict(cfg.grid), "tissue": asdict(cfg.tissue)})
+                         {"grid": asdict(cfg.grid), "tissue": asdict(cfg.tissue)},
+                         annotations.record() if annotations is not None else None)
         if cfg.preview:
             save_preview(job / "previews" / f"{spec.slide_id}.png", tissue, grid)
         return {
@@ -227,28 +281,58 @@ def update_registry(job: Path, specs: list[SlideSpec], infos: dict[str, dict[str
         _merge_registry(job, specs, infos)
 
 
-def claim_slides(source: str | Path, job: Path, mpp: float | None = None) -> tuple[list[SlideSpec], dict[str, str]]:
+def claim_slides(source: str | Path, job: Path, mpp: float | None = None,
+                 recursive: bool = False) -> tuple[list[SlideSpec], dict[str, str]]:
     """The slides of ``source`` with their ids, registered in ``slides.json`` at once, under the registry's lock:
     a second `hwsi tile` on the job sees these ids as taken. Returns (specs, the ids the job held before)."""
     with file_lock(lock_path(job, "slides.json")):
         known = job_slide_ids(job)
-        specs = collect_slides(source, mpp, job)
+        specs = collect_slides(source, mpp, job, recursive)
         _merge_registry(job, specs, {})
     return specs, known
 
 
+def load_annotations(option: str | Path, specs: list[SlideSpec]) -> dict[str, TileAnnotations]:
+    """``--annotations`` for these slides, keyed by the slide file's :func:`path_key`: every file read and checked
+    against its slide's level-0 size now, so that a bad file is one error (exit 2) before anything is tiled (a slide
+    that does not open is left to the batch, which records it)."""
+    files = annotation_files(option, [(s.slide_id, s.path) for s in specs])
+    out: dict[str, TileAnnotations] = {}
+    for s in specs:
+        if s.slide_id not in files:
+            continue
+        ann = read_tile_annotations(files[s.slide_id])
+        try:
+            with open_slide(s.path, mpp=s.mpp, slide_id=s.slide_id) as slide:
+                size = slide.dimensions
+        except SlideError:
+            size = None
+        if size is not None:
+            ann.check_on_slide(*size)
+        out[path_key(s.path)] = ann
+    missing = [s.slide_id for s in specs if path_key(s.path) not in out]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        print(f"--annotations {option}: no annotation file for {len(missing)} slide(s) ({shown}); tiled whole",
+              file=sys.stderr)
+    return out
+
+
 def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = None, mpp: float | None = None,
                overwrite: bool = False, show_progress: bool = True, shard: Shard | None = None,
-               claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> BatchResult:
+               claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S,
+               annotations: str | Path | None = None, recursive: bool = False) -> BatchResult:
     """`hwsi tile` on every slide of ``source``: finished slides skipped, failures recorded, summary printed
-    (``shard``: this worker's share of the slides, :func:`hwsi.batch.run_batch`)."""
+    (``shard``: this worker's share of the slides, :func:`hwsi.batch.run_batch`; ``annotations``: a QuPath GeoJSON
+    file for the one slide, or a folder of ``<slide>.geojson``, :func:`load_annotations`)."""
     cfg = cfg or TileConfig()
     cfg.grid.validate()
     job = Path(job)
     prepare_output_dir(job, what="job folder", create=False)
-    collect_slides(source, mpp, job)  # bad input is one error before anything is created
+    first = collect_slides(source, mpp, job, recursive)  # bad input is one error before anything is created
+    ann = load_annotations(annotations, first) if annotations is not None else {}
     prepare_job(job, ("previews",) if cfg.preview else ())
-    specs, known = claim_slides(source, job, mpp)
+    specs, known = claim_slides(source, job, mpp, recursive)
     items = [BatchItem(s.slide_id, s, str(s.path)) for s in specs]
     infos: dict[str, dict[str, Any]] = {}
 
@@ -261,7 +345,7 @@ def tile_batch(source: str | Path, job: str | Path, cfg: TileConfig | None = Non
         if store.is_file() and not holds(store, item.payload):  # another run gave this id to another file
             raise SlideError(item.payload.path, f"its slide id {item.slide_id!r} is taken: {store} holds "
                              f"{store_slide_path(store)}", "run `hwsi tile` again: it gives this file another id")
-        info = tile_slide(item.payload, job, cfg)
+        info = tile_slide(item.payload, job, cfg, ann.get(path_key(item.payload.path)))
         infos[item.slide_id] = info
         return info
 

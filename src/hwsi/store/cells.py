@@ -9,6 +9,12 @@ Columns written (each (N,)): ``region`` int32, ``patch`` int32, ``x``, ``y`` int
 then every other numeric column of the source table (e.g. area_um2, type, type_prob, ...; patch-pixel ``x``/``y``
 are replaced by the level-0 ones). Building these columns from segmentation results is
 :func:`hwsi.cells.columns.cells_to_columns`.
+
+Nucleus contours (optional; stores written before they existed have neither dataset and still read, with
+:func:`read_contours` returning None): ``cells/contour_n`` (N,) int32, the number of vertices of each cell's
+outline (0 = none), is an ordinary per-cell column; ``cells/contour_xy`` (M, 2) float32 holds the vertices of
+every outline one after the other in row order (M = sum of contour_n), level-0 pixels, open rings (the first
+vertex is not repeated).
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from hwsi.errors import StoreError
 
 GROUP = "cells"
 _CHUNK_ROWS = 16384
+CONTOUR_N = "contour_n"
+CONTOUR_XY = "contour_xy"
+_NOT_COLUMNS = ("embeddings", "offsets", CONTOUR_XY)
+
+
+def column_names(g: h5py.Group) -> list[str]:
+    """The per-cell (N,) columns of a ``cells`` group (not embeddings, offsets or the contour vertices)."""
+    return [k for k in g if k not in _NOT_COLUMNS and isinstance(g[k], h5py.Dataset)]
+
+
+def pack_contours(contours: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(contour_n (N,) int32, contour_xy (M, 2) float32) of N outlines ((k, 2) x, y each; k = 0 for none)."""
+    rings = [np.asarray(c, np.float64).reshape(-1, 2) for c in contours]
+    n = np.array([len(r) for r in rings], np.int32)
+    xy = np.concatenate(rings).astype(np.float32) if rings and n.sum() else np.zeros((0, 2), np.float32)
+    return n, xy
 
 
 def rows_to_columns(
@@ -31,10 +53,13 @@ def rows_to_columns(
     patch_idx: np.ndarray,
     n_regions: int,
     grid_size: int,
+    contours: list[np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Sort per-cell rows by (region, patch), drop rows with region or patch −1, build CSR offsets (R·G+1).
 
-    ``table`` must already hold level-0 ``x``/``y``. Returns (columns incl. ``region``/``patch``, embeddings, offsets).
+    ``table`` must already hold level-0 ``x``/``y``; ``contours`` (one level-0 (k, 2) outline per row, k = 0 for
+    none) become the ``contour_n`` / ``contour_xy`` entries (module docstring). Returns (columns incl.
+    ``region``/``patch``, embeddings, offsets).
     """
     region_idx = np.asarray(region_idx, dtype=np.int64)
     patch_idx = np.asarray(patch_idx, dtype=np.int64)
@@ -60,6 +85,10 @@ def rows_to_columns(
             cols[name] = np.rint(v[order]).astype(np.int64)
         elif v.dtype.kind in "biuf":
             cols[name] = v[order]
+    if contours is not None:
+        if len(contours) != n:
+            raise ValueError(f"rows_to_columns: {len(contours)} contours for {n} rows")
+        cols[CONTOUR_N], cols[CONTOUR_XY] = pack_contours([contours[i] for i in order])
     counts = np.bincount(key[order], minlength=n_regions * grid_size)
     offsets = np.zeros(n_regions * grid_size + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -84,8 +113,13 @@ def write_cells(
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     n = int(offsets[-1]) if len(offsets) else 0
+    xy = columns.get(CONTOUR_XY)
+    columns = {k: v for k, v in columns.items() if k != CONTOUR_XY}
     if len(embeddings) != n or any(len(v) != n for v in columns.values()):
         raise StoreError(f.filename, f"write_cells: {n} cells in offsets but columns/embeddings have other lengths")
+    if (xy is None) != (CONTOUR_N not in columns) or (
+            xy is not None and len(xy) != int(np.asarray(columns[CONTOUR_N], np.int64).sum())):
+        raise StoreError(f.filename, f"write_cells: {CONTOUR_XY} must hold sum({CONTOUR_N}) vertices")
     if (len(offsets) - 1) % grid_size:
         raise StoreError(f.filename, f"write_cells: offsets length {len(offsets)} is not R*{grid_size}+1")
     embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -103,12 +137,15 @@ def write_cells(
         rows = max(1, min(_CHUNK_ROWS, (1 << 20) // (4 * d)))  # ~1 MB chunks
         g.create_dataset("embeddings", data=data, maxshape=(None, d), chunks=(rows, d))
         g.create_dataset("offsets", data=offsets)
+        if xy is not None:
+            g.create_dataset(CONTOUR_XY, data=np.asarray(xy, np.float32).reshape(-1, 2), maxshape=(None, 2),
+                             chunks=(_CHUNK_ROWS, 2))
     else:
         g = f[GROUP]
         old = g["offsets"][:]
         if len(old) != len(offsets) or int(g.attrs["grid_size"]) != grid_size:
             raise StoreError(f.filename, "write_cells(append): offsets length or grid size differ from the stored ones")
-        if set(columns) != {k for k in g if k not in ("embeddings", "offsets")}:
+        if set(columns) != set(column_names(g)):
             raise StoreError(f.filename, f"write_cells(append): columns {sorted(columns)} differ from the stored ones")
         if n and embeddings.shape[1] != g["embeddings"].shape[1]:
             raise StoreError(f.filename, "write_cells(append): embedding width differs from the stored one")
@@ -127,6 +164,11 @@ def write_cells(
         ds.resize((m + n, ds.shape[1]))
         if n:
             ds[m:] = embeddings
+        if xy is not None and len(xy):
+            ds = g[CONTOUR_XY]
+            k = ds.shape[0]
+            ds.resize((k + len(xy), 2))
+            ds[k:] = np.asarray(xy, np.float32).reshape(-1, 2)
         g["offsets"][:] = old + offsets
     for k, v in (attrs or {}).items():
         g.attrs[k] = v
@@ -147,8 +189,23 @@ def read_cells(
         a, b = (int(v) for v in g["offsets"][region * G: region * G + G + 1][[0, -1]])
     else:
         a, b = (int(v) for v in g["offsets"][region * G + patch: region * G + patch + 2])
-    cols = {k: g[k][a:b] for k in g if k not in ("embeddings", "offsets")}
+    cols = {k: g[k][a:b] for k in column_names(g)}
     return cols, g["embeddings"][a:b]
+
+
+def read_contours(f: h5py.File, start: int = 0, stop: int | None = None) -> list[np.ndarray] | None:
+    """The level-0 outlines ((k, 2) float64 each, k = 0 for none) of cell rows ``start:stop``; None in a store
+    written without contours."""
+    if GROUP not in f or CONTOUR_N not in f[GROUP] or CONTOUR_XY not in f[GROUP]:
+        return None
+    g = f[GROUP]
+    counts = g[CONTOUR_N][:].astype(np.int64)
+    stop = len(counts) if stop is None else stop
+    ends = np.cumsum(counts)
+    first = int(ends[start - 1]) if start > 0 else 0
+    last = int(ends[stop - 1]) if stop > start else first
+    xy = g[CONTOUR_XY][first:last].astype(np.float64)
+    return np.split(xy, np.cumsum(counts[start:stop])[:-1]) if stop > start else []
 
 
 def cell_counts(f: h5py.File) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 
 from hwsi.errors import StoreError
 from hwsi.store.cells import GROUP as CELLS_GROUP
-from hwsi.store.cells import cell_counts, read_cells
+from hwsi.store.cells import cell_counts, read_cells, read_contours
 from hwsi.store.layout import StoreMeta, attr_value, read_meta
 
 # dataset names a tissue mask may have (the first present wins; `hwsi tile` writes tissue/mask)
@@ -188,6 +188,11 @@ class SlideStore:
     def cell_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of the per-cell column ``cells/<name>``."""
         return self._require(f"{CELLS_GROUP}/{name}", "extract")[start:stop]
+
+    def cell_contours(self, start: int = 0, stop: int | None = None) -> list[np.ndarray] | None:
+        """Level-0 nucleus outlines of cell rows ``start:stop`` ((k, 2) each, k = 0 for none); None in a store
+        written without contours (see :mod:`hwsi.store.cells`)."""
+        return read_contours(self._f, start, stop)
 
     def cells_attrs(self) -> dict[str, Any]:
         """Attributes of the ``cells`` group (backend, scope, type_names, ...); empty if there is none."""

@@ -187,7 +187,7 @@ def register(app: typer.Typer) -> None:
         """
         from hwsi.model.chat import ChatSession
         from hwsi.model.roi import roi_slide_inputs
-        from hwsi.model.roi_geometry import RoiError, parse_roi_option
+        from hwsi.slide.roi_geometry import RoiError, parse_roi_option
         from hwsi.train.ask import is_store_path, prepare_slide
         from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for
 

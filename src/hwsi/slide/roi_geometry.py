@@ -1,10 +1,13 @@
 """A region of interest on a slide: a level-0 rectangle or the union of GeoJSON polygons (docs/roi.md).
-This module owns reading an ROI and placing it on a store's patch grid (:func:`place_roi`, no
-torch: the server checks an ROI with it); :mod:`hwsi.model.roi` selects the slide's tokens inside it.
+This module owns reading GeoJSON polygons (QuPath annotations) and ROIs and placing an ROI on a store's patch grid
+(:func:`place_roi`, no torch: the server checks an ROI with it). It sits in the slide stage because `hwsi tile
+--annotations` needs the same reading (:mod:`hwsi.slide.annotations`); :mod:`hwsi.model.roi` selects the slide's
+tokens inside an ROI.
 
     roi = parse_rect("2048,0,1024,1024", "--roi")          # x, y, w, h in level-0 pixels
     roi = read_roi_geojson("annotations.geojson")          # QuPath's export, a Feature, a FeatureCollection, ...
     roi = roi_from_geojson({"type": "Polygon", "coordinates": [...]}, "roi")   # an API body's geometry
+    [(where, props, (exterior, *holes)), ...] = geojson_polygons(obj, "FILE")  # checked polygons + properties
     roi.contains(points_level0)                            # (N, 2) -> (N,) bool, holes excluded, polygons united
     placed = place_roi(store, roi)                         # tissue patches inside; RoiError if outside / none
 
@@ -16,11 +19,12 @@ non-polygon geometries (points, lines) too. Every polygon kept is united with th
 
 Refused (a :class:`RoiError` naming the option or file): not 4 numbers / not GeoJSON, no polygon, a ring of fewer
 than 3 distinct vertices or of zero area, a self-intersecting ring, non-finite coordinates, more than
-:data:`MAX_ROI_VERTICES` vertices in all.
+:data:`MAX_ROI_VERTICES` vertices in all (``max_vertices`` of :func:`geojson_polygons`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from hwsi.errors import HwsiError
 from hwsi.store import SlideStore
 from hwsi.textio import read_json
 
-MAX_ROI_VERTICES = 5_000  # all rings together; the self-intersection check is quadratic (~1 s at the cap)
+MAX_ROI_VERTICES = 5_000  # all rings together, for an ROI: its point test (patch centres x edges) runs per request
 _POLYGONAL = ("Polygon", "MultiPolygon", "GeometryCollection")
 
 
@@ -39,13 +43,56 @@ class RoiError(HwsiError):
     """An ROI cannot be used; the message starts with the option or file that gave it."""
 
 
+EXCLUDE_CLASSES = frozenset({"ignore", "exclude", "excluded", "exclusion"})
+
+
+def class_names(props: dict[str, Any]) -> list[str]:
+    """The parts of a Feature's QuPath class: ``{"name": "Tumor"}`` -> ["Tumor"], ``{"names": ["Ignore*", "pen"]}``
+    -> ["Ignore*", "pen"], a name with ``": "`` split the same way; [] when unclassified."""
+    cls = props.get("classification")
+    if isinstance(cls, str):
+        return [p.strip() for p in cls.split(":")]
+    if not isinstance(cls, dict):
+        return []
+    names = cls.get("names")
+    if isinstance(names, list) and names:
+        return [str(n).strip() for n in names]
+    name = cls.get("name")
+    return [] if name is None else [p.strip() for p in str(name).split(":")]
+
+
+def is_exclusion(props: dict[str, Any]) -> bool:
+    """True when a Feature's QuPath class marks an area to leave out: QuPath's ``Ignore*``, or ``Exclude``,
+    ``Excluded``, ``Exclusion`` (:data:`EXCLUDE_CLASSES`; any case, a trailing ``*`` dropped, any part of a derived
+    class). ``Other`` is not: it is QuPath's class for other tissue."""
+    return any(n.rstrip("*").strip().lower() in EXCLUDE_CLASSES for n in class_names(props))
+
+
+def _in_polygons(pts: np.ndarray, polygons: tuple[tuple[np.ndarray, ...], ...]) -> np.ndarray:
+    """(M, 2) -> (M,) bool: inside at least one polygon (its exterior, none of its holes; even–odd rule)."""
+    out = np.zeros(len(pts), bool)
+    for poly in polygons:
+        ext = poly[0]
+        box = ((pts[:, 0] >= ext[:, 0].min()) & (pts[:, 0] <= ext[:, 0].max())
+               & (pts[:, 1] >= ext[:, 1].min()) & (pts[:, 1] <= ext[:, 1].max()) & ~out)
+        if not box.any():
+            continue
+        odd = np.zeros(int(box.sum()), bool)
+        for ring in poly:
+            odd ^= _crossings_odd(pts[box], ring)
+        out[np.flatnonzero(box)[odd]] = True
+    return out
+
+
 @dataclass(frozen=True)
 class Roi:
-    """The union of ``polygons``; each polygon is its exterior ring then its holes, (n, 2) float64 level-0 px."""
+    """The union of ``polygons`` minus the union of ``exclude``; each polygon is its exterior ring then its holes,
+    (n, 2) float64 level-0 px."""
 
     polygons: tuple[tuple[np.ndarray, ...], ...]
     label: str  # where it came from: "--roi 0,0,512,512", a file name, "roi" (an API body)
     kind: str  # "rectangle" | "polygon"
+    exclude: tuple[tuple[np.ndarray, ...], ...] = ()  # a GeoJSON file's Ignore* / Exclude annotations
 
     @property
     def bounds_level0(self) -> tuple[float, float, float, float]:
@@ -55,38 +102,38 @@ class Roi:
 
     @property
     def n_vertices(self) -> int:
-        return sum(len(r) - 1 for p in self.polygons for r in p)
+        return sum(len(r) - 1 for p in self.polygons + self.exclude for r in p)
 
     def contains(self, points_level0: np.ndarray) -> np.ndarray:
         """(N, 2) level-0 points -> (N,) bool: inside at least one polygon (inside its exterior, in none of its
-        holes; even–odd rule over the polygon's rings). Points exactly on an edge count as inside on the left/top
-        edges only (the usual half-open rule), so a grid of rectangles splits patch centres without overlap."""
+        holes; even–odd rule over the polygon's rings) and in no exclusion. Points exactly on an edge count as
+        inside on the left/top edges only (the usual half-open rule), so a grid of rectangles splits patch centres
+        without overlap."""
         pts = np.asarray(points_level0, np.float64).reshape(-1, 2)
-        out = np.zeros(len(pts), bool)
-        for poly in self.polygons:
-            ext = poly[0]
-            box = ((pts[:, 0] >= ext[:, 0].min()) & (pts[:, 0] <= ext[:, 0].max())
-                   & (pts[:, 1] >= ext[:, 1].min()) & (pts[:, 1] <= ext[:, 1].max()) & ~out)
-            if not box.any():
-                continue
-            odd = np.zeros(int(box.sum()), bool)
-            for ring in poly:
-                odd ^= _crossings_odd(pts[box], ring)
-            out[np.flatnonzero(box)[odd]] = True
+        out = _in_polygons(pts, self.polygons)
+        if self.exclude and out.any():
+            idx = np.flatnonzero(out)
+            out[idx[_in_polygons(pts[idx], self.exclude)]] = False
         return out
 
     def to_geojson(self) -> dict[str, Any]:
-        """The ROI as one GeoJSON MultiPolygon geometry (what the chat history records)."""
-        return {"type": "MultiPolygon",
-                "coordinates": [[np.round(r, 2).tolist() for r in p] for p in self.polygons]}
+        """The ROI as one GeoJSON MultiPolygon geometry (what the chat history records); exclusions, where there
+        are, as the foreign member ``"exclude"`` (MultiPolygon coordinates)."""
+        out: dict[str, Any] = {"type": "MultiPolygon",
+                               "coordinates": [[np.round(r, 2).tolist() for r in p] for p in self.polygons]}
+        if self.exclude:
+            out["exclude"] = [[np.round(r, 2).tolist() for r in p] for p in self.exclude]
+        return out
 
     def describe(self) -> str:
         """``"x 0..1024, y 0..1024 (level-0 px, rectangle)"`` or ``"... (level-0 px, 2 polygons of FILE)"``."""
         x0, y0, x1, y1 = (int(round(v)) for v in self.bounds_level0)
         if self.kind == "rectangle":
             return f"x {x0}..{x1}, y {y0}..{y1} (level-0 px, rectangle)"
-        n = len(self.polygons)
-        return f"x {x0}..{x1}, y {y0}..{y1} (level-0 px, {n} polygon{'s' if n != 1 else ''} of {self.label})"
+        n, m = len(self.polygons), len(self.exclude)
+        minus = f" minus {m} exclusion{'s' if m != 1 else ''}" if m else ""
+        return (f"x {x0}..{x1}, y {y0}..{y1} (level-0 px, {n} polygon{'s' if n != 1 else ''}{minus} of "
+                f"{self.label})")
 
 
 def _crossings_odd(pts: np.ndarray, ring: np.ndarray) -> np.ndarray:
@@ -105,9 +152,32 @@ def _crossings_odd(pts: np.ndarray, ring: np.ndarray) -> np.ndarray:
     return odd
 
 
+def _candidate_pairs(lo: np.ndarray, hi: np.ndarray, chunk: int = 1 << 22) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(i, j) edge index pairs, i != j, whose x extents overlap: a sweep over the edges sorted by their left end,
+    each paired with the later ones that start before it ends (about n x the edges a vertical line meets, not n²,
+    for an outline), in chunks of at most ``chunk`` pairs (one edge's pairs are never split)."""
+    n = len(lo)
+    order = np.argsort(lo[:, 0], kind="stable")
+    x0, x1 = lo[order, 0], hi[order, 0]
+    stop = np.searchsorted(x0, x1, side="right")  # sorted edges k+1 .. stop-1 start before edge k ends
+    counts = np.maximum(stop - np.arange(n) - 1, 0)
+    total = np.concatenate([[0], np.cumsum(counts)])
+    k0 = 0
+    while k0 < n:
+        k1 = max(k0 + 1, int(np.searchsorted(total, total[k0] + chunk, side="right")) - 1)
+        k1 = min(k1, n)
+        c = counts[k0:k1]
+        if c.sum():
+            ks = np.repeat(np.arange(k0, k1), c)
+            ms = ks + 1 + np.arange(len(ks)) - np.repeat(total[k0:k1] - total[k0], c)
+            yield order[ks], order[ms]
+        k0 = k1
+
+
 def _segments_cross(ring: np.ndarray) -> bool:
-    """True if two non-adjacent edges of a closed ring (n+1, 2) intersect (touching counts). Pairs are first
-    filtered by their bounding boxes, so a simple ring of thousands of vertices is checked in milliseconds."""
+    """True if two non-adjacent edges of a closed ring (n+1, 2) intersect (touching counts). Only edge pairs whose
+    bounding boxes overlap are tested (:func:`_candidate_pairs`), so an outline of 10^5 vertices takes about a
+    second."""
     a, b = ring[:-1], ring[1:]
     n = len(a)
     if n < 4:
@@ -120,16 +190,13 @@ def _segments_cross(ring: np.ndarray) -> bool:
     def on_segment(p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
         return np.all((np.minimum(s, e) <= p) & (p <= np.maximum(s, e)), axis=1)
 
-    for start in range(0, n, 512):
-        i = np.arange(start, min(start + 512, n))[:, None]
-        j = np.arange(n)[None, :]
-        cand = ((j > i + 1) & ~((i == 0) & (j == n - 1))  # not the same edge, not neighbours (the ring closes)
-                & np.all(lo_xy[i[:, 0]][:, None] <= hi_xy[None], axis=2)
-                & np.all(lo_xy[None] <= hi_xy[i[:, 0]][:, None], axis=2))
-        ii, jj = np.nonzero(cand)
+    for ii, jj in _candidate_pairs(lo_xy, hi_xy):
+        d = np.abs(ii - jj)
+        keep = ((d > 1) & (d != n - 1)  # not neighbours (the ring closes: edge 0 meets edge n-1)
+                & (lo_xy[ii, 1] <= hi_xy[jj, 1]) & (lo_xy[jj, 1] <= hi_xy[ii, 1]))
+        ii, jj = ii[keep], jj[keep]
         if ii.size == 0:
             continue
-        ii = ii + start
         p1, p2, q1, q2 = a[ii], b[ii], a[jj], b[jj]
         o1, o2, o3, o4 = orient(p1, p2, q1), orient(p1, p2, q2), orient(q1, q2, p1), orient(q1, q2, p2)
         if ((o1 * o2 < 0) & (o3 * o4 < 0)).any():
@@ -140,7 +207,7 @@ def _segments_cross(ring: np.ndarray) -> bool:
     return False
 
 
-def _ring(coords: Any, label: str, where: str) -> np.ndarray:
+def _ring(coords: Any, label: str, where: str, max_vertices: int = MAX_ROI_VERTICES) -> np.ndarray:
     try:
         r = np.asarray(coords, dtype=np.float64)
     except (TypeError, ValueError):
@@ -157,9 +224,8 @@ def _ring(coords: Any, label: str, where: str) -> np.ndarray:
     r = r[keep]
     if len(r) < 4:
         raise RoiError(f"{label}: {where}: a ring needs at least 3 distinct vertices")
-    if len(r) - 1 > MAX_ROI_VERTICES:
-        raise RoiError(f"{label}: {where}: {len(r) - 1} vertices; at most {MAX_ROI_VERTICES} in all (simplify the "
-                       "annotation, e.g. QuPath's Objects > Annotations > Simplify shape)")
+    if len(r) - 1 > max_vertices:
+        raise _too_many(f"{label}: {where}: {len(r) - 1} vertices; at most {max_vertices} in all")
     if _segments_cross(r):
         raise RoiError(f"{label}: {where} intersects itself (draw it without crossing edges)")
     area = 0.5 * abs(float(np.sum(r[:-1, 0] * r[1:, 1] - r[1:, 0] * r[:-1, 1])))
@@ -189,11 +255,12 @@ def _polygons(geom: Any, label: str, where: str) -> list[list[Any]]:
     return polys
 
 
-def _features(obj: Any, label: str) -> list[tuple[str, Any]]:
-    """(where, geometry) of each ROI candidate of a GeoJSON value (layouts: module docstring)."""
+def _features(obj: Any, label: str) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(where, geometry, properties) of each ROI candidate of a GeoJSON value (layouts: module docstring);
+    properties are ``{}`` for a bare geometry or a Feature without them."""
     if isinstance(obj, dict) and obj.get("type") in _POLYGONAL + ("Point", "MultiPoint", "LineString",
                                                                     "MultiLineString"):
-        return [("geometry", obj)]
+        return [("geometry", obj, {})]
     if isinstance(obj, dict) and obj.get("type") == "Feature":
         feats, base = [obj], "feature"
     elif isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
@@ -209,32 +276,47 @@ def _features(obj: Any, label: str) -> list[tuple[str, Any]]:
         where = f"{base}[{i}]" if base != "feature" else base
         if not isinstance(f, dict) or f.get("type") != "Feature":
             raise RoiError(f"{label}: {where}: not a GeoJSON Feature")
-        props = f.get("properties") or {}
-        kind = props.get("objectType") if isinstance(props, dict) else None
+        props = f.get("properties") if isinstance(f.get("properties"), dict) else {}
+        kind = props.get("objectType")
         if kind is not None and kind != "annotation":
             continue  # QuPath detections / cells / tiles are not regions of interest
         if f.get("geometry") is not None:
-            out.append((f"{where}.geometry", f["geometry"]))
+            out.append((f"{where}.geometry", f["geometry"], props))
+    return out
+
+
+def _too_many(what: str) -> RoiError:
+    return RoiError(f"{what} (simplify the annotation, e.g. QuPath's Objects > Annotations > Simplify shape)")
+
+
+def geojson_polygons(obj: Any, label: str, max_vertices: int = MAX_ROI_VERTICES,
+                     ) -> list[tuple[str, dict[str, Any], tuple[np.ndarray, ...]]]:
+    """Every (annotation) polygon of a GeoJSON value, checked (module docstring), with where it is and the
+    properties of the Feature it came from: ``[("features[3].geometry polygon 0", properties, (exterior, *holes)),
+    ...]``; [] when there is none."""
+    found = [(where, props, pi, rings) for where, geom, props in _features(obj, label)
+             for pi, rings in enumerate(_polygons(geom, label, where))]
+    n_listed = sum(len(r) if isinstance(r, list) else 0 for *_, rings in found for r in rings)
+    if n_listed > max_vertices + len(found) * 8:  # before any per-ring work (closing positions allowed for)
+        raise _too_many(f"{label}: {n_listed} positions; at most {max_vertices} vertices")
+    out = [(f"{where} polygon {pi}", props, tuple(_ring(r, label, f"{where} polygon {pi} ring {ri}", max_vertices)
+                                                  for ri, r in enumerate(rings)))
+           for where, props, pi, rings in found]
+    n = sum(len(r) - 1 for *_, p in out for r in p)
+    if n > max_vertices:
+        raise _too_many(f"{label}: {n} vertices; at most {max_vertices}")
     return out
 
 
 def roi_from_geojson(obj: Any, label: str) -> Roi:
-    """The union of every (annotation) polygon of a GeoJSON value; ``label`` names it in errors and the summary."""
-    found = [(where, pi, rings) for where, geom in _features(obj, label)
-             for pi, rings in enumerate(_polygons(geom, label, where))]
-    n_listed = sum(len(r) if isinstance(r, list) else 0 for _, _, rings in found for r in rings)
-    if n_listed > MAX_ROI_VERTICES + len(found) * 8:  # before any per-ring work (closing positions allowed for)
-        raise RoiError(f"{label}: {n_listed} positions; at most {MAX_ROI_VERTICES} vertices (simplify the "
-                       "annotation, e.g. QuPath's Objects > Annotations > Simplify shape)")
-    polygons = [tuple(_ring(r, label, f"{where} polygon {pi} ring {ri}") for ri, r in enumerate(rings))
-                for where, pi, rings in found]
+    """The union of every (annotation) polygon of a GeoJSON value minus those classed as exclusions
+    (:func:`is_exclusion`: QuPath's ``Ignore*``, ``Exclude``, ...); ``label`` names it in errors and the summary."""
+    found = geojson_polygons(obj, label)
+    polygons = [p for _, props, p in found if not is_exclusion(props)]
     if not polygons:
-        raise RoiError(f"{label}: no Polygon or MultiPolygon annotation to use as the region of interest")
-    roi = Roi(tuple(polygons), label, "polygon")
-    if roi.n_vertices > MAX_ROI_VERTICES:
-        raise RoiError(f"{label}: {roi.n_vertices} vertices; at most {MAX_ROI_VERTICES} (simplify the annotation, "
-                       "e.g. QuPath's Objects > Annotations > Simplify shape)")
-    return roi
+        what = "only Ignore*/Exclude annotations, nothing" if found else "no Polygon or MultiPolygon annotation"
+        raise RoiError(f"{label}: {what} to use as the region of interest")
+    return Roi(tuple(polygons), label, "polygon", tuple(p for _, props, p in found if is_exclusion(props)))
 
 
 def read_roi_geojson(path: str | Path) -> Roi:
