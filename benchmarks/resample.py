@@ -69,19 +69,56 @@ def thin_levels(src: Path, dst: Path) -> None:
                          subfiletype=0 if k == 0 else 1, metadata=None)
 
 
-def real_tile_fn():
-    """Level-0 pixels of the real SVS, repeated (mirrored) over the plane."""
-    import tifffile
-
+def real_svs() -> Path:
+    """../shared/data/slides/cmu-1-small-region.svs (a real H&E scan), found as the tests find it."""
     here = Path(__file__).resolve().parents[1]
     env = os.environ.get("HWSI_SHARED_DATA")
     for d in ([Path(env)] if env else []) + [here.parent / "shared" / "data", here.parent.parent / "shared" / "data"]:
         f = d / "slides" / "cmu-1-small-region.svs"
         if f.is_file():
-            img = tifffile.imread(f)
-            break
-    else:
-        sys.exit("--content real needs ../shared/data/slides/cmu-1-small-region.svs (or use --content synthetic)")
+            return f
+    sys.exit("--content real/svs needs ../shared/data/slides/cmu-1-small-region.svs (or use --content synthetic)")
+
+
+def write_svs_tiles(dst: Path, side: int, mpp: float) -> None:
+    """A ``side``² slide whose level-0 tiles are the real SVS's own JPEG tiles, byte for byte (RGB-coded, 240 px,
+    its JPEGTables), its full tiles repeated over the plane; levels 4× and 16× down re-encoded from those pixels."""
+    import cv2
+    import tifffile
+
+    from hwsi.utils.atomic import atomic_path
+
+    with tifffile.TiffFile(real_svs()) as tf:
+        page = tf.pages[0]
+        ts, fh = page.tilewidth, tf.filehandle
+        ntx, nty = page.imagewidth // ts, page.imagelength // ts  # full tiles only (the edge ones are padded)
+        across = -(-page.imagewidth // ts)
+        raw = []
+        for ty in range(nty):
+            for tx in range(ntx):
+                i = ty * across + tx
+                fh.seek(page.dataoffsets[i])
+                raw.append(fh.read(page.databytecounts[i]))
+        img = page.asarray()[: nty * ts, : ntx * ts]
+        tables = page.jpegtables
+    n = -(-side // ts)
+    mosaic = np.tile(img, (-(-side // img.shape[0]), -(-side // img.shape[1]), 1))[:side, :side]
+    res = 1e4 / mpp  # px per cm
+    with atomic_path(dst) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        tiles = (raw[(ty % nty) * ntx + tx % ntx] for ty in range(n) for tx in range(n))
+        tw.write(tiles, shape=(side, side, 3), dtype=np.uint8, tile=(ts, ts), photometric="rgb", compression="jpeg",
+                 jpegtables=tables, resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=0, metadata=None)
+        for k in (4, 16):
+            low = cv2.resize(mosaic, (side // k, side // k), interpolation=cv2.INTER_AREA)
+            tw.write(low, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                     resolution=(res / k, res / k), resolutionunit="CENTIMETER", subfiletype=1, metadata=None)
+
+
+def real_tile_fn():
+    """Level-0 pixels of the real SVS, repeated (mirrored) over the plane."""
+    import tifffile
+
+    img = tifffile.imread(real_svs())
     img = np.concatenate([img, img[:, ::-1]], 1)
     img = np.concatenate([img, img[::-1]], 0)
     ih, iw = img.shape[:2]
@@ -98,7 +135,12 @@ def ensure_slide(mpp: float, side: int, content: str) -> Path:
     from hwsi.synth.pyramid import write_pyramid_tiff
 
     out = OUT / f"resample_{content}_{mpp:g}_{side}.tiff"
-    if not out.exists():
+    if not out.exists() and content == "svs":
+        OUT.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        write_svs_tiles(out, side, mpp)
+        print(f"wrote {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    elif not out.exists():
         OUT.mkdir(parents=True, exist_ok=True)
         tmp = OUT / f"resample_{content}_{mpp:g}_{side}.2x.tiff"
         t0 = time.perf_counter()
@@ -139,7 +181,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mpps", type=float, nargs="+", default=[0.2631, 0.25])
-    ap.add_argument("--content", choices=["real", "synthetic"], default="real")
+    ap.add_argument("--content", choices=["real", "svs", "synthetic"], default="real")
     args = ap.parse_args()
 
     import cv2
@@ -147,7 +189,8 @@ def main() -> None:
     from hwsi.slide import ReaderConfig
 
     cv2.setNumThreads(1)  # resizes run on the reader's threads only: the thread count compared is the real one
-    configs = {"old": ReaderConfig(resample="box", dct_scale=False), "new": ReaderConfig(dct_scale=False),
+    configs = {"old": ReaderConfig(resample="box", dct_scale=False),
+               "new0": ReaderConfig(dct_scale=False, fast_upsample=False), "new": ReaderConfig(dct_scale=False),
                "dct": ReaderConfig()}
     slides = {m: ensure_slide(m, args.side, args.content) for m in args.mpps}
     grids = {m: grid_of(p) for m, p in slides.items()}
@@ -169,16 +212,17 @@ def main() -> None:
 
     print(f"\nmedians of {args.repeats} rounds (load average at the end: "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})\n")
-    print("| slide µm/px | threads | regions | floor s | old s | new s | dct s | old/floor | new/floor | dct/floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    names = ["floor", *configs]
+    print("| slide µm/px | threads | regions | " + " | ".join(f"{k} s" for k in names) + " | "
+          + " | ".join(f"{k}/floor" for k in configs) + " |")
+    print("|---" * (3 + len(names) + len(configs)) + "|")
     for m in slides:
         for th in args.threads:
-            med = {k: statistics.median(runs[(m, th, k)]) for k in ("floor", "old", "new", "dct")}
+            med = {k: statistics.median(runs[(m, th, k)]) for k in names}
             ratio = {k: statistics.median(a / b for a, b in zip(runs[(m, th, k)], runs[(m, th, "floor")]))
-                     for k in ("old", "new", "dct")}
-            print(f"| {m:g} | {th} | {grids[m].n_regions} | {med['floor']:.2f} | {med['old']:.2f} | {med['new']:.2f} "
-                  f"| {med['dct']:.2f} | {ratio['old']:.2f}x | {ratio['new']:.2f}x | {ratio['dct']:.2f}x |")
-
+                     for k in configs}
+            print(f"| {m:g} | {th} | {grids[m].n_regions} | " + " | ".join(f"{med[k]:.2f}" for k in names) + " | "
+                  + " | ".join(f"{ratio[k]:.2f}x" for k in configs) + " |")
 
 if __name__ == "__main__":
     main()

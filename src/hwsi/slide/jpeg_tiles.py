@@ -73,16 +73,26 @@ def _tile_buffer(name: str, h: int, w: int) -> np.ndarray:
     return buf
 
 
-def decode_tile(tl: TiffLevel, data: bytes, idx: int, k: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+def decode_tile(tl: TiffLevel, data: bytes, idx: int, k: int = 1, out: np.ndarray | None = None,
+                fast_upsample: bool = False) -> np.ndarray:
     """RGB ``(h, w, 3)`` of one stored tile at ``1/k`` (1, or 2/4 where :func:`dct_scalable`); raises on corrupt
-    data. At ``k = 1`` a JPEG tile is decoded into this thread's reused buffer (valid until the next call). At
-    ``k > 1`` the result is written into ``out`` (a C-contiguous ``(th/k, tw/k, 3)`` uint8 array) when given, else
-    into a second reused per-thread buffer; simplejpeg's DCT scaling, else (missing, or the tile fails with it) the
-    full decode shrunk by exact ``k × k`` means (module docstring, "Fallback")."""
+    data. At ``k = 1`` a JPEG tile is decoded into this thread's reused buffer (valid until the next call); with
+    ``fast_upsample`` (for pixels that are resampled and smoothed next) by simplejpeg with libjpeg-turbo's fast
+    chroma upsampling (subsampled chroma replicated, merged with the colour conversion) where it takes the tile.
+    At ``k > 1`` the result is written into ``out`` (a C-contiguous ``(th/k, tw/k, 3)`` uint8 array) when given,
+    else into a second reused per-thread buffer; simplejpeg's DCT scaling, else (missing, or the tile fails with
+    it) the full decode shrunk by exact ``k × k`` means (module docstring, "Fallback")."""
     if k == 1:
         jpeg = tl.jpeg_colorspace
         if jpeg is not None:
             buf = _tile_buffer("tile", tl.tile_height, tl.tile_width)
+            sj = simplejpeg_module() if fast_upsample else None
+            if sj is not None:
+                try:
+                    sj.decode_jpeg(_stream(tl, data), colorspace="RGB", fastupsample=True, buffer=buf, strict=True)
+                    return buf
+                except Exception:  # noqa: BLE001 - not a 3-sample RGB decode, or damaged: imagecodecs decides
+                    pass
             from imagecodecs import jpeg8_decode
 
             try:
@@ -129,9 +139,10 @@ def put_rect(grid5: np.ndarray, p: int, y0: int, x0: int, h: int, w: int, src: n
 
 
 def read_box(slide: Slide, tl: TiffLevel, level: int, bx: int, by: int, bw: int, bh: int, k: int,
-             out: np.ndarray) -> list[CorruptTile]:
+             out: np.ndarray, fast_upsample: bool = False) -> list[CorruptTile]:
     """Fill ``out`` ``(bh, bw, 3)`` with the box at ``(bx, by)`` of ``level`` scaled by ``1/k`` (box in scaled px):
-    each covering tile decoded once, white outside, sparse tiles white, corrupt tiles black (returned)."""
+    each covering tile decoded once (``fast_upsample``: see :func:`decode_tile`), white outside, sparse tiles
+    white, corrupt tiles black (returned)."""
     fd = slide.raw_fd()
     tw, th = tl.tile_width // k, tl.tile_height // k  # tile side in scaled px
     width, height = (tl.width, tl.height) if k == 1 else (tl.width // k, tl.height // k)
@@ -156,7 +167,7 @@ def read_box(slide: Slide, tl: TiffLevel, level: int, bx: int, by: int, bw: int,
                 data = os.pread(fd, n, off)
                 if len(data) != n:
                     raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
-                seg = decode_tile(tl, data, idx, k)
+                seg = decode_tile(tl, data, idx, k, fast_upsample=fast_upsample)
                 dst[...] = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw]
             except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
                 dst[...] = 0

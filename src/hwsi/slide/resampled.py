@@ -84,7 +84,7 @@ def _warp_rows(src: np.ndarray, top: int, j0: int, j1: int, rx: float, ry: float
 
 
 def read_strip_patches(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, s: int, p: int,
-                       out: np.ndarray) -> list[CorruptTile]:
+                       out: np.ndarray, fast_upsample: bool = True) -> list[CorruptTile]:
     """Fill ``out`` ``(G, P, P, 3)`` with the ``lw × lh`` box at ``(lx, ly)`` of ``level`` resampled to ``s × s``
     (module docstring, "Strips"); returns the corrupt tiles met (black)."""
     import cv2
@@ -116,7 +116,7 @@ def read_strip_patches(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: 
             if smooth is not None:
                 smooth[: n - (keep - top)] = smooth[keep - top : n]
             top, n = keep, n - (keep - top)
-        bad += read_box(slide, tl, level, lx, ly + y, lw, y1 - y, 1, raw[n : n + y1 - y])
+        bad += read_box(slide, tl, level, lx, ly + y, lw, y1 - y, 1, raw[n : n + y1 - y], fast_upsample)
         n_old, n, y = n, n + y1 - y, y1
         src = raw[:n]
         if smooth is not None:  # smooth the new rows and the one above them (it now has its lower neighbour)
