@@ -211,8 +211,14 @@ def read_box_patches(slide: Slide, tl: TiffLevel, level: int, bx: int, by: int, 
                 if len(data) != n:
                     raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
                 seg = decode_tile(tl, data, idx, k, out=slot)
-                if slot is None:
-                    put_rect(grid5, p, ry, rx, h, w, seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw])
+                if slot is not None:
+                    continue
+                seg = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw]
+                r, c = ry // p, rx // p
+                if (ry + h - 1) // p == r and (rx + w - 1) // p == c:  # inside one patch (a 1/2 tile of a 256 patch)
+                    out[r * g + c, ry - r * p : ry - r * p + h, rx - c * p : rx - c * p + w] = seg
+                else:
+                    put_rect(grid5, p, ry, rx, h, w, seg)
             except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
                 put_rect(grid5, p, ry, rx, h, w, 0)
                 bad.append((level, tx, ty))
