@@ -1,7 +1,8 @@
 """Pixels of one pyramid level: a box read from the best source, and the whole slide downsampled in chunks.
 
-The lowest layer of :mod:`hwsi.slide`: :mod:`hwsi.slide.open` (``Slide.thumbnail``), :mod:`hwsi.slide.tissue`
-(tissue masks) and :mod:`hwsi.slide.reader` (regions) read through it. A box of a tiled-TIFF level is decoded
+The lowest layer of :mod:`hwsi.slide` but for the tile decoders of :mod:`hwsi.slide.jpeg_tiles`:
+:mod:`hwsi.slide.open` (``Slide.thumbnail``), :mod:`hwsi.slide.tissue` (tissue masks) and :mod:`hwsi.slide.reader`
+(regions) read through it. A box of a tiled-TIFF level is decoded
 tile by tile with ``os.pread`` (imagecodecs JPEG, or the page's own decoder); other slides go through the
 backend's ``read_region``. Outside the level is white; corrupt tiles are black and reported as
 ``(level, col, row)`` (see :mod:`hwsi.slide.reader` for the full reading contract).
@@ -19,11 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hwsi.errors import SlideError
+from hwsi.slide.jpeg_tiles import CorruptTile, dct_factor_for, read_scaled
 
 if TYPE_CHECKING:  # annotations only: hwsi.slide.open imports this module (Slide.thumbnail)
     from hwsi.slide.open import Slide, TiffLevel
 
-CorruptTile = tuple[int, int, int]  # (level, col, row) of a tile (fast path) or 512-px block (fallback)
 _FALLBACK_BLOCK = 512
 
 
@@ -120,12 +121,14 @@ def read_level_box(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int,
     return out, _read_backend_box(slide, level, lx, ly, lw, lh, out)
 
 
-def iter_downsampled(slide: Slide, downsample: float, chunk: int = 2048,
-                     threads: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
+def iter_downsampled(slide: Slide, downsample: float, chunk: int = 2048, threads: int = 1,
+                     dct: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(ox, oy, rgb)`` chunks of the slide at ``downsample`` (level-0 px per output px).
 
     Chunks tile the ``ceil(W/ds) × ceil(H/ds)`` output; each is read from the best pyramid level (at most about
-    ``chunk``² level pixels at once) and resized with INTER_AREA; ``threads`` chunks are read at a time.
+    ``chunk``² level pixels at once) and resized with INTER_AREA; ``threads`` chunks are read at a time. With
+    ``dct`` (thumbnails: no resolution rule binds) a JPEG-tiled level needed at 2× or 4× down or more is decoded at
+    1/2 or 1/4 in the DCT domain first (:mod:`hwsi.slide.jpeg_tiles`; within its stated bound of decode + resize).
     """
     import cv2
 
@@ -135,6 +138,7 @@ def iter_downsampled(slide: Slide, downsample: float, chunk: int = 2048,
     lw, lh = slide.level_dimensions[level]
     sx, sy = w0 / lw, h0 / lh  # per-axis level downsample
     step = max(1, int(chunk * min(sx, sy) / downsample))  # output px per chunk side
+    k = dct_factor_for(slide, level, downsample / max(sx, sy)) if dct and min(lw, lh) >= 64 else 1
 
     def read(box: tuple[int, int]) -> tuple[int, int, np.ndarray]:
         ox, oy = box
@@ -143,7 +147,12 @@ def iter_downsampled(slide: Slide, downsample: float, chunk: int = 2048,
         ly0 = min(lh - 1, int(oy * downsample / sy))
         lx1 = max(lx0 + 1, min(lw, math.ceil((ox + ow_c) * downsample / sx)))
         ly1 = max(ly0 + 1, min(lh, math.ceil((oy + oh_c) * downsample / sy)))
-        img, bad = read_level_box(slide, level, lx0, ly0, lx1 - lx0, ly1 - ly0)
+        if k > 1:  # the box at 1/k, inside the scaled level (floor(W / k) px wide)
+            bx0, by0 = min(lw // k - 1, lx0 // k), min(lh // k - 1, ly0 // k)
+            bx1, by1 = max(bx0 + 1, min(lw // k, -(-lx1 // k))), max(by0 + 1, min(lh // k, -(-ly1 // k)))
+            img, bad = read_scaled(slide, level, k, bx0, by0, bx1 - bx0, by1 - by0)
+        else:
+            img, bad = read_level_box(slide, level, lx0, ly0, lx1 - lx0, ly1 - ly0)
         if bad:
             raise SlideError(slide.path, f"corrupt tile(s) in the low-resolution level {level}: {bad[:5]}")
         if img.shape[:2] != (oh_c, ow_c):
@@ -170,11 +179,12 @@ def iter_downsampled(slide: Slide, downsample: float, chunk: int = 2048,
             yield res
 
 
-def read_downsampled(slide: Slide, downsample: float, chunk: int = 2048) -> np.ndarray:
-    """The whole slide at ``downsample`` as one RGB uint8 array (``ceil(W/ds) × ceil(H/ds)``)."""
+def read_downsampled(slide: Slide, downsample: float, chunk: int = 2048, dct: bool = False) -> np.ndarray:
+    """The whole slide at ``downsample`` as one RGB uint8 array (``ceil(W/ds) × ceil(H/ds)``); ``dct``: see
+    :func:`iter_downsampled`."""
     w0, h0 = slide.dimensions
     ow, oh = max(1, math.ceil(w0 / downsample)), max(1, math.ceil(h0 / downsample))
     out = np.empty((oh, ow, 3), np.uint8)
-    for ox, oy, img in iter_downsampled(slide, downsample, chunk):
+    for ox, oy, img in iter_downsampled(slide, downsample, chunk, dct=dct):
         out[oy : oy + img.shape[0], ox : ox + img.shape[1]] = img
     return out

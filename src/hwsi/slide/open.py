@@ -229,10 +229,11 @@ class Slide:
         return np.ascontiguousarray(a[..., :3])
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
-        """RGB thumbnail whose longer side is ``max_side`` (read in bounded-memory chunks)."""
+        """RGB thumbnail whose longer side is ``max_side`` (read in bounded-memory chunks; JPEG tiles decoded at 1/2
+        or 1/4 in the DCT domain where the level is needed that far down: hwsi.slide.levels.iter_downsampled)."""
         w, h = self.dimensions
         ds = max(1.0, max(w, h) / max_side)
-        return read_downsampled(self, ds)
+        return read_downsampled(self, ds, dct=True)
 
     def close(self) -> None:
         with self._lock:

@@ -78,6 +78,8 @@ class ReaderConfig:
     # and sampled into the patch buffer (level px per output px <= 2); "box" = the whole box, then INTER_AREA
     resample: Literal["strip", "box"] = "strip"
     dct_scale: bool = True  # decode JPEG tiles at 1/2 or 1/4 where the downsample is within mpp_tolerance of it
+    # strips: full-size JPEG decodes with libjpeg-turbo's fast chroma upsampling (simplejpeg), smoothed next anyway
+    fast_upsample: bool = True
     mpp_tolerance: float = 0.02  # the grid's µm/px tolerance (GridConfig.mpp_tolerance)
 
 
@@ -280,7 +282,7 @@ def region_level_box(slide: Slide, grid: Grid, x: int, y: int) -> tuple[int, int
 def read_region_pixels(slide: Slide, grid: Grid, index: int, fast_path: bool = True, *,
                        direct_patches: bool = True, pool: _BufferPool | None = None,
                        resample: Literal["strip", "box"] = "strip", dct_scale: bool = True,
-                       mpp_tolerance: float = 0.02) -> RegionPixels:
+                       mpp_tolerance: float = 0.02, fast_upsample: bool = True) -> RegionPixels:
     """Read region ``index`` of ``grid`` once and return it at the target µm/px.
 
     With ``fast_path`` and ``direct_patches``, a TIFF-tiled slide read without resampling is decoded straight into
@@ -313,7 +315,7 @@ def read_region_pixels(slide: Slide, grid: Grid, index: int, fast_path: bool = T
         elif mode == "dct":
             img, bad = read_dct_region(slide, level, k, lx, ly, lw, lh, s, p, out)
         else:
-            bad = read_strip_patches(slide, level, lx, ly, lw, lh, s, p, out)
+            bad = read_strip_patches(slide, level, lx, ly, lw, lh, s, p, out, fast_upsample)
         mask = _corrupt_patch_mask(slide, grid, bad, lx, ly, lw, lh) if bad else None
         if img is not None:
             return RegionPixels(index, (x, y), img, p, bad, mask)
@@ -375,7 +377,8 @@ def iter_regions(
     def submit(i: int) -> Future[RegionPixels]:
         return executor.submit(read_region_pixels, slide, grid, i, cfg.fast_path,
                                direct_patches=cfg.direct_patches, pool=pool, resample=cfg.resample,
-                               dct_scale=cfg.dct_scale, mpp_tolerance=cfg.mpp_tolerance)
+                               dct_scale=cfg.dct_scale, mpp_tolerance=cfg.mpp_tolerance,
+                               fast_upsample=cfg.fast_upsample)
 
     seen_bad: list[CorruptTile] = []
     pending: collections.deque[Future[RegionPixels]] = collections.deque()

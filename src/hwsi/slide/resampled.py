@@ -4,7 +4,8 @@ Two paths, chosen by :func:`hwsi.slide.reader.read_region_pixels` for tiled-TIFF
 
 * **DCT-scaled** (:func:`read_dct_region`): where the downsample from the read level is within the µm/px tolerance
   of 2 or 4 (a 0.25 µm/px slide read at 0.5), JPEG tiles are decoded at 1/2 or 1/4 in the DCT domain
-  (:mod:`hwsi.slide.jpeg_tiles`), a tile row at a time, into the patch buffer: less work than a full decode. When
+  (:mod:`hwsi.slide.jpeg_tiles`; simplejpeg, else full decode + exact means), each straight into its patch slot
+  (or copied from a small reused buffer into the patches it covers): less work than a full decode. When
   the scaled box is not exactly ``region_size`` (the downsample is 2.02, say) it is assembled and resized the rest
   of the way (INTER_AREA shrinking, INTER_LINEAR enlarging).
 * **Strips** (:func:`read_strip_patches`, level px per output px ``r`` in (1, 2], e.g. 1.9 for 0.2631 → 0.5
@@ -28,7 +29,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from hwsi.slide.jpeg_tiles import put_rect, read_box, read_scaled
+from hwsi.slide.jpeg_tiles import put_rect, read_box, read_box_patches, read_scaled
 from hwsi.slide.levels import CorruptTile
 from hwsi.slide.open import Slide
 
@@ -83,7 +84,7 @@ def _warp_rows(src: np.ndarray, top: int, j0: int, j1: int, rx: float, ry: float
 
 
 def read_strip_patches(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, s: int, p: int,
-                       out: np.ndarray) -> list[CorruptTile]:
+                       out: np.ndarray, fast_upsample: bool = True) -> list[CorruptTile]:
     """Fill ``out`` ``(G, P, P, 3)`` with the ``lw × lh`` box at ``(lx, ly)`` of ``level`` resampled to ``s × s``
     (module docstring, "Strips"); returns the corrupt tiles met (black)."""
     import cv2
@@ -115,7 +116,7 @@ def read_strip_patches(slide: Slide, level: int, lx: int, ly: int, lw: int, lh: 
             if smooth is not None:
                 smooth[: n - (keep - top)] = smooth[keep - top : n]
             top, n = keep, n - (keep - top)
-        bad += read_box(slide, tl, level, lx, ly + y, lw, y1 - y, 1, raw[n : n + y1 - y])
+        bad += read_box(slide, tl, level, lx, ly + y, lw, y1 - y, 1, raw[n : n + y1 - y], fast_upsample)
         n_old, n, y = n, n + y1 - y, y1
         src = raw[:n]
         if smooth is not None:  # smooth the new rows and the one above them (it now has its lower neighbour)
@@ -188,16 +189,4 @@ def read_dct_region(slide: Slide, level: int, k: int, lx: int, ly: int, lw: int,
         img, bad = read_scaled(slide, level, k, bx, by, bw, bh)
         interp = cv2.INTER_AREA if bw > s else cv2.INTER_LINEAR
         return cv2.resize(img, (s, s), interpolation=interp), bad
-    g = s // p
-    grid5 = out.reshape(g, g, p, p, 3)
-    th = tl.tile_height // k
-    strip = _buffer("dct", (th, s, 3))
-    bad: list[CorruptTile] = []
-    y = 0
-    while y < s:
-        y1 = min(s, ((by + y) // th + 1) * th - by)
-        part = strip[: y1 - y]
-        bad += read_box(slide, tl, level, bx, by + y, s, y1 - y, k, part)
-        put_rect(grid5, p, y, 0, y1 - y, s, part)
-        y = y1
-    return None, bad
+    return None, read_box_patches(slide, tl, level, bx, by, s, k, p, out)
