@@ -22,12 +22,10 @@ records the accelerate state of the session (``num_processes``, ``WORLD_SIZE``, 
 its pid, host and the item indices of its first steps, so a test can prove the ranks saw different shards.
 :func:`hwsi.train.processes.process_state` creates the process group before a stage's data preparation.
 
-Checkpoints (``stage_dir/checkpoints/step_NNNNNNN/``, written to ``*.tmp`` then renamed; ``checkpoints/last``
-names the newest; the oldest beyond ``keep_checkpoints`` are deleted) hold the TRAINABLE weights only
-(``requires_grad``), optimizer and scheduler state, the RNG states (python, numpy, torch, CUDA) of every process
-and the step. ``fit(resume=True)`` restores all of it and truncates ``metrics.csv`` to the checkpoint's step, so a
-stopped and resumed CPU run logs exactly the losses of an uninterrupted one. Under DeepSpeed the model/optimizer
-state goes through ``Accelerator.save_state`` (sharded ZeRO-3 files) instead.
+Checkpoints (:mod:`hwsi.train.checkpoints`: ``stage_dir/checkpoints/step_NNNNNNN/``, atomic) hold the trainable
+weights, optimizer and scheduler state, the RNG states of every process and the step. ``fit(resume=True)`` restores
+all of it and truncates ``metrics.csv`` to the checkpoint's step, so a stopped and resumed CPU run logs exactly the
+losses of an uninterrupted one.
 
 Backends (the seam of docs/cluster.md "DeepSpeed ZeRO-3"): ``backend="accelerate"`` prepares the model with the
 ``Accelerator`` (one CPU process, DDP, or DeepSpeed under ``accelerate launch --use_deepspeed``);
@@ -44,11 +42,8 @@ installed, and a tqdm progress bar.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -61,18 +56,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsi.errors import HwsiError
-from hwsi.train.config import OptimConfig
 from hwsi.train import zero3
+from hwsi.train.checkpoints import (  # noqa: F401  (TrainError, MetricsLog: re-exported, the stages import them here)
+    MetricsLog,
+    TrainError,
+    last_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hwsi.train.config import OptimConfig
 from hwsi.train.processes import RECORDED_STEPS, accelerate_kwargs, process_state, write_processes_record
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[nn.Module, list[Any]], tuple[torch.Tensor, dict[str, float]]]
-
-
-class TrainError(HwsiError):
-    """A training run cannot start or continue (missing checkpoint, mismatched weights, no data)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -100,83 +97,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
 
     return f
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that require grad, detached on CPU (what checkpoints and stage outputs hold)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "") -> None:
-    """Copy ``state`` into ``model``'s parameters; every trainable parameter must be present, nothing unknown."""
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
-    if unknown or missing:
-        raise TrainError(f"{where}: weights do not match the model (unknown {unknown[:5]}, missing {missing[:5]})")
-    with torch.no_grad():
-        for n, v in state.items():
-            if params[n].shape != v.shape:
-                raise TrainError(f"{where}: {n} has shape {tuple(v.shape)}, the model {tuple(params[n].shape)}")
-            params[n].copy_(v.to(params[n].dtype))
-
-
-class MetricsLog:
-    """``metrics.csv``: one row per logged optimizer step; header fixed by the first row."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fields: list[str] | None = None
-        if path.is_file():
-            with path.open(newline="") as f:
-                self._fields = next(csv.reader(f), None)
-
-    def rows(self) -> list[dict[str, str]]:
-        if not self.path.is_file():
-            return []
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-    def truncate(self, step: int) -> None:
-        """Drop rows after ``step`` (logged past the checkpoint a run resumes from); atomic rewrite."""
-        if not self.path.is_file() or not self._fields:
-            return
-        keep = [r for r in self.rows() if int(r["step"]) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, self._fields)
-            w.writeheader()
-            w.writerows(keep)
-        tmp.replace(self.path)
-
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self._fields = None
-
-    def append(self, row: dict[str, Any]) -> None:
-        new = self._fields is None
-        if new:
-            self._fields = list(row)
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, self._fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 @dataclass
@@ -264,71 +184,15 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def last_checkpoint(self) -> Path | None:
-        ptr = self.ckpt_root / "last"
-        if not ptr.is_file():
-            return None
-        path = self.ckpt_root / ptr.read_text().strip()
-        return path if (path / "state.json").is_file() else None
+        return last_checkpoint(self.ckpt_root)
 
     def _save(self, model: nn.Module, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        name = f"step_{step:07d}"
-        final = self.ckpt_root / name
-        tmp = self.ckpt_root / (name + ".tmp")
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if self.deepspeed is not None:
-            zero3.save(model, tmp)
-        elif acc.distributed_type == DistributedType.DEEPSPEED:
-            acc.save_state(str(tmp / "accelerate"))
-        elif self.is_main:
-            torch.save(trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if self.is_main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": step, "seed": self.seed, "processes": acc.num_processes, **extra}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            ptr_tmp = self.ckpt_root / "last.tmp"
-            ptr_tmp.write_text(name)
-            os.replace(ptr_tmp, self.ckpt_root / "last")
-            done = sorted(p for p in self.ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in done[: max(0, len(done) - max(1, self.cfg.keep_checkpoints))]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        return save_checkpoint(self.accelerator, self.ckpt_root, model, optimizer, scheduler, step, self.seed, extra,
+                               self.cfg.keep_checkpoints, self.deepspeed is not None)
 
     def _load(self, path: Path, model: nn.Module, optimizer, scheduler) -> int:
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        state = json.loads((path / "state.json").read_text())
-        if state.get("processes", 1) != acc.num_processes:
-            log.warning("%s: checkpoint written by %d processes, resuming with %d: data order per process changes",
-                        self.name, state.get("processes"), acc.num_processes)
-        if self.deepspeed is not None:
-            zero3.load(model, path)
-        elif acc.distributed_type == DistributedType.DEEPSPEED:
-            acc.load_state(str(path / "accelerate"))
-        else:
-            if not (path / "trainable.pt").is_file():
-                raise TrainError(f"{path}: no trainable.pt (a checkpoint of backend deepspeed?): resume with the "
-                                 "backend that wrote it")
-            load_trainable_state(acc.unwrap_model(model), torch.load(path / "trainable.pt", weights_only=True),
-                                 str(path))
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = path / f"rng_{acc.process_index}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        return int(state["step"])
+        return load_checkpoint(self.accelerator, path, model, optimizer, scheduler, self.deepspeed is not None,
+                               self.name)
 
     # ------------------------------------------------------------------ optimiser
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
