@@ -2,7 +2,9 @@
 
 ``Engine(stage_dir, optim_cfg, seed, precision).fit(model, items, step_fn, resume=...)`` runs AdamW with a warmup +
 cosine/linear/constant schedule over ``items`` (anything indexable: slides, conversations), calling
-``step_fn(model, micro_batch_items) -> (loss, {term: value})`` for each micro-batch.
+``step_fn(model, micro_batch_items) -> (loss, {term: value})`` for each micro-batch — or, given a picklable
+``load`` (list of items -> batch), ``step_fn(model, load(micro_batch_items))`` with ``load`` run by a torch
+DataLoader (``num_workers`` worker processes, ``prefetch_factor``; :mod:`hwsi.train.loader`) in exactly this order.
 
 Data order. Epoch ``e`` visits ``items`` in the permutation drawn from ``torch.Generator`` seeded with
 ``(seed, e)`` — independent of every other random stream — so the data-order position is just the optimizer step
@@ -65,11 +67,12 @@ from hwsi.train.checkpoints import (  # noqa: F401  (TrainError, MetricsLog: re-
     save_checkpoint,
 )
 from hwsi.train.config import OptimConfig
+from hwsi.train.loader import Load, StepBatchSampler, step_loader
 from hwsi.train.processes import RECORDED_STEPS, accelerate_kwargs, process_state, write_processes_record
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[nn.Module, list[Any]], tuple[torch.Tensor, dict[str, float]]]
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]  # micro-batch items, or load()'s
 
 
 def seed_everything(seed: int) -> None:
@@ -207,11 +210,14 @@ class Engine:
 
     # ------------------------------------------------------------------ loop
     def fit(self, model: nn.Module, items: Sequence[Any], step_fn: StepFn, resume: bool = False,
-            stop_after: int | None = None, extra_state: dict[str, Any] | None = None) -> FitResult:
+            stop_after: int | None = None, extra_state: dict[str, Any] | None = None, load: Load | None = None,
+            num_workers: int = 0, prefetch_factor: int = 2) -> FitResult:
         """Train ``model`` (its ``requires_grad`` parameters) on ``items``; see the module docstring.
 
         ``stop_after``: stop (with a checkpoint) once this many optimizer steps are done in total — an
-        interruption, the schedule is still the full run's.
+        interruption, the schedule is still the full run's. ``load``: a picklable ``list of items -> batch``; given,
+        the step function gets ``load(micro-batch items)`` from a DataLoader (:mod:`hwsi.train.loader`) with
+        ``num_workers`` workers (0: in this process) and ``prefetch_factor``, else the items themselves.
         """
         t0 = time.perf_counter()
         acc = self.accelerator
@@ -247,18 +253,26 @@ class Engine:
         last_ckpt = ckpt
         seen: list[list[int]] = []  # this process's items of the session's first steps (processes.json)
         start_step = step
+
+        def plan(s: int) -> list[list[int]]:  # this process's micro-batches of optimizer step s
+            e, pos = divmod(s, per_epoch)
+            return self._micro_batches(epoch_order(self.seed, e, len(items))[pos * batch:(pos + 1) * batch])
+
+        loaded = None
+        if load is not None:
+            loaded = iter(step_loader(items, StepBatchSampler(plan, step, total, self.accum), load, self.seed,
+                                      num_workers, prefetch_factor, acc.device.type == "cuda"))
         model.train()
         while step < total:
-            epoch, pos = divmod(step, per_epoch)
-            order = epoch_order(self.seed, epoch, len(items))
-            idx = order[pos * batch:(pos + 1) * batch]
+            epoch = step // per_epoch
             losses: list[float] = []
             terms: dict[str, list[float]] = {}
-            micro_batches = self._micro_batches(idx)
+            micro_batches = plan(step)
             if len(seen) < RECORDED_STEPS:
                 seen.append([i for mb in micro_batches for i in mb])
             for micro in micro_batches:
-                loss, parts = self._micro_step(model, optimizer, step_fn, [items[i] for i in micro], step)
+                data = next(loaded) if loaded is not None else [items[i] for i in micro]
+                loss, parts = self._micro_step(model, optimizer, step_fn, data, step)
                 losses.append(float(loss.detach()))
                 for k, v in parts.items():
                     terms.setdefault(k, []).append(float(v))
@@ -283,6 +297,7 @@ class Engine:
                 last_ckpt = self._save(model, optimizer, scheduler, step, extra_state or {})
             if stopping:
                 break
+        del loaded  # stops the workers (a stopped run leaves prefetched batches unused)
         bar.close()
         if tb is not None:
             tb.close()
@@ -295,7 +310,7 @@ class Engine:
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
 
-    def _micro_step(self, model: nn.Module, optimizer, step_fn: StepFn, batch: list[Any],
+    def _micro_step(self, model: nn.Module, optimizer, step_fn: StepFn, batch: Any,
                     step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward, backward and (at the accumulation boundary) clip + optimizer step of one micro-batch."""
         acc = self.accelerator
