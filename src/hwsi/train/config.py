@@ -176,6 +176,9 @@ class TrainConfig:
     # CPU processes under torchrun; stages 2 and 3)
     backend: Literal["accelerate", "deepspeed"] = "accelerate"
     deepspeed_config: str = "deepspeed_zero3.json"  # a DeepSpeed JSON file, or a shipped one by file name
+    # experiment tracking through accelerate's trackers, offline, under RUN/stageN (hwsi.train.tracking; `hwsi train
+    # --log-with`); metrics.csv is always written
+    log_with: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     data: DataConfig = field(default_factory=DataConfig)
     model: MLLMConfig = field(default_factory=MLLMConfig)  # llm_path "" = the stage-0 LLM of this run
     tiny_llm: TinyLLMConfig = field(default_factory=TinyLLMConfig)

@@ -37,8 +37,8 @@ CPU processes, where accelerate ignores DeepSpeed). The loop, data order, schedu
 clips and steps at the boundary) and the checkpoint's model/optimizer part (``step_NNNNNNN/deepspeed/``) differ.
 
 Metrics: ``stage_dir/metrics.csv`` (step, epoch, loss, lr, the step function's terms, seconds; losses written
-with ``repr`` so they round-trip exactly), TensorBoard events in ``stage_dir/tb`` when ``tensorboard`` is
-installed, and a tqdm progress bar.
+with ``repr`` so they round-trip exactly), the same scalars to accelerate's tracker ``log_with`` (tensorboard, wandb,
+mlflow, offline, under ``stage_dir``; :mod:`hwsi.train.tracking`), and a tqdm progress bar.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsi.train import zero3
+from hwsi.train import tracking, zero3
 from hwsi.train.checkpoints import (  # noqa: F401  (TrainError, MetricsLog: re-exported, the stages import them here)
     MetricsLog,
     TrainError,
@@ -116,20 +116,13 @@ class FitResult:
     placement: dict[str, str] = field(default_factory=dict)  # Engine.placement: device, dtype, mixed_precision
 
 
-def _open_tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(path))
-
-
 class Engine:
     """One stage's optimisation loop (see the module docstring)."""
 
     def __init__(self, stage_dir: str | Path, cfg: OptimConfig, seed: int, precision: str = "no",
                  progress: bool = True, name: str = "train", device: str = "auto", dtype: str = "float32",
-                 backend: str = "accelerate", deepspeed_config: str = "deepspeed_zero3.json") -> None:
+                 backend: str = "accelerate", deepspeed_config: str = "deepspeed_zero3.json",
+                 log_with: str = "none") -> None:
         from accelerate import Accelerator
 
         self.dir = Path(stage_dir)
@@ -138,8 +131,10 @@ class Engine:
         self.name = name
         self.progress = progress
         self.accum = cfg.accumulation(process_state(device, precision).num_processes)
+        self.log_with = log_with
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum,
-                                       **accelerate_kwargs(device, precision))
+                                       **accelerate_kwargs(device, precision),
+                                       **tracking.accelerator_tracking(log_with, self.dir))
         # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
         self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
                           "requested": device, "backend": backend}
@@ -244,7 +239,10 @@ class Engine:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
         acc.wait_for_everyone()
         self.metrics = MetricsLog(self.metrics.path)
-        tb = _open_tensorboard(self.dir / "tb") if self.is_main else None
+        tracked = self.log_with != "none"
+        if tracked:  # init_trackers and log run on the main process only (accelerate)
+            acc.init_trackers(tracking.PROJECT, tracking.hyperparameters(self.cfg),
+                              tracking.init_kwargs(self.log_with, self.dir, self.name))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=self.name, unit="step",
@@ -288,10 +286,9 @@ class Engine:
                 row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr), **dict(zip(names, means))}
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.metrics.append(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k not in ("step", "epoch", "seconds"):
-                            tb.add_scalar(f"{self.name}/{k}", v, step)
+                if tracked:
+                    acc.log({f"{self.name}/{k}": v for k, v in row.items() if k not in ("step", "epoch", "seconds")},
+                            step=step)
             stopping = stop_after is not None and step >= stop_after
             if step % every == 0 or step == total or stopping:
                 last_ckpt = self._save(model, optimizer, scheduler, step, extra_state or {})
@@ -299,8 +296,9 @@ class Engine:
                 break
         del loaded  # stops the workers (a stopped run leaves prefetched batches unused)
         bar.close()
-        if tb is not None:
-            tb.close()
+        if tracked:  # not acc.end_training(): it also destroys the process group the next stage needs
+            for tracker in acc.trackers:
+                tracker.finish()
         # a collective: after it metrics.csv is complete for every process
         write_processes_record(acc, self.dir / "processes.json", start_step, seen,
                                {"accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size,

@@ -222,7 +222,8 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
         log.info("stage 1: training the last %d text-encoder blocks (%d parameters)", s1.text_finetune_layers, n)
         text_tower = encoder
     model = AlignmentModel(hierarchy, heads, s1.loss, text_tower, gather=state.num_processes > 1)
-    engine = Engine(out / "stage1", s1, cfg.seed, cfg.precision, progress, "stage1", device=cfg.device)
+    engine = Engine(out / "stage1", s1, cfg.seed, cfg.precision, progress, "stage1", device=cfg.device,
+                    log_with=cfg.log_with)
     device = engine.accelerator.device
     if v2:
         frozen = nn.functional.normalize(bank.stack(builder.strings), dim=-1)
