@@ -257,7 +257,7 @@ class Engine:
             return self._micro_batches(epoch_order(self.seed, e, len(items))[pos * batch:(pos + 1) * batch])
 
         loaded = None
-        if load is not None:
+        if load is not None and step < total:
             loaded = iter(step_loader(items, StepBatchSampler(plan, step, total, self.accum), load, self.seed,
                                       num_workers, prefetch_factor, acc.device.type == "cuda"))
         model.train()
