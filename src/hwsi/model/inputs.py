@@ -103,6 +103,11 @@ class SlideBatch:
             out[f.name] = v
         return SlideBatch(**out)
 
+    def pin_memory(self) -> "SlideBatch":
+        """Page-locked copies of the tensors (what a DataLoader with ``pin_memory`` calls on CUDA runs)."""
+        return SlideBatch(**{f.name: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                             for f in fields(self) for v in (getattr(self, f.name),)})
+
 
 _FEATURE_FIELDS = ("patch_feats", "region_input", "cell_feats")
 

@@ -22,9 +22,10 @@ from typing import Optional
 
 import typer
 
-from hwsi.devices import device_option, dtype_option, resolve_placement
+from hwsi.devices import choice_check, device_option, dtype_option, resolve_placement
 from hwsi.errors import ConfigError
 from hwsi.options import default_of
+from hwsi.train.tracking import LOG_WITH, check_log_with
 from hwsi.utils.outdir import prepare_output_dir
 
 
@@ -121,6 +122,10 @@ def register(app: typer.Typer) -> None:
                                               "(count and where logged) instead of failing (data.skip_bad_records)."),
         device: Optional[str] = device_option(None, " Default: the config's `device` (auto)."),
         dtype: Optional[str] = dtype_option(None, " The LLM's; default: the config's `llm_dtype`."),
+        log_with: Optional[str] = typer.Option(None, "--log-with", callback=choice_check(LOG_WITH),
+                                               help="Experiment tracker (accelerate's; offline, files under "
+                                               "RUN/stageN): tensorboard, wandb, mlflow or none. Default: the "
+                                               "config's `log_with` (none)."),
     ) -> None:
         """Run one training stage of MLLM-HWSI (paper §3.6); metrics in RUN/stageN/metrics.csv."""
         from hwsi.train.config import load_train_config
@@ -132,6 +137,8 @@ def register(app: typer.Typer) -> None:
         cfg.data.skip_bad_records = cfg.data.skip_bad_records or skip_bad_records
         cfg.device = device or cfg.device
         cfg.llm_dtype = dtype or cfg.llm_dtype  # type: ignore[assignment]
+        cfg.log_with = log_with or cfg.log_with  # type: ignore[assignment]
+        check_log_with(cfg.log_with, "--log-with" if log_with else f"{config}: log_with")
         run = prepare_output_dir(out or job / "runs" / config.stem, what="run folder (--out)", create=False)
         res = run_stage(stage, cfg, job, run, resume=resume, stop_after=stop_after, progress=progress)
         m = res.metrics

@@ -62,6 +62,12 @@ class DataConfig:
     # slide (with the option permutations) but the longest answer by far; a tiny LM tuned on that mix often answers
     # a report prompt with one open-answer sentence (docs/ablations.md, "Report facts")
     report_repeats: PositiveInt = 1
+    # stage 1: the slides of each micro-batch are read from the slide cache's .pt files and collated by a torch
+    # DataLoader (hwsi.train.loader) in this many worker processes, each keeping prefetch_factor micro-batches ready
+    # (0 = in the training process, as before; the losses are the same either way). Stages 0, 2 and 3 load in
+    # process (docs/cluster.md "Data loading")
+    num_workers: NonNegInt = 0
+    prefetch_factor: PositiveInt = 2
 
 
 @dataclass
@@ -170,6 +176,9 @@ class TrainConfig:
     # CPU processes under torchrun; stages 2 and 3)
     backend: Literal["accelerate", "deepspeed"] = "accelerate"
     deepspeed_config: str = "deepspeed_zero3.json"  # a DeepSpeed JSON file, or a shipped one by file name
+    # experiment tracking through accelerate's trackers, offline, under RUN/stageN (hwsi.train.tracking; `hwsi train
+    # --log-with`); metrics.csv is always written
+    log_with: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     data: DataConfig = field(default_factory=DataConfig)
     model: MLLMConfig = field(default_factory=MLLMConfig)  # llm_path "" = the stage-0 LLM of this run
     tiny_llm: TinyLLMConfig = field(default_factory=TinyLLMConfig)

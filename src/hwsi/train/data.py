@@ -33,7 +33,8 @@ import torch
 
 from hwsi import textio
 from hwsi.errors import ConfigError, ConfigFileError
-from hwsi.model.inputs import INPUTS_SCHEMA, SlideInputs, load_cached_inputs, load_slide_inputs, save_slide_inputs
+from hwsi.model.inputs import (INPUTS_SCHEMA, SlideBatch, SlideInputs, collate_slides, load_cached_inputs,
+                              load_slide_inputs, save_slide_inputs)
 from hwsi.train.config import DataConfig
 from hwsi.data import Conversation, MatchReport, QAItem, load_records_report, match_records_to_stores
 from hwsi.features.vocab import entities_from_report
@@ -104,6 +105,10 @@ class SlideCache:
             for sid in todo:
                 self.ensure(sid)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a DataLoader worker) without the slides held in RAM: a worker reads the ``.pt`` files."""
+        return {**self.__dict__, "_mem": OrderedDict()}
+
     def get(self, slide_id: str) -> SlideInputs:
         if slide_id in self._mem:
             self._mem.move_to_end(slide_id)
@@ -114,6 +119,18 @@ class SlideCache:
             while len(self._mem) > self.capacity:
                 self._mem.popitem(last=False)
         return x
+
+
+class CachedSlides:
+    """The load of stage 1's DataLoader (:mod:`hwsi.train.loader`): slide ids -> (ids, their collated SlideBatch),
+    read through a :class:`SlideCache` whose files :meth:`SlideCache.prepare` wrote before training (picklable: a
+    worker process gets a copy of the cache without its RAM part)."""
+
+    def __init__(self, cache: SlideCache) -> None:
+        self.cache = cache
+
+    def __call__(self, slide_ids: list[str]) -> tuple[list[str], SlideBatch]:
+        return list(slide_ids), collate_slides([self.cache.get(s) for s in slide_ids])
 
 
 # ------------------------------------------------------------------------------------------------ text

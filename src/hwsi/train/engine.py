@@ -2,7 +2,9 @@
 
 ``Engine(stage_dir, optim_cfg, seed, precision).fit(model, items, step_fn, resume=...)`` runs AdamW with a warmup +
 cosine/linear/constant schedule over ``items`` (anything indexable: slides, conversations), calling
-``step_fn(model, micro_batch_items) -> (loss, {term: value})`` for each micro-batch.
+``step_fn(model, micro_batch_items) -> (loss, {term: value})`` for each micro-batch — or, given a picklable
+``load`` (list of items -> batch), ``step_fn(model, load(micro_batch_items))`` with ``load`` run by a torch
+DataLoader (``num_workers`` worker processes, ``prefetch_factor``; :mod:`hwsi.train.loader`) in exactly this order.
 
 Data order. Epoch ``e`` visits ``items`` in the permutation drawn from ``torch.Generator`` seeded with
 ``(seed, e)`` — independent of every other random stream — so the data-order position is just the optimizer step
@@ -22,12 +24,10 @@ records the accelerate state of the session (``num_processes``, ``WORLD_SIZE``, 
 its pid, host and the item indices of its first steps, so a test can prove the ranks saw different shards.
 :func:`hwsi.train.processes.process_state` creates the process group before a stage's data preparation.
 
-Checkpoints (``stage_dir/checkpoints/step_NNNNNNN/``, written to ``*.tmp`` then renamed; ``checkpoints/last``
-names the newest; the oldest beyond ``keep_checkpoints`` are deleted) hold the TRAINABLE weights only
-(``requires_grad``), optimizer and scheduler state, the RNG states (python, numpy, torch, CUDA) of every process
-and the step. ``fit(resume=True)`` restores all of it and truncates ``metrics.csv`` to the checkpoint's step, so a
-stopped and resumed CPU run logs exactly the losses of an uninterrupted one. Under DeepSpeed the model/optimizer
-state goes through ``Accelerator.save_state`` (sharded ZeRO-3 files) instead.
+Checkpoints (:mod:`hwsi.train.checkpoints`: ``stage_dir/checkpoints/step_NNNNNNN/``, atomic) hold the trainable
+weights, optimizer and scheduler state, the RNG states of every process and the step. ``fit(resume=True)`` restores
+all of it and truncates ``metrics.csv`` to the checkpoint's step, so a stopped and resumed CPU run logs exactly the
+losses of an uninterrupted one.
 
 Backends (the seam of docs/cluster.md "DeepSpeed ZeRO-3"): ``backend="accelerate"`` prepares the model with the
 ``Accelerator`` (one CPU process, DDP, or DeepSpeed under ``accelerate launch --use_deepspeed``);
@@ -37,18 +37,15 @@ CPU processes, where accelerate ignores DeepSpeed). The loop, data order, schedu
 clips and steps at the boundary) and the checkpoint's model/optimizer part (``step_NNNNNNN/deepspeed/``) differ.
 
 Metrics: ``stage_dir/metrics.csv`` (step, epoch, loss, lr, the step function's terms, seconds; losses written
-with ``repr`` so they round-trip exactly), TensorBoard events in ``stage_dir/tb`` when ``tensorboard`` is
-installed, and a tqdm progress bar.
+with ``repr`` so they round-trip exactly), the same scalars to accelerate's tracker ``log_with`` (tensorboard, wandb,
+mlflow, offline, under ``stage_dir``; :mod:`hwsi.train.tracking`), and a tqdm progress bar.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -61,18 +58,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsi.errors import HwsiError
+from hwsi.train import tracking, zero3
+from hwsi.train.checkpoints import (  # noqa: F401  (TrainError, MetricsLog: re-exported, the stages import them here)
+    MetricsLog,
+    TrainError,
+    last_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hwsi.train.config import OptimConfig
-from hwsi.train import zero3
+from hwsi.train.loader import Load, StepBatchSampler, step_loader
 from hwsi.train.processes import RECORDED_STEPS, accelerate_kwargs, process_state, write_processes_record
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[nn.Module, list[Any]], tuple[torch.Tensor, dict[str, float]]]
-
-
-class TrainError(HwsiError):
-    """A training run cannot start or continue (missing checkpoint, mismatched weights, no data)."""
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]  # micro-batch items, or load()'s
 
 
 def seed_everything(seed: int) -> None:
@@ -102,83 +102,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that require grad, detached on CPU (what checkpoints and stage outputs hold)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "") -> None:
-    """Copy ``state`` into ``model``'s parameters; every trainable parameter must be present, nothing unknown."""
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
-    if unknown or missing:
-        raise TrainError(f"{where}: weights do not match the model (unknown {unknown[:5]}, missing {missing[:5]})")
-    with torch.no_grad():
-        for n, v in state.items():
-            if params[n].shape != v.shape:
-                raise TrainError(f"{where}: {n} has shape {tuple(v.shape)}, the model {tuple(params[n].shape)}")
-            params[n].copy_(v.to(params[n].dtype))
-
-
-class MetricsLog:
-    """``metrics.csv``: one row per logged optimizer step; header fixed by the first row."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fields: list[str] | None = None
-        if path.is_file():
-            with path.open(newline="") as f:
-                self._fields = next(csv.reader(f), None)
-
-    def rows(self) -> list[dict[str, str]]:
-        if not self.path.is_file():
-            return []
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-    def truncate(self, step: int) -> None:
-        """Drop rows after ``step`` (logged past the checkpoint a run resumes from); atomic rewrite."""
-        if not self.path.is_file() or not self._fields:
-            return
-        keep = [r for r in self.rows() if int(r["step"]) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, self._fields)
-            w.writeheader()
-            w.writerows(keep)
-        tmp.replace(self.path)
-
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self._fields = None
-
-    def append(self, row: dict[str, Any]) -> None:
-        new = self._fields is None
-        if new:
-            self._fields = list(row)
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, self._fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-
-
 @dataclass
 class FitResult:
     """What :meth:`Engine.fit` did."""
@@ -193,20 +116,13 @@ class FitResult:
     placement: dict[str, str] = field(default_factory=dict)  # Engine.placement: device, dtype, mixed_precision
 
 
-def _open_tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(path))
-
-
 class Engine:
     """One stage's optimisation loop (see the module docstring)."""
 
     def __init__(self, stage_dir: str | Path, cfg: OptimConfig, seed: int, precision: str = "no",
                  progress: bool = True, name: str = "train", device: str = "auto", dtype: str = "float32",
-                 backend: str = "accelerate", deepspeed_config: str = "deepspeed_zero3.json") -> None:
+                 backend: str = "accelerate", deepspeed_config: str = "deepspeed_zero3.json",
+                 log_with: str = "none") -> None:
         from accelerate import Accelerator
 
         self.dir = Path(stage_dir)
@@ -215,8 +131,10 @@ class Engine:
         self.name = name
         self.progress = progress
         self.accum = cfg.accumulation(process_state(device, precision).num_processes)
+        self.log_with = log_with
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accum,
-                                       **accelerate_kwargs(device, precision))
+                                       **accelerate_kwargs(device, precision),
+                                       **tracking.accelerator_tracking(log_with, self.dir))
         # what result.json records (docs/devices.md): the resolved device, the weights' dtype, the autocast
         self.placement = {"device": str(self.accelerator.device), "dtype": dtype, "mixed_precision": precision,
                           "requested": device, "backend": backend}
@@ -264,71 +182,15 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def last_checkpoint(self) -> Path | None:
-        ptr = self.ckpt_root / "last"
-        if not ptr.is_file():
-            return None
-        path = self.ckpt_root / ptr.read_text().strip()
-        return path if (path / "state.json").is_file() else None
+        return last_checkpoint(self.ckpt_root)
 
     def _save(self, model: nn.Module, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        name = f"step_{step:07d}"
-        final = self.ckpt_root / name
-        tmp = self.ckpt_root / (name + ".tmp")
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if self.deepspeed is not None:
-            zero3.save(model, tmp)
-        elif acc.distributed_type == DistributedType.DEEPSPEED:
-            acc.save_state(str(tmp / "accelerate"))
-        elif self.is_main:
-            torch.save(trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / f"rng_{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if self.is_main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": step, "seed": self.seed, "processes": acc.num_processes, **extra}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            ptr_tmp = self.ckpt_root / "last.tmp"
-            ptr_tmp.write_text(name)
-            os.replace(ptr_tmp, self.ckpt_root / "last")
-            done = sorted(p for p in self.ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in done[: max(0, len(done) - max(1, self.cfg.keep_checkpoints))]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        return save_checkpoint(self.accelerator, self.ckpt_root, model, optimizer, scheduler, step, self.seed, extra,
+                               self.cfg.keep_checkpoints, self.deepspeed is not None)
 
     def _load(self, path: Path, model: nn.Module, optimizer, scheduler) -> int:
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        state = json.loads((path / "state.json").read_text())
-        if state.get("processes", 1) != acc.num_processes:
-            log.warning("%s: checkpoint written by %d processes, resuming with %d: data order per process changes",
-                        self.name, state.get("processes"), acc.num_processes)
-        if self.deepspeed is not None:
-            zero3.load(model, path)
-        elif acc.distributed_type == DistributedType.DEEPSPEED:
-            acc.load_state(str(path / "accelerate"))
-        else:
-            if not (path / "trainable.pt").is_file():
-                raise TrainError(f"{path}: no trainable.pt (a checkpoint of backend deepspeed?): resume with the "
-                                 "backend that wrote it")
-            load_trainable_state(acc.unwrap_model(model), torch.load(path / "trainable.pt", weights_only=True),
-                                 str(path))
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = path / f"rng_{acc.process_index}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        return int(state["step"])
+        return load_checkpoint(self.accelerator, path, model, optimizer, scheduler, self.deepspeed is not None,
+                               self.name)
 
     # ------------------------------------------------------------------ optimiser
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -343,11 +205,14 @@ class Engine:
 
     # ------------------------------------------------------------------ loop
     def fit(self, model: nn.Module, items: Sequence[Any], step_fn: StepFn, resume: bool = False,
-            stop_after: int | None = None, extra_state: dict[str, Any] | None = None) -> FitResult:
+            stop_after: int | None = None, extra_state: dict[str, Any] | None = None, load: Load | None = None,
+            num_workers: int = 0, prefetch_factor: int = 2) -> FitResult:
         """Train ``model`` (its ``requires_grad`` parameters) on ``items``; see the module docstring.
 
         ``stop_after``: stop (with a checkpoint) once this many optimizer steps are done in total — an
-        interruption, the schedule is still the full run's.
+        interruption, the schedule is still the full run's. ``load``: a picklable ``list of items -> batch``; given,
+        the step function gets ``load(micro-batch items)`` from a DataLoader (:mod:`hwsi.train.loader`) with
+        ``num_workers`` workers (0: in this process) and ``prefetch_factor``, else the items themselves.
         """
         t0 = time.perf_counter()
         acc = self.accelerator
@@ -374,7 +239,10 @@ class Engine:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
         acc.wait_for_everyone()
         self.metrics = MetricsLog(self.metrics.path)
-        tb = _open_tensorboard(self.dir / "tb") if self.is_main else None
+        tracked = self.log_with != "none"
+        if tracked:  # init_trackers and log run on the main process only (accelerate)
+            acc.init_trackers(tracking.PROJECT, tracking.hyperparameters(self.cfg),
+                              tracking.init_kwargs(self.log_with, self.dir, self.name))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=self.name, unit="step",
@@ -383,18 +251,26 @@ class Engine:
         last_ckpt = ckpt
         seen: list[list[int]] = []  # this process's items of the session's first steps (processes.json)
         start_step = step
+
+        def plan(s: int) -> list[list[int]]:  # this process's micro-batches of optimizer step s
+            e, pos = divmod(s, per_epoch)
+            return self._micro_batches(epoch_order(self.seed, e, len(items))[pos * batch:(pos + 1) * batch])
+
+        loaded = None
+        if load is not None and step < total:
+            loaded = iter(step_loader(items, StepBatchSampler(plan, step, total, self.accum), load, self.seed,
+                                      num_workers, prefetch_factor, acc.device.type == "cuda"))
         model.train()
         while step < total:
-            epoch, pos = divmod(step, per_epoch)
-            order = epoch_order(self.seed, epoch, len(items))
-            idx = order[pos * batch:(pos + 1) * batch]
+            epoch = step // per_epoch
             losses: list[float] = []
             terms: dict[str, list[float]] = {}
-            micro_batches = self._micro_batches(idx)
+            micro_batches = plan(step)
             if len(seen) < RECORDED_STEPS:
                 seen.append([i for mb in micro_batches for i in mb])
             for micro in micro_batches:
-                loss, parts = self._micro_step(model, optimizer, step_fn, [items[i] for i in micro], step)
+                data = next(loaded) if loaded is not None else [items[i] for i in micro]
+                loss, parts = self._micro_step(model, optimizer, step_fn, data, step)
                 losses.append(float(loss.detach()))
                 for k, v in parts.items():
                     terms.setdefault(k, []).append(float(v))
@@ -410,18 +286,19 @@ class Engine:
                 row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(lr), **dict(zip(names, means))}
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.metrics.append(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k not in ("step", "epoch", "seconds"):
-                            tb.add_scalar(f"{self.name}/{k}", v, step)
+                if tracked:
+                    acc.log({f"{self.name}/{k}": v for k, v in row.items() if k not in ("step", "epoch", "seconds")},
+                            step=step)
             stopping = stop_after is not None and step >= stop_after
             if step % every == 0 or step == total or stopping:
                 last_ckpt = self._save(model, optimizer, scheduler, step, extra_state or {})
             if stopping:
                 break
+        del loaded  # stops the workers (a stopped run leaves prefetched batches unused)
         bar.close()
-        if tb is not None:
-            tb.close()
+        if tracked:  # not acc.end_training(): it also destroys the process group the next stage needs
+            for tracker in acc.trackers:
+                tracker.finish()
         # a collective: after it metrics.csv is complete for every process
         write_processes_record(acc, self.dir / "processes.json", start_step, seen,
                                {"accumulation": self.accum, "micro_batch_size": self.cfg.micro_batch_size,
@@ -431,7 +308,7 @@ class Engine:
         return FitResult(step, total, step >= total, [float(r["loss"]) for r in rows], last_ckpt,
                          time.perf_counter() - t0, rows, dict(self.placement))
 
-    def _micro_step(self, model: nn.Module, optimizer, step_fn: StepFn, batch: list[Any],
+    def _micro_step(self, model: nn.Module, optimizer, step_fn: StepFn, batch: Any,
                     step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward, backward and (at the accumulation boundary) clip + optimizer step of one micro-batch."""
         acc = self.accelerator

@@ -105,7 +105,7 @@ def run_stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
     seed_everything(cfg.seed)
     model = findings_model(llm, tok, cfg.model.max_length)
     engine = Engine(stage_dir, cfg.stage0, cfg.seed, cfg.precision, progress, "stage0", device=cfg.device,
-                    dtype="float32")
+                    dtype="float32", log_with=cfg.log_with)
 
     def step(m: nn.Module, batch: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
         return m([findings[s.slide_id] for s in batch], [s.messages for s in batch]).loss, {}

@@ -34,11 +34,11 @@ from hwsi.errors import ConfigError
 from hwsi.features.encoders import create_text_encoder
 from hwsi.model.heads import AlignmentHeads
 from hwsi.model.hierarchy import HierarchicalEncoder
-from hwsi.model.inputs import SlideBatch, collate_slides
+from hwsi.model.inputs import SlideBatch
 from hwsi.model.losses import AlignmentTargets, HCALossConfig, HCALossOutput, ScaleTargets, assign_positives, hca_loss
 from hwsi.train.alignment import BankBuilder, LiveText, parse_same_fact
 from hwsi.train.config import TrainConfig, save_train_config
-from hwsi.train.data import ReportUnits, TextBank, load_train_text, report_units, resolve
+from hwsi.train.data import CachedSlides, ReportUnits, TextBank, load_train_text, report_units, resolve
 from hwsi.train.engine import Engine, TrainError, seed_everything
 from hwsi.train.processes import process_state, union_over_processes
 from hwsi.train.stage_common import (
@@ -222,7 +222,8 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
         log.info("stage 1: training the last %d text-encoder blocks (%d parameters)", s1.text_finetune_layers, n)
         text_tower = encoder
     model = AlignmentModel(hierarchy, heads, s1.loss, text_tower, gather=state.num_processes > 1)
-    engine = Engine(out / "stage1", s1, cfg.seed, cfg.precision, progress, "stage1", device=cfg.device)
+    engine = Engine(out / "stage1", s1, cfg.seed, cfg.precision, progress, "stage1", device=cfg.device,
+                    log_with=cfg.log_with)
     device = engine.accelerator.device
     if v2:
         frozen = nn.functional.normalize(bank.stack(builder.strings), dim=-1)
@@ -235,8 +236,8 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
             live = LiveText(encoder, builder.strings, (s1.text_refresh_every or steps_per_epoch) * micro_per_step,
                             out / "stage1" / "text", done)
 
-    def step(m: nn.Module, ids: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = collate_slides([cache.get(s) for s in ids])
+    def step(m: nn.Module, loaded: tuple[list[str], SlideBatch]) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, batch = loaded  # read and collated by CachedSlides, in DataLoader workers when data.num_workers > 0
         if v2:
             # a live text tower encodes with gradient the units of the whole micro-step (every process's slides):
             # they are the other slides' negatives too, so this loss reaches them as one process's would
@@ -248,7 +249,8 @@ def run_stage1(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
             res = m(batch.to(device), targets, builder.strings if text_tower is not None else None)
         return res.total, {k: float(v.detach()) for k, v in res.terms.items()}
 
-    fit = engine.fit(model, slides, step, resume=resume, stop_after=stop_after)
+    fit = engine.fit(model, slides, step, resume=resume, stop_after=stop_after, load=CachedSlides(cache),
+                     num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor)
     output = out / "stage1" / "final" / ALIGNMENT_FILE
     if fit.finished and engine.is_main:
         m = engine.unwrap(model)

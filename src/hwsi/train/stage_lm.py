@@ -218,7 +218,8 @@ def run_lm_stage(stage: int, cfg: TrainConfig, job: Path, out: Path, resume: boo
     save_train_config(cfg, out / "config.yaml")
     name = f"stage{stage}"
     engine = Engine(out / name, cfg.stage2 if stage == 2 else cfg.stage3, cfg.seed, cfg.precision, progress, name,
-                    device=cfg.device, dtype=cfg.llm_dtype, backend=cfg.backend, deepspeed_config=cfg.deepspeed_config)
+                    device=cfg.device, dtype=cfg.llm_dtype, backend=cfg.backend, deepspeed_config=cfg.deepspeed_config,
+                    log_with=cfg.log_with)
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # before ZeRO-3 partitions them
     device = engine.accelerator.device
     frozen_hierarchy = copy.deepcopy(model.hierarchy).to(device)
