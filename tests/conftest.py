@@ -34,7 +34,8 @@ def shared_data() -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # The test preset of the whole SynthPath pipeline (hwsi.demo.pipeline), built ONCE and cached across sessions.
 def pipeline_test_key() -> str:
-    """Hash of what decides the cached pipeline: PipelineConfig.test() and the training preset's YAML text."""
+    """Hash of what decides the cached pipeline: PipelineConfig.test(), the training preset's YAML text and the
+    SynthPath generator's sources."""
     import hashlib
     import json
     from dataclasses import asdict
@@ -44,6 +45,8 @@ def pipeline_test_key() -> str:
     cfg = PipelineConfig.test()
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
     h.update(preset_path(cfg.train_config).read_bytes())
+    for src in sorted((REPO / "src" / "hwsi" / "synth").glob("*.py")):  # the cohort's slides, truth and text
+        h.update(src.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -159,3 +159,25 @@ def test_lesion_location_follows_the_lesional_region() -> None:
         assert lesion_location(sc) == f"{'upper' if ys[0] == 0 else 'lower'} {'left' if xs[0] == 0 else 'right'}"
     benign = Scene(SceneConfig(width=2048, height=2048, mpp=0.5, region_size=1024, patch_size=64, seed=1))
     assert lesion_location(benign) == "none"
+
+
+def test_location_drills_add_train_records_only() -> None:
+    """A focal slide's TRAIN records ask its location in every phrasing, open and closed (the truth among the
+    options); its other texts and its held-out records are the same with and without the drills."""
+    from hwsi.synth.text import _Q
+
+    for i, c in enumerate(all_classes()):
+        f = _facts(c)
+        with_, without = slide_text(f"s{i}", f, seed=1), slide_text(f"s{i}", f, seed=1, location_drills=False)
+        assert (with_.report, with_.caption, with_.qas) == (without.report, without.caption, without.qas)
+        assert bench_records([with_], 1) == bench_records([without], 1)
+        extra = train_records([with_], 1)[len(train_records([without], 1)):]
+        if c.extent != "focal":
+            assert extra == []
+            continue
+        asked = [r["conversations"][0]["value"].removeprefix("<image>\n") for r in extra]
+        answers = [r["conversations"][1]["value"] for r in extra]
+        assert len(extra) == 2 * len(_Q["location"]) and {a.split("\n")[0] for a in asked} == set(_Q["location"])
+        assert all("upper right" in a for a in answers)
+        closed = [q for q in asked if "\nA) " in q]
+        assert len(closed) == len(_Q["location"]) and all("upper right" in q for q in closed)

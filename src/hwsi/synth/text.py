@@ -365,13 +365,40 @@ class SlideText:
     caption: str
     qas: list[QA]
     facts: dict[str, Any]
+    train_extra: list[QA] = field(default_factory=list)  # train records only (:func:`location_drill`)
 
 
-def slide_text(slide_id: str, facts: dict[str, Any], seed: int) -> SlideText:
-    """Report, caption and VQA of one slide, deterministic in (seed, slide_id)."""
+def location_drill(facts: dict[str, Any], rng: np.random.Generator) -> list[QA]:
+    """Every phrasing of the location question, open and closed, for a slide with a focal lesion (else none).
+
+    Train records only. A focal lesion is one region of ~22 train slides at the test preset: with one location
+    question each, the stage-0 LM given the true findings as words (``lesion location: upper left``) answered the
+    held-out location questions at 0.205 (chance 0.25) — it never learned to read the location it was given, so no
+    visual token could carry it either (docs/ablations.md, "Location")."""
+    if facts.get("extent") != "focal" or facts.get("lesion_location", "none") == "none":
+        return []
+    truth = _closed_truth("location", facts)
+    out: list[QA] = []
+    for q in _Q["location"]:
+        out.append(QA(_KIND_CATEGORY["location"], "location", q, _open_answer("location", facts, rng)))
+        others = [o for o in _OPTION_SETS["location"] if o != truth]
+        opts = [others[i] for i in rng.choice(len(others), 3, replace=False)] + [truth]
+        opts = [opts[i] for i in rng.permutation(len(opts))]
+        letter = "ABCD"[opts.index(truth)]
+        closed = q + "\n" + "\n".join(f"{lt}) {o}" for lt, o in zip("ABCD", opts, strict=True))
+        out.append(QA(_KIND_CATEGORY["location"], "location", closed, f"{letter}) {truth}", True, opts, letter))
+    return out
+
+
+def slide_text(slide_id: str, facts: dict[str, Any], seed: int, location_drills: bool = True) -> SlideText:
+    """Report, caption and VQA of one slide, deterministic in (seed, slide_id); with ``location_drills`` the train
+    records also get :func:`location_drill` (its own random stream: every other text is unchanged by it)."""
     key = [seed, 31337] + [ord(c) for c in slide_id]
     rng = np.random.default_rng(key)
-    return SlideText(slide_id, make_report(facts, rng), make_caption(facts, rng), make_vqa(facts, rng), facts)
+    t = SlideText(slide_id, make_report(facts, rng), make_caption(facts, rng), make_vqa(facts, rng), facts)
+    if location_drills:
+        t.train_extra = location_drill(facts, np.random.default_rng(key + [7]))
+    return t
 
 
 def train_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
@@ -380,7 +407,7 @@ def train_records(texts: list[SlideText], seed: int) -> list[dict[str, Any]]:
     for t in texts:
         rng = np.random.default_rng([seed, 4242] + [ord(c) for c in t.slide_id])
         pairs = [(_pick(rng, _REPORT_Q), t.report), (_pick(rng, _CAPTION_Q), t.caption)]
-        pairs += [(qa.question, qa.answer) for qa in t.qas]
+        pairs += [(qa.question, qa.answer) for qa in t.qas + t.train_extra]
         for k, (q, a) in enumerate(pairs):
             recs.append({
                 "id": f"{t.slide_id}_{k}",
