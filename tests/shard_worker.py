@@ -25,7 +25,7 @@ from hwsi.utils.atomic import tmp_path_for
 _real_tile_slide = tile.tile_slide
 
 
-def _tile_slide_then_fail(spec, job, cfg=None):  # type: ignore[no-untyped-def]
+def _tile_slide_then_fail(spec, job, cfg=None, annotations=None):  # type: ignore[no-untyped-def]
     kill_at, stop_at = os.environ.get("HWSI_TEST_KILL_AT"), os.environ.get("HWSI_TEST_STOP_AT")
     if spec.slide_id in (kill_at, stop_at):
         if spec.slide_id == kill_at:  # the temporary a writer killed mid-store leaves
@@ -34,7 +34,7 @@ def _tile_slide_then_fail(spec, job, cfg=None):  # type: ignore[no-untyped-def]
                          f"{spec.slide_id}\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL if spec.slide_id == kill_at else signal.SIGSTOP)
-    return _real_tile_slide(spec, job, cfg)
+    return _real_tile_slide(spec, job, cfg, annotations)
 
 
 _real_update_registry = tile.update_registry
