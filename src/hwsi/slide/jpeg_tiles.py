@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -138,6 +139,29 @@ def put_rect(grid5: np.ndarray, p: int, y0: int, x0: int, h: int, w: int, src: n
                 dst[...] = src
 
 
+def covering_tiles(tiles_across: int, tw: int, th: int, width: int, height: int, bx: int, by: int, bw: int,
+                   bh: int) -> Iterator[tuple[int, int, int, int, int, int, int]]:
+    """The tiles (side ``tw`` × ``th``, ``tiles_across`` per row) covering the part of the box ``(bx, by, bw, bh)``
+    inside a ``width`` × ``height`` level, all in the same px: ``(tx, ty, idx, ix0, iy0, ix1, iy1)``, the tile's
+    column, row and index and its intersection with that part; nothing when the box lies outside."""
+    x_beg, y_beg = max(bx, 0), max(by, 0)
+    x_end, y_end = min(bx + bw, width), min(by + bh, height)
+    if x_end <= x_beg or y_end <= y_beg:
+        return
+    for ty in range(y_beg // th, (y_end - 1) // th + 1):
+        for tx in range(x_beg // tw, (x_end - 1) // tw + 1):
+            yield (tx, ty, ty * tiles_across + tx, max(x_beg, tx * tw), max(y_beg, ty * th),
+                   min(x_end, (tx + 1) * tw), min(y_end, (ty + 1) * th))
+
+
+def read_tile_bytes(fd: int, offset: int, n: int) -> bytes:
+    """The ``n`` stored bytes of a tile at ``offset``; a short read is a truncated (corrupt) tile: ValueError."""
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
+    return data
+
+
 def read_box(slide: Slide, tl: TiffLevel, level: int, bx: int, by: int, bw: int, bh: int, k: int,
              out: np.ndarray, fast_upsample: bool = False) -> list[CorruptTile]:
     """Fill ``out`` ``(bh, bw, 3)`` with the box at ``(bx, by)`` of ``level`` scaled by ``1/k`` (box in scaled px):
@@ -146,32 +170,21 @@ def read_box(slide: Slide, tl: TiffLevel, level: int, bx: int, by: int, bw: int,
     fd = slide.raw_fd()
     tw, th = tl.tile_width // k, tl.tile_height // k  # tile side in scaled px
     width, height = (tl.width, tl.height) if k == 1 else (tl.width // k, tl.height // k)
-    x_beg, y_beg = max(bx, 0), max(by, 0)
-    x_end, y_end = min(bx + bw, width), min(by + bh, height)
     if bx < 0 or by < 0 or bx + bw > width or by + bh > height:
         out.fill(255)
     bad: list[CorruptTile] = []
-    if x_end <= x_beg or y_end <= y_beg:
-        return bad
-    for ty in range(y_beg // th, (y_end - 1) // th + 1):
-        for tx in range(x_beg // tw, (x_end - 1) // tw + 1):
-            idx = ty * tl.tiles_across + tx
-            ix0, iy0 = max(x_beg, tx * tw), max(y_beg, ty * th)
-            ix1, iy1 = min(x_end, (tx + 1) * tw), min(y_end, (ty + 1) * th)
-            dst = out[iy0 - by : iy1 - by, ix0 - bx : ix1 - bx]
-            off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
-            if n == 0 or off == 0:
-                dst[...] = 255  # sparse TIFF: no tile stored = background
-                continue
-            try:
-                data = os.pread(fd, n, off)
-                if len(data) != n:
-                    raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
-                seg = decode_tile(tl, data, idx, k, fast_upsample=fast_upsample)
-                dst[...] = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw]
-            except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
-                dst[...] = 0
-                bad.append((level, tx, ty))
+    for tx, ty, idx, ix0, iy0, ix1, iy1 in covering_tiles(tl.tiles_across, tw, th, width, height, bx, by, bw, bh):
+        dst = out[iy0 - by : iy1 - by, ix0 - bx : ix1 - bx]
+        off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
+        if n == 0 or off == 0:
+            dst[...] = 255  # sparse TIFF: no tile stored = background
+            continue
+        try:
+            seg = decode_tile(tl, read_tile_bytes(fd, off, n), idx, k, fast_upsample=fast_upsample)
+            dst[...] = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw]
+        except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
+            dst[...] = 0
+            bad.append((level, tx, ty))
     return bad
 
 
@@ -186,42 +199,31 @@ def read_box_patches(slide: Slide, tl: TiffLevel, level: int, bx: int, by: int, 
     fd = slide.raw_fd()
     tw, th = tl.tile_width // k, tl.tile_height // k
     width, height = (tl.width, tl.height) if k == 1 else (tl.width // k, tl.height // k)
-    x_beg, y_beg = max(bx, 0), max(by, 0)
-    x_end, y_end = min(bx + s, width), min(by + s, height)
     if bx < 0 or by < 0 or bx + s > width or by + s > height:
         out.fill(255)
     bad: list[CorruptTile] = []
-    if x_end <= x_beg or y_end <= y_beg:
-        return bad
     whole = k > 1 and tw == p and th == p  # (decode_tile writes into ``out`` only when scaled)
-    for ty in range(y_beg // th, (y_end - 1) // th + 1):
-        for tx in range(x_beg // tw, (x_end - 1) // tw + 1):
-            idx = ty * tl.tiles_across + tx
-            ix0, iy0 = max(x_beg, tx * tw), max(y_beg, ty * th)
-            ix1, iy1 = min(x_end, (tx + 1) * tw), min(y_end, (ty + 1) * th)
-            ry, rx, h, w = iy0 - by, ix0 - bx, iy1 - iy0, ix1 - ix0  # in region px
-            off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
-            if n == 0 or off == 0:
-                put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
+    for tx, ty, idx, ix0, iy0, ix1, iy1 in covering_tiles(tl.tiles_across, tw, th, width, height, bx, by, s, s):
+        ry, rx, h, w = iy0 - by, ix0 - bx, iy1 - iy0, ix1 - ix0  # in region px
+        off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
+        if n == 0 or off == 0:
+            put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
+            continue
+        slot = out[(ry // p) * g + rx // p] if whole and h == th and w == tw and ry % p == 0 and rx % p == 0 \
+            else None
+        try:
+            seg = decode_tile(tl, read_tile_bytes(fd, off, n), idx, k, out=slot)
+            if slot is not None:
                 continue
-            slot = out[(ry // p) * g + rx // p] if whole and h == th and w == tw and ry % p == 0 and rx % p == 0 \
-                else None
-            try:
-                data = os.pread(fd, n, off)
-                if len(data) != n:
-                    raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
-                seg = decode_tile(tl, data, idx, k, out=slot)
-                if slot is not None:
-                    continue
-                seg = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw]
-                r, c = ry // p, rx // p
-                if (ry + h - 1) // p == r and (rx + w - 1) // p == c:  # inside one patch (a 1/2 tile of a 256 patch)
-                    out[r * g + c, ry - r * p : ry - r * p + h, rx - c * p : rx - c * p + w] = seg
-                else:
-                    put_rect(grid5, p, ry, rx, h, w, seg)
-            except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
-                put_rect(grid5, p, ry, rx, h, w, 0)
-                bad.append((level, tx, ty))
+            seg = seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw]
+            r, c = ry // p, rx // p
+            if (ry + h - 1) // p == r and (rx + w - 1) // p == c:  # inside one patch (a 1/2 tile of a 256 patch)
+                out[r * g + c, ry - r * p : ry - r * p + h, rx - c * p : rx - c * p + w] = seg
+            else:
+                put_rect(grid5, p, ry, rx, h, w, seg)
+        except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
+            put_rect(grid5, p, ry, rx, h, w, 0)
+            bad.append((level, tx, ty))
     return bad
 
 
