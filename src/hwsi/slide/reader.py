@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -59,7 +58,7 @@ import numpy as np
 
 from hwsi.errors import SlideError
 from hwsi.slide.grid import Grid
-from hwsi.slide.jpeg_tiles import dct_factor_for, put_rect
+from hwsi.slide.jpeg_tiles import covering_tiles, dct_factor_for, put_rect, read_tile_bytes
 from hwsi.slide.levels import _FALLBACK_BLOCK, CorruptTile, read_level_box
 from hwsi.slide.open import Slide, TiffLevel
 from hwsi.slide.resampled import read_dct_region, read_strip_patches, strip_applies
@@ -214,51 +213,42 @@ def _read_tiff_patches(slide: Slide, tl: TiffLevel, level: int, lx: int, ly: int
     fd = slide.raw_fd()
     jpeg = tl.jpeg_colorspace
     tw, th = tl.tile_width, tl.tile_height
-    ntx = tl.tiles_across
-    x_beg, y_beg = max(lx, 0), max(ly, 0)
-    x_end, y_end = min(lx + s, tl.width), min(ly + s, tl.height)
     if lx < 0 or ly < 0 or lx + s > tl.width or ly + s > tl.height:
         out.fill(255)  # edge region: outside the level is white (only the inside is written below)
     bad: list[CorruptTile] = []
-    if x_end <= x_beg or y_end <= y_beg:
-        return bad
     direct = jpeg is not None and tw == p and th == p
-    for ty in range(y_beg // th, (y_end - 1) // th + 1):
-        for tx in range(x_beg // tw, (x_end - 1) // tw + 1):
-            idx = ty * ntx + tx
-            ix0, iy0 = max(x_beg, tx * tw), max(y_beg, ty * th)  # tile ∩ inside of the box, level px
-            ix1, iy1 = min(x_end, (tx + 1) * tw), min(y_end, (ty + 1) * th)
-            ry, rx, h, w = iy0 - ly, ix0 - lx, iy1 - iy0, ix1 - ix0  # in region px
-            off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
-            if n == 0 or off == 0:
-                put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
-                continue
-            slot = None
-            if direct and h == th and w == tw and ry % p == 0 and rx % p == 0:
-                slot = out[(ry // p) * g + rx // p]  # whole tile = one whole patch: decode in place
-            try:
-                data = os.pread(fd, n, off)
-                if len(data) != n:
-                    raise ValueError(f"truncated tile: {len(data)} of {n} bytes")
-                if slot is not None:
-                    try:
-                        jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1], out=slot)
-                        continue
-                    except Exception:  # noqa: BLE001 - corrupt, or not a 3-sample decode: retry below to tell
-                        pass
-                if jpeg is not None:
-                    seg = jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1])
-                else:
-                    seg = tl.decode(data, idx, jpegtables=tl.jpegtables)[0]
-                if seg is None:
-                    raise ValueError("tile decoded to nothing")
-                seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
-                if slot is not None:
-                    direct = False  # decodes, but not into a (P, P, 3) slot (e.g. 4 samples): copy from now on
-                put_rect(grid5, p, ry, rx, h, w, seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw])
-            except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
-                put_rect(grid5, p, ry, rx, h, w, 0)
-                bad.append((level, tx, ty))
+    # (ix0, iy0, ix1, iy1): the tile ∩ the inside of the box, level px
+    for tx, ty, idx, ix0, iy0, ix1, iy1 in covering_tiles(tl.tiles_across, tw, th, tl.width, tl.height, lx, ly, s,
+                                                          s):
+        ry, rx, h, w = iy0 - ly, ix0 - lx, iy1 - iy0, ix1 - ix0  # in region px
+        off, n = int(tl.offsets[idx]), int(tl.bytecounts[idx])
+        if n == 0 or off == 0:
+            put_rect(grid5, p, ry, rx, h, w, 255)  # sparse TIFF: no tile stored = background
+            continue
+        slot = None
+        if direct and h == th and w == tw and ry % p == 0 and rx % p == 0:
+            slot = out[(ry // p) * g + rx // p]  # whole tile = one whole patch: decode in place
+        try:
+            data = read_tile_bytes(fd, off, n)
+            if slot is not None:
+                try:
+                    jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1], out=slot)
+                    continue
+                except Exception:  # noqa: BLE001 - corrupt, or not a 3-sample decode: retry below to tell
+                    pass
+            if jpeg is not None:
+                seg = jpeg8_decode(data, tables=tl.jpegtables, colorspace=jpeg[0], outcolorspace=jpeg[1])
+            else:
+                seg = tl.decode(data, idx, jpegtables=tl.jpegtables)[0]
+            if seg is None:
+                raise ValueError("tile decoded to nothing")
+            seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
+            if slot is not None:
+                direct = False  # decodes, but not into a (P, P, 3) slot (e.g. 4 samples): copy from now on
+            put_rect(grid5, p, ry, rx, h, w, seg[iy0 - ty * th : iy1 - ty * th, ix0 - tx * tw : ix1 - tx * tw])
+        except Exception:  # noqa: BLE001 - any decode failure is a corrupt tile: recorded, never white
+            put_rect(grid5, p, ry, rx, h, w, 0)
+            bad.append((level, tx, ty))
     return bad
 
 
