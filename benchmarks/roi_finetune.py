@@ -28,7 +28,7 @@ from hwsi.eval.vqa import parse_choice
 from hwsi.model.chat import ChatSession
 from hwsi.model.inputs import collate_slides
 from hwsi.model.roi import roi_slide_inputs
-from hwsi.model.roi_geometry import parse_rect
+from hwsi.slide.roi_geometry import parse_rect
 from hwsi.store import SlideStore
 from hwsi.synth.truth import read_truth
 from hwsi.train.inference import load_trained_model, run_config, slide_inputs_for

@@ -181,3 +181,46 @@ def test_location_drills_add_train_records_only() -> None:
         assert all("upper right" in a for a in answers)
         closed = [q for q in asked if "\nA) " in q]
         assert len(closed) == len(_Q["location"]) and all("upper right" in q for q in closed)
+
+
+def test_region_records_ask_each_region_of_a_mixed_train_slide_its_own_truth(tmp_path: Path) -> None:
+    """hwsi.synth.roi_text: train slides with lesional AND benign tissue regions get, per tissue region, the closed
+    architecture (where it has glands) and atypia questions with that region's truth and its box as ``roi``; other
+    slides and the held-out records get none; the records read back through the project's loader with the roi."""
+    from hwsi.cli import main
+    from hwsi.data import load_records
+    from hwsi.synth.classes import ARCHITECTURES
+    from hwsi.synth.truth import read_truth
+
+    out = tmp_path / "c"
+    assert main(["synth", "--cohort", "10", "--size", "2048", "--workers", "1", "--out", str(out), "--seed", "3"]) == 0
+    meta = json.loads((out / "cohort.json").read_text())
+    recs = json.loads((out / "text" / "train.json").read_text())
+    roi = [r for r in recs if "roi" in r]
+    assert roi and all(r["id"].startswith(r["image"] + "_roi") for r in roi)
+    assert recs[-len(roi):] == roi  # after every whole-slide record
+    by_slide: dict[str, list[dict]] = {}
+    for r in roi:
+        by_slide.setdefault(r["image"], []).append(r)
+    for s in meta["slides"]:
+        t = read_truth(out / s["truth"])
+        tissue = t.data["regions/tissue"] > 0.3
+        lesion = t.data["regions/lesion"].astype(bool)
+        mixed = bool((lesion & tissue).any() and (~lesion & tissue).any())
+        got = by_slide.get(s["slide_id"], [])
+        assert bool(got) == (mixed and s["split"] == "train"), s["slide_id"]
+        side = int(t.attrs["region_size"])
+        boxes = {tuple(c) + (side, side): i for i, c in enumerate(t.data["regions/coords"].tolist())}
+        for r in got:
+            i = boxes[tuple(r["roi"])]
+            q, a = r["conversations"][0]["value"], r["conversations"][1]["value"].split(") ", 1)[1]
+            if "nuclei" in q or "nuclear" in q:
+                assert a == ("yes" if t.data["regions/atypia"][i] else "no")
+            else:
+                assert a == ARCHITECTURES[int(t.data["regions/architecture"][i])] != "background"
+            assert f") {a}" in q  # the truth is among the options
+    assert len(by_slide) >= 1
+    for split in ("val", "test"):
+        assert all("roi" not in json.loads(line) for line in (out / "text" / f"{split}.jsonl").read_text().splitlines())
+    loaded = [r for r in load_records(out / "text" / "train.json") if "roi" in r.metadata]
+    assert [tuple(float(v) for v in r["roi"]) for r in roi] == [r.metadata["roi"] for r in loaded]

@@ -1,5 +1,7 @@
 """LLaVA-style conversation json: ``wsi-bench-train`` (``"image": "<dir>/<slide>.pt"``) and ``slidechat``
 (``"image": ["<slide>.csv", ...]``), a list of ``{"id", "image", "conversations": [{"from", "value"}, ...]}``.
+hwsi's one extension: an optional ``"roi": [x, y, w, h]`` (level-0 px) makes the record a question about that
+rectangle of the slide (stage 2/3 train it on the ROI's visual tokens, docs/roi.md "Training records").
 
 ``wsi-llava-test``: WSI-LLaVA's per-task WSI-Bench test files (``Diagnosis_choice_test.json``, ...) have the same
 shape, one human question and one gpt answer per record, the options written inside the question
@@ -21,6 +23,7 @@ from hwsi.data.records import (
     Turn,
     fail,
     need,
+    parse_roi_field,
     slide_from_ref,
     strip_image_token,
 )
@@ -77,6 +80,8 @@ def parse_llava(items: list[Any], path: Path, source: str | None, bad: BadRecord
             meta = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations")}
             meta["image"] = image
             meta["image_refs"] = ids
+            if "roi" in obj:  # hwsi's extension: the question is about this rectangle of the slide (docs/roi.md)
+                meta["roi"] = parse_roi_field(obj["roi"], path, where)
             out.append(Conversation(id=rid, slide_id=slide_id, turns=turns, source=src, metadata=meta))
     return out
 

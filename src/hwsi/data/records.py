@@ -241,6 +241,20 @@ def need(obj: dict[str, Any], key: str, path: Path, where: str, types: type | tu
     return val
 
 
+def parse_roi_field(value: Any, path: Path, where: str) -> tuple[float, float, float, float]:
+    """A record's optional ``"roi": [x, y, w, h]`` (level-0 px of its slide, docs/roi.md "Training records"): the
+    rectangle the question is about; four finite numbers with ``w, h > 0``, else a :class:`RecordError`."""
+    import math
+
+    if (not isinstance(value, (list, tuple)) or len(value) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise fail(path, where, f"field 'roi' must be [x, y, w, h] (four numbers, level-0 px), got {value!r}"[:200])
+    x, y, w, h = (float(v) for v in value)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise fail(path, where, f"field 'roi' {list(value)}: x, y must be finite and w, h > 0 (level-0 px)")
+    return x, y, w, h
+
+
 def slide_from_ref(ref: Any, path: Path, where: str) -> tuple[str, list[str]]:
     """``(first slide id, all slide ids)`` of a record's image reference; a bad reference is a :class:`RecordError`."""
     try:

@@ -259,11 +259,13 @@ class MLLMHWSI(nn.Module):
             labs[i, sl] = torch.tensor(lab, dtype=torch.long, device=dev)
         return MLLMInputs(embeds, attn, labs, n_vis, n_txt)
 
-    def forward(self, batch: SlideBatch | HierarchyOutput, conversations: list[list[dict[str, str]]]):
+    def forward(self, batch: SlideBatch | HierarchyOutput, conversations: list[list[dict[str, str]]],
+                region_token_mask: torch.Tensor | None = None):
         """LM loss on the answers given the visual prefix (stages 2 and 3). ``batch`` may be the frozen hierarchy's
-        output for the batch already (stages 2 and 3 cache it per slide: hwsi.train.stage_lm)."""
+        output for the batch already (stages 2 and 3 cache it per slide: hwsi.train.stage_lm);
+        ``region_token_mask`` (B, R) as in :meth:`project` (ROI samples: hwsi.train.roi_samples)."""
         h = batch if isinstance(batch, HierarchyOutput) else self.hierarchy(batch)
-        x = self.build_inputs(self.project(h), conversations)
+        x = self.build_inputs(self.project(h, region_token_mask), conversations)
         return self.llm(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask, labels=x.labels)
 
     @torch.no_grad()

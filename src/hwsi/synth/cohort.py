@@ -30,6 +30,7 @@ import yaml
 
 from hwsi.synth.classes import DIAGNOSES, SlideClasses, SynthError
 from hwsi.synth.pyramid import write_pyramid_tiff
+from hwsi.synth.roi_text import region_records
 from hwsi.synth.render import make_tile_fn
 from hwsi.synth.scene import Scene, SceneConfig
 from hwsi.synth.text import SYNTHPATH_UNIT_RULES, SYNTHPATH_VOCABULARY, SlideText, bench_records, slide_text, train_records
@@ -212,7 +213,11 @@ def write_cohort_text(out: Path, records: list[SlideRecord], seed: int) -> dict[
                        + yaml.safe_dump(SYNTHPATH_UNIT_RULES, sort_keys=False))
     write_json_atomic(paths["reports"], {t.slide_id: t.report for t in all_texts})
     write_json_atomic(paths["captions"], {t.slide_id: t.caption for t in all_texts})
-    write_json_atomic(paths["train"], train_records(texts["train"], seed))
+    train = train_records(texts["train"], seed)  # then the ROI questions (hwsi.synth.roi_text), after every other one
+    for r in records:
+        if (r.split or "train") == "train":
+            train += region_records(r.slide_id, read_truth(r.truth), seed)
+    write_json_atomic(paths["train"], train)
     for split in ("val", "test"):
         lines = "".join(json.dumps(r) + "\n" for r in bench_records(texts[split], seed))
         with atomic_path(paths[split]) as tmp:

@@ -215,6 +215,11 @@ _OPTION_SETS = {
 _COUNT_WORDS = ("none", "one", "two", "three")
 
 
+def question_stems(kind: str) -> list[str]:
+    """Every phrasing of one kind of question (``atypia``, ``architecture``, ...), in a fixed order."""
+    return list(_Q[kind])
+
+
 def _pick(rng: np.random.Generator, options: list[str]) -> str:
     return options[int(rng.integers(len(options)))]
 

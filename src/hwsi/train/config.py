@@ -62,6 +62,11 @@ class DataConfig:
     # slide (with the option permutations) but the longest answer by far; a tiny LM tuned on that mix often answers
     # a report prompt with one open-answer sentence (docs/ablations.md, "Report facts")
     report_repeats: PositiveInt = 1
+    # stages 2 and 3: records with an "roi" (a question about a rectangle of the slide) are answered from that ROI's
+    # tokens (hwsi.train.roi_samples, docs/roi.md "Training records"); False leaves them out (whole slides only).
+    # Their closed options come already shuffled per record: roi_option_permutations copies each (0 = none)
+    roi_records: bool = True
+    roi_option_permutations: NonNegInt = 0
     # stage 1: the slides of each micro-batch are read from the slide cache's .pt files and collated by a torch
     # DataLoader (hwsi.train.loader) in this many worker processes, each keeping prefetch_factor micro-batches ready
     # (0 = in the training process, as before; the losses are the same either way). Stages 0, 2 and 3 load in

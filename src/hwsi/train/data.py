@@ -25,7 +25,7 @@ import random
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,12 @@ class ChatSample:
     slide_id: str
     messages: list[dict[str, str]]
     record_id: str = ""
+    roi: tuple[float, float, float, float] | None = None  # x, y, w, h (level-0 px): a question about this rectangle
+
+    @property
+    def visual_key(self) -> str:
+        """Which visual prefix the sample is answered from: the slide id, or ``slide@x,y,w,h`` for an ROI sample."""
+        return self.slide_id if self.roi is None else f"{self.slide_id}@{','.join(f'{v:g}' for v in self.roi)}"
 
 
 def record_messages(rec: Conversation | QAItem) -> list[dict[str, str]]:
@@ -198,7 +204,7 @@ def load_train_text(job: Path, data: DataConfig, stores: dict[str, Path] | None 
         log.info("records %s: %s", path, match.summary())
         if match.n_unmatched:
             log.warning("%d records have no store (first: %s)", match.n_unmatched, match.unmatched[:3])
-    samples = [ChatSample(r.slide_id, record_messages(r), r.record_id) for r in records]
+    samples = [ChatSample(r.slide_id, record_messages(r), r.record_id, r.metadata.get("roi")) for r in records]
     train_ids = {s.slide_id for s in samples}
     if data.reports:
         reports = {k: str(v) for k, v in _read_map(resolve(job, data.reports), "report").items() if k in train_ids}
@@ -351,7 +357,7 @@ def permute_options(samples: list[ChatSample], n: int, seed: int = 0, text_answe
             msgs = [dict(m) for m in s.messages]
             for i, _stem, opts, gold in turns:
                 msgs[i + 1]["content"] = opts[gold]
-            out.append(ChatSample(s.slide_id, msgs, s.record_id))
+            out.append(replace(s, messages=msgs))
         else:
             out.append(s)
         for _ in range(n):
@@ -363,5 +369,5 @@ def permute_options(samples: list[ChatSample], n: int, seed: int = 0, text_answe
                 msgs[i]["content"] = stem + "\n" + "\n".join(lines)
                 new = order.index(gold)
                 msgs[i + 1]["content"] = opts[gold] if text_answers else f"{chr(ord('A') + new)}) {opts[gold]}"
-            out.append(ChatSample(s.slide_id, msgs, s.record_id))
+            out.append(replace(s, messages=msgs))
     return out

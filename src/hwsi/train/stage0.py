@@ -83,14 +83,15 @@ def run_stage0(cfg: TrainConfig, job: Path, out: Path, resume: bool, stop_after:
     stores = store_ids(job, cfg.data)
     text = load_train_text(job, cfg.data, stores, need_stores=False)
     findings = {sid: findings_text(f) for sid, f in text.facts.items() if isinstance(f, dict)}
-    samples = [s for s in text.samples if findings.get(s.slide_id)]
+    # ROI records (docs/roi.md "Training records") are about part of a slide: its findings would be the wrong words
+    whole = [s for s in text.samples if s.roi is None]
+    samples = [s for s in whole if findings.get(s.slide_id)]
     if not samples:
         raise TrainError("stage 0: no train record has findings in data.facts")
     n_records = len(samples)
     samples = permute_options(samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
-    if n_records < len(text.samples):
-        log.warning("stage 0: %d of %d records have no findings and are skipped",
-                    len(text.samples) - n_records, len(text.samples))
+    if n_records < len(whole):
+        log.warning("stage 0: %d of %d records have no findings and are skipped", len(whole) - n_records, len(whole))
     stage_dir = out / "stage0"
     init_dir = stage_dir / "llm_init"
     state = process_state(cfg.device, cfg.precision)

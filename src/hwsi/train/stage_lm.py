@@ -28,6 +28,7 @@ from hwsi.train.config import TrainConfig, load_train_config, save_train_config
 from hwsi.train.data import ChatSample, SlideCache, TrainText, load_train_text, permute_options
 from hwsi.train.engine import Engine, TrainError, seed_everything
 from hwsi.train.processes import process_state
+from hwsi.train.roi_samples import VisualInputs
 from hwsi.train.stage_common import (
     ALIGNMENT_FILE,
     DTYPES,
@@ -93,7 +94,8 @@ def _stage_cfg_from_run(cfg: TrainConfig, out: Path, cache: SlideCache, slides: 
 
 
 class FrozenHierarchyCache:
-    """The frozen hierarchy's output per slide, computed once and kept (LRU of ``size`` slides).
+    """The frozen hierarchy's output per visual prefix (a slide, or an ROI of one), computed once and kept (LRU of
+    ``size``).
 
     Stages 2 and 3 train the projectors (+ LoRA) on top of a hierarchy that is frozen and has no dropout, so its
     output for a slide (Eq. 3-5: c_ij, f_ij, r_i, f_WSI) is the same at every step. Computing it at every step was
@@ -101,21 +103,22 @@ class FrozenHierarchyCache:
     at every step: they train. When any hierarchy parameter requires grad the cache is not used.
     """
 
-    def __init__(self, cache: SlideCache, device: torch.device, size: int) -> None:
-        self.cache, self.device, self.size = cache, device, max(1, size)
+    def __init__(self, inputs: VisualInputs, device: torch.device, size: int) -> None:
+        self.inputs, self.device, self.size = inputs, device, max(1, size)
         self.outputs: OrderedDict[str, HierarchyOutput] = OrderedDict()
 
-    def batch(self, hierarchy: nn.Module, slide_ids: list[str]) -> HierarchyOutput:
-        missing = [s for s in dict.fromkeys(slide_ids) if s not in self.outputs]
+    def batch(self, hierarchy: nn.Module, samples: list[ChatSample]) -> HierarchyOutput:
+        keys = [s.visual_key for s in samples]
+        missing = {s.visual_key: s for s in samples if s.visual_key not in self.outputs}
         if missing:
             with torch.no_grad():
-                h = hierarchy(collate_slides([self.cache.get(s) for s in missing]).to(self.device))
-            for sid, out in zip(missing, h.split(), strict=True):
-                self.outputs[sid] = out
-        for sid in slide_ids:
-            self.outputs.move_to_end(sid)
-        batch = HierarchyOutput.collate([self.outputs[s] for s in slide_ids])
-        while len(self.outputs) > max(self.size, len(set(slide_ids))):
+                h = hierarchy(collate_slides([self.inputs.get(s)[0] for s in missing.values()]).to(self.device))
+            for key, out in zip(missing, h.split(), strict=True):
+                self.outputs[key] = out
+        for key in keys:
+            self.outputs.move_to_end(key)
+        batch = HierarchyOutput.collate([self.outputs[k] for k in keys])
+        while len(self.outputs) > max(self.size, len(set(keys))):
             self.outputs.popitem(last=False)
         return batch
 
@@ -123,16 +126,18 @@ class FrozenHierarchyCache:
 def _lm_step(cache: SlideCache, device: torch.device, memory_slides: int, frozen_hierarchy: nn.Module):
     """The LM step; the frozen hierarchy's outputs come from ``frozen_hierarchy``, a copy of the model's made before
     training: each process computes only the slides it misses, so it must not be a ZeRO-3-partitioned module
-    (whose every forward is a collective all processes must run together)."""
-    frozen = FrozenHierarchyCache(cache, device, memory_slides)
+    (whose every forward is a collective all processes must run together). ROI samples (records with ``roi``) are
+    answered from the ROI's tokens (:mod:`hwsi.train.roi_samples`)."""
+    inputs = VisualInputs(cache)
+    frozen = FrozenHierarchyCache(inputs, device, memory_slides)
 
     def step(m: nn.Module, samples: list[ChatSample]) -> tuple[torch.Tensor, dict[str, float]]:
-        ids = [s.slide_id for s in samples]
         if any(p.requires_grad for p in getattr(m, "module", m).hierarchy.parameters()):
-            batch = collate_slides([cache.get(s) for s in ids]).to(device)
+            batch = collate_slides([inputs.get(s)[0] for s in samples]).to(device)
         else:
-            batch = frozen.batch(frozen_hierarchy, ids)
-        return m(batch, [s.messages for s in samples]).loss, {}
+            batch = frozen.batch(frozen_hierarchy, samples)
+        mask = inputs.region_token_mask(samples, batch.region_mask.shape[1])
+        return m(batch, [s.messages for s in samples], region_token_mask=mask).loss, {}
 
     return step
 
@@ -188,12 +193,18 @@ def add_lora(model, s3) -> None:
 def lm_samples(stage: int, cfg: TrainConfig, text: TrainText) -> list[ChatSample]:
     """Stage 2: the report/caption records (``data.stage2_records: reports``) or every record (``all``, with its
     option permutations, as stage 3). Stage 3: every train record with its option permutations, the records
-    answered by the slide's report ``data.report_repeats`` times."""
+    answered by the slide's report ``data.report_repeats`` times. ROI records (``roi``) come last, with
+    ``data.roi_option_permutations`` copies, or not at all when ``data.roi_records`` is False."""
     if stage == 2 and cfg.data.stage2_records == "reports":
         return report_samples(text)
     if stage == 2 and cfg.data.stage2_records != "all":
         raise ConfigError(f"data.stage2_records must be reports or all, got {cfg.data.stage2_records!r}")
-    samples = permute_options(text.samples, cfg.data.option_permutations, cfg.seed, cfg.data.closed_text_answers)
+    d = cfg.data
+    whole = [s for s in text.samples if s.roi is None]
+    samples = permute_options(whole, d.option_permutations, cfg.seed, d.closed_text_answers)
+    if d.roi_records:  # questions about one ROI of a slide (hwsi.train.roi_samples), after the whole-slide ones
+        roi = [s for s in text.samples if s.roi is not None]
+        samples += permute_options(roi, d.roi_option_permutations, cfg.seed + 1, d.closed_text_answers)
     if stage == 3:
         samples += report_samples(text, use_captions=False) * (cfg.data.report_repeats - 1)
     return samples
