@@ -202,6 +202,40 @@ def spf_features(ov: StoreOverlays) -> list[dict[str, Any]]:
     return feats
 
 
+ROI_COLOUR = (255, 200, 0)
+
+
+def roi_features(turns: Iterable[Any]) -> list[dict[str, Any]]:
+    """The region each ROI question was asked about (a chat turn's ``roi`` record, docs/roi.md) as one QuPath
+    annotation classified "Question ROI": its polygons (holes kept) minus its exclusions as a MultiPolygon, named
+    ``Q<turn>: <question>``, the question, answer and what the answer covered under ``properties.hwsi``. Whole-slide turns and
+    turns that ended in an error give none."""
+    feats = []
+    for n, t in enumerate(turns, start=1):
+        rec = getattr(t, "roi", None)
+        if not rec or getattr(t, "error", None):
+            continue
+        geom = rec["geometry"]
+        props: dict[str, Any] = {
+            "objectType": "annotation",
+            "classification": {"name": "Question ROI", "color": list(ROI_COLOUR)},
+            "name": f"Q{n}: {t.question.splitlines()[0][:80]}",
+            "measurements": {"patch tokens": float(rec.get("patches", 0)),
+                             "region tokens": float(len(rec.get("regions", [])))},
+            # hwsi's own member (QuPath keeps the keys above and ignores others): the turn in full
+            "hwsi": {"question": t.question, "answer": t.answer, "summary": rec.get("summary", ""), "turn": n},
+        }
+        feats.append({"type": "Feature", "id": str(uuid.uuid4()),
+                      "geometry": {"type": "MultiPolygon", "coordinates": geom["coordinates"]}, "properties": props})
+        if geom.get("exclude"):  # QuPath's own convention for an area left out: an "Ignore*" annotation
+            feats.append({"type": "Feature", "id": str(uuid.uuid4()),
+                          "geometry": {"type": "MultiPolygon", "coordinates": geom["exclude"]},
+                          "properties": {"objectType": "annotation",
+                                         "classification": {"name": "Ignore*", "color": [180, 180, 180]},
+                                         "name": f"Q{n}: excluded"}})
+    return feats
+
+
 def collection(features: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": features}
 
@@ -213,9 +247,10 @@ def export_geojson(
     spf: bool = True,
     regions: bool = False,
     patches: bool = False,
+    turns: Iterable[Any] = (),
 ) -> dict[str, Any]:
-    """Nuclei + SPF patches + answer evidence (+ regions, + every tissue patch as a tile) of one slide as one
-    FeatureCollection."""
+    """Nuclei + SPF patches + answer evidence + the ROIs questions were asked about (``turns`` of a chat,
+    :func:`roi_features`) (+ regions, + every tissue patch as a tile) of one slide as one FeatureCollection."""
     feats: list[dict[str, Any]] = []
     if regions:
         feats += region_features(ov)
@@ -226,6 +261,7 @@ def export_geojson(
     if spf:
         feats += spf_features(ov)
     feats += evidence_features(evidence)
+    feats += roi_features(turns)
     return collection(feats)
 
 

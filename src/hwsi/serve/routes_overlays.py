@@ -63,13 +63,16 @@ def overlays_router(state: ServerState) -> APIRouter:
     ) -> Response:
         ov = state.overlays(slide_id)
         evidence: list[Evidence] = []
+        turns: list = []
         if session:
             st = state.chat(session)
             if st.slide_id != slide_id:
                 raise HTTPException(404, "this chat is about another slide")
-            for t in st.turns:
+            turns = list(st.turns)
+            for t in turns:
                 evidence += t.evidence
-        body = json.dumps(export_geojson(ov, evidence, nuclei=nuclei, spf=spf, regions=regions, patches=patches))
+        body = json.dumps(export_geojson(ov, evidence, nuclei=nuclei, spf=spf, regions=regions, patches=patches,
+                                         turns=turns))
         return Response(
             body,
             media_type="application/geo+json",
