@@ -291,3 +291,48 @@ def test_stage1_probes_table_from_the_rows_probed_runs(tmp_path, capsys: pytest.
     assert "| cell+WSI | cells | atypia | 0.990 (0.998) | – |" in md
     assert "| cell+WSI | slide | extent | 1.000 (0.550) | – |" in md
     assert (tmp_path / "stage1-probes.md").read_text() == md
+
+
+def test_format_table_adds_the_roi_questions_and_their_marginal_when_runs_have_them() -> None:
+    """Runs scored with the questions about one region (hwsi.demo.roi_scores) get an ROI table and the paired
+    marginal of each switch on those questions, beside the whole-slide one."""
+    wsi, reg = TABLE1[0], TABLE1[1]  # WSI, region+WSI: differ in use_regions only
+    assert reg.name == "region+WSI"
+    results = {}
+    for row, right in ((wsi, [1, 0, 0, 1]), (reg, [1, 1, 1, 1])):
+        for s in (0, 1):
+            results[f"{row.name}|{s}"] = {m: 0.5 for m in METRICS} | {
+                "n_closed": 2, "closed_correct": {"q1": 1, "q2": 0}, "roi_acc": sum(right) / 4, "n_roi": 4,
+                "roi_chance": 0.417, "roi_by_kind": {"architecture": right[0], "atypia": 1.0},
+                "roi_correct": {f"r{i}": v for i, v in enumerate(right)}}
+    md = format_table(1, results, (0, 1))
+    assert "| row | ROI acc | architecture | atypia | chance | n ROI questions |" in md
+    assert "| WSI | 0.500 ± 0.000 |" in md and "| region+WSI | 1.000 ± 0.000 |" in md
+    roi_block = md.split("accuracy on the questions about one region")[1]
+    line = next(ln for ln in roi_block.splitlines() if ln.startswith("| use_regions |"))
+    assert line.startswith("| use_regions | +0.500 |"), line  # 2 of 4 questions flip, the same in both seeds
+    whole = md.split("Marginal effect of each switch on closed-VQA accuracy")[1].split("accuracy on the questions")[0]
+    assert next(ln for ln in whole.splitlines() if ln.startswith("| use_regions |")).startswith("| use_regions | +0.000 |")
+
+
+def test_roi_questions_are_the_held_out_mixed_slides_regions(tmp_path) -> None:
+    import json
+
+    from hwsi.cli import main
+    from hwsi.demo.roi_scores import roi_questions
+    from hwsi.synth.classes import ARCHITECTURES
+    from hwsi.synth.truth import read_truth
+
+    assert main(["synth", "--cohort", "10", "--size", "2048", "--workers", "1", "--out", str(tmp_path), "--seed",
+                 "3"]) == 0
+    meta = json.loads((tmp_path / "cohort.json").read_text())
+    qs = roi_questions(tmp_path)
+    split = {s["slide_id"]: s for s in meta["slides"]}
+    assert qs and all(split[q.slide_id]["split"] in ("val", "test") for q in qs)
+    for q in qs:
+        t = read_truth(tmp_path / split[q.slide_id]["truth"])
+        i = [tuple(c) for c in t.data["regions/coords"].tolist()].index(q.roi[:2])
+        want = (("yes" if t.data["regions/atypia"][i] else "no") if q.kind == "atypia"
+                else ARCHITECTURES[int(t.data["regions/architecture"][i])])
+        assert q.options[q.answer] == want and q.question.endswith(q.options[-1])
+    assert {q.kind for q in qs} == {"architecture", "atypia"}

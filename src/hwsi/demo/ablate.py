@@ -42,6 +42,7 @@ from hwsi.demo.ablate_tables import (  # noqa: F401 (public API of this module)
 )
 from hwsi.demo.pipeline import Pipeline, PipelineConfig
 from hwsi.demo.probes import ProbeResult, probe_stage1
+from hwsi.demo.roi_scores import score_roi
 from hwsi.errors import ConfigError
 from hwsi.data import strip_image_token
 from hwsi.eval.tasks import EvalConfig, heldout_closed_vqa, load_eval_data, run_task
@@ -56,13 +57,14 @@ from hwsi.utils.atomic import write_bytes_atomic, write_json_atomic
 
 # Bumped when score_run adds a metric: a run scored by an older version is re-scored (not retrained) on resume.
 # 3: per-question correctness (paired differences) and the stage-0 oracle.
-SCORES_VERSION = 3
+SCORES_VERSION = 4  # 4: + the questions about one region (hwsi.demo.roi_scores)
 
 
 def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
     """Held-out scores of one trained run: closed VQA on val + test pooled (and its shuffled baseline), overall and
     by question category (morphology, classification, grade, extent: the scales' own evidence, docs/synthpath.md),
-    and the linear probe of z_WSI on test with C chosen on val."""
+    the linear probe of z_WSI on test with C chosen on val, and the questions about one region of the held-out
+    slides whose regions differ (:func:`hwsi.demo.roi_scores.score_roi`)."""
     model = load_trained_model(run)
     cfg = EvalConfig(meteor=False)
     datas = [load_eval_data(cohort, job, split=s) for s in ("val", "test")]
@@ -75,7 +77,7 @@ def score_run(run: Path, cohort: Path, job: Path) -> dict[str, Any]:
             "n_closed": vqa["n_closed"], "probe_bal_acc": probe,
             "closed_by_category": vqa["closed_acc_by_category"],
             "shuffled_by_category": vqa["shuffled_acc_by_category"], "closed_correct": vqa["closed_correct"],
-            "version": SCORES_VERSION}
+            **score_roi(model, run, cohort, job), "version": SCORES_VERSION}
 
 
 def oracle_scores(llm_dir: Path, cohort: Path, job: Path, batch_size: int = 8) -> dict[str, Any]:

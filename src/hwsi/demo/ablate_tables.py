@@ -111,8 +111,22 @@ def format_table(table: int, results: dict[str, Any], seeds: tuple[int, ...],
         if oracle and oracle.get("closed_by_category"):
             lines.append("| oracle (true findings) | " + " | ".join(
                 f"{oracle['closed_by_category'].get(c, float('nan')):.3f}" for c in cats) + " |")
+    roi_rows = {name: [r for r in rs if "roi_acc" in r] for name, rs in by_row.items()}
+    if any(roi_rows.values()):
+        lines += ["", "Questions about ONE region of a held-out slide whose regions differ, answered from the ROI's "
+                  "prefix (hwsi.demo.roi_scores; the whole-slide questions above can all be answered from the "
+                  "slide token):", "", "| row | ROI acc | architecture | atypia | chance | n ROI questions |",
+                  "|---|---|---|---|---|---|"]
+        for name, rs in roi_rows.items():
+            if rs:
+                lines.append(f"| {name} | {_cell([r['roi_acc'] for r in rs])} | "
+                             f"{_cell([r['roi_by_kind'].get('architecture') for r in rs])} | "
+                             f"{_cell([r['roi_by_kind'].get('atypia') for r in rs])} | "
+                             f"{rs[0]['roi_chance']:.3f} | {rs[0]['n_roi']} |")
     lines += paired_differences(table, results, seeds)
     lines += marginal_effects(table, results, seeds)
+    if any(roi_rows.values()):
+        lines += marginal_effects(table, results, seeds, field="roi_correct")
     return "\n".join(lines) + "\n"
 
 
@@ -144,25 +158,27 @@ def matched_pairs(table: int, key: str) -> list[tuple[Row, Row]]:
 
 
 def paired_marginal(table: int, results: dict[str, Any], seeds: tuple[int, ...], key: str, n_boot: int = 2000,
-                    seed: int = 0) -> tuple[float, float, float, int, int] | None:
+                    seed: int = 0, field: str = "closed_correct") -> tuple[float, float, float, int, int] | None:
     """The marginal effect of switch ``key``: the mean over every matched pair of rows (:func:`matched_pairs`)
     and every seed both rows scored of correct_on − correct_off on the same held-out closed questions, with a
     95 % bootstrap interval over questions (a question is resampled with all its pairs and seeds):
-    (mean, low, high, n_pair_seeds, n_questions), or None when no pair has both rows scored."""
+    (mean, low, high, n_pair_seeds, n_questions), or None when no pair has both rows scored. ``field``: the
+    per-question results compared (``roi_correct``: the questions about one region, hwsi.demo.roi_scores)."""
     a, b = [], []
     for on, off in matched_pairs(table, key):
         for s in seeds:
             ra, rb = results.get(f"{on.name}|{s}", {}), results.get(f"{off.name}|{s}", {})
-            if "closed_correct" in ra and "closed_correct" in rb:
-                a.append(ra["closed_correct"])
-                b.append(rb["closed_correct"])
+            if field in ra and field in rb:
+                a.append(ra[field])
+                b.append(rb[field])
     if not a:
         return None
     m, lo, hi, n = paired_difference(a, b, n_boot=n_boot, seed=seed)
     return m, lo, hi, len(a), n
 
 
-def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
+def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...],
+                     field: str = "closed_correct") -> list[str]:
     """Markdown lines: for each switch that varies across the table's rows (a scale in Table 1, a loss term in
     Table 2), its marginal effect on closed-VQA accuracy, paired (:func:`paired_marginal`: rows that differ in
     that switch only, same seed, same questions), and beside it the unpaired contrast of all row-seeds with the
@@ -170,6 +186,7 @@ def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]
     from scipy import stats
 
     keys = sorted({k for r in TABLES[table] for k in _switches(r)})
+    acc = "roi_acc" if field == "roi_correct" else "closed_acc"
     out = []
     for key in keys:
         on, off = [], []
@@ -177,20 +194,21 @@ def marginal_effects(table: int, results: dict[str, Any], seeds: tuple[int, ...]
             sw = _switches(row)
             for seed in seeds:
                 res = results.get(f"{row.name}|{seed}")
-                if res is not None and key in sw:
-                    (on if sw[key] else off).append(res["closed_acc"])
+                if res is not None and key in sw and acc in res:
+                    (on if sw[key] else off).append(res[acc])
         if len(on) < 2 or len(off) < 2:
             continue
         m_on, m_off = sum(on) / len(on), sum(off) / len(off)
         spread = max(on) - min(on) + max(off) - min(off)
         p = f"{float(stats.ttest_ind(on, off, equal_var=False).pvalue):.3f}" if spread > 1e-12 else "–"
-        pm = paired_marginal(table, results, seeds, key)
+        pm = paired_marginal(table, results, seeds, key, field=field)
         paired = (f"{pm[0]:+.3f} | [{pm[1]:+.3f}, {pm[2]:+.3f}] | {pm[3]} | {pm[4]}" if pm else "– | – | – | –")
         out.append(f"| {key} | {paired} | {m_on:.3f} (n={len(on)}) | {m_off:.3f} (n={len(off)}) | "
                    f"{m_on - m_off:+.3f} | {p} |")
     if not out:
         return []
-    return ["", "Marginal effect of each switch on closed-VQA accuracy. Paired: rows that differ in that switch "
+    what = "closed-VQA accuracy" if field == "closed_correct" else "accuracy on the questions about one region"
+    return ["", f"Marginal effect of each switch on {what}. Paired: rows that differ in that switch "
             "only, same seed, same held-out questions (mean of correct_on − correct_off; 95 % bootstrap interval "
             "over questions). Unpaired: all row-seeds with it on vs off (Welch's t; a guide only).", "",
             "| switch | paired mean | paired 95 % CI | pair-seeds | questions | on | off | on − off | p |",
