@@ -12,8 +12,9 @@ both written by hwsi.synth.pyramid.write_pyramid_tiff, (c) a real single-level S
 (OpenSlide's and hwsi's caches empty; hwsi's overview is built by the first coarse tile that needs it, inside the
 timing), warm = the same tiles again on the same open slide. The file is in the OS page cache for both (written
 or read just before). Geometry is identical (tile 256, overlap 0, limit_bounds off): the test suite checks it.
-Prints a table of p50/p95 ms and the ratio hwsi / openslide (> 1: openslide's generator is faster); JSON in
-benchmarks/out/tiles.json.
+Prints a table of p50/p95 ms, the route hwsi's server takes for the level (``TileSource.route``: ``openslide`` =
+it hands the tile to DeepZoomGenerator itself, so that row's ratio is ~1 by construction) and the ratio
+hwsi / openslide (> 1: openslide's generator is faster); JSON in benchmarks/out/tiles.json.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def run_case(name: str, path: Path, n_tiles: int, min_level: int | None) -> list
     ds_levels = [float(d) for d in reader.level_downsamples]
     for L in levels:
         row: dict[str, Any] = {"case": name, "level": L, "downsample": g.downsample(L), "tiles": len(sets[L]),
-                               "slide_level": hw._best_level(g.downsample(L)),
+                               "slide_level": hw._best_level(g.downsample(L)), "route": hw.route(L),
                                "slide_downsamples": ds_levels}
         for phase in ("cold", "warm"):
             for who in ("hwsi", "openslide"):
@@ -154,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case("svs-1-level", svs, args.tiles, None)
         else:
             print(f"skipped the single-level SVS: {svs or 'cmu-1-small-region.svs'} not found", file=sys.stderr)
-    hdr = (f"{'case':<12} {'L':>2} {'ds':>5} {'n':>3} | {'cold p50/p95 hwsi':>18} {'openslide':>13} {'ratio':>5} | "
+    hdr = (f"{'case':<12} {'L':>2} {'ds':>5} {'n':>3} {'route':>9} | {'cold p50/p95 hwsi':>18} {'openslide':>13} {'ratio':>5} | "
            f"{'warm p50/p95 hwsi':>18} {'openslide':>13} {'ratio':>5}")
     print(hdr)
     for r in rows:
-        print(f"{r['case']:<12} {r['level']:>2} {r['downsample']:>5} {r['tiles']:>3} | "
+        print(f"{r['case']:<12} {r['level']:>2} {r['downsample']:>5} {r['tiles']:>3} {r['route']:>9} | "
               f"{r['hwsi_cold_p50']:>8.1f}/{r['hwsi_cold_p95']:<9.1f} {r['openslide_cold_p50']:>6.1f}/"
               f"{r['openslide_cold_p95']:<6.1f} {r['ratio_cold_p50']:>5.2f} | "
               f"{r['hwsi_warm_p50']:>8.1f}/{r['hwsi_warm_p95']:<9.1f} {r['openslide_warm_p50']:>6.1f}/"

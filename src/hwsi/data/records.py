@@ -15,6 +15,7 @@ is removed (TCGA file names contain dots, so ``Path.stem`` would be wrong for an
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -244,8 +245,6 @@ def need(obj: dict[str, Any], key: str, path: Path, where: str, types: type | tu
 def parse_roi_field(value: Any, path: Path, where: str) -> tuple[float, float, float, float]:
     """A record's optional ``"roi": [x, y, w, h]`` (level-0 px of its slide, docs/roi.md "Training records"): the
     rectangle the question is about; four finite numbers with ``w, h > 0``, else a :class:`RecordError`."""
-    import math
-
     if (not isinstance(value, (list, tuple)) or len(value) != 4
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise fail(path, where, f"field 'roi' must be [x, y, w, h] (four numbers, level-0 px), got {value!r}"[:200])
