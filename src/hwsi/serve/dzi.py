@@ -3,8 +3,10 @@
 Geometry (the Deep Zoom convention OpenSeadragon uses): level ``L`` in ``0..max_level`` with
 ``max_level = ceil(log2(max(W, H)))`` shows the slide at scale ``2**(L - max_level)``; its size is
 ``ceil(W * scale) × ceil(H * scale)``; tiles are ``tile_size`` px with ``overlap`` px shared on each inner edge.
-A tile is read from the best pyramid level of the slide (downsample ≤ needed) and resized once; coarse tiles
-(scale below a cached overview's) are cut from that overview so a single-level slide never reads the whole
+Each level is rendered the faster way (:meth:`TileSource.route`, measured in benchmarks/tiles.py): a level whose
+downsample a slide level has is handed to openslide's ``DeepZoomGenerator`` (OpenSlide slides); other tiles are
+read from the best pyramid level of the slide (downsample ≤ needed) and resized once; coarse tiles with no slide
+level as coarse as a cached overview are cut from that overview, so a single-level slide never reads the whole
 level 0 for a thumbnail-sized tile. Where the read level is JPEG-tiled and the tile needs 2× or more of it, its
 tiles are decoded at 1/2 or 1/4 in the DCT domain (hwsi.slide.jpeg_tiles; no resolution rule binds a viewer), and
 the overview likewise. Level, column and row are validated: anything out of range is
