@@ -274,6 +274,15 @@ def save_slide_inputs(inputs: SlideInputs, path: str | Path, half: bool = True) 
     tmp.replace(path)
 
 
+def half_rounded(inputs: SlideInputs) -> SlideInputs:
+    """``inputs`` with its features rounded through float16 and back: what a cache file of
+    :func:`save_slide_inputs` gives back (inputs built in RAM then match inputs read from the cache)."""
+    data = inputs.to_dict()
+    for name in _FEATURE_FIELDS:
+        data[name] = data[name].to(torch.float16).to(torch.float32)  # type: ignore[union-attr]
+    return SlideInputs(**data)
+
+
 def load_cached_inputs(path: str | Path) -> SlideInputs:
     """Read a cache written by :func:`save_slide_inputs` (features back to float32)."""
     data = torch.load(Path(path), map_location="cpu", weights_only=True)

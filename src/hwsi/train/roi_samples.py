@@ -15,24 +15,13 @@ their features rounded to float16 as the slide cache stores them, so both kinds 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 
 import torch
 
-from hwsi.model.inputs import SlideInputs
+from hwsi.model.inputs import SlideInputs, half_rounded
 from hwsi.model.roi import roi_slide_inputs
 from hwsi.slide.roi_geometry import parse_rect
 from hwsi.train.data import ChatSample, SlideCache
-
-_HALF = ("patch_feats", "region_input", "cell_feats")  # the fields save_slide_inputs stores as float16
-
-
-def _as_cached(x: SlideInputs) -> SlideInputs:
-    """``x`` with its features through float16, as :func:`hwsi.model.inputs.save_slide_inputs` keeps them."""
-    kw = {f.name: getattr(x, f.name) for f in fields(x)}
-    for name in _HALF:
-        kw[name] = kw[name].to(torch.float16).to(torch.float32)
-    return SlideInputs(**kw)
 
 
 class VisualInputs:
@@ -54,7 +43,7 @@ class VisualInputs:
             x, y, w, h = sample.roi
             rx = roi_slide_inputs(store, kw["patch_encoder"], kw["region_input"], parse_rect(f"{x},{y},{w},{h}"),
                                   max_regions=kw["max_regions"], k=kw["k"], max_cells=kw["max_cells"])
-            self._roi[key] = (_as_cached(rx.inputs), rx.region_token_mask)
+            self._roi[key] = (half_rounded(rx.inputs), rx.region_token_mask)
         return self._roi[key]
 
     def region_token_mask(self, samples: Sequence[ChatSample], n_regions: int) -> torch.Tensor | None:
