@@ -42,22 +42,24 @@ def run_steps(model, samples, order, cache, frozen, steps: int, batch: int) -> t
     """Seconds per part over ``steps`` steps; ``frozen`` None = recompute the hierarchy each step."""
     from hwsi.model.inputs import collate_slides
 
+    from hwsi.train.roi_samples import VisualInputs
+
+    vin = frozen.inputs if frozen is not None else VisualInputs(cache)  # ROI samples: the ROI's inputs and z_r mask
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     t = dict.fromkeys(PARTS, 0.0)
     diff = 0.0
     for i in range(steps):
         b = [samples[j] for j in order[i * batch:(i + 1) * batch]]
-        ids = [s.slide_id for s in b]
         t0 = time.perf_counter()
         if frozen is None:
-            inputs = collate_slides([cache.get(s) for s in ids])
+            inputs = collate_slides([vin.get(s)[0] for s in b])
             t1 = time.perf_counter()
             h = model.hierarchy(inputs)
         else:
             t1 = t0
-            h = frozen.batch(model.hierarchy, ids)
+            h = frozen.batch(model.hierarchy, b)
         t2 = time.perf_counter()
-        vis = model.project(h)
+        vis = model.project(h, vin.region_token_mask(b, h.region_mask.shape[1]))
         t3 = time.perf_counter()
         x = model.build_inputs(vis, [s.messages for s in b])
         t4 = time.perf_counter()
@@ -71,7 +73,8 @@ def run_steps(model, samples, order, cache, frozen, steps: int, batch: int) -> t
             t[k] += z - a
         if frozen is not None and i < 4:
             with torch.no_grad():
-                ref = model.project(model.hierarchy(collate_slides([cache.get(s) for s in ids])))
+                ref = model.project(model.hierarchy(collate_slides([vin.get(s)[0] for s in b])),
+                                    vin.region_token_mask(b, h.region_mask.shape[1]))
             diff = max(diff, max(float((u - v).abs().max()) for u, v in zip(ref, vis, strict=True)))
     return t, diff
 
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     from hwsi.train.config import load_train_config
     from hwsi.train.data import load_train_text
     from hwsi.train.stage_common import slide_cache
+    from hwsi.train.roi_samples import VisualInputs
     from hwsi.train.stage_lm import FrozenHierarchyCache, lm_samples, stage_model
 
     root = a.pipeline or find_pipeline()
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         diff = 0.0
         for _ in range(a.repeats):
             for mode in ("recompute", "cached"):
-                frozen = FrozenHierarchyCache(cache, torch.device("cpu"), cfg.data.memory_cache) \
+                frozen = FrozenHierarchyCache(VisualInputs(cache), torch.device("cpu"), cfg.data.memory_cache) \
                     if mode == "cached" else None
                 t, d = run_steps(model, samples, order, cache, frozen, steps, batch)
                 diff = max(diff, d)

@@ -185,3 +185,18 @@ def test_stage1_weights_of_every_scale_load_into_a_model_with_fewer(run: tuple[T
     assert model.hierarchy.ccaf is None and model.hierarchy.vit4k is not None
     with pytest.raises(TrainError, match="stage-1 weights lack"):
         load_part(model.hierarchy, {}, "hierarchy.")
+
+
+def test_threads_apply_while_a_stage_trains_and_are_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hwsi.train.stages as stages
+
+    seen = []
+    monkeypatch.setattr(stages, "run_stage0", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    cfg = tiny_config()
+    cfg.threads = 1
+    stages.run_stage(0, cfg, make_job(tmp_path), tmp_path / "run", progress=False)
+    assert seen == [1] and torch.get_num_threads() == before
+    cfg.threads = 0  # torch's default: left as it is
+    stages.run_stage(0, cfg, tmp_path / "job", tmp_path / "run2", progress=False)
+    assert seen == [1, before]

@@ -184,6 +184,9 @@ class TrainConfig:
     # experiment tracking through accelerate's trackers, offline, under RUN/stageN (hwsi.train.tracking; `hwsi train
     # --log-with`); metrics.csv is always written
     log_with: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    # torch's intra-op CPU threads while a stage trains (0 = torch's default, one per core); a tiny model's small
+    # matmuls run faster on one thread than split across two cores (docs/machine-facts.md)
+    threads: NonNegInt = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: MLLMConfig = field(default_factory=MLLMConfig)  # llm_path "" = the stage-0 LLM of this run
     tiny_llm: TinyLLMConfig = field(default_factory=TinyLLMConfig)

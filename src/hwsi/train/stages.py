@@ -25,6 +25,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from hwsi.devices import resolve_placement
 from hwsi.errors import ConfigError
 from hwsi.train.bundle import record_bundle
@@ -72,7 +74,13 @@ def run_stage(stage: int, cfg: TrainConfig, job: str | Path, out: str | Path, re
         return StageResult(stage, saved["metrics"], None, Path(saved["output"]), saved.get("losses", []), True)
     done.unlink(missing_ok=True)
     seed_everything(cfg.seed)
-    return fn(cfg, job, out, resume, stop_after, progress)
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return fn(cfg, job, out, resume, stop_after, progress)
+    finally:
+        torch.set_num_threads(before)  # the caller's setting again (tests, the demo's later steps)
 
 
 def record_run_bundle(stage: int, cfg: TrainConfig, job: Path, out: Path, fresh: bool = False) -> None:
