@@ -50,9 +50,9 @@ def roi_questions(cohort: Path, splits: tuple[str, ...] = ("val", "test")) -> li
             continue
         for rec in region_records(s["slide_id"], read_truth(cohort / s["truth"]), int(meta["seed"])):
             q = rec["conversations"][0]["value"].removeprefix("<image>\n")
-            stem, options, _ = parse_options_from_question(q)
+            _, options, _ = parse_options_from_question(q)
             letter = rec["conversations"][1]["value"].split(")", 1)[0].strip()
-            kind = "atypia" if options == ["yes", "no"] or options == ["no", "yes"] else "architecture"
+            kind = "atypia" if sorted(options) == ["no", "yes"] else "architecture"
             out.append(RoiQuestion(rec["id"], s["slide_id"], tuple(int(v) for v in rec["roi"]), q, list(options),
                                    ord(letter) - ord("A"), kind))
     return out
@@ -66,15 +66,16 @@ def score_roi(model: Any, run: Path, cohort: Path, job: Path, max_new_tokens: in
     correct: dict[str, int] = {}
     by_kind: dict[str, list[int]] = {}
     chance = []
-    sessions: dict[tuple[str, tuple[int, ...]], ChatSession] = {}
-    for q in roi_questions(cohort):
-        key = (q.slide_id, q.roi)
-        if key not in sessions:
+    key: tuple[str, tuple[int, ...]] | None = None
+    session: ChatSession | None = None
+    for q in roi_questions(cohort):  # one ROI's questions are consecutive: its prefix is built once
+        if (q.slide_id, q.roi) != key:
+            key = (q.slide_id, q.roi)
             x = roi_slide_inputs(job / "stores" / f"{q.slide_id}.h5", cfg.data.patch_encoder, cfg.data.region_input,
                                  parse_rect(",".join(str(v) for v in q.roi)), m.max_regions, m.k, m.max_cells)
-            sessions = {key: ChatSession(model, x.inputs, region_token_mask=x.region_token_mask,
-                                         max_new_tokens=max_new_tokens)}  # one ROI's prefix held at a time
-        answer = sessions[key].ask_each([q.question])[0]
+            session = ChatSession(model, x.inputs, region_token_mask=x.region_token_mask,
+                                  max_new_tokens=max_new_tokens)
+        answer = session.ask_each([q.question])[0]
         ok = int(parse_choice(answer, q.options) == q.answer)
         correct[q.question_id] = ok
         by_kind.setdefault(q.kind, []).append(ok)
